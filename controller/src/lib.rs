@@ -1,1 +1,18 @@
-//! placeholder
+//! kiwi-controller: the edge service. See ARCHITECTURE.md for the codemap.
+//!
+//! Decisions live in [`domain`] (pure); [`fleet`] applies them; the store,
+//! the cache, the agent link, liveness, discovery and the API are effects
+//! around it; [`serve`] wires them together.
+
+pub mod api;
+pub mod cache;
+pub mod config;
+pub mod discovery;
+pub mod domain;
+pub mod fleet;
+pub mod link;
+pub mod liveness;
+pub mod metrics;
+pub mod serve;
+pub mod store;
+pub mod watch;

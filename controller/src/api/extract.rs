@@ -1,0 +1,94 @@
+//! Request extractors whose every rejection is a problem+json response:
+//! robot ids in paths, query strings and JSON bodies (unknown fields are
+//! refused, sizes are capped).
+
+use super::problem::Problem;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use kiwi_protocol::RobotId;
+use serde::de::DeserializeOwned;
+use std::collections::HashMap;
+
+/// The `{id}` of a robot path.
+#[derive(Debug, Clone, Copy)]
+pub struct RobotPath(pub RobotId);
+
+impl<S: Send + Sync> FromRequestParts<S> for RobotPath {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| Problem::bad_request(e.body_text()))?;
+        let raw = params
+            .get("id")
+            .ok_or_else(|| Problem::bad_request("missing robot id"))?;
+        raw.parse::<RobotId>()
+            .map(RobotPath)
+            .map_err(|e| Problem::bad_request(format!("invalid robot id {raw:?}: {e}")))
+    }
+}
+
+/// A query string parsed into `T` (which should deny unknown fields).
+#[derive(Debug, Clone)]
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| ApiQuery(q))
+            .map_err(|e| Problem::bad_request(e.body_text()))
+    }
+}
+
+/// An optional JSON body: empty means `T::default()`. Syntax errors are 400,
+/// well-formed JSON of the wrong shape (including unknown fields) is 422, a
+/// body over the limit is 413.
+#[derive(Debug, Clone)]
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for JsonBody<T> {
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            let status = e.status();
+            if status == StatusCode::PAYLOAD_TOO_LARGE {
+                too_large(e.body_text())
+            } else {
+                Problem::bad_request(e.body_text())
+            }
+        })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(JsonBody(T::default()));
+        }
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
+            use serde_json::error::Category;
+            match e.classify() {
+                Category::Data => Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid-body",
+                    "Invalid request body",
+                    e.to_string(),
+                ),
+                Category::Syntax | Category::Eof | Category::Io => {
+                    Problem::bad_request(format!("malformed JSON: {e}"))
+                }
+            }
+        })
+    }
+}
+
+pub fn too_large(detail: impl Into<String>) -> Problem {
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too-large",
+        "Request body too large",
+        detail,
+    )
+}

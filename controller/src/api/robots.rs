@@ -1,0 +1,422 @@
+//! Robot resources: lists, one robot, its events and reports, the operator
+//! actions of the state machine, discovery and the JSON system metrics.
+
+use super::AppState;
+use super::extract::{ApiQuery, JsonBody, RobotPath};
+use super::problem::Problem;
+use crate::cache::{Entry, Filter};
+use crate::domain::robot::health_status;
+use crate::domain::{Action, Input, LifecycleState, Robot};
+use crate::fleet::Context;
+use crate::link::session::SessionRegistry;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{TimeZone, Utc};
+use kiwi_protocol::RobotId;
+use kiwi_protocol::message::HealthStatus;
+use serde::Deserialize;
+use serde_json::json;
+use std::collections::BTreeMap;
+
+/// Default and largest page of a robot list.
+const DEFAULT_LIMIT: usize = 1000;
+const MAX_LIMIT: usize = 10_000;
+/// Largest page of events or reports.
+const MAX_HISTORY_PAGE: u32 = 1000;
+
+fn json_response(body: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// Writes one robot as API JSON: its cached row plus what only the live
+/// session knows (`connected`, `last_seen`), without re-serialising the row.
+fn write_robot(out: &mut Vec<u8>, entry: &Entry, sessions: &SessionRegistry) {
+    let session = sessions.get(&entry.robot.robot_id);
+    out.extend_from_slice(b"{\"connected\":");
+    out.extend_from_slice(if session.is_some() { b"true" } else { b"false" });
+    out.extend_from_slice(b",\"last_seen\":");
+    let last_seen = session
+        .and_then(|s| Utc.timestamp_millis_opt(s.last_seen_ms()).single())
+        .or(entry.robot.last_heartbeat);
+    match last_seen {
+        Some(t) => {
+            // A timestamp always serialises.
+            let _ = serde_json::to_writer(&mut *out, &t);
+        }
+        None => out.extend_from_slice(b"null"),
+    }
+    // The cached JSON is an object: splice its members after ours.
+    out.push(b',');
+    out.extend_from_slice(&entry.json[1..]);
+}
+
+fn robot_response(entry: &Entry, sessions: &SessionRegistry) -> Response {
+    let mut out = Vec::with_capacity(entry.json.len() + 64);
+    write_robot(&mut out, entry, sessions);
+    json_response(out)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    state: Option<String>,
+    robot_type: Option<String>,
+    health: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+impl ListQuery {
+    fn filter(&self) -> Result<Filter, Problem> {
+        Ok(Filter {
+            state: self
+                .state
+                .as_deref()
+                .map(str::parse::<LifecycleState>)
+                .transpose()
+                .map_err(Problem::bad_request)?,
+            robot_type: self
+                .robot_type
+                .as_deref()
+                .map(|t| {
+                    t.parse::<kiwi_protocol::RobotType>()
+                        .map(|t| t.as_str().to_string())
+                })
+                .transpose()
+                .map_err(Problem::bad_request)?,
+            health: self
+                .health
+                .as_deref()
+                .map(health_status::parse)
+                .transpose()
+                .map_err(Problem::bad_request)?,
+        })
+    }
+}
+
+pub async fn list(
+    State(s): State<AppState>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Response, Problem> {
+    let filter = q.filter()?;
+    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(Problem::bad_request(format!(
+            "limit must be between 1 and {MAX_LIMIT}"
+        )));
+    }
+    let cursor = q
+        .cursor
+        .as_deref()
+        .map(|c| c.parse::<RobotId>())
+        .transpose()
+        .map_err(|e| Problem::bad_request(format!("invalid cursor: {e}")))?;
+    let (page, next) = s.fleet.cache().list(&filter, cursor, limit);
+    let sessions = s.fleet.sessions();
+    let mut out = Vec::with_capacity(page.iter().map(|e| e.json.len() + 64).sum::<usize>() + 64);
+    out.extend_from_slice(b"{\"robots\":[");
+    for (i, e) in page.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_robot(&mut out, e, sessions);
+    }
+    out.extend_from_slice(b"],\"next_cursor\":");
+    match next {
+        Some(c) => out.extend_from_slice(format!("\"{c}\"").as_bytes()),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.push(b'}');
+    Ok(json_response(out))
+}
+
+pub async fn get_one(
+    State(s): State<AppState>,
+    RobotPath(id): RobotPath,
+) -> Result<Response, Problem> {
+    let entry = s
+        .fleet
+        .robot(id)
+        .await?
+        .ok_or_else(|| Problem::not_found(format!("no robot {id}")))?;
+    Ok(robot_response(&entry, s.fleet.sessions()))
+}
+
+fn is_healthy(r: &Robot) -> bool {
+    r.health.status == HealthStatus::Healthy
+        && matches!(r.state, LifecycleState::Ready | LifecycleState::Active)
+}
+
+pub async fn healthy(State(s): State<AppState>) -> Response {
+    let sessions = s.fleet.sessions();
+    let (all, _) = s.fleet.cache().list(&Filter::default(), None, usize::MAX);
+    let mut out = b"{\"robots\":[".to_vec();
+    let mut first = true;
+    for e in all.iter().filter(|e| is_healthy(&e.robot)) {
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        write_robot(&mut out, e, sessions);
+    }
+    out.extend_from_slice(b"]}");
+    json_response(out)
+}
+
+/// Why a robot cannot take a deployment now (empty: it can).
+pub fn exclusion_reasons(r: &Robot, connected: bool) -> Vec<String> {
+    let mut reasons = Vec::new();
+    if !matches!(r.state, LifecycleState::Ready | LifecycleState::Active) {
+        reasons.push(format!(
+            "state is {} (deployable robots are ready or active)",
+            r.state
+        ));
+    }
+    if r.health.status != HealthStatus::Healthy {
+        let why = if r.health.reasons.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", r.health.reasons.join("; "))
+        };
+        reasons.push(format!("health is {}{why}", r.health.status.as_str()));
+    }
+    if !connected {
+        reasons.push("agent not connected".into());
+    }
+    if let Some(rep) = &r.last_report {
+        if rep.workload == "failed" {
+            reasons.push("workload failed".into());
+        }
+        if rep.maintenance {
+            reasons.push("agent holds the robot in maintenance".into());
+        }
+    }
+    reasons
+}
+
+pub async fn deployable(State(s): State<AppState>) -> Response {
+    let sessions = s.fleet.sessions();
+    let (all, _) = s.fleet.cache().list(&Filter::default(), None, usize::MAX);
+    let mut out = b"{\"robots\":[".to_vec();
+    let mut excluded = Vec::new();
+    let mut first = true;
+    for e in &all {
+        let reasons = exclusion_reasons(&e.robot, sessions.is_connected(&e.robot.robot_id));
+        if reasons.is_empty() {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            write_robot(&mut out, e, sessions);
+        } else {
+            excluded.push(json!({
+                "robot_id": e.robot.robot_id,
+                "hostname": e.robot.hostname,
+                "state": e.robot.state,
+                "reasons": reasons,
+            }));
+        }
+    }
+    out.extend_from_slice(b"],\"excluded\":");
+    let _ = serde_json::to_writer(&mut out, &excluded);
+    out.push(b'}');
+    json_response(out)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryQuery {
+    after_version: Option<i64>,
+    after_seq: Option<i64>,
+    limit: Option<u32>,
+}
+
+impl HistoryQuery {
+    fn limit(&self) -> Result<u32, Problem> {
+        match self.limit {
+            None => Ok(MAX_HISTORY_PAGE),
+            Some(l) if (1..=MAX_HISTORY_PAGE).contains(&l) => Ok(l),
+            Some(_) => Err(Problem::bad_request(format!(
+                "limit must be between 1 and {MAX_HISTORY_PAGE}"
+            ))),
+        }
+    }
+}
+
+async fn require_robot(s: &AppState, id: RobotId) -> Result<(), Problem> {
+    match s.fleet.robot(id).await? {
+        Some(_) => Ok(()),
+        None => Err(Problem::not_found(format!("no robot {id}"))),
+    }
+}
+
+pub async fn events(
+    State(s): State<AppState>,
+    RobotPath(id): RobotPath,
+    ApiQuery(q): ApiQuery<HistoryQuery>,
+) -> Result<Response, Problem> {
+    if q.after_seq.is_some() {
+        return Err(Problem::bad_request(
+            "after_seq applies to reports; use after_version",
+        ));
+    }
+    let limit = q.limit()?;
+    require_robot(&s, id).await?;
+    let events = s
+        .fleet
+        .store()
+        .robot_events(id, q.after_version.unwrap_or(0), limit)
+        .await?;
+    Ok(axum::Json(json!({ "events": events })).into_response())
+}
+
+pub async fn reports(
+    State(s): State<AppState>,
+    RobotPath(id): RobotPath,
+    ApiQuery(q): ApiQuery<HistoryQuery>,
+) -> Result<Response, Problem> {
+    if q.after_version.is_some() {
+        return Err(Problem::bad_request(
+            "after_version applies to events; use after_seq",
+        ));
+    }
+    let limit = q.limit()?;
+    require_robot(&s, id).await?;
+    let reports = s
+        .fleet
+        .store()
+        .reports(id, q.after_seq.unwrap_or(0), limit)
+        .await?;
+    Ok(axum::Json(json!({ "reports": reports })).into_response())
+}
+
+/// The optional body of an operator action.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionBody {
+    reason: Option<String>,
+    deployment_version: Option<String>,
+}
+
+const MAX_REASON: usize = 1024;
+const MAX_DEPLOYMENT_VERSION: usize = 128;
+
+fn unprocessable(detail: impl Into<String>) -> Problem {
+    Problem::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid-body",
+        "Invalid request body",
+        detail,
+    )
+}
+
+impl ActionBody {
+    fn into_action(self, name: &str) -> Result<Action, Problem> {
+        if self.reason.as_ref().is_some_and(|r| r.len() > MAX_REASON) {
+            return Err(unprocessable(format!(
+                "reason is longer than {MAX_REASON} bytes"
+            )));
+        }
+        if self
+            .deployment_version
+            .as_ref()
+            .is_some_and(|v| v.is_empty() || v.len() > MAX_DEPLOYMENT_VERSION)
+        {
+            return Err(unprocessable(format!(
+                "deployment_version must be 1 to {MAX_DEPLOYMENT_VERSION} bytes"
+            )));
+        }
+        let takes_reason = matches!(name, "fail" | "maintenance/start");
+        if self.reason.is_some() && !takes_reason {
+            return Err(unprocessable(format!("{name} takes no reason")));
+        }
+        if self.deployment_version.is_some() && name != "activate" {
+            return Err(unprocessable(format!("{name} takes no deployment_version")));
+        }
+        Ok(match name {
+            "provision" => Action::Provision,
+            "activate" => Action::Activate {
+                deployment_version: self.deployment_version,
+            },
+            "deactivate" => Action::Deactivate,
+            "maintenance/start" => Action::MaintenanceStart {
+                reason: self.reason,
+            },
+            "maintenance/end" => Action::MaintenanceEnd,
+            "recover" => Action::Recover,
+            _ => Action::Fail {
+                reason: self
+                    .reason
+                    .unwrap_or_else(|| "marked failed by an operator".into()),
+            },
+        })
+    }
+}
+
+async fn act(
+    s: AppState,
+    id: RobotId,
+    body: ActionBody,
+    name: &'static str,
+) -> Result<Response, Problem> {
+    let action = body.into_action(name)?;
+    let applied = s
+        .fleet
+        .apply(id, Input::Operator(action), &Context::new("operator"))
+        .await?;
+    Ok(robot_response(&applied.robot, s.fleet.sessions()))
+}
+
+macro_rules! action_handler {
+    ($fn_name:ident, $action:literal) => {
+        pub async fn $fn_name(
+            State(s): State<AppState>,
+            RobotPath(id): RobotPath,
+            JsonBody(body): JsonBody<ActionBody>,
+        ) -> Result<Response, Problem> {
+            act(s, id, body, $action).await
+        }
+    };
+}
+
+action_handler!(provision, "provision");
+action_handler!(activate, "activate");
+action_handler!(deactivate, "deactivate");
+action_handler!(maintenance_start, "maintenance/start");
+action_handler!(maintenance_end, "maintenance/end");
+action_handler!(recover, "recover");
+action_handler!(fail, "fail");
+
+pub async fn discover(State(s): State<AppState>) -> Result<Response, Problem> {
+    let session = s.discovery.round().await?;
+    Ok(axum::Json(json!({ "session": session })).into_response())
+}
+
+pub async fn system_metrics(State(s): State<AppState>) -> Result<Response, Problem> {
+    let robots = s.fleet.cache().all();
+    let mut by_state: BTreeMap<&str, usize> = LifecycleState::ALL
+        .iter()
+        .map(|st| (st.as_str(), 0))
+        .collect();
+    let mut by_health: BTreeMap<&str, usize> =
+        health_status::ALL.iter().map(|h| (h.as_str(), 0)).collect();
+    let mut by_type: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &robots {
+        *by_state.entry(r.state.as_str()).or_default() += 1;
+        *by_health.entry(r.health.status.as_str()).or_default() += 1;
+        *by_type.entry(r.robot_type.clone()).or_default() += 1;
+    }
+    let head = s.fleet.store().head().await?;
+    Ok(axum::Json(json!({
+        "robots_total": robots.len(),
+        "by_state": by_state,
+        "by_health": by_health,
+        "by_type": by_type,
+        "connected_agents": s.fleet.sessions().len(),
+        "watch_clients": s.hub.receivers(),
+        "event_log_head": head,
+        "uptime_seconds": s.started.elapsed().as_secs(),
+    }))
+    .into_response())
+}

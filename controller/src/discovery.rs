@@ -1,0 +1,143 @@
+//! Discovery rounds: ask every configured source which robots it can see,
+//! record the round as a discovery session (start, end, duration, counts,
+//! methods) and time it in `robot_discovery_duration_seconds`.
+//!
+//! Sources implement [`DiscoverySource`]. This build has one: the agents
+//! connected to the agent endpoint (robots announce themselves by
+//! connecting). LAN sources (neighbour table, sweep, SSH) plug in here.
+
+use crate::fleet::Fleet;
+use crate::metrics::Metrics;
+use crate::store::{DiscoverySession, StoreError};
+use chrono::Utc;
+use kiwi_protocol::RobotId;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// A robot a source can see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sighting {
+    pub robot_id: RobotId,
+    pub ip_address: Option<String>,
+}
+
+/// A way of finding robots.
+#[async_trait::async_trait]
+pub trait DiscoverySource: Send + Sync + std::fmt::Debug {
+    /// The `method` recorded in discovery sessions.
+    fn method(&self) -> &'static str;
+    async fn discover(&self) -> Result<Vec<Sighting>, String>;
+}
+
+/// Robots whose agent is connected right now.
+#[derive(Debug)]
+pub struct ConnectedAgents {
+    pub fleet: Fleet,
+}
+
+#[async_trait::async_trait]
+impl DiscoverySource for ConnectedAgents {
+    fn method(&self) -> &'static str {
+        "agent"
+    }
+
+    async fn discover(&self) -> Result<Vec<Sighting>, String> {
+        Ok(self
+            .fleet
+            .sessions()
+            .snapshot()
+            .into_iter()
+            .map(|s| Sighting {
+                robot_id: s.robot_id,
+                ip_address: Some(s.peer.ip().to_string()),
+            })
+            .collect())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Discovery {
+    fleet: Fleet,
+    metrics: Arc<Metrics>,
+    sources: Arc<Vec<Box<dyn DiscoverySource>>>,
+    /// One round at a time.
+    running: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Discovery {
+    pub fn new(
+        fleet: Fleet,
+        metrics: Arc<Metrics>,
+        sources: Vec<Box<dyn DiscoverySource>>,
+    ) -> Self {
+        Discovery {
+            fleet,
+            metrics,
+            sources: Arc::new(sources),
+            running: Arc::default(),
+        }
+    }
+
+    /// Runs one round over every source and records it.
+    pub async fn round(&self) -> Result<DiscoverySession, StoreError> {
+        let _one_at_a_time = self.running.lock().await;
+        let started_at = Utc::now();
+        let clock = Instant::now();
+        let mut found = BTreeSet::new();
+        let mut methods = Vec::new();
+        for source in self.sources.iter() {
+            methods.push(source.method().to_string());
+            match source.discover().await {
+                Ok(sightings) => found.extend(sightings.into_iter().map(|s| s.robot_id)),
+                Err(e) => {
+                    tracing::warn!(method = source.method(), error = %e, "discovery source failed")
+                }
+            }
+        }
+        let new_robots = found
+            .iter()
+            .filter(|id| {
+                self.fleet
+                    .cache()
+                    .get(id)
+                    .is_some_and(|e| e.robot.discovered_at >= started_at)
+            })
+            .count();
+        let elapsed = clock.elapsed();
+        self.metrics
+            .robot_discovery_duration_seconds
+            .observe(elapsed.as_secs_f64());
+        let session = DiscoverySession {
+            session_id: Uuid::new_v4(),
+            methods,
+            started_at,
+            finished_at: Utc::now(),
+            duration_ms: i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX),
+            robots_found: found.len() as i64,
+            new_robots: new_robots as i64,
+        };
+        self.fleet.store().record_discovery(&session).await?;
+        Ok(session)
+    }
+
+    /// Continuous discovery every `period` until `cancel`.
+    pub async fn run(self, period: Duration, cancel: CancellationToken) {
+        if period.is_zero() {
+            return;
+        }
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.round().await {
+                tracing::warn!(error = %e, "discovery round not recorded");
+            }
+        }
+    }
+}

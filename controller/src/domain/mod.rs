@@ -1,0 +1,21 @@
+//! The controller's decisions, kept apart from every effect.
+//!
+//! Nothing in this module does I/O or reads a clock: time comes in as `now`,
+//! and the results are values (events to append, commands to send, refusals
+//! to report). The [`crate::fleet`] module carries the decisions out.
+//!
+//! - [`lifecycle`]: the seven states and exactly the allowed transitions;
+//! - [`event`]: the event types stored in the event log;
+//! - [`robot`]: the robot aggregate (the read model row) and how an event
+//!   changes it;
+//! - [`decide`]: what an operator action or an observation of a robot means.
+
+pub mod decide;
+pub mod event;
+pub mod lifecycle;
+pub mod robot;
+
+pub use decide::{Action, Decision, Input, Policy, Refusal, decide};
+pub use event::{EventMetadata, EventRecord, NewEvent, RobotEvent};
+pub use lifecycle::LifecycleState;
+pub use robot::{Health, Robot};

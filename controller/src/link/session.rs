@@ -1,0 +1,199 @@
+//! The session registry: which robots have an agent connected right now,
+//! how to reach each one, and when each was last heard from.
+//!
+//! Liveness data lives here, in memory: heartbeats are never events and
+//! never touch the store.
+
+use crate::domain::decide::CommandIntent;
+use chrono::Utc;
+use kiwi_protocol::RobotId;
+use kiwi_protocol::message::{Command, ControllerMessage};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Milliseconds since the Unix epoch, the unit of `last_seen`.
+pub fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+/// One established agent connection.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub session_id: Uuid,
+    pub robot_id: RobotId,
+    pub peer: SocketAddr,
+    /// Messages for the agent; the connection task writes them in order.
+    pub outbound: mpsc::Sender<ControllerMessage>,
+    /// Cancelling ends the connection (replaced, timed out, shutting down).
+    pub cancel: CancellationToken,
+    last_seen_ms: Arc<AtomicI64>,
+    /// Commands sent and not yet answered.
+    pending: Arc<Mutex<HashMap<Uuid, CommandIntent>>>,
+    /// Why the connection was ended from our side, if it was.
+    close_reason: Arc<Mutex<Option<String>>>,
+}
+
+impl Session {
+    pub fn new(
+        robot_id: RobotId,
+        peer: SocketAddr,
+        outbound: mpsc::Sender<ControllerMessage>,
+        cancel: CancellationToken,
+    ) -> Session {
+        Session {
+            session_id: Uuid::new_v4(),
+            robot_id,
+            peer,
+            outbound,
+            cancel,
+            last_seen_ms: Arc::new(AtomicI64::new(now_ms())),
+            pending: Arc::default(),
+            close_reason: Arc::default(),
+        }
+    }
+
+    /// Records that the agent was heard from.
+    pub fn touch(&self, now_ms: i64) {
+        self.last_seen_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    pub fn last_seen_ms(&self) -> i64 {
+        self.last_seen_ms.load(Ordering::Relaxed)
+    }
+
+    /// Ends the connection from our side, keeping the first reason given.
+    pub fn close(&self, reason: impl Into<String>) {
+        let mut r = self.close_reason.lock().unwrap_or_else(|p| p.into_inner());
+        if r.is_none() {
+            *r = Some(reason.into());
+        }
+        drop(r);
+        self.cancel.cancel();
+    }
+
+    pub fn close_reason(&self) -> Option<String> {
+        self.close_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Takes the intent of an answered command.
+    pub fn answered(&self, command_id: Uuid) -> Option<CommandIntent> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&command_id)
+    }
+
+    /// Queues a command; fails when the agent's queue is full or closed (the
+    /// command is then reconciled when the agent next connects).
+    pub fn send_command(&self, intent: CommandIntent, command: Command) -> Result<(), String> {
+        let id = command.command_id;
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, intent);
+        self.outbound
+            .try_send(ControllerMessage::Command(command))
+            .map_err(|e| {
+                self.answered(id);
+                format!("agent queue: {e}")
+            })
+    }
+}
+
+/// Every established session, by robot, and the robots away on planned
+/// downtime with the time they promised to be back by.
+#[derive(Debug, Default)]
+pub struct SessionRegistry {
+    sessions: Mutex<HashMap<RobotId, Session>>,
+    planned: Mutex<HashMap<RobotId, i64>>,
+}
+
+impl SessionRegistry {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<RobotId, Session>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a session, returning the one it replaces (which the caller
+    /// closes: one connection per robot).
+    pub fn register(&self, session: Session) -> Option<Session> {
+        self.planned_map().remove(&session.robot_id);
+        self.map().insert(session.robot_id, session)
+    }
+
+    fn planned_map(&self) -> std::sync::MutexGuard<'_, HashMap<RobotId, i64>> {
+        self.planned.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that the robot left on purpose and is due back by `deadline_ms`.
+    pub fn plan_absence(&self, robot_id: RobotId, deadline_ms: i64) {
+        self.planned_map().insert(robot_id, deadline_ms);
+    }
+
+    /// Whether the robot is away on planned downtime.
+    pub fn is_planned_absent(&self, robot_id: &RobotId) -> bool {
+        self.planned_map().contains_key(robot_id)
+    }
+
+    /// Takes the robots whose planned downtime ended before `now_ms`.
+    pub fn take_overdue_absences(&self, now_ms: i64) -> Vec<RobotId> {
+        let mut planned = self.planned_map();
+        let due: Vec<RobotId> = planned
+            .iter()
+            .filter(|(_, deadline)| **deadline < now_ms)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &due {
+            planned.remove(id);
+        }
+        due
+    }
+
+    /// Removes the robot's session if it is still `session_id`; false when a
+    /// newer connection already replaced it.
+    pub fn remove_if_current(&self, robot_id: &RobotId, session_id: Uuid) -> bool {
+        let mut map = self.map();
+        match map.get(robot_id) {
+            Some(s) if s.session_id == session_id => {
+                map.remove(robot_id);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn get(&self, robot_id: &RobotId) -> Option<Session> {
+        self.map().get(robot_id).cloned()
+    }
+
+    pub fn is_connected(&self, robot_id: &RobotId) -> bool {
+        self.map().contains_key(robot_id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.map().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A copy of every session, for sweeps.
+    pub fn snapshot(&self) -> Vec<Session> {
+        self.map().values().cloned().collect()
+    }
+
+    /// Ends every session (shutdown).
+    pub fn close_all(&self, reason: &str) {
+        for s in self.snapshot() {
+            s.close(reason);
+        }
+    }
+}

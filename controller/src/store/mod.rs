@@ -1,0 +1,139 @@
+//! The event store: the append-only log of robot events and the read model
+//! (`robot_states`) kept in the same transaction, behind one trait with one
+//! backend per database.
+//!
+//! - [`sqlite`]: the embedded default, a file in the state directory.
+//!
+//! Every backend group-commits: appends arriving together are written in one
+//! transaction, and each caller is answered only after that commit. Each
+//! backend publishes what it committed, in log order, on [`EventStore::subscribe`];
+//! the watch stream and the cache follow that feed.
+
+pub mod sqlite;
+
+use crate::domain::{EventRecord, Health, NewEvent, Robot};
+use chrono::{DateTime, Utc};
+use kiwi_protocol::RobotId;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+/// One robot's changes, written atomically: its new events (possibly none),
+/// its read-model row as it is after them, and optionally a report.
+#[derive(Debug, Clone)]
+pub struct Append {
+    pub robot_id: RobotId,
+    /// The robot's version the caller decided on (0: a new robot). The
+    /// append fails with [`StoreError::Conflict`] if the stored version
+    /// differs (optimistic concurrency).
+    pub expected_version: i64,
+    /// Appended with versions `expected_version + 1 ..`.
+    pub events: Vec<NewEvent>,
+    /// The read-model row after the events; its `version` must equal
+    /// `expected_version + events.len()`.
+    pub robot: Robot,
+    /// A report to store with the change, deduplicated by (robot, seq).
+    pub report: Option<StoredReport>,
+}
+
+/// What one append committed, as published on the store's feed.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    /// The appended events with their positions, in log order.
+    pub events: Vec<EventRecord>,
+    /// The robot's read-model row after them.
+    pub robot: Arc<Robot>,
+}
+
+/// A report as stored (`robot_reports`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredReport {
+    pub robot_id: RobotId,
+    pub seq: i64,
+    /// When the agent made it.
+    pub time: DateTime<Utc>,
+    /// When the controller stored it.
+    pub received_at: DateTime<Utc>,
+    pub health: Health,
+    pub workload: String,
+    pub maintenance: bool,
+    pub telemetry: serde_json::Value,
+}
+
+/// One discovery round, as recorded (`discovery_sessions`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiscoverySession {
+    pub session_id: Uuid,
+    /// The sources asked, e.g. `agent`.
+    pub methods: Vec<String>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub duration_ms: i64,
+    pub robots_found: i64,
+    pub new_robots: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another writer changed the robot first: reload and decide again.
+    #[error("robot {robot_id} is at version {actual}, not {expected}")]
+    Conflict {
+        robot_id: RobotId,
+        expected: i64,
+        actual: i64,
+    },
+    /// The database cannot be reached or refused the work; worth retrying.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data that does not decode: never silently skipped.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+    /// A caller broke the contract (e.g. a row whose version does not match).
+    #[error("invalid append: {0}")]
+    Invalid(String),
+}
+
+/// The event store. Implementations are cheap to share (`Arc<dyn EventStore>`).
+#[async_trait::async_trait]
+pub trait EventStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Appends atomically (group-committed with concurrent appends) and
+    /// answers once durable, with the stored events.
+    async fn append(&self, append: Append) -> Result<Vec<EventRecord>, StoreError>;
+
+    /// One robot's read-model row.
+    async fn robot(&self, id: RobotId) -> Result<Option<Robot>, StoreError>;
+
+    /// Every read-model row, ordered by robot id.
+    async fn robots(&self) -> Result<Vec<Robot>, StoreError>;
+
+    /// A robot's events with version > `after_version`, oldest first.
+    async fn robot_events(
+        &self,
+        id: RobotId,
+        after_version: i64,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, StoreError>;
+
+    /// Events of all robots with position > `after`, in log order.
+    async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<EventRecord>, StoreError>;
+
+    /// The highest position in the log (0 when empty).
+    async fn head(&self) -> Result<i64, StoreError>;
+
+    /// A robot's reports with seq > `after_seq`, oldest first.
+    async fn reports(
+        &self,
+        id: RobotId,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredReport>, StoreError>;
+
+    async fn record_discovery(&self, session: &DiscoverySession) -> Result<(), StoreError>;
+
+    /// Whether the database answers (for `/readyz`).
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The feed of commits, in log order, from now on.
+    fn subscribe(&self) -> broadcast::Receiver<Arc<Committed>>;
+}
