@@ -84,18 +84,16 @@ type Reply = oneshot::Sender<Result<Vec<EventRecord>, StoreError>>;
 
 #[derive(Debug)]
 enum WriteRequest {
-    Append {
-        append: Append,
-        reply: Reply,
-    },
+    /// Boxed: a row is large, and the queue holds many requests.
+    Append { append: Box<Append>, reply: Reply },
     /// Finish what is queued before it, close the connection, then answer.
-    Close {
-        done: oneshot::Sender<()>,
-    },
+    Close { done: oneshot::Sender<()> },
 }
 
-/// The SQLite event store. Reads go through a small pool; writes through
+/// The SQLite event store. Reads go through a small pool; appends through
 /// the writer task, which ends when the store is closed or dropped.
+/// Discovery sessions, rare and not part of the log, are written through
+/// the pool, waiting for the writer's lock under the busy timeout.
 #[derive(Debug)]
 pub struct SqliteStore {
     reads: SqlitePool,
@@ -175,7 +173,10 @@ impl EventStore for SqliteStore {
     async fn append(&self, append: Append) -> Result<Vec<EventRecord>, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.writes
-            .send(WriteRequest::Append { append, reply })
+            .send(WriteRequest::Append {
+                append: Box::new(append),
+                reply,
+            })
             .await
             .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
         answer.await.map_err(|_| {
@@ -320,12 +321,12 @@ impl Writer {
             let mut batch = Vec::new();
             let mut close = None;
             match first {
-                WriteRequest::Append { append, reply } => batch.push((append, reply)),
+                WriteRequest::Append { append, reply } => batch.push((*append, reply)),
                 WriteRequest::Close { done } => close = Some(done),
             }
             while close.is_none() && batch.len() < BATCH_CAP {
                 match queue.try_recv() {
-                    Ok(WriteRequest::Append { append, reply }) => batch.push((append, reply)),
+                    Ok(WriteRequest::Append { append, reply }) => batch.push((*append, reply)),
                     Ok(WriteRequest::Close { done }) => close = Some(done),
                     Err(_) => break,
                 }
