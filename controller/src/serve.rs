@@ -121,7 +121,7 @@ pub async fn serve(
         body_limit: config.api_body_limit,
         shutdown: shutdown.clone(),
     });
-    let agents = link::router(Arc::new(LinkState {
+    let link_state = Arc::new(LinkState {
         fleet: fleet.clone(),
         metrics: metrics.clone(),
         config: LinkConfig {
@@ -131,20 +131,13 @@ pub async fn serve(
             max_agents: config.max_agents,
         },
         shutdown: shutdown.clone(),
-    }));
+    });
     let api_server = tokio::spawn(
         axum::serve(api_listener, app)
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())
             .into_future(),
     );
-    let agent_server = tokio::spawn(
-        axum::serve(
-            agent_listener,
-            agents.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .into_future(),
-    );
+    let agent_server = tokio::spawn(link::serve(agent_listener, link_state));
     tracing::info!(api = %bound.api, agent = %bound.agent, "kiwi-controller listening");
     on_bound(bound);
 

@@ -27,11 +27,15 @@ use kiwi_protocol::message::{
 use kiwi_protocol::version::{self, ProtocolVersion};
 use kiwi_protocol::{Identity, RobotId};
 use session::{Session, now_ms};
+use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
 
 /// Settings of the agent endpoint.
 #[derive(Debug, Clone)]
@@ -64,6 +68,56 @@ pub fn router(state: Arc<LinkState>) -> Router {
     Router::new()
         .route("/agent", get(upgrade))
         .with_state(state)
+}
+
+/// Accepts agent connections until `state.shutdown`. Each TCP connection is
+/// served by hyper directly (rather than `axum::serve`) so that a peer that
+/// does not even speak HTTP is noticed, logged and counted like any other
+/// bad frame.
+pub async fn serve(listener: TcpListener, state: Arc<LinkState>) {
+    let app = router(state.clone());
+    let connections = TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = state.shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors or similar: back off briefly
+                    // instead of spinning.
+                    tracing::warn!(error = %e, "accepting an agent connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let metrics = state.metrics.clone();
+        connections.spawn(async move {
+            let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                app.clone().oneshot(req)
+            });
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .max_buf_size(16 * 1024)
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
+            if let Err(e) = served {
+                if e.is_parse() || e.is_parse_too_large() || e.is_timeout() {
+                    let reason = if e.is_timeout() { "handshake_timeout" } else { "not_http" };
+                    metrics.frame_rejected(reason);
+                    tracing::warn!(%peer, reason, error = %e, "agent port: refused a connection that is not a WebSocket handshake");
+                } else {
+                    tracing::debug!(%peer, error = %e, "agent connection ended with an error");
+                }
+            }
+        });
+    }
+    connections.close();
 }
 
 async fn upgrade(
