@@ -37,6 +37,125 @@ pub struct Bound {
     pub agent: SocketAddr,
 }
 
+/// Every long-lived component of a controller, built from its
+/// configuration but not yet running. `serve` runs them; tests and the
+/// benchmark build the same thing in-process.
+#[derive(Debug, Clone)]
+pub struct Components {
+    pub config: Config,
+    pub store: Arc<dyn EventStore>,
+    pub metrics: Arc<Metrics>,
+    pub cache: Arc<RobotCache>,
+    pub sessions: Arc<SessionRegistry>,
+    pub fleet: Fleet,
+    pub hub: Hub,
+    pub discovery: Discovery,
+    pub shutdown: CancellationToken,
+}
+
+impl Components {
+    /// Opens the store in the state directory and loads the read model.
+    pub async fn build(config: Config, shutdown: CancellationToken) -> anyhow::Result<Components> {
+        std::fs::create_dir_all(&config.state_dir).with_context(|| {
+            format!(
+                "cannot create state directory {}",
+                config.state_dir.display()
+            )
+        })?;
+        let db = config.state_dir.join(DATABASE_FILE);
+        let store: Arc<dyn EventStore> = Arc::new(
+            SqliteStore::open(&db)
+                .await
+                .with_context(|| format!("cannot open the embedded store {}", db.display()))?,
+        );
+        let metrics = Arc::new(Metrics::new());
+        let cache = Arc::new(RobotCache::new(metrics.clone()));
+        let sessions = Arc::new(SessionRegistry::default());
+        let fleet = Fleet::new(
+            store.clone(),
+            cache.clone(),
+            sessions.clone(),
+            metrics.clone(),
+            Policy {
+                auto_provision: config.auto_provision,
+            },
+            config.report_interval,
+        );
+        let robots = fleet.load().await.context("cannot load the read model")?;
+        tracing::info!(robots, store = %db.display(), "read model loaded");
+        let discovery = Discovery::new(
+            fleet.clone(),
+            metrics.clone(),
+            vec![Box::new(ConnectedAgents {
+                fleet: fleet.clone(),
+            })],
+        );
+        Ok(Components {
+            config,
+            store,
+            metrics,
+            cache,
+            sessions,
+            fleet,
+            hub: Hub::new(),
+            discovery,
+            shutdown,
+        })
+    }
+
+    /// The REST API router.
+    pub fn api_router(&self) -> axum::Router {
+        api::router(AppState {
+            fleet: self.fleet.clone(),
+            metrics: self.metrics.clone(),
+            hub: self.hub.clone(),
+            discovery: self.discovery.clone(),
+            started: Instant::now(),
+            body_limit: self.config.api_body_limit,
+            shutdown: self.shutdown.clone(),
+        })
+    }
+
+    /// The agent endpoint's shared state.
+    pub fn link_state(&self) -> Arc<LinkState> {
+        Arc::new(LinkState {
+            fleet: self.fleet.clone(),
+            metrics: self.metrics.clone(),
+            config: LinkConfig {
+                heartbeat_interval: self.config.heartbeat_interval,
+                handshake_timeout: Duration::from_secs(10),
+                max_frame: kiwi_protocol::DEFAULT_MAX_FRAME,
+                max_agents: self.config.max_agents,
+            },
+            shutdown: self.shutdown.clone(),
+        })
+    }
+
+    /// Starts the background tasks (projector, liveness, continuous
+    /// discovery) on `tasks`; they stop when `shutdown` is cancelled.
+    pub fn spawn_background(&self, tasks: &TaskTracker) {
+        tasks.spawn(watch::run_projector(
+            self.store.clone(),
+            self.cache.clone(),
+            self.hub.clone(),
+            self.shutdown.clone(),
+        ));
+        tasks.spawn(liveness::run(
+            self.fleet.clone(),
+            LivenessConfig {
+                timeout: self.config.liveness_timeout,
+                startup_grace: self.config.startup_grace,
+            },
+            self.shutdown.clone(),
+        ));
+        tasks.spawn(
+            self.discovery
+                .clone()
+                .run(self.config.discovery_interval, self.shutdown.clone()),
+        );
+    }
+}
+
 /// Runs the controller until `shutdown` is cancelled. `on_bound` hears the
 /// addresses once both listeners are bound.
 pub async fn serve(
@@ -44,106 +163,31 @@ pub async fn serve(
     shutdown: CancellationToken,
     on_bound: impl FnOnce(Bound),
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.state_dir).with_context(|| {
-        format!(
-            "cannot create state directory {}",
-            config.state_dir.display()
-        )
-    })?;
-    let db = config.state_dir.join(DATABASE_FILE);
-    let store: Arc<dyn EventStore> = Arc::new(
-        SqliteStore::open(&db)
-            .await
-            .with_context(|| format!("cannot open the embedded store {}", db.display()))?,
-    );
-    let metrics = Arc::new(Metrics::new());
-    let cache = Arc::new(RobotCache::new(metrics.clone()));
-    let sessions = Arc::new(SessionRegistry::default());
-    let fleet = Fleet::new(
-        store.clone(),
-        cache.clone(),
-        sessions.clone(),
-        metrics.clone(),
-        Policy {
-            auto_provision: config.auto_provision,
-        },
-        config.report_interval,
-    );
-    let robots = fleet.load().await.context("cannot load the read model")?;
-    tracing::info!(robots, store = %db.display(), "read model loaded");
-
-    let api_listener = TcpListener::bind(config.api_listen)
+    let c = Components::build(config, shutdown.clone()).await?;
+    let api_listener = TcpListener::bind(c.config.api_listen)
         .await
-        .with_context(|| format!("cannot listen on {} (api_listen)", config.api_listen))?;
-    let agent_listener = TcpListener::bind(config.agent_listen)
+        .with_context(|| format!("cannot listen on {} (api_listen)", c.config.api_listen))?;
+    let agent_listener = TcpListener::bind(c.config.agent_listen)
         .await
-        .with_context(|| format!("cannot listen on {} (agent_listen)", config.agent_listen))?;
+        .with_context(|| format!("cannot listen on {} (agent_listen)", c.config.agent_listen))?;
     let bound = Bound {
         api: api_listener.local_addr()?,
         agent: agent_listener.local_addr()?,
     };
-
-    let hub = Hub::new();
     let tasks = TaskTracker::new();
-    tasks.spawn(watch::run_projector(
-        store.clone(),
-        cache.clone(),
-        hub.clone(),
-        shutdown.clone(),
-    ));
-    tasks.spawn(liveness::run(
-        fleet.clone(),
-        LivenessConfig {
-            timeout: config.liveness_timeout,
-            startup_grace: config.startup_grace,
-        },
-        shutdown.clone(),
-    ));
-    let discovery = Discovery::new(
-        fleet.clone(),
-        metrics.clone(),
-        vec![Box::new(ConnectedAgents {
-            fleet: fleet.clone(),
-        })],
-    );
-    tasks.spawn(
-        discovery
-            .clone()
-            .run(config.discovery_interval, shutdown.clone()),
-    );
-
-    let app = api::router(AppState {
-        fleet: fleet.clone(),
-        metrics: metrics.clone(),
-        hub,
-        discovery,
-        started: Instant::now(),
-        body_limit: config.api_body_limit,
-        shutdown: shutdown.clone(),
-    });
-    let link_state = Arc::new(LinkState {
-        fleet: fleet.clone(),
-        metrics: metrics.clone(),
-        config: LinkConfig {
-            heartbeat_interval: config.heartbeat_interval,
-            handshake_timeout: Duration::from_secs(10),
-            max_frame: kiwi_protocol::DEFAULT_MAX_FRAME,
-            max_agents: config.max_agents,
-        },
-        shutdown: shutdown.clone(),
-    });
+    c.spawn_background(&tasks);
     let api_server = tokio::spawn(
-        axum::serve(api_listener, app)
+        axum::serve(api_listener, c.api_router())
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())
             .into_future(),
     );
-    let agent_server = tokio::spawn(link::serve(agent_listener, link_state));
+    let agent_server = tokio::spawn(link::serve(agent_listener, c.link_state()));
     tracing::info!(api = %bound.api, agent = %bound.agent, "kiwi-controller listening");
     on_bound(bound);
 
     shutdown.cancelled().await;
     tracing::info!("shutting down");
-    sessions.close_all("controller shutting down");
+    c.sessions.close_all("controller shutting down");
     tasks.close();
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         let _ = api_server.await;

@@ -19,6 +19,7 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::response::Response;
 use axum::routing::get;
+use hyper_util::rt::TokioIo;
 use kiwi_protocol::frame;
 use kiwi_protocol::identity::format_mac;
 use kiwi_protocol::message::{
@@ -27,7 +28,6 @@ use kiwi_protocol::message::{
 use kiwi_protocol::version::{self, ProtocolVersion};
 use kiwi_protocol::{Identity, RobotId};
 use session::{Session, now_ms};
-use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
