@@ -1,1 +1,59 @@
-//! placeholder
+//! kiwi-agent: the robot-side daemon. It identifies the robot, samples its
+//! telemetry and health, keeps every report in a durable outbox until the
+//! controller acknowledges it, holds a WebSocket link to the controller and
+//! obeys its lifecycle commands. `simulate` runs many virtual agents through
+//! the same code.
+//!
+//! Codemap:
+//!
+//! - [`config`]: the layered, validated settings of `kiwi-agent run`;
+//! - [`probe`]: identity, telemetry and health, read under a system root;
+//! - [`workload`]: the robot's main service (a systemd unit);
+//! - [`state`]: persisted flags (maintenance, provisioned configuration);
+//! - [`outbox`]: the durable bounded outbox of reports;
+//! - [`decide`]: the pure decisions (when to report, reconnect delays,
+//!   handshake, reconciliation);
+//! - [`agent`]: one agent's behaviour apart from its transport;
+//! - [`link`]: the WebSocket link, shared by `run` and `simulate`;
+//! - [`simulate`]: many virtual agents in one process.
+
+pub mod agent;
+pub mod config;
+pub mod decide;
+pub mod link;
+pub mod outbox;
+pub mod probe;
+pub mod simulate;
+pub mod state;
+pub mod workload;
+
+pub use agent::Agent;
+pub use config::{AgentConfig, ConfigError};
+pub use link::LinkOptions;
+
+use anyhow::Context;
+use kiwi_protocol::backoff::Backoff;
+use tokio_util::sync::CancellationToken;
+
+/// `kiwi-agent run` once its configuration is valid: identifies the robot,
+/// opens its state and runs the link until `shutdown` is cancelled.
+pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    tracing::info!(
+        controller = %cfg.controller.endpoint(),
+        state_dir = %cfg.state_dir.display(),
+        sys_root = %cfg.sys_root.display(),
+        workload_unit = cfg.workload_unit.as_deref().unwrap_or("-"),
+        version = env!("CARGO_PKG_VERSION"),
+        "kiwi-agent starting"
+    );
+    let opts = LinkOptions::new(
+        cfg.controller.endpoint(),
+        Backoff::new(cfg.reconnect_base, cfg.reconnect_cap),
+    );
+    let mut agent = tokio::task::spawn_blocking(move || Agent::from_config(&cfg))
+        .await
+        .context("agent set-up task failed")??;
+    link::run(&mut agent, &opts, &shutdown).await;
+    tracing::info!("kiwi-agent stopped");
+    Ok(())
+}

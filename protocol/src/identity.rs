@@ -233,13 +233,13 @@ pub fn is_motor_bus(dev_name: &str) -> bool {
 /// RealSense camera make an XLERobot; one motor bus (with 9 servos when they
 /// were counted) makes a LeKiwi; anything else is unknown.
 pub fn detect_robot_type(clues: &TypeClues) -> TypeDecision {
-    if let Some(declared) = &clues.declared {
-        if let Ok(t) = declared.parse::<RobotType>() {
-            return TypeDecision {
-                robot_type: t,
-                reason: format!("declared as {t}"),
-            };
-        }
+    if let Some(declared) = &clues.declared
+        && let Ok(t) = declared.parse::<RobotType>()
+    {
+        return TypeDecision {
+            robot_type: t,
+            reason: format!("declared as {t}"),
+        };
     }
     let mut buses: Vec<&str> = clues
         .serial_devices

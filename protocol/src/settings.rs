@@ -262,7 +262,7 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         "h" => n * 3600.0,
         other => return Err(format!("unknown duration unit {other:?} in {text:?}")),
     };
-    if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
         return Err(format!("duration {text:?} out of range"));
     }
     Ok(std::time::Duration::from_secs_f64(secs))

@@ -1,0 +1,109 @@
+//! The `kiwi-agent` binary: parses the command line, sets up logging and
+//! signal handling, and hands over to the library. Exit codes: 0 after a
+//! clean shutdown, 2 for an invalid configuration or command line, 1 for
+//! anything else.
+
+use clap::{Parser, Subcommand};
+use kiwi_agent::config::{self, RunFlags};
+use kiwi_agent::simulate::{self, SimulateArgs};
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(name = "kiwi-agent", version, about = "The kiwi robot-side agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent of this robot.
+    Run(RunFlags),
+    /// Run N virtual agents against a controller (load generator).
+    Simulate(SimulateArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Run(flags) => {
+            // Validate before anything starts or connects.
+            let env = std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+            match config::load(&flags, env) {
+                Ok(cfg) => runtime(false).and_then(|rt| {
+                    rt.block_on(async {
+                        let shutdown = shutdown_on_signals()?;
+                        kiwi_agent::run(cfg, shutdown).await
+                    })
+                }),
+                Err(e) => {
+                    tracing::error!(error = %e, "invalid configuration");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        Command::Simulate(args) => runtime(true).and_then(|rt| {
+            rt.block_on(async {
+                let shutdown = shutdown_on_signals()?;
+                simulate::simulate(args, shutdown).await
+            })
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "kiwi-agent failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One robot needs one thread; a simulator of hundreds uses every core.
+fn runtime(multi_thread: bool) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    Ok(builder.enable_all().build()?)
+}
+
+/// JSON lines on stderr (journald captures them under systemd): timestamp,
+/// level, target, message and fields. `KIWI_LOG`, else `RUST_LOG`, sets the
+/// filter; the default is `info`.
+fn init_logging() {
+    let filter = EnvFilter::try_from_env("KIWI_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(true)
+        .with_span_list(false)
+        .with_target(true)
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .init();
+}
+
+/// A token cancelled on SIGTERM or SIGINT.
+fn shutdown_on_signals() -> anyhow::Result<CancellationToken> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "shutting down");
+        cancel.cancel();
+    });
+    Ok(token)
+}

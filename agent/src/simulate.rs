@@ -1,0 +1,277 @@
+//! `kiwi-agent simulate`: many virtual agents in one process, the load
+//! generator for tests and benchmarks. Each has its own identity, fake
+//! telemetry that drifts a little, a simulated workload and its own durable
+//! outbox, and talks to the controller through exactly the link code `run`
+//! uses.
+
+use crate::agent::Agent;
+use crate::config::{
+    ControllerUrl, DEFAULT_RECONNECT_BASE, DEFAULT_RECONNECT_CAP, parse_controller,
+    parse_positive_duration,
+};
+use crate::link::{self, LinkOptions};
+use anyhow::Context;
+use kiwi_protocol::backoff::Backoff;
+use kiwi_protocol::message::{NetCounters, Telemetry};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// Agents start spread evenly over this window, so hundreds do not connect
+/// in the same millisecond.
+pub const START_SPREAD: Duration = Duration::from_secs(1);
+
+/// The flags of `kiwi-agent simulate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimulateArgs {
+    /// How many virtual agents to run.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub count: u32,
+    /// Controller address, ws://host:port[/path].
+    #[arg(long, value_name = "URL", value_parser = parse_controller)]
+    pub controller: ControllerUrl,
+    /// Where the agents keep their state (default: a temporary directory
+    /// removed on exit).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Agent `i` is identified as `{prefix}-{i}`.
+    #[arg(long, value_name = "TEXT", default_value = "sim", value_parser = parse_prefix)]
+    pub id_prefix: String,
+    /// Periodic report interval of each agent.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_positive_duration)]
+    pub report_interval: Duration,
+    /// Outbox bound of each agent, in unacknowledged reports.
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub outbox_capacity: u32,
+}
+
+/// An id prefix must make safe directory names.
+pub fn parse_prefix(text: &str) -> Result<String, String> {
+    let valid = !text.is_empty()
+        && text.len() <= 64
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !text.starts_with('.');
+    if valid {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "invalid id prefix {text:?} (letters, digits, '-', '_', '.'; at most 64)"
+        ))
+    }
+}
+
+/// When agent `index` of `count` starts, relative to the first.
+pub fn start_offset(index: u32, count: u32) -> Duration {
+    if count <= 1 {
+        return Duration::ZERO;
+    }
+    START_SPREAD.mul_f64(f64::from(index) / f64::from(count))
+}
+
+/// Runs `args.count` agents until `shutdown` is cancelled; each says
+/// `Goodbye` when connected. Fails if any agent could not be set up.
+pub async fn simulate(args: SimulateArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let temp;
+    let state_root = match &args.state_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create state directory {}", dir.display()))?;
+            dir.clone()
+        }
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("kiwi-simulate-")
+                .tempdir()
+                .context("cannot create a temporary state directory")?;
+            temp.path().to_path_buf()
+        }
+    };
+    let opts = LinkOptions::new(
+        args.controller.endpoint(),
+        Backoff::new(DEFAULT_RECONNECT_BASE, DEFAULT_RECONNECT_CAP),
+    );
+    tracing::info!(
+        count = args.count,
+        controller = %opts.endpoint,
+        state_dir = %state_root.display(),
+        "starting simulated agents"
+    );
+    let mut tasks = JoinSet::new();
+    for index in 0..args.count {
+        let opts = opts.clone();
+        let shutdown = shutdown.clone();
+        let prefix = args.id_prefix.clone();
+        let root = state_root.clone();
+        let interval = args.report_interval;
+        let capacity = args.outbox_capacity as usize;
+        let offset = start_offset(index, args.count);
+        let span = tracing::info_span!("sim", agent = %format!("{prefix}-{index}"));
+        tasks.spawn(
+            async move {
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(offset) => {}
+                }
+                let mut agent = tokio::task::spawn_blocking(move || {
+                    Agent::simulated(index, &prefix, &root, interval, capacity)
+                })
+                .await
+                .context("agent set-up task failed")??;
+                link::run(&mut agent, &opts, &shutdown).await;
+                anyhow::Ok(())
+            }
+            .instrument(span),
+        );
+    }
+    let mut failed = 0usize;
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        let result = joined
+            .context("simulated agent task failed")
+            .and_then(|r| r);
+        if let Err(e) = result {
+            tracing::error!(error = format!("{e:#}"), "simulated agent failed");
+            failed += 1;
+            first_error.get_or_insert(e);
+        }
+    }
+    tracing::info!(count = args.count, failed, "simulated agents stopped");
+    match first_error {
+        Some(e) => Err(e.context(format!(
+            "{failed} of {} simulated agents failed",
+            args.count
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Telemetry of a simulated robot: plausible Pi 5 figures that drift a
+/// little on every sample and stay healthy.
+#[derive(Debug)]
+pub struct FakeTelemetry {
+    rng: StdRng,
+    started: std::time::Instant,
+    base_uptime_s: u64,
+    current: Telemetry,
+}
+
+const GIB: u64 = 1 << 30;
+
+impl FakeTelemetry {
+    /// Deterministic per seed (the agent's index).
+    pub fn new(seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let memory_total_bytes = 8 * GIB;
+        let disk_total_bytes = 64 * GIB;
+        let current = Telemetry {
+            load_1m: rng.random_range(0.05..0.8),
+            load_5m: rng.random_range(0.05..0.6),
+            load_15m: rng.random_range(0.05..0.5),
+            memory_total_bytes,
+            memory_available_bytes: rng.random_range(4 * GIB..6 * GIB),
+            disk_total_bytes,
+            disk_available_bytes: rng.random_range(20 * GIB..40 * GIB),
+            temperature_c: Some(rng.random_range(42.0..58.0)),
+            uptime_s: 0,
+            network: vec![NetCounters {
+                interface: "wlan0".into(),
+                rx_bytes: rng.random_range(0..1_000_000),
+                tx_bytes: rng.random_range(0..1_000_000),
+            }],
+        };
+        Self {
+            base_uptime_s: rng.random_range(60..86_400),
+            rng,
+            started: std::time::Instant::now(),
+            current,
+        }
+    }
+
+    /// The next sample: every figure moves a little, within healthy bounds.
+    pub fn next_sample(&mut self) -> Telemetry {
+        let rng = &mut self.rng;
+        let t = &mut self.current;
+        let mut drift = |v: f32, step: f32, lo: f32, hi: f32| {
+            (v + rng.random_range(-step..=step)).clamp(lo, hi)
+        };
+        t.load_1m = drift(t.load_1m, 0.05, 0.0, 2.0);
+        t.load_5m = drift(t.load_5m, 0.02, 0.0, 2.0);
+        t.load_15m = drift(t.load_15m, 0.01, 0.0, 2.0);
+        t.temperature_c = t.temperature_c.map(|c| drift(c, 0.3, 40.0, 65.0));
+        let mem_step = (t.memory_total_bytes / 200) as i64;
+        t.memory_available_bytes = step_within(
+            rng,
+            t.memory_available_bytes,
+            mem_step,
+            t.memory_total_bytes / 4,
+            t.memory_total_bytes * 3 / 4,
+        );
+        t.disk_available_bytes = step_within(
+            rng,
+            t.disk_available_bytes,
+            1 << 20,
+            t.disk_total_bytes / 4,
+            t.disk_total_bytes * 3 / 4,
+        );
+        for n in &mut t.network {
+            n.rx_bytes = n.rx_bytes.wrapping_add(rng.random_range(100..20_000));
+            n.tx_bytes = n.tx_bytes.wrapping_add(rng.random_range(100..20_000));
+        }
+        t.uptime_s = self.base_uptime_s + self.started.elapsed().as_secs();
+        t.clone()
+    }
+}
+
+fn step_within(rng: &mut StdRng, value: u64, step: i64, lo: u64, hi: u64) -> u64 {
+    let delta = rng.random_range(-step..=step);
+    value.saturating_add_signed(delta).clamp(lo, hi)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::evaluate_health;
+    use kiwi_protocol::message::{HealthStatus, WorkloadState};
+
+    #[test]
+    fn fake_telemetry_drifts_and_stays_healthy() {
+        let mut f = FakeTelemetry::new(7);
+        let first = f.next_sample();
+        let mut last = first.clone();
+        for _ in 0..2000 {
+            last = f.next_sample();
+            assert_eq!(
+                evaluate_health(&last, WorkloadState::Running).status,
+                HealthStatus::Healthy
+            );
+        }
+        assert_ne!(first.load_1m, last.load_1m);
+        assert!(last.network[0].rx_bytes > first.network[0].rx_bytes);
+        // Deterministic per seed, different across seeds.
+        assert_eq!(FakeTelemetry::new(7).next_sample().load_1m, first.load_1m);
+        assert_ne!(FakeTelemetry::new(8).next_sample().load_1m, first.load_1m);
+    }
+
+    #[test]
+    fn starts_spread_over_a_second() {
+        assert_eq!(start_offset(0, 1), Duration::ZERO);
+        assert_eq!(start_offset(0, 500), Duration::ZERO);
+        assert_eq!(start_offset(250, 500), Duration::from_millis(500));
+        assert!(start_offset(499, 500) < START_SPREAD);
+    }
+
+    #[test]
+    fn prefixes() {
+        assert!(parse_prefix("sim").is_ok());
+        assert!(parse_prefix("bench_1.a-b").is_ok());
+        assert!(parse_prefix("").is_err());
+        assert!(parse_prefix("../x").is_err());
+        assert!(parse_prefix("a/b").is_err());
+    }
+}
