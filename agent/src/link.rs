@@ -108,14 +108,26 @@ pub async fn run(agent: &mut Agent, opts: &LinkOptions, shutdown: &CancellationT
                 "controller rejected the agent"
             ),
         }
-        if !wait_offline(agent, delay, opts.sample_interval, shutdown).await {
+        let every = sample_every(agent, opts);
+        if !wait_offline(agent, delay, every, shutdown).await {
             return;
         }
     }
 }
 
+/// How often to sample: the configured sampling interval, or more often when
+/// reports are due more often than that (never below 50 ms).
+fn sample_every(agent: &Agent, opts: &LinkOptions) -> Duration {
+    opts.sample_interval
+        .min(agent.report_interval())
+        .max(Duration::from_millis(50))
+}
+
 /// Waits `delay` while still sampling (reports made offline go to the
-/// outbox and are sent after reconnecting). `false` when shutting down.
+/// outbox and are sent after reconnecting). The first sample is taken at
+/// once: reconnect delays are often shorter than the sampling interval, and
+/// a fresh timer per attempt would then never fire during an outage.
+/// `false` when shutting down.
 async fn wait_offline(
     agent: &mut Agent,
     delay: Duration,
@@ -123,7 +135,7 @@ async fn wait_offline(
     shutdown: &CancellationToken,
 ) -> bool {
     let until = Instant::now() + delay;
-    let mut sample = tokio::time::interval_at(Instant::now() + sample_interval, sample_interval);
+    let mut sample = tokio::time::interval(sample_interval);
     sample.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -338,7 +350,7 @@ impl Connected {
         let start = Instant::now();
         let mut heartbeat = tokio::time::interval_at(start + self.heartbeat, self.heartbeat);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut sample = tokio::time::interval(opts.sample_interval);
+        let mut sample = tokio::time::interval(sample_every(agent, opts));
         sample.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             let read_deadline = self.last_read + self.idle;

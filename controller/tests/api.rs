@@ -58,7 +58,12 @@ fn facts(n: u32) -> IdentityFacts {
     IdentityFacts {
         hostname: format!("robot-{n}"),
         ip_address: Some(format!("127.0.0.{}", n + 1)),
-        robot_type: if n.is_multiple_of(2) { "lekiwi" } else { "xlerobot" }.into(),
+        robot_type: if n.is_multiple_of(2) {
+            "lekiwi"
+        } else {
+            "xlerobot"
+        }
+        .into(),
         model: None,
         firmware_version: None,
         agent_version: Some("0.1.0".into()),

@@ -253,7 +253,13 @@ impl Connection {
                 self.refuse("handshake_timeout", "no Hello in time").await;
                 return None;
             }
-            Ok(None) | Ok(Some(Err(_))) => return None,
+            Ok(None) => return None,
+            Ok(Some(Err(e))) => {
+                if let Some(reason) = refused_by_websocket(&e) {
+                    self.refuse(reason, &e.to_string()).await;
+                }
+                return None;
+            }
             Ok(Some(Ok(Message::Binary(b)))) => b,
             Ok(Some(Ok(_))) => {
                 self.refuse("not_binary", "expected a binary Hello frame")
@@ -362,7 +368,12 @@ impl Connection {
                 incoming = self.socket.recv() => {
                     let bytes = match incoming {
                         None => return Ok(End::Lost("connection closed".into())),
-                        Some(Err(e)) => return Ok(End::Lost(format!("connection error: {e}"))),
+                        Some(Err(e)) => {
+                            if let Some(reason) = refused_by_websocket(&e) {
+                                self.refuse(reason, &e.to_string()).await;
+                            }
+                            return Ok(End::Lost(format!("connection error: {e}")));
+                        }
                         Some(Ok(Message::Close(_))) => return Ok(End::Lost("connection closed by the agent".into())),
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
                             session.touch(now_ms());
@@ -457,6 +468,19 @@ impl Connection {
             }
         }
         Ok(None)
+    }
+}
+
+/// The WebSocket layer enforces the frame cap itself (so that an oversized
+/// message is never buffered whole); its refusals are bad frames like any
+/// other. `None` for errors that are not the peer's fault (a reset socket).
+fn refused_by_websocket(e: &axum::Error) -> Option<&'static str> {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let source = std::error::Error::source(e)?;
+    match source.downcast_ref::<WsError>()? {
+        WsError::Capacity(_) => Some("too_large"),
+        WsError::Protocol(_) | WsError::Utf8(_) => Some("websocket_protocol"),
+        _ => None,
     }
 }
 

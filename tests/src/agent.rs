@@ -1,0 +1,356 @@
+//! Real `kiwi-agent` processes: one robot per [`Agent`] (with its own
+//! prepared sys-root tree and state directory, both kept across restarts),
+//! or many virtual robots per [`Simulator`].
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use kiwi_protocol::{HardwareId, RobotId};
+use tempfile::TempDir;
+use uuid::Uuid;
+
+use crate::controller::{Controller, STOP_TIMEOUT};
+use crate::process::{self, Proc, write_file};
+
+/// The environment prefix of agent settings.
+const ENV_PREFIX: &str = "KIWI_AGENT_";
+
+/// The robot id of a Raspberry Pi whose `/proc/cpuinfo` says `Serial: serial`:
+/// the serial lower-cased without leading zeros, as a `PiSerial` hardware id.
+pub fn robot_id_for_serial(serial: &str) -> Uuid {
+    let normalised = serial.trim().to_ascii_lowercase();
+    let normalised = normalised.trim_start_matches('0');
+    RobotId::from_hardware(&HardwareId::PiSerial(normalised.to_string())).0
+}
+
+/// The robot id of virtual robot `i` of a simulator run with `prefix`.
+pub fn simulated_robot_id(prefix: &str, i: usize) -> Uuid {
+    RobotId::from_hardware(&HardwareId::Configured(format!("{prefix}-{i}"))).0
+}
+
+/// The serial of the `n`-th test robot: `10000000deadbe01`, `...02`, ...
+pub fn test_serial(n: u32) -> String {
+    format!("10000000deadbe{n:02x}")
+}
+
+/// Settings of a test agent.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    serial: String,
+    hostname: String,
+    env: Vec<(String, String)>,
+}
+
+impl AgentOptions {
+    /// An agent on a LeKiwi whose Pi has this serial; its hostname is
+    /// `lekiwi-<last 4 hex digits>`.
+    pub fn new(serial: &str) -> Self {
+        let tail = &serial[serial.len().saturating_sub(4)..];
+        AgentOptions {
+            serial: serial.to_string(),
+            hostname: format!("lekiwi-{tail}"),
+            env: Vec::new(),
+        }
+    }
+
+    pub fn hostname(mut self, hostname: &str) -> Self {
+        self.hostname = hostname.to_string();
+        self
+    }
+
+    /// `report_interval`, e.g. `"200ms"`.
+    pub fn report_interval(self, value: &str) -> Self {
+        self.setting("report_interval", value)
+    }
+
+    /// Any setting, as `KIWI_AGENT_<KEY>`.
+    pub fn setting(mut self, key: &str, value: &str) -> Self {
+        let name = format!(
+            "{ENV_PREFIX}{}",
+            key.to_ascii_uppercase().replace('.', "__")
+        );
+        self.env.retain(|(k, _)| *k != name);
+        self.env.push((name, value.to_string()));
+        self
+    }
+
+    /// Starts the agent against `controller`.
+    pub fn start(self, controller: &Controller) -> Agent {
+        Agent::start_with(controller, self)
+    }
+}
+
+/// One `kiwi-agent run` process and the robot it pretends to run on.
+#[derive(Debug)]
+pub struct Agent {
+    opts: AgentOptions,
+    controller_arg: String,
+    robot_id: Uuid,
+    proc: Option<Proc>,
+    sys_root: PathBuf,
+    state_dir: PathBuf,
+    log: PathBuf,
+    dir: TempDir,
+}
+
+impl Agent {
+    /// Starts an agent with default options for the robot with this Pi
+    /// serial.
+    pub fn start(controller: &Controller, serial: &str) -> Agent {
+        Agent::start_with(controller, AgentOptions::new(serial))
+    }
+
+    /// Prepares the robot's sys-root tree and state directory and starts the
+    /// agent. Nothing is awaited: tests wait for the robot in the API.
+    pub fn start_with(controller: &Controller, opts: AgentOptions) -> Agent {
+        let dir = tempfile::Builder::new()
+            .prefix("kiwi-agent-")
+            .tempdir()
+            .expect("a temp dir for the agent");
+        let sys_root = dir.path().join("sys-root");
+        let state_dir = dir.path().join("state");
+        std::fs::create_dir_all(&state_dir).expect("create the agent state dir");
+        prepare_lekiwi_sys_root(&sys_root, &opts.serial, &opts.hostname);
+        let mut agent = Agent {
+            robot_id: robot_id_for_serial(&opts.serial),
+            controller_arg: controller.agent_controller_arg(),
+            opts,
+            proc: None,
+            sys_root,
+            state_dir,
+            log: dir.path().join("agent.log"),
+            dir,
+        };
+        agent.start_again();
+        agent
+    }
+
+    /// The id the controller must give this robot.
+    pub fn robot_id(&self) -> Uuid {
+        self.robot_id
+    }
+
+    pub fn hostname(&self) -> &str {
+        &self.opts.hostname
+    }
+
+    pub fn serial(&self) -> &str {
+        &self.opts.serial
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    pub fn sys_root(&self) -> &Path {
+        &self.sys_root
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&mut self) -> bool {
+        self.proc.as_mut().is_some_and(Proc::is_running)
+    }
+
+    /// Kills the agent with SIGKILL: it cannot say goodbye.
+    pub fn kill(&mut self) {
+        let mut proc = self.proc.take().expect("the agent is not running");
+        proc.kill_and_reap();
+    }
+
+    /// Freezes the agent (SIGSTOP): its connection stays open but it says
+    /// nothing, as a hung robot or a dead Wi-Fi link would.
+    pub fn pause(&mut self) {
+        self.proc
+            .as_mut()
+            .expect("the agent is not running")
+            .signal(libc::SIGSTOP);
+    }
+
+    /// Lets a paused agent run again (SIGCONT).
+    pub fn resume(&mut self) {
+        self.proc
+            .as_mut()
+            .expect("the agent is not running")
+            .signal(libc::SIGCONT);
+    }
+
+    /// Stops the agent with SIGTERM and asserts a clean exit (status 0).
+    pub async fn stop(&mut self) {
+        let mut proc = self.proc.take().expect("the agent is not running");
+        proc.signal(libc::SIGTERM);
+        let status = proc.wait_exit(STOP_TIMEOUT).await.unwrap_or_else(|| {
+            panic!(
+                "kiwi-agent did not exit within {STOP_TIMEOUT:?} of SIGTERM; log tail:\n{}",
+                process::log_tail(&self.log, 40)
+            )
+        });
+        assert!(
+            status.success(),
+            "kiwi-agent exited with {status} after SIGTERM (expected 0); log tail:\n{}",
+            process::log_tail(&self.log, 40)
+        );
+    }
+
+    /// Starts the agent again with the same sys-root and state directory.
+    pub fn start_again(&mut self) {
+        assert!(self.proc.is_none(), "the agent is already running");
+        let mut command = Command::new(process::binary("kiwi-agent"));
+        command
+            .arg("run")
+            .arg("--controller")
+            .arg(&self.controller_arg)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--sys-root")
+            .arg(&self.sys_root);
+        command.envs(self.opts.env.iter().map(|(k, v)| (k, v)));
+        self.proc = Some(Proc::spawn("kiwi-agent", command, &self.log));
+    }
+
+    /// SIGTERM, wait for a clean exit, start again.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.start_again();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            proc.kill_and_reap();
+        }
+        process::report_log_on_panic(
+            &format!("kiwi-agent log of {}", self.opts.hostname),
+            &self.log,
+        );
+    }
+}
+
+/// Writes the files a LeKiwi on a Raspberry Pi 5 shows its agent: the board
+/// serial in `proc/cpuinfo`, a hostname, one motor bus (`dev/ttyACM0`), and
+/// plausible telemetry sources.
+pub fn prepare_lekiwi_sys_root(root: &Path, serial: &str, hostname: &str) {
+    write_file(
+        &root.join("proc/cpuinfo"),
+        &format!(
+            "processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\n\
+             CPU implementer\t: 0x41\n\nHardware\t: BCM2835\nRevision\t: d04170\n\
+             Serial\t\t: {serial}\nModel\t\t: Raspberry Pi 5 Model B Rev 1.0\n"
+        ),
+    );
+    write_file(&root.join("etc/hostname"), &format!("{hostname}\n"));
+    write_file(&root.join("dev/ttyACM0"), "");
+    write_file(
+        &root.join("etc/os-release"),
+        "PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nNAME=\"Debian GNU/Linux\"\n\
+         VERSION_ID=\"12\"\nID=debian\n",
+    );
+    write_file(&root.join("proc/loadavg"), "0.12 0.08 0.05 1/187 4242\n");
+    write_file(
+        &root.join("proc/meminfo"),
+        "MemTotal:        8245384 kB\nMemFree:         6123456 kB\nMemAvailable:    7012345 kB\n",
+    );
+    write_file(&root.join("proc/uptime"), "12345.67 45678.90\n");
+    write_file(
+        &root.join("sys/class/thermal/thermal_zone0/temp"),
+        "48500\n",
+    );
+}
+
+/// A `kiwi-agent simulate` process: `count` virtual robots.
+#[derive(Debug)]
+pub struct Simulator {
+    count: usize,
+    prefix: String,
+    proc: Option<Proc>,
+    log: PathBuf,
+    dir: TempDir,
+}
+
+impl Simulator {
+    /// The default id prefix of simulated robots.
+    pub const DEFAULT_PREFIX: &'static str = "sim";
+
+    /// Starts `count` virtual agents against `controller`.
+    pub fn start(controller: &Controller, count: usize) -> Simulator {
+        Simulator::start_with_prefix(controller, count, Self::DEFAULT_PREFIX)
+    }
+
+    /// Starts `count` virtual agents whose ids derive from `prefix`.
+    pub fn start_with_prefix(controller: &Controller, count: usize, prefix: &str) -> Simulator {
+        let dir = tempfile::Builder::new()
+            .prefix("kiwi-simulate-")
+            .tempdir()
+            .expect("a temp dir for the simulator");
+        let state_dir = dir.path().join("state");
+        std::fs::create_dir_all(&state_dir).expect("create the simulator state dir");
+        let log = dir.path().join("simulate.log");
+        let mut command = Command::new(process::binary("kiwi-agent"));
+        command
+            .arg("simulate")
+            .arg("--count")
+            .arg(count.to_string())
+            .arg("--controller")
+            .arg(controller.agent_controller_arg())
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .arg("--id-prefix")
+            .arg(prefix);
+        let proc = Proc::spawn("kiwi-agent simulate", command, &log);
+        Simulator {
+            count,
+            prefix: prefix.to_string(),
+            proc: Some(proc),
+            log,
+            dir,
+        }
+    }
+
+    /// The ids of the simulated robots, in index order.
+    pub fn robot_ids(&self) -> Vec<Uuid> {
+        (0..self.count)
+            .map(|i| simulated_robot_id(&self.prefix, i))
+            .collect()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.proc.as_mut().is_some_and(Proc::is_running)
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Stops the simulator with SIGTERM within a deadline.
+    pub async fn stop(&mut self, timeout: Duration) {
+        let mut proc = self.proc.take().expect("the simulator is not running");
+        proc.signal(libc::SIGTERM);
+        let status = proc.wait_exit(timeout).await;
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "kiwi-agent simulate did not exit cleanly within {timeout:?} of SIGTERM ({status:?})"
+        );
+    }
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            proc.kill_and_reap();
+        }
+        process::report_log_on_panic("kiwi-agent simulate log", &self.log);
+    }
+}
