@@ -31,24 +31,41 @@ fn json_response(body: Vec<u8>) -> Response {
 
 /// Writes one robot as API JSON: its cached row plus what only the live
 /// session knows (`connected`, `last_seen`), without re-serialising the row.
+/// This runs once per robot of a list, so it avoids allocating.
 fn write_robot(out: &mut Vec<u8>, entry: &Entry, sessions: &SessionRegistry) {
-    let session = sessions.get(&entry.robot.robot_id);
+    let live = sessions.last_seen_ms(&entry.robot.robot_id);
     out.extend_from_slice(b"{\"connected\":");
-    out.extend_from_slice(if session.is_some() { b"true" } else { b"false" });
+    out.extend_from_slice(if live.is_some() { b"true" } else { b"false" });
     out.extend_from_slice(b",\"last_seen\":");
-    let last_seen = session
-        .and_then(|s| Utc.timestamp_millis_opt(s.last_seen_ms()).single())
-        .or(entry.robot.last_heartbeat);
-    match last_seen {
-        Some(t) => {
-            // A timestamp always serialises.
-            let _ = serde_json::to_writer(&mut *out, &t);
-        }
+    let last_seen = live.or_else(|| entry.robot.last_heartbeat.map(|t| t.timestamp_millis()));
+    match last_seen.and_then(|ms| Utc.timestamp_millis_opt(ms).single()) {
+        Some(t) => write_rfc3339_millis(out, t),
         None => out.extend_from_slice(b"null"),
     }
     // The cached JSON is an object: splice its members after ours.
     out.push(b',');
     out.extend_from_slice(&entry.json[1..]);
+}
+
+/// `"2026-11-28T00:48:01.123Z"`, written directly (chrono's general
+/// formatter costs more than the rest of a list row).
+fn write_rfc3339_millis(out: &mut Vec<u8>, t: chrono::DateTime<Utc>) {
+    use chrono::{Datelike, Timelike};
+    let mut buf = *b"\"0000-00-00T00:00:00.000Z\"";
+    let mut put = |at: usize, width: usize, mut v: u32| {
+        for i in (at..at + width).rev() {
+            buf[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(1, 4, u32::try_from(t.year()).unwrap_or(0).min(9999));
+    put(6, 2, t.month());
+    put(9, 2, t.day());
+    put(12, 2, t.hour());
+    put(15, 2, t.minute());
+    put(18, 2, t.second());
+    put(21, 3, t.timestamp_subsec_millis().min(999));
+    out.extend_from_slice(&buf);
 }
 
 fn robot_response(entry: &Entry, sessions: &SessionRegistry) -> Response {
@@ -419,4 +436,28 @@ pub async fn system_metrics(State(s): State<AppState>) -> Result<Response, Probl
         "uptime_seconds": s.started.elapsed().as_secs(),
     }))
     .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_timestamps_match_chrono() {
+        for ms in [
+            0i64,
+            1_764_290_881_123,
+            1_764_290_881_007,
+            253_402_300_799_999,
+        ] {
+            let t = Utc.timestamp_millis_opt(ms).single().unwrap();
+            let mut out = Vec::new();
+            write_rfc3339_millis(&mut out, t);
+            let expected = format!(
+                "\"{}\"",
+                t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            );
+            assert_eq!(String::from_utf8(out).unwrap(), expected);
+        }
+    }
 }

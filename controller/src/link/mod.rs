@@ -1,5 +1,6 @@
-//! The agent endpoint: a WebSocket at `/agent` on the agent port, one
-//! protocol frame per binary message.
+//! The agent endpoint: the protocol logic of one agent connection, over any
+//! [`transport::AgentTransport`] (this build: [`websocket`], a WebSocket at
+//! `/agent` on the agent port, one frame per binary message).
 //!
 //! A connection must open with a `Hello`; the controller negotiates the
 //! version (or refuses with the versions it speaks), records the robot's
@@ -9,17 +10,15 @@
 //! count in `agent_frames_rejected_total`.
 
 pub mod session;
+pub mod transport;
+pub mod websocket;
+
+pub use websocket::serve;
 
 use crate::domain::Input;
 use crate::domain::event::IdentityFacts;
 use crate::fleet::{Context, Fleet, FleetError};
 use crate::metrics::{Metrics, ReasonLabels};
-use axum::Router;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, State};
-use axum::response::Response;
-use axum::routing::get;
-use hyper_util::rt::TokioIo;
 use kiwi_protocol::frame;
 use kiwi_protocol::identity::format_mac;
 use kiwi_protocol::message::{
@@ -31,11 +30,9 @@ use session::{Session, now_ms};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tower::ServiceExt;
+use transport::{AgentTransport, Incoming, TransportError};
 
 /// Settings of the agent endpoint.
 #[derive(Debug, Clone)]
@@ -60,88 +57,6 @@ pub struct LinkState {
 /// Outbound messages queued per agent before commands are refused.
 const OUTBOUND_QUEUE: usize = 64;
 
-/// WebSocket buffers: explicit and small, so that thousands of idle agents
-/// cost little memory (tungstenite's defaults are 128 KiB each).
-const WS_BUFFER: usize = 4 * 1024;
-
-pub fn router(state: Arc<LinkState>) -> Router {
-    Router::new()
-        .route("/agent", get(upgrade))
-        .with_state(state)
-}
-
-/// Accepts agent connections until `state.shutdown`. Each TCP connection is
-/// served by hyper directly (rather than `axum::serve`) so that a peer that
-/// does not even speak HTTP is noticed, logged and counted like any other
-/// bad frame.
-pub async fn serve(listener: TcpListener, state: Arc<LinkState>) {
-    let app = router(state.clone());
-    let connections = TaskTracker::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = state.shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors or similar: back off briefly
-                    // instead of spinning.
-                    tracing::warn!(error = %e, "accepting an agent connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let metrics = state.metrics.clone();
-        connections.spawn(async move {
-            let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ConnectInfo(peer));
-                app.clone().oneshot(req)
-            });
-            let served = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .max_buf_size(16 * 1024)
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades()
-                .await;
-            if let Err(e) = served {
-                if e.is_parse() || e.is_parse_too_large() || e.is_timeout() {
-                    let reason = if e.is_timeout() { "handshake_timeout" } else { "not_http" };
-                    metrics.frame_rejected(reason);
-                    tracing::warn!(%peer, reason, error = %e, "agent port: refused a connection that is not a WebSocket handshake");
-                } else {
-                    tracing::debug!(%peer, error = %e, "agent connection ended with an error");
-                }
-            }
-        });
-    }
-    connections.close();
-}
-
-async fn upgrade(
-    ws: WebSocketUpgrade,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    State(state): State<Arc<LinkState>>,
-) -> Response {
-    let max = state.config.max_frame;
-    ws.max_message_size(max)
-        .max_frame_size(max)
-        .read_buffer_size(WS_BUFFER)
-        .write_buffer_size(WS_BUFFER)
-        .max_write_buffer_size(max + WS_BUFFER)
-        .on_upgrade(move |socket| async move {
-            Connection {
-                state,
-                peer,
-                socket,
-            }
-            .run()
-            .await
-        })
-}
-
 /// How a connection ended.
 enum End {
     /// The agent said goodbye (with its planned downtime, if any).
@@ -153,14 +68,25 @@ enum End {
     Lost(String),
 }
 
-struct Connection {
+/// One agent connection, from `Hello` to its end.
+#[derive(Debug)]
+pub struct Connection<T> {
     state: Arc<LinkState>,
     peer: SocketAddr,
-    socket: WebSocket,
+    transport: T,
 }
 
-impl Connection {
-    async fn run(mut self) {
+impl<T: AgentTransport> Connection<T> {
+    pub fn new(state: Arc<LinkState>, transport: T) -> Self {
+        Connection {
+            peer: transport.peer(),
+            state,
+            transport,
+        }
+    }
+
+    /// Serves the connection until it ends.
+    pub async fn run(mut self) {
         let Some((hello, version)) = self.handshake().await else {
             return;
         };
@@ -180,7 +106,7 @@ impl Connection {
             Err(reason) => End::Lost(reason),
         };
         self.state.metrics.agent_connections.dec();
-        let _ = self.socket.send(Message::Close(None)).await;
+        self.transport.close().await;
         if !sessions.remove_if_current(&robot_id, session.session_id)
             || self.state.shutdown.is_cancelled()
         {
@@ -218,7 +144,7 @@ impl Connection {
     async fn refuse(&mut self, reason: &str, detail: &str) {
         self.state.metrics.frame_rejected(reason);
         tracing::warn!(peer = %self.peer, reason, detail, "agent frame refused; closing the connection");
-        let _ = self.socket.send(Message::Close(None)).await;
+        self.transport.close().await;
     }
 
     async fn send_frame(
@@ -228,8 +154,8 @@ impl Connection {
     ) -> Result<(), String> {
         let bytes = frame::encode_frame(version, msg, self.state.config.max_frame)
             .map_err(|e| e.to_string())?;
-        self.socket
-            .send(Message::Binary(bytes.into()))
+        self.transport
+            .send(bytes)
             .await
             .map_err(|e| format!("send failed: {e}"))
     }
@@ -240,30 +166,28 @@ impl Connection {
             retry_after_ms: retry_after.map(|d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX)),
         });
         let _ = self.send_frame(version::HANDSHAKE, &msg).await;
-        let _ = self.socket.send(Message::Close(None)).await;
+        self.transport.close().await;
     }
 
     /// Reads the `Hello` and negotiates a version; `None` when the
     /// connection was refused (already answered and counted).
     async fn handshake(&mut self) -> Option<(Hello, ProtocolVersion)> {
         let first =
-            tokio::time::timeout(self.state.config.handshake_timeout, self.socket.recv()).await;
+            tokio::time::timeout(self.state.config.handshake_timeout, self.transport.recv()).await;
         let bytes = match first {
             Err(_) => {
                 self.refuse("handshake_timeout", "no Hello in time").await;
                 return None;
             }
-            Ok(None) => return None,
-            Ok(Some(Err(e))) => {
-                if let Some(reason) = refused_by_websocket(&e) {
-                    self.refuse(reason, &e.to_string()).await;
-                }
+            Ok(Ok(Incoming::Frame(b))) => b,
+            Ok(Ok(Incoming::Closed)) | Ok(Err(TransportError::Failed(_))) => return None,
+            Ok(Ok(Incoming::Alive)) => {
+                self.refuse("protocol_violation", "expected a Hello frame")
+                    .await;
                 return None;
             }
-            Ok(Some(Ok(Message::Binary(b)))) => b,
-            Ok(Some(Ok(_))) => {
-                self.refuse("not_binary", "expected a binary Hello frame")
-                    .await;
+            Ok(Err(TransportError::Refused { reason, detail })) => {
+                self.refuse(reason, &detail).await;
                 return None;
             }
         };
@@ -362,28 +286,21 @@ impl Connection {
                 }
                 Some(msg) = outbound.recv() => self.send_frame(version, &msg).await?,
                 _ = ping.tick() => {
-                    // Lets the agent see a live controller between acks.
-                    self.socket.send(Message::Ping(Default::default())).await.map_err(|e| e.to_string())?;
+                    self.transport.keepalive().await.map_err(|e| e.to_string())?;
                 }
-                incoming = self.socket.recv() => {
+                incoming = self.transport.recv() => {
                     let bytes = match incoming {
-                        None => return Ok(End::Lost("connection closed".into())),
-                        Some(Err(e)) => {
-                            if let Some(reason) = refused_by_websocket(&e) {
-                                self.refuse(reason, &e.to_string()).await;
-                            }
-                            return Ok(End::Lost(format!("connection error: {e}")));
-                        }
-                        Some(Ok(Message::Close(_))) => return Ok(End::Lost("connection closed by the agent".into())),
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
+                        Ok(Incoming::Closed) => return Ok(End::Lost("connection closed by the agent".into())),
+                        Ok(Incoming::Alive) => {
                             session.touch(now_ms());
                             continue;
                         }
-                        Some(Ok(Message::Text(_))) => {
-                            self.refuse("not_binary", "text message").await;
-                            return Ok(End::Lost("protocol violation: text message".into()));
+                        Ok(Incoming::Frame(b)) => b,
+                        Err(TransportError::Failed(e)) => return Ok(End::Lost(format!("connection error: {e}"))),
+                        Err(TransportError::Refused { reason, detail }) => {
+                            self.refuse(reason, &detail).await;
+                            return Ok(End::Lost(format!("bad input: {detail}")));
                         }
-                        Some(Ok(Message::Binary(b))) => b,
                     };
                     session.touch(now_ms());
                     let msg = match frame::decode_frame::<AgentMessage>(&bytes, self.state.config.max_frame) {
@@ -471,19 +388,6 @@ impl Connection {
     }
 }
 
-/// The WebSocket layer enforces the frame cap itself (so that an oversized
-/// message is never buffered whole); its refusals are bad frames like any
-/// other. `None` for errors that are not the peer's fault (a reset socket).
-fn refused_by_websocket(e: &axum::Error) -> Option<&'static str> {
-    use tokio_tungstenite::tungstenite::Error as WsError;
-    let source = std::error::Error::source(e)?;
-    match source.downcast_ref::<WsError>()? {
-        WsError::Capacity(_) => Some("too_large"),
-        WsError::Protocol(_) | WsError::Utf8(_) => Some("websocket_protocol"),
-        _ => None,
-    }
-}
-
 fn message_name(m: &AgentMessage) -> &'static str {
     match m {
         AgentMessage::Hello(_) => "Hello",
@@ -528,5 +432,200 @@ fn facts(id: &Identity, peer: SocketAddr) -> IdentityFacts {
         agent_version: Some(id.agent_version.clone()),
         hardware_id: id.hardware_id.canonical(),
         mac_addresses: id.mac_addresses.iter().map(format_mac).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The connection logic over an in-memory transport (a pair of channels),
+    //! apart from any socket; the WebSocket path is covered end to end by the
+    //! cross-crate tests.
+
+    use super::*;
+    use crate::config::Config;
+    use crate::serve::Components;
+    use kiwi_protocol::message::{
+        AgentHealth, HealthStatus, Heartbeat, Report, Telemetry, WorkloadState,
+    };
+    use kiwi_protocol::{HardwareId, RobotType};
+
+    #[derive(Debug)]
+    struct Channels {
+        from_agent: mpsc::Receiver<Incoming>,
+        to_agent: mpsc::Sender<Vec<u8>>,
+    }
+
+    impl AgentTransport for Channels {
+        async fn recv(&mut self) -> Result<Incoming, TransportError> {
+            Ok(self.from_agent.recv().await.unwrap_or(Incoming::Closed))
+        }
+        async fn send(&mut self, frame: Vec<u8>) -> Result<(), TransportError> {
+            self.to_agent
+                .send(frame)
+                .await
+                .map_err(|e| TransportError::Failed(e.to_string()))
+        }
+        async fn keepalive(&mut self) -> Result<(), TransportError> {
+            Ok(())
+        }
+        async fn close(&mut self) {}
+        fn peer(&self) -> SocketAddr {
+            SocketAddr::from(([127, 0, 0, 9], 4000))
+        }
+    }
+
+    struct Peer {
+        tx: mpsc::Sender<Incoming>,
+        rx: mpsc::Receiver<Vec<u8>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Peer {
+        async fn send(&self, msg: &AgentMessage) {
+            let f = frame::encode_frame(version::CURRENT, msg, frame::DEFAULT_MAX_FRAME).unwrap();
+            self.tx.send(Incoming::Frame(f)).await.unwrap();
+        }
+        async fn next(&mut self) -> ControllerMessage {
+            let f = tokio::time::timeout(Duration::from_secs(5), self.rx.recv())
+                .await
+                .expect("an answer in time")
+                .expect("connection open");
+            frame::decode_frame::<ControllerMessage>(&f, frame::DEFAULT_MAX_FRAME)
+                .unwrap()
+                .1
+        }
+    }
+
+    async fn components(dir: &std::path::Path) -> Components {
+        let config = Config {
+            state_dir: dir.to_path_buf(),
+            auto_provision: false,
+            ..Config::default()
+        };
+        Components::build(config, CancellationToken::new())
+            .await
+            .unwrap()
+    }
+
+    fn connect(c: &Components) -> Peer {
+        let (tx, from_agent) = mpsc::channel(16);
+        let (to_agent, rx) = mpsc::channel(16);
+        let conn = Connection::new(
+            c.link_state(),
+            Channels {
+                from_agent,
+                to_agent,
+            },
+        );
+        Peer {
+            tx,
+            rx,
+            task: tokio::spawn(conn.run()),
+        }
+    }
+
+    fn hello(name: &str) -> AgentMessage {
+        let hardware_id = HardwareId::Configured(name.into());
+        AgentMessage::Hello(Hello {
+            identity: Identity {
+                robot_id: RobotId::from_hardware(&hardware_id),
+                hardware_id,
+                hostname: name.into(),
+                robot_type: RobotType::Lekiwi,
+                model: None,
+                os_version: None,
+                agent_version: "test".into(),
+                mac_addresses: vec![],
+                ip_addresses: vec![],
+            },
+            versions: version::SUPPORTED.to_vec(),
+            last_acked_seq: 0,
+        })
+    }
+
+    fn report(seq: u64) -> AgentMessage {
+        AgentMessage::Report(Report {
+            seq,
+            time_ms: 1,
+            health: AgentHealth {
+                status: HealthStatus::Healthy,
+                reasons: vec![],
+            },
+            workload: WorkloadState::Running,
+            maintenance: false,
+            telemetry: Telemetry::default(),
+        })
+    }
+
+    #[tokio::test]
+    async fn handshake_reports_and_acks() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = components(dir.path()).await;
+        let mut peer = connect(&c);
+        peer.send(&hello("link-test")).await;
+        let ControllerMessage::Welcome(w) = peer.next().await else {
+            panic!("expected Welcome");
+        };
+        assert_eq!(w.version, version::CURRENT);
+        assert_eq!(w.heartbeat_interval_ms, 1000);
+        let id = RobotId::from_hardware(&HardwareId::Configured("link-test".into()));
+        assert!(c.sessions.is_connected(&id));
+        peer.send(&AgentMessage::Heartbeat(Heartbeat { time_ms: 1 }))
+            .await;
+        peer.send(&report(1)).await;
+        assert_eq!(peer.next().await, ControllerMessage::Ack(Ack { seq: 1 }));
+        // A resent report is acknowledged again and stored once.
+        peer.send(&report(1)).await;
+        assert_eq!(peer.next().await, ControllerMessage::Ack(Ack { seq: 1 }));
+        peer.send(&report(2)).await;
+        assert_eq!(peer.next().await, ControllerMessage::Ack(Ack { seq: 2 }));
+        let stored = c.store.reports(id, 0, 10).await.unwrap();
+        assert_eq!(stored.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2]);
+
+        // The agent closes: it was discovered (no auto-provision), so its
+        // health, not its state, records the loss.
+        peer.tx.send(Incoming::Closed).await.unwrap();
+        peer.task.await.unwrap();
+        assert!(!c.sessions.is_connected(&id));
+        let robot = c.fleet.robot(id).await.unwrap().unwrap();
+        assert_eq!(robot.robot.health.status, HealthStatus::Unreachable);
+    }
+
+    #[tokio::test]
+    async fn bad_input_is_refused_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = components(dir.path()).await;
+
+        let peer = connect(&c);
+        peer.tx
+            .send(Incoming::Frame(b"KIWX\x01\x00junk".to_vec()))
+            .await
+            .unwrap();
+        peer.task.await.unwrap();
+
+        let mut peer = connect(&c);
+        peer.send(&report(1)).await;
+        assert!(matches!(
+            peer.next().await,
+            ControllerMessage::Reject(Reject {
+                reason: RejectReason::ProtocolViolation { .. },
+                ..
+            })
+        ));
+        peer.task.await.unwrap();
+
+        let peer = connect(&c);
+        peer.tx
+            .send(Incoming::Frame(vec![0; frame::DEFAULT_MAX_FRAME + 1]))
+            .await
+            .unwrap();
+        peer.task.await.unwrap();
+
+        let text = c.metrics.encode();
+        for reason in ["bad_magic", "protocol_violation", "too_large"] {
+            let line = format!("agent_frames_rejected_total{{reason=\"{reason}\"}} 1");
+            assert!(text.contains(&line), "{line} missing from\n{text}");
+        }
+        assert!(c.cache.is_empty(), "no robot was recorded from bad input");
     }
 }

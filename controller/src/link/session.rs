@@ -173,6 +173,11 @@ impl SessionRegistry {
         self.map().get(robot_id).cloned()
     }
 
+    /// When the robot's agent was last heard from, if it is connected.
+    pub fn last_seen_ms(&self, robot_id: &RobotId) -> Option<i64> {
+        self.map().get(robot_id).map(Session::last_seen_ms)
+    }
+
     pub fn is_connected(&self, robot_id: &RobotId) -> bool {
         self.map().contains_key(robot_id)
     }

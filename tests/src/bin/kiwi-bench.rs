@@ -1,0 +1,1196 @@
+//! `kiwi-bench`: the performance figures of BRIEF §8 that one machine can
+//! show, each measured against a baseline taken in the same run (samples of
+//! the two are interleaved, so both see the same machine), written as a
+//! Markdown table to `BENCHMARKS.md`.
+//!
+//! ```text
+//! cargo build --release -p kiwi-agent -p kiwi-controller -p kiwi-tests --bins
+//! cargo run --release -p kiwi-tests --bin kiwi-bench [-- --out FILE] [--quick]
+//! ```
+//!
+//! 1. Agent start → robot visible in the API: real `kiwi-controller` and
+//!    `kiwi-agent` processes (found next to this executable) on loopback.
+//!    Baseline: spawn → exit of `kiwi-agent --version`, the floor of
+//!    starting that process at all.
+//! 2. `GET /api/v2/robots/{id}` server side: the real API router, built as
+//!    `serve` builds it, driven in-process with `tower::ServiceExt::oneshot`.
+//!    Baseline: `GET /healthz` through the same router. The same pair over
+//!    a kept-alive loopback HTTP connection is reported for context.
+//! 3. `GET /api/v2/robots?limit=10000` over 10,000 robots created through
+//!    the fleet. Baseline: `serde_json::to_vec` of the same 10,000 rows.
+//! 4. Change → watch client: maintenance start/end through the HTTP API
+//!    while one client follows `/api/v2/watch`; from sending the POST to
+//!    the event arriving. Baseline: the POST's own response latency (the
+//!    durable append it waits for).
+//!
+//! `--quick` shrinks the sample counts (a smoke run for CI; figures from it
+//! are not meant to be kept). Every loop is bounded in count and in time.
+
+use std::fmt::Write as _;
+use std::future::IntoFuture as _;
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use futures_util::StreamExt as _;
+use kiwi_controller::config::Config;
+use kiwi_controller::domain::decide::CommandIntent;
+use kiwi_controller::domain::event::IdentityFacts;
+use kiwi_controller::domain::{Input, Robot};
+use kiwi_controller::fleet::{Context, Fleet};
+use kiwi_controller::serve::Components;
+use kiwi_protocol::message::{
+    AgentHealth, HealthStatus, NetCounters, Report, Telemetry, WorkloadState,
+};
+use kiwi_protocol::{HardwareId, RobotId};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt as _;
+
+const USAGE: &str = "usage: kiwi-bench [--out FILE] [--quick]\n\
+    \n  --out FILE  where to write the Markdown table (default: BENCHMARKS.md at the workspace root)\
+    \n  --quick     few samples: checks the benchmark still works (CI smoke run)\n";
+
+/// How long one agent may take to appear before the run is abandoned.
+const AGENT_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the controller process may take to answer `/readyz`.
+const CONTROLLER_READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long one watch event may take before the run is abandoned.
+const WATCH_EVENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The poll interval of "is the robot visible yet".
+const VISIBLE_POLL: Duration = Duration::from_millis(1);
+/// Robots created concurrently through the fleet (they meet in group commit).
+const CREATE_CONCURRENCY: usize = 512;
+
+#[derive(Debug)]
+struct Args {
+    out: PathBuf,
+    quick: bool,
+}
+
+fn parse_args() -> Result<Option<Args>> {
+    let mut out = None;
+    let mut quick = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--out" => {
+                out = Some(PathBuf::from(
+                    args.next()
+                        .ok_or_else(|| anyhow!("--out needs a file name"))?,
+                ))
+            }
+            "-h" | "--help" => return Ok(None),
+            other => match other.strip_prefix("--out=") {
+                Some(path) => out = Some(PathBuf::from(path)),
+                None => bail!("unknown argument {other:?}"),
+            },
+        }
+    }
+    let out = out.unwrap_or_else(|| workspace_root().join("BENCHMARKS.md"));
+    Ok(Some(Args { out, quick }))
+}
+
+/// The workspace this binary was built from.
+fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// Sample counts and time budgets of one run.
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    agent_starts: usize,
+    get_one: usize,
+    get_one_http: usize,
+    fleet_robots: usize,
+    list_samples: usize,
+    watch_changes: usize,
+    /// The most time one measurement loop may take.
+    budget: Duration,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Sizes {
+        if quick {
+            Sizes {
+                agent_starts: 5,
+                get_one: 2_000,
+                get_one_http: 500,
+                fleet_robots: 10_000,
+                list_samples: 20,
+                watch_changes: 20,
+                budget: Duration::from_secs(10),
+            }
+        } else {
+            Sizes {
+                agent_starts: 30,
+                get_one: 20_000,
+                get_one_http: 5_000,
+                fleet_robots: 10_000,
+                list_samples: 200,
+                watch_changes: 200,
+                budget: Duration::from_secs(90),
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprint!("kiwi-bench: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kiwi-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(&args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kiwi-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: &Args) -> Result<()> {
+    let sizes = Sizes::new(args.quick);
+    let started = Instant::now();
+    let work = tempfile::Builder::new()
+        .prefix("kiwi-bench-")
+        .tempdir()
+        .context("cannot create a work directory")?;
+    let mut rows = Vec::new();
+
+    progress("1/4 agent start -> robot visible in the API (real processes)");
+    rows.push(agent_start(&sizes, &work.path().join("agent-start")).await?);
+
+    progress(&format!(
+        "creating {} robots through the fleet (in-process controller)",
+        sizes.fleet_robots
+    ));
+    let ctl = InProcess::start(&work.path().join("in-process")).await?;
+    let t = Instant::now();
+    let ids = create_robots(&ctl.fleet, sizes.fleet_robots, sizes.budget).await?;
+    let created_in = t.elapsed();
+    progress(&format!(
+        "  {} robots ready in {}",
+        ids.len(),
+        fmt_duration(created_in)
+    ));
+    let http = ctl.serve_loopback().await?;
+
+    progress("2/4 GET /api/v2/robots/{id}");
+    rows.extend(get_one(&sizes, &ctl, http, &ids).await?);
+
+    progress("3/4 GET /api/v2/robots?limit=10000");
+    rows.push(list_all(&sizes, &ctl).await?);
+
+    progress("4/4 change -> watch client");
+    rows.push(change_to_watch(&sizes, http, ids[0]).await?);
+
+    ctl.shutdown.cancel();
+
+    let md = markdown(args, &sizes, &rows, created_in, started.elapsed());
+    std::fs::write(&args.out, &md)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    print!("{md}");
+    progress(&format!(
+        "wrote {} in {}",
+        args.out.display(),
+        fmt_duration(started.elapsed())
+    ));
+    Ok(())
+}
+
+fn progress(msg: &str) {
+    eprintln!("kiwi-bench: {msg}");
+}
+
+// ---------------------------------------------------------------- figures
+
+/// Percentiles of a set of samples (nearest rank on the sorted samples).
+#[derive(Debug, Clone, Copy)]
+struct Stats {
+    n: usize,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+}
+
+impl Stats {
+    fn of(mut samples: Vec<Duration>) -> Result<Stats> {
+        ensure!(!samples.is_empty(), "no samples");
+        samples.sort_unstable();
+        Ok(Stats {
+            n: samples.len(),
+            p50: percentile(&samples, 50.0),
+            p99: percentile(&samples, 99.0),
+            max: samples[samples.len() - 1],
+        })
+    }
+
+    fn show(&self) -> String {
+        format!(
+            "p50 {} · p99 {} · max {} (n = {})",
+            fmt_duration(self.p50),
+            fmt_duration(self.p99),
+            fmt_duration(self.max),
+            self.n
+        )
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let n = sorted.len();
+    let rank = ((p / 100.0) * n as f64).ceil() as usize;
+    sorted[rank.clamp(1, n) - 1]
+}
+
+fn fmt_duration(d: Duration) -> String {
+    let us = d.as_secs_f64() * 1e6;
+    if us < 10.0 {
+        format!("{us:.2} µs")
+    } else if us < 1_000.0 {
+        format!("{us:.1} µs")
+    } else if us < 1_000_000.0 {
+        format!("{:.2} ms", us / 1e3)
+    } else {
+        format!("{:.2} s", us / 1e6)
+    }
+}
+
+fn ratio(kiwi: Duration, baseline: Duration, which: &str) -> String {
+    let b = baseline.as_secs_f64();
+    if b <= 0.0 {
+        return "—".into();
+    }
+    let r = kiwi.as_secs_f64() / b;
+    if r < 1.0 {
+        format!("{r:.2}× ({which})")
+    } else {
+        format!("{r:.1}× ({which})")
+    }
+}
+
+/// `10000` as `10,000`.
+fn fmt_count(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// One line of the table.
+#[derive(Debug)]
+struct Row {
+    metric: String,
+    kiwi: String,
+    baseline: String,
+    ratio: String,
+    target: String,
+    /// `None`: reported for context, no target.
+    met: Option<bool>,
+    /// Anything worth knowing about how it was measured.
+    note: String,
+}
+
+// ---------------------------------------------------- 1. agent start
+
+#[derive(Debug)]
+struct Binaries {
+    controller: PathBuf,
+    agent: PathBuf,
+}
+
+impl Binaries {
+    /// `kiwi-controller` and `kiwi-agent` next to this executable (the same
+    /// profile's target directory).
+    fn find() -> Result<Binaries> {
+        let exe = std::env::current_exe().context("cannot find this executable")?;
+        let dir = exe
+            .parent()
+            .ok_or_else(|| anyhow!("{} has no directory", exe.display()))?;
+        let controller = dir.join("kiwi-controller");
+        let agent = dir.join("kiwi-agent");
+        for b in [&controller, &agent] {
+            ensure!(
+                b.is_file(),
+                "{} is missing: build the binaries first with \
+                 `cargo build --release -p kiwi-agent -p kiwi-controller -p kiwi-tests --bins`",
+                b.display()
+            );
+        }
+        Ok(Binaries { controller, agent })
+    }
+}
+
+/// A command without inherited kiwi settings, so the run does not depend on
+/// the caller's environment.
+fn clean_command(program: &Path) -> Command {
+    let mut c = Command::new(program);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("KIWI_") {
+            c.env_remove(k);
+        }
+    }
+    c.stdin(Stdio::null()).stdout(Stdio::null());
+    c
+}
+
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A child process that is killed and reaped when dropped.
+#[derive(Debug)]
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A `kiwi-controller serve` process on loopback.
+#[derive(Debug)]
+struct ControllerProcess {
+    api: SocketAddr,
+    agent: SocketAddr,
+    _child: Killed,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(StdTcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl ControllerProcess {
+    async fn start(bin: &Path, dir: &Path, client: &reqwest::Client) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let log = dir.join("controller.log");
+        let mut last_error = anyhow!("not started");
+        // A port probed free may be taken before the controller binds it:
+        // then try other ports.
+        for attempt in 0..3 {
+            let api = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            let agent = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            let state = dir.join(format!("state-{attempt}"));
+            let mut cmd = clean_command(bin);
+            cmd.arg("serve")
+                .arg("--state-dir")
+                .arg(&state)
+                .arg("--api-listen")
+                .arg(api.to_string())
+                .arg("--agent-listen")
+                .arg(agent.to_string())
+                .stderr(std::fs::File::create(&log)?);
+            let mut child = Killed(
+                cmd.spawn()
+                    .with_context(|| format!("cannot start {}", bin.display()))?,
+            );
+            let deadline = Instant::now() + CONTROLLER_READY_TIMEOUT;
+            let ready = format!("http://{api}/readyz");
+            loop {
+                if let Some(status) = child.0.try_wait()? {
+                    last_error = anyhow!(
+                        "kiwi-controller exited before it was ready ({status}); log tail:\n{}",
+                        log_tail(&log, 20)
+                    );
+                    break;
+                }
+                if let Ok(r) = client.get(&ready).send().await
+                    && r.status() == reqwest::StatusCode::OK
+                {
+                    return Ok(ControllerProcess {
+                        api,
+                        agent,
+                        _child: child,
+                    });
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "kiwi-controller not ready within {CONTROLLER_READY_TIMEOUT:?}; log tail:\n{}",
+                        log_tail(&log, 20)
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        Err(last_error)
+    }
+}
+
+/// The robot id of a Pi with this `/proc/cpuinfo` serial.
+fn robot_id_for_serial(serial: &str) -> RobotId {
+    let s = serial.trim().to_ascii_lowercase();
+    RobotId::from_hardware(&HardwareId::PiSerial(s.trim_start_matches('0').to_string()))
+}
+
+fn write_file(path: &Path, text: &str) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// A LeKiwi's Raspberry Pi as the agent sees it under `--sys-root`.
+fn prepare_sys_root(root: &Path, serial: &str, hostname: &str) -> Result<()> {
+    write_file(
+        &root.join("proc/cpuinfo"),
+        &format!(
+            "processor\t: 0\nHardware\t: BCM2835\nRevision\t: d04170\n\
+             Serial\t\t: {serial}\nModel\t\t: Raspberry Pi 5 Model B Rev 1.0\n"
+        ),
+    )?;
+    write_file(&root.join("etc/hostname"), &format!("{hostname}\n"))?;
+    write_file(&root.join("dev/ttyACM0"), "")?;
+    write_file(&root.join("proc/loadavg"), "0.12 0.08 0.05 1/187 4242\n")?;
+    write_file(
+        &root.join("proc/meminfo"),
+        "MemTotal:        8245384 kB\nMemFree:         6123456 kB\nMemAvailable:    7012345 kB\n",
+    )?;
+    write_file(&root.join("proc/uptime"), "12345.67 45678.90\n")?;
+    Ok(())
+}
+
+/// Spawn → exit of `kiwi-agent --version`: what starting the process costs
+/// before it does anything.
+async fn version_floor(agent: &Path) -> Result<Duration> {
+    let mut cmd = clean_command(agent);
+    cmd.arg("--version").stderr(Stdio::null());
+    tokio::task::spawn_blocking(move || {
+        let t0 = Instant::now();
+        let status = cmd.status().context("cannot run kiwi-agent --version")?;
+        let took = t0.elapsed();
+        ensure!(
+            status.success(),
+            "kiwi-agent --version exited with {status}"
+        );
+        Ok(took)
+    })
+    .await?
+}
+
+/// Starts one agent and times spawn → first 200 on its robot.
+async fn one_agent_start(
+    bins: &Binaries,
+    ctl: &ControllerProcess,
+    client: &reqwest::Client,
+    dir: &Path,
+    n: usize,
+) -> Result<Duration> {
+    let serial = format!("10000000beef00{n:02x}");
+    let root = dir.join("sys-root");
+    let state = dir.join("state");
+    prepare_sys_root(&root, &serial, &format!("lekiwi-bench-{n:02}"))?;
+    std::fs::create_dir_all(&state)?;
+    let log = dir.join("agent.log");
+    let url = format!(
+        "http://{}/api/v2/robots/{}",
+        ctl.api,
+        robot_id_for_serial(&serial)
+    );
+    let mut cmd = clean_command(&bins.agent);
+    cmd.arg("run")
+        .arg("--controller")
+        .arg(format!("ws://{}", ctl.agent))
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--sys-root")
+        .arg(&root)
+        .stderr(std::fs::File::create(&log)?);
+
+    let t0 = Instant::now();
+    let mut child = Killed(cmd.spawn().context("cannot start kiwi-agent")?);
+    loop {
+        let resp = client
+            .get(&url)
+            .send()
+            .await
+            .context("GET of the robot failed")?;
+        let status = resp.status();
+        resp.bytes().await?;
+        match status {
+            reqwest::StatusCode::OK => return Ok(t0.elapsed()),
+            reqwest::StatusCode::NOT_FOUND => {}
+            other => bail!("GET {url} answered {other}"),
+        }
+        if let Some(exit) = child.0.try_wait()? {
+            bail!(
+                "kiwi-agent exited ({exit}) before its robot appeared; log tail:\n{}",
+                log_tail(&log, 20)
+            );
+        }
+        if t0.elapsed() > AGENT_START_TIMEOUT {
+            bail!(
+                "robot of agent {n} not visible within {AGENT_START_TIMEOUT:?}; agent log tail:\n{}",
+                log_tail(&log, 20)
+            );
+        }
+        tokio::time::sleep(VISIBLE_POLL).await;
+    }
+}
+
+async fn agent_start(sizes: &Sizes, dir: &Path) -> Result<Row> {
+    let bins = Binaries::find()?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(4)
+        .build()?;
+    let ctl = ControllerProcess::start(&bins.controller, &dir.join("controller"), &client).await?;
+    // Open the kept-alive connection the polls will use.
+    client
+        .get(format!("http://{}/healthz", ctl.api))
+        .send()
+        .await?
+        .bytes()
+        .await?;
+
+    let mut starts = Vec::new();
+    let mut floors = Vec::new();
+    let deadline = Instant::now() + sizes.budget;
+    // Sample 0 warms the page cache and the controller; it is not kept.
+    for n in 0..=sizes.agent_starts {
+        if n > 1 && Instant::now() > deadline {
+            progress("  time budget spent; stopping early");
+            break;
+        }
+        let floor = version_floor(&bins.agent).await?;
+        let start =
+            one_agent_start(&bins, &ctl, &client, &dir.join(format!("agent-{n:02}")), n).await?;
+        if n > 0 {
+            floors.push(floor);
+            starts.push(start);
+            progress(&format!(
+                "  agent {n}: visible after {} (floor {})",
+                fmt_duration(start),
+                fmt_duration(floor)
+            ));
+        }
+        // Let the controller record the killed agent's loss before the next.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let kiwi = Stats::of(starts)?;
+    let base = Stats::of(floors)?;
+    Ok(Row {
+        metric: "Agent start → robot visible in the API".into(),
+        kiwi: kiwi.show(),
+        baseline: format!("`kiwi-agent --version` spawn → exit: {}", base.show()),
+        ratio: ratio(kiwi.p50, base.p50, "p50"),
+        target: "p50 ≤ 50 ms".into(),
+        met: Some(kiwi.p50 <= Duration::from_millis(50)),
+        note: format!(
+            "real processes on loopback; from spawning `kiwi-agent run` to the first 200 of \
+             `GET /api/v2/robots/{{id}}`, polled every {} ms over a kept-alive connection",
+            VISIBLE_POLL.as_millis()
+        ),
+    })
+}
+
+// --------------------------------------------- in-process controller
+
+/// The controller's components as `serve` builds them
+/// (`kiwi_controller::serve::Components`), with its background tasks, but
+/// without the agent endpoint: nothing here has an agent, so liveness gets
+/// a start-up grace longer than the run and discovery runs on demand only.
+#[derive(Debug)]
+struct InProcess {
+    fleet: Fleet,
+    router: Router,
+    shutdown: CancellationToken,
+    _tasks: TaskTracker,
+}
+
+impl InProcess {
+    async fn start(dir: &Path) -> Result<InProcess> {
+        let config = Config {
+            state_dir: dir.to_path_buf(),
+            startup_grace: Duration::from_secs(24 * 3600),
+            discovery_interval: Duration::ZERO,
+            ..Config::default()
+        };
+        let shutdown = CancellationToken::new();
+        let c = Components::build(config, shutdown.clone()).await?;
+        let tasks = TaskTracker::new();
+        c.spawn_background(&tasks);
+        Ok(InProcess {
+            fleet: c.fleet.clone(),
+            router: c.api_router(),
+            shutdown,
+            _tasks: tasks,
+        })
+    }
+
+    /// Serves the same router on a loopback port, as `serve` does.
+    async fn serve_loopback(&self) -> Result<SocketAddr> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(
+            axum::serve(listener, self.router.clone())
+                .with_graceful_shutdown(self.shutdown.clone().cancelled_owned())
+                .into_future(),
+        );
+        Ok(addr)
+    }
+
+    /// One request through the router; the time covers routing, the
+    /// handler and collecting the response body.
+    async fn call(&self, uri: &str) -> Result<(Duration, StatusCode, usize)> {
+        let req = Request::builder().uri(uri).body(Body::empty())?;
+        let svc = self.router.clone();
+        let t0 = Instant::now();
+        let resp = match svc.oneshot(req).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        };
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), usize::MAX).await?;
+        let took = t0.elapsed();
+        Ok((took, status, body.len()))
+    }
+}
+
+fn lekiwi_report(seq: u64) -> Report {
+    Report {
+        seq,
+        time_ms: chrono::Utc::now().timestamp_millis(),
+        health: AgentHealth {
+            status: HealthStatus::Healthy,
+            reasons: Vec::new(),
+        },
+        workload: WorkloadState::Running,
+        maintenance: false,
+        telemetry: Telemetry {
+            load_1m: 0.42,
+            load_5m: 0.31,
+            load_15m: 0.27,
+            memory_total_bytes: 8_443_273_216,
+            memory_available_bytes: 7_180_640_256,
+            disk_total_bytes: 62_534_975_488,
+            disk_available_bytes: 48_318_382_080,
+            temperature_c: Some(48.5),
+            uptime_s: 12_345,
+            network: vec![NetCounters {
+                interface: "wlan0".into(),
+                rx_bytes: 1_234_567_890,
+                tx_bytes: 987_654_321,
+            }],
+        },
+    }
+}
+
+/// One LeKiwi robot as its agent would create it: connected (discovered,
+/// provisioning), provisioned (ready), one report (telemetry in the row).
+async fn create_robot(fleet: Fleet, i: usize) -> Result<RobotId> {
+    let serial = format!("20000000{i:08x}");
+    let hw = HardwareId::PiSerial(serial.trim_start_matches('0').to_string());
+    let id = RobotId::from_hardware(&hw);
+    let facts = IdentityFacts {
+        hostname: format!("lekiwi-{i:05}"),
+        ip_address: Some(format!("10.42.{}.{}", i / 250, i % 250 + 1)),
+        robot_type: "lekiwi".into(),
+        model: Some("Raspberry Pi 5 Model B Rev 1.0".into()),
+        firmware_version: Some("2025-11-05".into()),
+        agent_version: Some(env!("CARGO_PKG_VERSION").into()),
+        hardware_id: hw.canonical(),
+        mac_addresses: vec![format!(
+            "2c:cf:67:{:02x}:{:02x}:{:02x}",
+            (i >> 16) & 0xff,
+            (i >> 8) & 0xff,
+            i & 0xff
+        )],
+    };
+    let ctx = Context::new("agent");
+    fleet
+        .apply(id, Input::AgentConnected { facts }, &ctx)
+        .await?;
+    fleet
+        .apply(
+            id,
+            Input::CommandAnswered {
+                command: CommandIntent::Provision,
+                error: None,
+            },
+            &ctx,
+        )
+        .await?;
+    fleet.report(id, &lekiwi_report(1), &ctx).await?;
+    Ok(id)
+}
+
+async fn create_robots(fleet: &Fleet, count: usize, budget: Duration) -> Result<Vec<RobotId>> {
+    let deadline = Instant::now() + budget.max(Duration::from_secs(60));
+    let mut ids = Vec::with_capacity(count);
+    let mut next = 0;
+    while next < count {
+        ensure!(
+            Instant::now() < deadline,
+            "creating {count} robots took longer than {budget:?}"
+        );
+        let end = (next + CREATE_CONCURRENCY).min(count);
+        let mut set = tokio::task::JoinSet::new();
+        for i in next..end {
+            set.spawn(create_robot(fleet.clone(), i));
+        }
+        while let Some(r) = set.join_next().await {
+            ids.push(r??);
+        }
+        next = end;
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+// ------------------------------------------------ 2. GET one robot
+
+async fn get_one(
+    sizes: &Sizes,
+    ctl: &InProcess,
+    http: SocketAddr,
+    ids: &[RobotId],
+) -> Result<Vec<Row>> {
+    ensure!(!ids.is_empty(), "no robots to read");
+    let uris: Vec<String> = ids
+        .iter()
+        .map(|id| format!("/api/v2/robots/{id}"))
+        .collect();
+    // Spread the reads over the fleet rather than hitting one entry.
+    let pick = |i: usize| &uris[(i * 7_919) % uris.len()];
+
+    // Warm up: allocator, caches, branch predictors.
+    for i in 0..(sizes.get_one / 10).max(100) {
+        ctl.call(pick(i)).await?;
+        ctl.call("/healthz").await?;
+    }
+    let mut robot = Vec::with_capacity(sizes.get_one);
+    let mut health = Vec::with_capacity(sizes.get_one);
+    let mut body_len = 0;
+    let deadline = Instant::now() + sizes.budget;
+    for i in 0..sizes.get_one {
+        if i > 100 && Instant::now() > deadline {
+            progress("  time budget spent; stopping early");
+            break;
+        }
+        let (t, status, _) = ctl.call("/healthz").await?;
+        ensure!(status == StatusCode::OK, "/healthz answered {status}");
+        health.push(t);
+        let (t, status, len_robot) = ctl.call(pick(i)).await?;
+        ensure!(status == StatusCode::OK, "{} answered {status}", pick(i));
+        robot.push(t);
+        body_len = len_robot;
+    }
+    let kiwi = Stats::of(robot)?;
+    let base = Stats::of(health)?;
+    progress(&format!("  in-process: {}", kiwi.show()));
+
+    // The same over a real loopback connection, for context.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .build()?;
+    let get = |path: String| {
+        let client = client.clone();
+        async move {
+            let t0 = Instant::now();
+            let resp = client.get(format!("http://{http}{path}")).send().await?;
+            let status = resp.status();
+            resp.bytes().await?;
+            let took = t0.elapsed();
+            ensure!(
+                status == reqwest::StatusCode::OK,
+                "{path} answered {status}"
+            );
+            Ok::<_, anyhow::Error>(took)
+        }
+    };
+    for i in 0..(sizes.get_one_http / 10).max(50) {
+        get(pick(i).clone()).await?;
+        get("/healthz".into()).await?;
+    }
+    let mut robot_http = Vec::with_capacity(sizes.get_one_http);
+    let mut health_http = Vec::with_capacity(sizes.get_one_http);
+    let deadline = Instant::now() + sizes.budget;
+    for i in 0..sizes.get_one_http {
+        if i > 100 && Instant::now() > deadline {
+            progress("  time budget spent; stopping early");
+            break;
+        }
+        health_http.push(get("/healthz".into()).await?);
+        robot_http.push(get(pick(i).clone()).await?);
+    }
+    let kiwi_http = Stats::of(robot_http)?;
+    let base_http = Stats::of(health_http)?;
+    progress(&format!("  loopback HTTP: {}", kiwi_http.show()));
+
+    Ok(vec![
+        Row {
+            metric: "`GET /api/v2/robots/{id}`, server side".into(),
+            kiwi: kiwi.show(),
+            baseline: format!("`GET /healthz`, same router: {}", base.show()),
+            ratio: ratio(kiwi.p50, base.p50, "p50"),
+            target: "p50 ≤ 200 µs".into(),
+            met: Some(kiwi.p50 <= Duration::from_micros(200)),
+            note: format!(
+                "the real API router (as `serve` builds it) driven in-process with \
+                 `tower::ServiceExt::oneshot`, body collected; reads spread over {} cached \
+                 robots; response ≈ {body_len} bytes",
+                fmt_count(ids.len())
+            ),
+        },
+        Row {
+            metric: "`GET /api/v2/robots/{id}` over loopback HTTP (context)".into(),
+            kiwi: kiwi_http.show(),
+            baseline: format!("`GET /healthz`, same connection: {}", base_http.show()),
+            ratio: ratio(kiwi_http.p50, base_http.p50, "p50"),
+            target: "—".into(),
+            met: None,
+            note: "client round trip on one kept-alive HTTP/1.1 connection (reqwest ↔ axum \
+                   on 127.0.0.1), client and server in one process"
+                .into(),
+        },
+    ])
+}
+
+// ------------------------------------------------- 3. list 10,000
+
+async fn list_all(sizes: &Sizes, ctl: &InProcess) -> Result<Row> {
+    let count = sizes.fleet_robots;
+    let uri = format!("/api/v2/robots?limit={count}");
+    // Check once that the list is what it claims to be.
+    let req = Request::builder().uri(&uri).body(Body::empty())?;
+    let resp = match ctl.router.clone().oneshot(req).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    };
+    ensure!(
+        resp.status() == StatusCode::OK,
+        "{uri} answered {}",
+        resp.status()
+    );
+    let body = axum::body::to_bytes(resp.into_body(), usize::MAX).await?;
+    let v: serde_json::Value = serde_json::from_slice(&body)?;
+    let listed = v["robots"].as_array().map_or(0, Vec::len);
+    ensure!(listed == count, "{uri} listed {listed} robots, not {count}");
+    let body_len = body.len();
+
+    let rows_arc = ctl.fleet.cache().all();
+    let rows: Vec<&Robot> = rows_arc.iter().map(|r| r.as_ref()).collect();
+    ensure!(rows.len() == count, "the cache holds {} robots", rows.len());
+
+    for _ in 0..3 {
+        ctl.call(&uri).await?;
+        std::hint::black_box(serde_json::to_vec(&rows)?);
+    }
+    let mut list = Vec::with_capacity(sizes.list_samples);
+    let mut ser = Vec::with_capacity(sizes.list_samples);
+    let mut ser_len = 0;
+    let deadline = Instant::now() + sizes.budget;
+    for i in 0..sizes.list_samples {
+        if i > 10 && Instant::now() > deadline {
+            progress("  time budget spent; stopping early");
+            break;
+        }
+        let t0 = Instant::now();
+        let json = serde_json::to_vec(&rows)?;
+        ser.push(t0.elapsed());
+        ser_len = std::hint::black_box(json).len();
+        let (t, status, _) = ctl.call(&uri).await?;
+        ensure!(status == StatusCode::OK, "{uri} answered {status}");
+        list.push(t);
+    }
+    let kiwi = Stats::of(list)?;
+    let base = Stats::of(ser)?;
+    progress(&format!("  list: {}", kiwi.show()));
+    Ok(Row {
+        metric: format!(
+            "List {} robots (`GET /api/v2/robots?limit={count}`)",
+            fmt_count(count)
+        ),
+        kiwi: kiwi.show(),
+        baseline: format!(
+            "`serde_json::to_vec` of the same {} rows: {}",
+            fmt_count(count),
+            base.show()
+        ),
+        ratio: ratio(kiwi.p50, base.p50, "p50"),
+        target: "p50 ≤ 5 ms".into(),
+        met: Some(kiwi.p50 <= Duration::from_millis(5)),
+        note: format!(
+            "in-process through the router, body collected; {} ready robots with one \
+             report each, created through the fleet; response {:.1} MiB, plain serialisation \
+             {:.1} MiB",
+            fmt_count(count),
+            body_len as f64 / 1_048_576.0,
+            ser_len as f64 / 1_048_576.0
+        ),
+    })
+}
+
+// ------------------------------------------------ 4. change → watch
+
+/// One server-sent event and when its bytes arrived.
+#[derive(Debug)]
+struct Sse {
+    event: String,
+    data: String,
+    at: Instant,
+}
+
+/// Reads `/api/v2/watch` and forwards every event with its arrival time.
+async fn follow_watch(resp: reqwest::Response, tx: mpsc::UnboundedSender<Sse>) {
+    let mut stream = resp.bytes_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut event = String::new();
+    let mut data = String::new();
+    while let Some(Ok(chunk)) = stream.next().await {
+        let at = Instant::now();
+        buf.extend_from_slice(&chunk);
+        while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+            let raw: Vec<u8> = buf.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&raw);
+            let line = line.trim_end_matches(['\n', '\r']);
+            if line.is_empty() {
+                if !data.is_empty() || !event.is_empty() {
+                    let sse = Sse {
+                        event: std::mem::take(&mut event),
+                        data: std::mem::take(&mut data),
+                        at,
+                    };
+                    if tx.send(sse).is_err() {
+                        return;
+                    }
+                }
+            } else if let Some(v) = line.strip_prefix("event:") {
+                event = v.trim_start().to_string();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                if !data.is_empty() {
+                    data.push('\n');
+                }
+                data.push_str(v.strip_prefix(' ').unwrap_or(v));
+            }
+        }
+    }
+}
+
+async fn change_to_watch(sizes: &Sizes, http: SocketAddr, id: RobotId) -> Result<Row> {
+    let client = reqwest::Client::builder().build()?;
+    let resp = client
+        .get(format!("http://{http}/api/v2/watch"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await?;
+    ensure!(
+        resp.status() == reqwest::StatusCode::OK,
+        "/api/v2/watch answered {}",
+        resp.status()
+    );
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let reader = tokio::spawn(follow_watch(resp, tx));
+    let id_text = id.to_string();
+
+    let mut to_event = Vec::with_capacity(sizes.watch_changes);
+    let mut to_answer = Vec::with_capacity(sizes.watch_changes);
+    let deadline = Instant::now() + sizes.budget;
+    // Four unmeasured changes first (an even number: the robot stays ready).
+    let warm_up = 4;
+    for k in 0..(sizes.watch_changes + warm_up) {
+        if k > warm_up + 10 && k % 2 == 0 && Instant::now() > deadline {
+            progress("  time budget spent; stopping early");
+            break;
+        }
+        let (action, expected) = if k % 2 == 0 {
+            ("maintenance/start", "robot_maintenance_start")
+        } else {
+            ("maintenance/end", "robot_maintenance_end")
+        };
+        let url = format!("http://{http}/api/v2/robots/{id}/{action}");
+        let t0 = Instant::now();
+        let resp = client.post(&url).send().await?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        let answered = t0.elapsed();
+        ensure!(
+            status == reqwest::StatusCode::OK,
+            "POST {url} answered {status}: {text}"
+        );
+        let seen = loop {
+            let wait = WATCH_EVENT_TIMEOUT.saturating_sub(t0.elapsed());
+            let sse = tokio::time::timeout(wait, rx.recv())
+                .await
+                .map_err(|_| anyhow!("no {expected} event within {WATCH_EVENT_TIMEOUT:?}"))?
+                .ok_or_else(|| anyhow!("the watch stream ended"))?;
+            if sse.event != expected {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(&sse.data)?;
+            if v["robot_id"].as_str() == Some(id_text.as_str()) {
+                break sse.at;
+            }
+        };
+        if k >= warm_up {
+            to_event.push(seen.saturating_duration_since(t0));
+            to_answer.push(answered);
+        }
+    }
+    reader.abort();
+    let kiwi = Stats::of(to_event)?;
+    let base = Stats::of(to_answer)?;
+    progress(&format!("  change -> watch: {}", kiwi.show()));
+    Ok(Row {
+        metric: "Change on a robot → watch client".into(),
+        kiwi: kiwi.show(),
+        baseline: format!("the POST's own response (durable append): {}", base.show()),
+        ratio: ratio(kiwi.p99, base.p99, "p99"),
+        target: "p99 ≤ 50 ms".into(),
+        met: Some(kiwi.p99 <= Duration::from_millis(50)),
+        note: "`POST /api/v2/robots/{id}/maintenance/start` and `/end` alternately over loopback \
+               HTTP; from sending the POST to the matching event arriving at one \
+               `/api/v2/watch` client"
+            .into(),
+    })
+}
+
+// ------------------------------------------------------------ report
+
+/// The machine the figures come from.
+fn machine() -> Vec<(&'static str, String)> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        cpuinfo.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim().eq_ignore_ascii_case(name)).then(|| v.trim().to_string())
+        })
+    };
+    let cpu = field("model name")
+        .or_else(|| field("Model"))
+        .or_else(|| field("Hardware"))
+        .unwrap_or_else(|| "unknown".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines().find_map(|l| {
+                let kb: f64 = l
+                    .strip_prefix("MemTotal:")?
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .ok()?;
+                Some(format!("{:.1} GiB", kb / 1_048_576.0))
+            })
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| format!("Linux {}", s.trim()))
+        .unwrap_or_else(|_| "unknown".into());
+    let rustc = Command::new("rustc")
+        .arg("--version")
+        .current_dir(workspace_root())
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    vec![
+        ("CPU", cpu),
+        ("Cores (nproc)", cores.to_string()),
+        ("Memory", memory),
+        ("Kernel", kernel),
+        ("rustc", rustc),
+        (
+            "Date",
+            chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
+        ),
+    ]
+}
+
+fn markdown(
+    args: &Args,
+    sizes: &Sizes,
+    rows: &[Row],
+    created_in: Duration,
+    total: Duration,
+) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# Benchmarks\n");
+    let _ = writeln!(
+        md,
+        "Written by `kiwi-bench` (`cargo run --release -p kiwi-tests --bin kiwi-bench{}`), \
+         {}. Every baseline was measured in the same run, its samples interleaved with \
+         kiwi's, so both saw the same machine. Percentiles are nearest-rank over all samples; \
+         ratios are kiwi ÷ baseline. The run took {}.\n",
+        if args.quick { " -- --quick" } else { "" },
+        if args.quick {
+            "a **quick smoke run**: few samples, figures not meant to be kept"
+        } else {
+            "a full run"
+        },
+        fmt_duration(total)
+    );
+    let _ = writeln!(
+        md,
+        "| Metric | kiwi | Baseline (same run) | Ratio | Target | Met? |\n|---|---|---|---|---|---|"
+    );
+    for r in rows {
+        let met = match r.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "—",
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} |",
+            r.metric, r.kiwi, r.baseline, r.ratio, r.target, met
+        );
+    }
+    let _ = writeln!(md, "\n## How each figure is measured\n");
+    for r in rows {
+        let _ = writeln!(md, "- **{}**: {}.", r.metric, r.note);
+    }
+    let _ = writeln!(
+        md,
+        "- The in-process controller (figures 2–4) is `kiwi_controller::serve::Components`, \
+         what `serve` runs (SQLite store in WAL mode with `synchronous = FULL`, cache, fleet, \
+         watch projector, liveness, API router), without the agent endpoint: its robots have \
+         no agent, so liveness gets a start-up grace longer than the run and discovery runs \
+         on demand only. Its {} robots were created through \
+         `Fleet::apply`/`Fleet::report`, {} at a time (group commit), in {}.",
+        fmt_count(sizes.fleet_robots),
+        CREATE_CONCURRENCY,
+        fmt_duration(created_in)
+    );
+    let _ = writeln!(md, "\n## Machine\n");
+    for (k, v) in machine() {
+        let _ = writeln!(md, "- {k}: {v}");
+    }
+    md
+}
