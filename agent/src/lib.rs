@@ -1,8 +1,8 @@
 //! kiwi-agent: the robot-side daemon. It identifies the robot, samples its
 //! telemetry and health, keeps every report in a durable outbox until the
-//! controller acknowledges it, holds a WebSocket link to the controller and
-//! obeys its lifecycle commands. `simulate` runs many virtual agents through
-//! the same code.
+//! controller acknowledges it, holds a link to the controller (over
+//! WebSocket today) and obeys its lifecycle commands. `simulate` runs many
+//! virtual agents through the same code.
 //!
 //! Codemap:
 //!
@@ -14,7 +14,12 @@
 //! - [`decide`]: the pure decisions (when to report, reconnect delays,
 //!   handshake, reconciliation);
 //! - [`agent`]: one agent's behaviour apart from its transport;
-//! - [`link`]: the WebSocket link, shared by `run` and `simulate`;
+//! - [`link`]: the link to the controller (handshake, resending, heartbeats,
+//!   commands, reconnecting), shared by `run` and `simulate`; it speaks the
+//!   protocol over any [`transport`];
+//! - [`transport`]: the [`transport::Connector`] and
+//!   [`transport::Connection`] traits that carry frames, and their one
+//!   implementation, WebSocket (the only module that knows it);
 //! - [`simulate`]: many virtual agents in one process.
 
 pub mod agent;
@@ -25,13 +30,16 @@ pub mod outbox;
 pub mod probe;
 pub mod simulate;
 pub mod state;
+pub mod transport;
 pub mod workload;
 
 pub use agent::Agent;
 pub use config::{AgentConfig, ConfigError};
 pub use link::LinkOptions;
+pub use transport::WebSocketConnector;
 
 use anyhow::Context;
+use config::Transport;
 use kiwi_protocol::backoff::Backoff;
 use tokio_util::sync::CancellationToken;
 
@@ -46,14 +54,14 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         version = env!("CARGO_PKG_VERSION"),
         "kiwi-agent starting"
     );
-    let opts = LinkOptions::new(
-        cfg.controller.endpoint(),
-        Backoff::new(cfg.reconnect_base, cfg.reconnect_cap),
-    );
+    let connector = match cfg.transport {
+        Transport::WebSocket => WebSocketConnector::new(cfg.controller.endpoint()),
+    };
+    let opts = LinkOptions::new(Backoff::new(cfg.reconnect_base, cfg.reconnect_cap));
     let mut agent = tokio::task::spawn_blocking(move || Agent::from_config(&cfg))
         .await
         .context("agent set-up task failed")??;
-    link::run(&mut agent, &opts, &shutdown).await;
+    link::run(&mut agent, &connector, &opts, &shutdown).await;
     tracing::info!("kiwi-agent stopped");
     Ok(())
 }

@@ -1,16 +1,17 @@
-//! The WebSocket link to the controller, shared by `run` and `simulate`:
-//! connect, say `Hello`, read the `Welcome` (or `Reject`), resend what the
-//! controller has not acknowledged, then heartbeat, report, answer commands,
-//! and reconnect forever with capped exponential backoff and full jitter.
+//! The link to the controller, shared by `run` and `simulate`: connect, say
+//! `Hello`, read the `Welcome` (or `Reject`), resend what the controller has
+//! not acknowledged, then heartbeat, report, answer commands, and reconnect
+//! forever with capped exponential backoff and full jitter.
 //!
-//! This module only moves frames and keeps time. What to report and when,
-//! how to read the handshake and how long to wait are decided in
-//! [`crate::decide`]; what a command or an ack does is [`crate::agent`].
+//! This module only encodes and decodes frames, moves them and keeps time.
+//! What carries the frames is a [`Connector`] (see [`crate::transport`]);
+//! what to report and when, how to read the handshake and how long to wait
+//! are decided in [`crate::decide`]; what a command or an ack does is
+//! [`crate::agent`].
 
 use crate::agent::{Agent, Execution, unix_ms};
 use crate::decide::{self, Handshake, Reconnect, SessionEnd};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use crate::transport::{Close, Connection, Connector, Incoming, TransportError};
 use kiwi_protocol::backoff::Backoff;
 use kiwi_protocol::frame::{self, DEFAULT_MAX_FRAME};
 use kiwi_protocol::message::{
@@ -22,42 +23,31 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
-use tokio::net::TcpStream;
 use tokio::time::{Instant, MissedTickBehavior};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-type Sink = SplitSink<Ws, Message>;
-type Stream = SplitStream<Ws>;
-
-/// How the link behaves. [`LinkOptions::new`] gives the production values.
+/// How the link behaves, whatever the transport. [`LinkOptions::new`] gives
+/// the production values; connecting is the [`Connector`]'s business.
 #[derive(Debug, Clone)]
 pub struct LinkOptions {
-    /// The `ws://` URL to connect to (see `ControllerUrl::endpoint`).
-    pub endpoint: String,
     pub backoff: Backoff,
     /// How often telemetry, health and workload are sampled.
     pub sample_interval: Duration,
-    pub connect_timeout: Duration,
-    /// How long the controller may take to answer `Hello`.
+    /// How long the controller may take to answer `Hello` (and the
+    /// agent to send it).
     pub handshake_timeout: Duration,
     /// How long a clean close (after `Goodbye`) may take.
     pub close_timeout: Duration,
-    /// The frame cap, both ways.
+    /// The frame cap, both ways. The connector should cap its messages the
+    /// same.
     pub max_frame: usize,
 }
 
 impl LinkOptions {
-    pub fn new(endpoint: impl Into<String>, backoff: Backoff) -> Self {
+    pub fn new(backoff: Backoff) -> Self {
         Self {
-            endpoint: endpoint.into(),
             backoff,
             sample_interval: Duration::from_secs(1),
-            connect_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(1),
             max_frame: DEFAULT_MAX_FRAME,
@@ -65,25 +55,19 @@ impl LinkOptions {
     }
 }
 
-/// The WebSocket settings: messages and frames capped at the frame cap, and
-/// small buffers, since an agent sends little and a simulator holds many.
-pub fn ws_config(max_frame: usize) -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
-        .max_write_buffer_size(2 * max_frame + 4 * 1024)
-        .max_message_size(Some(max_frame))
-        .max_frame_size(Some(max_frame))
-}
-
-/// Runs the agent's link until `shutdown` is cancelled: on shutdown while
-/// connected, says `Goodbye` and closes. Reports keep being sampled and
-/// stored while disconnected.
-pub async fn run(agent: &mut Agent, opts: &LinkOptions, shutdown: &CancellationToken) {
+/// Runs the agent's link over `connector` until `shutdown` is cancelled:
+/// on shutdown while connected, says `Goodbye` and closes. Reports keep
+/// being sampled and stored while disconnected.
+pub async fn run<C: Connector>(
+    agent: &mut Agent,
+    connector: &C,
+    opts: &LinkOptions,
+    shutdown: &CancellationToken,
+) {
     agent.resume().await;
     let mut reconnect = Reconnect::default();
     loop {
-        let end = session(agent, opts, shutdown).await;
+        let end = session(agent, connector, opts, shutdown).await;
         let unit: f64 = rand::random();
         let Some(delay) = reconnect.after(&end, &opts.backoff, unit) else {
             return;
@@ -91,6 +75,7 @@ pub async fn run(agent: &mut Agent, opts: &LinkOptions, shutdown: &CancellationT
         match &end {
             SessionEnd::Shutdown => return,
             SessionEnd::Lost { welcomed, reason } => tracing::warn!(
+                controller = %connector.describe(),
                 reason = %reason,
                 was_connected = welcomed,
                 retry_in_ms = delay.as_millis() as u64,
@@ -151,27 +136,39 @@ async fn wait_offline(
 /// A connection that lost its way: the reason, for the log.
 struct Lost(String);
 
+/// Why reading from the controller ended a connection.
+enum ReadFailure {
+    /// The controller broke the protocol (a bad frame, or the transport's
+    /// own rules): it is told so before the connection is dropped.
+    Violation(String),
+    /// The connection is gone: closed, reset or failed.
+    Gone(String),
+}
+
+impl From<TransportError> for ReadFailure {
+    fn from(e: TransportError) -> Self {
+        match e {
+            TransportError::Violation(_) => ReadFailure::Violation(e.to_string()),
+            e => ReadFailure::Gone(e.to_string()),
+        }
+    }
+}
+
 /// One connection, from connect to its end.
-async fn session(
+async fn session<C: Connector>(
     agent: &mut Agent,
+    connector: &C,
     opts: &LinkOptions,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
     let lost = |welcomed, reason: String| SessionEnd::Lost { welcomed, reason };
-    let connect = tokio_tungstenite::connect_async_with_config(
-        opts.endpoint.as_str(),
-        Some(ws_config(opts.max_frame)),
-        true,
-    );
-    let ws = tokio::select! {
+    let mut conn = tokio::select! {
         () = shutdown.cancelled() => return SessionEnd::Shutdown,
-        r = tokio::time::timeout(opts.connect_timeout, connect) => match r {
-            Err(_) => return lost(false, format!("connecting to {} timed out", opts.endpoint)),
-            Ok(Err(e)) => return lost(false, format!("cannot connect to {}: {e}", opts.endpoint)),
-            Ok(Ok((ws, _response))) => ws,
+        r = connector.connect() => match r {
+            Err(e) => return lost(false, e.to_string()),
+            Ok(conn) => conn,
         },
     };
-    let (mut sink, mut stream) = ws.split();
 
     let hello = AgentMessage::Hello(Hello {
         identity: agent.identity().clone(),
@@ -180,7 +177,7 @@ async fn session(
     });
     let write_timeout = opts.handshake_timeout;
     if let Err(Lost(reason)) = send(
-        &mut sink,
+        &mut conn,
         version::HANDSHAKE,
         &hello,
         opts.max_frame,
@@ -193,16 +190,15 @@ async fn session(
 
     let first = tokio::select! {
         () = shutdown.cancelled() => {
-            let _ = tokio::time::timeout(opts.close_timeout, sink.close()).await;
+            let _ = tokio::time::timeout(opts.close_timeout, conn.close(Close::Normal)).await;
             return SessionEnd::Shutdown;
         }
-        r = tokio::time::timeout(opts.handshake_timeout, next_message(&mut stream, opts.max_frame)) => r,
+        r = tokio::time::timeout(opts.handshake_timeout, next_message(&mut conn, opts.max_frame)) => r,
     };
     let welcome = match first {
         Err(_) => return lost(false, "no answer to Hello in time".into()),
-        Ok(Err(Lost(reason))) => {
-            close_with(&mut sink, CloseCode::Protocol, &reason, opts.close_timeout).await;
-            return lost(false, reason);
+        Ok(Err(failure)) => {
+            return lost(false, give_up(&mut conn, failure, opts.close_timeout).await);
         }
         Ok(Ok(message)) => match decide::classify_handshake(message) {
             Handshake::Welcome(w) => w,
@@ -217,22 +213,22 @@ async fn session(
                 };
             }
             Handshake::Violation(reason) => {
-                close_with(&mut sink, CloseCode::Protocol, &reason, opts.close_timeout).await;
-                return lost(false, reason);
+                let failure = ReadFailure::Violation(reason);
+                return lost(false, give_up(&mut conn, failure, opts.close_timeout).await);
             }
         },
     };
 
     let heartbeat = decide::heartbeat_interval(welcome.heartbeat_interval_ms);
     tracing::info!(
+        controller = %connector.describe(),
         session_id = %welcome.session_id,
         version = %welcome.version,
         heartbeat_ms = heartbeat.as_millis() as u64,
         "connected to the controller"
     );
     let mut conn = Connected {
-        sink,
-        stream,
+        conn,
         version: welcome.version,
         max_frame: opts.max_frame,
         heartbeat,
@@ -292,9 +288,8 @@ struct InFlight {
 }
 
 /// A connection after `Welcome`.
-struct Connected {
-    sink: Sink,
-    stream: Stream,
+struct Connected<C> {
+    conn: C,
     version: ProtocolVersion,
     max_frame: usize,
     heartbeat: Duration,
@@ -314,10 +309,10 @@ async fn job_outcome(job: &mut Option<InFlight>) -> CommandOutcome {
     }
 }
 
-impl Connected {
+impl<C: Connection> Connected<C> {
     async fn send(&mut self, message: &AgentMessage) -> Result<(), Lost> {
         send(
-            &mut self.sink,
+            &mut self.conn,
             self.version,
             message,
             self.max_frame,
@@ -361,17 +356,16 @@ impl Connected {
                     self.goodbye(opts.close_timeout).await;
                     return Ok(());
                 }
-                r = tokio::time::timeout_at(read_deadline, next_incoming(&mut self.stream, self.max_frame)) => {
-                    let incoming = match r {
+                r = tokio::time::timeout_at(read_deadline, next_received(&mut self.conn, self.max_frame)) => {
+                    let received = match r {
                         Err(_) => return Err(End::Lost(format!("nothing from the controller for {:?}", self.idle))),
-                        Ok(Err(Lost(reason))) => {
-                            close_with(&mut self.sink, CloseCode::Protocol, &reason, opts.close_timeout).await;
-                            return Err(End::Lost(reason));
+                        Ok(Err(failure)) => {
+                            return Err(End::Lost(give_up(&mut self.conn, failure, opts.close_timeout).await));
                         }
-                        Ok(Ok(incoming)) => incoming,
+                        Ok(Ok(received)) => received,
                     };
                     self.last_read = Instant::now();
-                    if let Incoming::Message(message) = incoming {
+                    if let Received::Message(message) = received {
                         self.handle(agent, message).await?;
                     }
                 }
@@ -387,14 +381,10 @@ impl Connected {
                 _ = heartbeat.tick() => {
                     self.send(&AgentMessage::Heartbeat(Heartbeat { time_ms: unix_ms() })).await?;
                     // A controller only answers reports and commands; a
-                    // WebSocket ping gets a pong from any healthy peer and
-                    // so keeps the read side from idling out.
+                    // transport-level ping gets an answer from any healthy
+                    // peer and so keeps the read side from idling out.
                     if self.last_read.elapsed() >= self.heartbeat {
-                        match tokio::time::timeout(self.idle, self.sink.send(Message::Ping(Vec::new().into()))).await {
-                            Err(_) => return Err(End::Lost("write timed out".into())),
-                            Ok(Err(e)) => return Err(End::Lost(format!("write failed: {e}"))),
-                            Ok(Ok(())) => {}
-                        }
+                        bounded_write(self.idle, self.conn.keepalive()).await?;
                     }
                 }
                 _ = sample.tick() => {
@@ -491,19 +481,19 @@ impl Connected {
             return;
         }
         // Close, then wait (briefly) for the controller's close so the
-        // Goodbye is read before the socket goes away.
+        // Goodbye is read before the connection goes away.
         let closing = async {
-            let _ = self.sink.close().await;
-            while let Some(Ok(_)) = self.stream.next().await {}
+            self.conn.close(Close::Normal).await;
+            while let Ok(Incoming::Frame(_) | Incoming::Alive) = self.conn.recv().await {}
         };
         let _ = tokio::time::timeout(close_timeout, closing).await;
         tracing::info!("said goodbye to the controller");
     }
 }
 
-/// Encodes and sends one frame as one binary message.
-async fn send(
-    sink: &mut Sink,
+/// Encodes one message and sends it as one frame.
+async fn send<C: Connection>(
+    conn: &mut C,
     version: ProtocolVersion,
     message: &AgentMessage,
     max_frame: usize,
@@ -511,64 +501,368 @@ async fn send(
 ) -> Result<(), Lost> {
     let bytes = frame::encode_frame(version, message, max_frame)
         .map_err(|e| Lost(format!("cannot encode a frame: {e}")))?;
-    match tokio::time::timeout(timeout, sink.send(Message::Binary(bytes.into()))).await {
+    bounded_write(timeout, conn.send(bytes)).await
+}
+
+/// Waits for a write at most `timeout`.
+async fn bounded_write(
+    timeout: Duration,
+    write: impl Future<Output = Result<(), TransportError>>,
+) -> Result<(), Lost> {
+    match tokio::time::timeout(timeout, write).await {
         Err(_) => Err(Lost(format!("write timed out after {timeout:?}"))),
-        Ok(Err(e)) => Err(Lost(format!("write failed: {e}"))),
+        Ok(Err(e)) => Err(Lost(e.to_string())),
         Ok(Ok(())) => Ok(()),
     }
 }
 
-/// What the controller sent: a message, or a WebSocket control frame (a
-/// ping or pong, answered by tungstenite itself) that only shows the
-/// connection is alive.
-enum Incoming {
-    Message(ControllerMessage),
-    Control,
-}
-
-/// The next thing the controller sent. A closed or broken connection, a
-/// text message or a bad frame ends the connection.
-async fn next_incoming(stream: &mut Stream, max_frame: usize) -> Result<Incoming, Lost> {
-    let message = match stream.next().await {
-        None => return Err(Lost("connection closed".into())),
-        Some(Err(e)) => return Err(Lost(format!("read failed: {e}"))),
-        Some(Ok(m)) => m,
-    };
-    match message {
-        Message::Binary(bytes) => frame::decode_frame::<ControllerMessage>(&bytes, max_frame)
-            .map(|(_, m)| Incoming::Message(m))
-            .map_err(|e| Lost(format!("bad frame from the controller: {e}"))),
-        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(Incoming::Control),
-        Message::Text(_) => Err(Lost("protocol violation: a text message".into())),
-        Message::Close(frame) => {
-            let why = frame.map_or_else(
-                || "no reason".to_string(),
-                |f| format!("{}: {}", f.code, f.reason),
-            );
-            Err(Lost(format!("controller closed the connection ({why})")))
+/// Ends a connection that could not be read on: a controller that broke
+/// the protocol is told why (best effort, bounded in time). The reason, for
+/// the log.
+async fn give_up<C: Connection>(conn: &mut C, failure: ReadFailure, timeout: Duration) -> String {
+    match failure {
+        ReadFailure::Violation(reason) => {
+            let _ = tokio::time::timeout(timeout, conn.close(Close::Violation(&reason))).await;
+            reason
         }
+        ReadFailure::Gone(reason) => reason,
     }
 }
 
-/// The next controller message, skipping control frames.
-async fn next_message(stream: &mut Stream, max_frame: usize) -> Result<ControllerMessage, Lost> {
+/// What the controller sent: a message, or only a sign that the
+/// connection is alive (a transport-level ping or pong).
+enum Received {
+    Message(ControllerMessage),
+    Alive,
+}
+
+/// The next thing the controller sent. A closed or broken connection, a
+/// transport violation or a bad frame ends the connection. Cancel-safe, as
+/// [`Connection::recv`] is.
+async fn next_received<C: Connection>(
+    conn: &mut C,
+    max_frame: usize,
+) -> Result<Received, ReadFailure> {
+    match conn.recv().await? {
+        Incoming::Frame(bytes) => frame::decode_frame::<ControllerMessage>(&bytes, max_frame)
+            .map(|(_, m)| Received::Message(m))
+            .map_err(|e| ReadFailure::Violation(format!("bad frame from the controller: {e}"))),
+        Incoming::Alive => Ok(Received::Alive),
+        Incoming::Closed(None) => Err(ReadFailure::Gone("connection closed".into())),
+        Incoming::Closed(Some(why)) => Err(ReadFailure::Gone(format!(
+            "controller closed the connection ({why})"
+        ))),
+    }
+}
+
+/// The next controller message, skipping signs of life.
+async fn next_message<C: Connection>(
+    conn: &mut C,
+    max_frame: usize,
+) -> Result<ControllerMessage, ReadFailure> {
     loop {
-        if let Incoming::Message(m) = next_incoming(stream, max_frame).await? {
+        if let Received::Message(m) = next_received(conn, max_frame).await? {
             return Ok(m);
         }
     }
 }
 
-/// Closes with a code and a reason (best effort, bounded in time).
-async fn close_with(sink: &mut Sink, code: CloseCode, reason: &str, timeout: Duration) {
-    // A close reason must fit a control frame (125 bytes with the code).
-    let mut reason = reason.to_string();
-    while reason.len() > 120 {
-        reason.pop();
+#[cfg(test)]
+mod tests {
+    //! The link's session logic over an in-memory transport: a test double
+    //! of the transport seam this crate owns, so that the protocol side of
+    //! the link is checked without a network. The real transport is covered
+    //! against a fake controller in `tests/link.rs`.
+
+    use super::*;
+    use kiwi_protocol::message::{Ack, DesiredConfig, Welcome};
+    use kiwi_protocol::version::CURRENT;
+    use tokio::sync::{Mutex, mpsc};
+    use tokio::task::JoinHandle;
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    /// What the agent did on an in-memory connection.
+    #[derive(Debug)]
+    enum Sent {
+        Frame(Vec<u8>),
+        Keepalive,
+        /// `close`, with the violation's reason if it was one.
+        Close(Option<String>),
     }
-    let frame = CloseFrame {
-        code,
-        reason: reason.into(),
-    };
-    let _ = tokio::time::timeout(timeout, sink.send(Message::Close(Some(frame)))).await;
+
+    struct MemConnection {
+        to_controller: mpsc::UnboundedSender<Sent>,
+        from_controller: mpsc::UnboundedReceiver<Incoming>,
+    }
+
+    impl MemConnection {
+        fn put(&self, sent: Sent) -> Result<(), TransportError> {
+            self.to_controller
+                .send(sent)
+                .map_err(|_| TransportError::Write("the controller side is gone".into()))
+        }
+    }
+
+    impl Connection for MemConnection {
+        async fn send(&mut self, frame: Vec<u8>) -> Result<(), TransportError> {
+            self.put(Sent::Frame(frame))
+        }
+
+        async fn recv(&mut self) -> Result<Incoming, TransportError> {
+            // `mpsc::UnboundedReceiver::recv` is cancel-safe.
+            Ok(self
+                .from_controller
+                .recv()
+                .await
+                .unwrap_or(Incoming::Closed(None)))
+        }
+
+        async fn keepalive(&mut self) -> Result<(), TransportError> {
+            self.put(Sent::Keepalive)
+        }
+
+        async fn close(&mut self, why: Close<'_>) {
+            let reason = match why {
+                Close::Normal => None,
+                Close::Violation(reason) => Some(reason.to_string()),
+            };
+            let _ = self.put(Sent::Close(reason));
+        }
+    }
+
+    /// Hands out the connections the test offers, in order; waits for one
+    /// when there is none yet.
+    struct MemConnector {
+        offered: Mutex<mpsc::UnboundedReceiver<MemConnection>>,
+    }
+
+    impl Connector for MemConnector {
+        type Conn = MemConnection;
+
+        async fn connect(&self) -> Result<MemConnection, TransportError> {
+            self.offered
+                .lock()
+                .await
+                .recv()
+                .await
+                .ok_or_else(|| TransportError::ConnectTimeout {
+                    endpoint: self.describe(),
+                })
+        }
+
+        fn describe(&self) -> String {
+            "memory".into()
+        }
+    }
+
+    /// The controller's end of one in-memory connection.
+    struct Peer {
+        sent: mpsc::UnboundedReceiver<Sent>,
+        reply: mpsc::UnboundedSender<Incoming>,
+    }
+
+    impl Peer {
+        /// What the agent did next; `None` once it dropped the connection.
+        async fn next(&mut self) -> Option<Sent> {
+            tokio::time::timeout(WAIT, self.sent.recv())
+                .await
+                .expect("nothing from the agent in time")
+        }
+
+        /// The next message, skipping keepalives and heartbeats.
+        async fn message(&mut self) -> (ProtocolVersion, AgentMessage) {
+            loop {
+                match self.next().await.expect("the agent dropped the connection") {
+                    Sent::Frame(bytes) => match frame::decode_frame(&bytes, DEFAULT_MAX_FRAME) {
+                        Ok((_, AgentMessage::Heartbeat(_))) => continue,
+                        Ok(decoded) => return decoded,
+                        Err(e) => panic!("the agent sent a bad frame: {e}"),
+                    },
+                    Sent::Keepalive => continue,
+                    Sent::Close(why) => panic!("the agent closed the connection: {why:?}"),
+                }
+            }
+        }
+
+        fn send(&self, message: ControllerMessage) {
+            let bytes = frame::encode_frame(CURRENT, &message, DEFAULT_MAX_FRAME).unwrap();
+            self.reply.send(Incoming::Frame(bytes)).unwrap();
+        }
+
+        fn welcome(&self, heartbeat_interval_ms: u32) {
+            self.send(ControllerMessage::Welcome(Welcome {
+                session_id: uuid::Uuid::new_v4(),
+                version: CURRENT,
+                heartbeat_interval_ms,
+                config: DesiredConfig {
+                    maintenance: false,
+                    report_interval_ms: 0,
+                    settings: Vec::new(),
+                },
+            }));
+        }
+    }
+
+    struct Running {
+        shutdown: CancellationToken,
+        task: JoinHandle<Agent>,
+        offer: mpsc::UnboundedSender<MemConnection>,
+        _state: tempfile::TempDir,
+    }
+
+    impl Running {
+        /// Offers the agent one more connection; its controller end.
+        fn offer(&self) -> Peer {
+            let (to_controller, sent) = mpsc::unbounded_channel();
+            let (reply, from_controller) = mpsc::unbounded_channel();
+            let conn = MemConnection {
+                to_controller,
+                from_controller,
+            };
+            assert!(self.offer.send(conn).is_ok(), "the link task ended");
+            Peer { sent, reply }
+        }
+
+        async fn stop(self) -> Agent {
+            self.shutdown.cancel();
+            tokio::time::timeout(WAIT, self.task)
+                .await
+                .expect("the link did not stop in time")
+                .unwrap()
+        }
+    }
+
+    fn start() -> Running {
+        let state = tempfile::tempdir().unwrap();
+        let mut agent =
+            Agent::simulated(0, "mem", state.path(), Duration::from_secs(600), 100).unwrap();
+        let (offer, offered) = mpsc::unbounded_channel();
+        let connector = MemConnector {
+            offered: Mutex::new(offered),
+        };
+        let opts = LinkOptions::new(Backoff::new(
+            Duration::from_millis(10),
+            Duration::from_millis(50),
+        ));
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            run(&mut agent, &connector, &opts, &token).await;
+            agent
+        });
+        Running {
+            shutdown,
+            task,
+            offer,
+            _state: state,
+        }
+    }
+
+    #[tokio::test]
+    async fn handshake_ack_and_goodbye_over_any_transport() {
+        let agent = start();
+        let mut ctl = agent.offer();
+
+        match ctl.message().await {
+            (v, AgentMessage::Hello(hello)) => {
+                assert_eq!(v, version::HANDSHAKE);
+                assert_eq!(hello.last_acked_seq, 0);
+            }
+            other => panic!("expected Hello, got {other:?}"),
+        }
+        ctl.welcome(100);
+        match ctl.message().await {
+            (v, AgentMessage::Report(r)) => {
+                assert_eq!(v, CURRENT);
+                assert_eq!(r.seq, 1);
+            }
+            other => panic!("expected the first report, got {other:?}"),
+        }
+        ctl.send(ControllerMessage::Ack(Ack { seq: 1 }));
+        // Messages are handled in order: the answer means the Ack was too.
+        let command_id = uuid::Uuid::new_v4();
+        ctl.send(ControllerMessage::Command(Command {
+            command_id,
+            kind: kiwi_protocol::message::CommandKind::Ping,
+        }));
+        match ctl.message().await {
+            (_, AgentMessage::CommandResult(r)) => assert_eq!(r.command_id, command_id),
+            other => panic!("expected the command's result, got {other:?}"),
+        }
+
+        agent.shutdown.cancel();
+        assert!(matches!(ctl.message().await, (_, AgentMessage::Goodbye(_))));
+        assert!(matches!(ctl.next().await, Some(Sent::Close(None))));
+        // The controller closes its side too: the link is done at once.
+        drop(ctl.reply);
+        let agent = agent.stop().await;
+        assert_eq!(agent.outbox().acked(), 1);
+        assert!(agent.outbox().pending().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_bad_frame_is_told_to_the_controller_and_the_link_reconnects() {
+        let agent = start();
+        let mut ctl = agent.offer();
+        assert!(matches!(ctl.message().await, (_, AgentMessage::Hello(_))));
+        ctl.welcome(100);
+        ctl.reply
+            .send(Incoming::Frame(b"not a frame".to_vec()))
+            .unwrap();
+        let reason = loop {
+            match ctl.next().await {
+                Some(Sent::Close(Some(reason))) => break reason,
+                Some(Sent::Frame(_) | Sent::Keepalive) => continue,
+                other => panic!("expected a close for the bad frame, got {other:?}"),
+            }
+        };
+        assert!(
+            reason.starts_with("bad frame from the controller"),
+            "{reason}"
+        );
+        assert!(ctl.next().await.is_none(), "the connection was not dropped");
+
+        let mut again = agent.offer();
+        match again.message().await {
+            (_, AgentMessage::Hello(hello)) => assert_eq!(hello.last_acked_seq, 0),
+            other => panic!("expected Hello, got {other:?}"),
+        }
+        agent.stop().await;
+    }
+
+    #[tokio::test]
+    async fn signs_of_life_hold_the_link_until_they_stop() {
+        let agent = start();
+        let mut ctl = agent.offer();
+        assert!(matches!(ctl.message().await, (_, AgentMessage::Hello(_))));
+        // Idle timeout: three heartbeats, 600 ms.
+        ctl.welcome(200);
+
+        // Answer every keepalive, send no frame: the link stays up well
+        // past the idle timeout.
+        let until = Instant::now() + Duration::from_millis(1500);
+        let mut keepalives = 0;
+        while Instant::now() < until {
+            match ctl.next().await {
+                Some(Sent::Keepalive) => {
+                    keepalives += 1;
+                    ctl.reply.send(Incoming::Alive).unwrap();
+                }
+                Some(Sent::Frame(_)) => {}
+                other => panic!("the link ended while the controller was alive: {other:?}"),
+            }
+        }
+        assert!(keepalives >= 2, "only {keepalives} keepalives");
+
+        // Silence: the link gives up, without a close (nobody to tell).
+        loop {
+            match ctl.next().await {
+                Some(Sent::Frame(_) | Sent::Keepalive) => {}
+                Some(Sent::Close(why)) => panic!("unexpected close: {why:?}"),
+                None => break,
+            }
+        }
+        agent.stop().await;
+    }
 }

@@ -10,6 +10,7 @@ use crate::config::{
     parse_positive_duration,
 };
 use crate::link::{self, LinkOptions};
+use crate::transport::WebSocketConnector;
 use anyhow::Context;
 use kiwi_protocol::backoff::Backoff;
 use kiwi_protocol::message::{NetCounters, Telemetry};
@@ -92,19 +93,18 @@ pub async fn simulate(args: SimulateArgs, shutdown: CancellationToken) -> anyhow
             temp.path().to_path_buf()
         }
     };
-    let opts = LinkOptions::new(
-        args.controller.endpoint(),
-        Backoff::new(DEFAULT_RECONNECT_BASE, DEFAULT_RECONNECT_CAP),
-    );
+    let connector = WebSocketConnector::new(args.controller.endpoint());
+    let opts = LinkOptions::new(Backoff::new(DEFAULT_RECONNECT_BASE, DEFAULT_RECONNECT_CAP));
     tracing::info!(
         count = args.count,
-        controller = %opts.endpoint,
+        controller = %connector.endpoint,
         state_dir = %state_root.display(),
         "starting simulated agents"
     );
     let mut tasks = JoinSet::new();
     for index in 0..args.count {
         let opts = opts.clone();
+        let connector = connector.clone();
         let shutdown = shutdown.clone();
         let prefix = args.id_prefix.clone();
         let root = state_root.clone();
@@ -123,7 +123,7 @@ pub async fn simulate(args: SimulateArgs, shutdown: CancellationToken) -> anyhow
                 })
                 .await
                 .context("agent set-up task failed")??;
-                link::run(&mut agent, &opts, &shutdown).await;
+                link::run(&mut agent, &connector, &opts, &shutdown).await;
                 anyhow::Ok(())
             }
             .instrument(span),

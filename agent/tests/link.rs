@@ -7,6 +7,7 @@
 use futures_util::{SinkExt, StreamExt};
 use kiwi_agent::Agent;
 use kiwi_agent::link::{self, LinkOptions};
+use kiwi_agent::transport::WebSocketConnector;
 use kiwi_agent::workload::Workload;
 use kiwi_protocol::backoff::Backoff;
 use kiwi_protocol::frame::{self, DEFAULT_MAX_FRAME};
@@ -162,15 +163,16 @@ fn start_agent_with(endpoint: String, action_delay: Duration) -> Running {
             state: WorkloadState::Running,
             action_delay,
         });
-    let mut opts = LinkOptions::new(
-        endpoint,
-        Backoff::new(Duration::from_millis(20), Duration::from_millis(100)),
-    );
+    let connector = WebSocketConnector::new(endpoint);
+    let mut opts = LinkOptions::new(Backoff::new(
+        Duration::from_millis(20),
+        Duration::from_millis(100),
+    ));
     opts.sample_interval = Duration::from_millis(20);
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
-        link::run(&mut agent, &opts, &token).await;
+        link::run(&mut agent, &connector, &opts, &token).await;
         agent
     });
     Running {

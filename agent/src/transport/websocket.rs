@@ -1,0 +1,159 @@
+//! The WebSocket transport (`ws://`, tokio-tungstenite): one protocol frame
+//! per binary message. Pings and pongs are liveness (tungstenite answers
+//! the controller's pings itself); a text message or one over the frame cap
+//! is a protocol violation.
+//!
+//! This is the only module of the crate that knows WebSocket.
+
+use super::{Close, Connection, Connector, Incoming, TransportError};
+use futures_util::{SinkExt, StreamExt};
+use kiwi_protocol::frame::DEFAULT_MAX_FRAME;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// The WebSocket settings: messages and frames capped at the frame cap, and
+/// small buffers, since an agent sends little and a simulator holds many.
+pub fn ws_config(max_frame: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(2 * max_frame + 4 * 1024)
+        .max_message_size(Some(max_frame))
+        .max_frame_size(Some(max_frame))
+}
+
+/// Connects to a `ws://` endpoint. [`WebSocketConnector::new`] gives the
+/// production values.
+#[derive(Debug, Clone)]
+pub struct WebSocketConnector {
+    /// The `ws://` URL to connect to (see `ControllerUrl::endpoint`).
+    pub endpoint: String,
+    /// The message cap, both ways; the link's `LinkOptions::max_frame`.
+    pub max_frame: usize,
+    /// How long TCP connect and the WebSocket upgrade may take together.
+    pub connect_timeout: Duration,
+}
+
+impl WebSocketConnector {
+    pub fn new(endpoint: impl Into<String>) -> Self {
+        Self {
+            endpoint: endpoint.into(),
+            max_frame: DEFAULT_MAX_FRAME,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Connector for WebSocketConnector {
+    type Conn = WebSocketConnection;
+
+    async fn connect(&self) -> Result<WebSocketConnection, TransportError> {
+        let connect = tokio_tungstenite::connect_async_with_config(
+            self.endpoint.as_str(),
+            Some(ws_config(self.max_frame)),
+            true,
+        );
+        match tokio::time::timeout(self.connect_timeout, connect).await {
+            Err(_) => Err(TransportError::ConnectTimeout {
+                endpoint: self.endpoint.clone(),
+            }),
+            Ok(Err(e)) => Err(TransportError::Connect {
+                endpoint: self.endpoint.clone(),
+                error: e.into(),
+            }),
+            Ok(Ok((ws, _response))) => Ok(WebSocketConnection { ws, closing: false }),
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.endpoint.clone()
+    }
+}
+
+/// One WebSocket to the controller. Unsplit: the link never reads and
+/// writes at the same time, and tungstenite answers pings (and the close
+/// handshake) when it next reads or writes.
+#[derive(Debug)]
+pub struct WebSocketConnection {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Set once the agent sent its close: the controller's answering close
+    /// is then not the end; the end is the controller dropping the TCP
+    /// connection, as the server does first (RFC 6455, 7.1.1).
+    closing: bool,
+}
+
+impl Connection for WebSocketConnection {
+    async fn send(&mut self, frame: Vec<u8>) -> Result<(), TransportError> {
+        self.ws
+            .send(Message::Binary(frame.into()))
+            .await
+            .map_err(|e| TransportError::Write(e.into()))
+    }
+
+    // Cancel-safe: the only await is `StreamExt::next`, which is, and
+    // nothing read is held across it.
+    async fn recv(&mut self) -> Result<Incoming, TransportError> {
+        loop {
+            let message = match self.ws.next().await {
+                None => return Ok(Incoming::Closed(None)),
+                Some(Err(e)) => return Err(read_error(e)),
+                Some(Ok(m)) => m,
+            };
+            return match message {
+                Message::Binary(bytes) => Ok(Incoming::Frame(bytes.into())),
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(Incoming::Alive),
+                Message::Text(_) => Err(TransportError::Violation("a text message".into())),
+                Message::Close(_) if self.closing => continue,
+                Message::Close(frame) => Ok(Incoming::Closed(Some(frame.map_or_else(
+                    || "no reason".to_string(),
+                    |f| format!("{}: {}", f.code, f.reason),
+                )))),
+            };
+        }
+    }
+
+    async fn keepalive(&mut self) -> Result<(), TransportError> {
+        self.ws
+            .send(Message::Ping(Vec::new().into()))
+            .await
+            .map_err(|e| TransportError::Write(e.into()))
+    }
+
+    async fn close(&mut self, why: Close<'_>) {
+        self.closing = true;
+        let frame = match why {
+            Close::Normal => None,
+            Close::Violation(reason) => {
+                // A close reason must fit a control frame (125 bytes with
+                // the code).
+                let mut reason = reason.to_string();
+                while reason.len() > 120 {
+                    reason.pop();
+                }
+                Some(CloseFrame {
+                    code: CloseCode::Protocol,
+                    reason: reason.into(),
+                })
+            }
+        };
+        let _ = self.ws.close(frame).await;
+    }
+}
+
+/// Sorts a read error: the controller's fault, or a connection gone.
+fn read_error(e: WsError) -> TransportError {
+    match e {
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            TransportError::Read(e.into())
+        }
+        WsError::Capacity(_) | WsError::Protocol(_) | WsError::Utf8(_) | WsError::AttackAttempt => {
+            TransportError::Violation(e.to_string())
+        }
+        e => TransportError::Read(e.into()),
+    }
+}
