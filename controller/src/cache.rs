@@ -83,6 +83,12 @@ impl RobotCache {
         found
     }
 
+    /// Reads one robot for internal bookkeeping, without counting it as an
+    /// API cache hit or miss.
+    pub fn peek(&self, id: &RobotId) -> Option<Entry> {
+        self.read().get(id).cloned()
+    }
+
     /// Stores `robot` unless the cache already holds a newer row. Returns
     /// whether it was stored.
     pub fn put(&self, robot: Arc<Robot>) -> bool {

@@ -102,7 +102,7 @@ impl Discovery {
             .filter(|id| {
                 self.fleet
                     .cache()
-                    .get(id)
+                    .peek(id)
                     .is_some_and(|e| e.robot.discovered_at >= started_at)
             })
             .count();

@@ -159,6 +159,28 @@ impl Fleet {
         Ok(applied)
     }
 
+    /// Records the robot as lost unless its agent is connected, checked under
+    /// the robot's lock: an agent registers its session before its arrival
+    /// is applied, so an arrival racing with this is applied after it and
+    /// wins.
+    pub async fn lose_if_absent(
+        &self,
+        id: RobotId,
+        reason: String,
+        ctx: &Context,
+    ) -> Result<Option<Applied>, FleetError> {
+        let lock = self.lock_for(id);
+        let _guard = lock.lock().await;
+        if self.inner.sessions.is_connected(&id) {
+            return Ok(None);
+        }
+        let (applied, commands) = self
+            .apply_locked(id, Input::AgentLost { reason }, None, ctx)
+            .await?;
+        self.dispatch(&applied.robot.robot, &commands);
+        Ok(Some(applied))
+    }
+
     /// Stores a report (deduplicated by sequence number) with whatever it
     /// changes, and returns the sequence number to acknowledge.
     pub async fn report(

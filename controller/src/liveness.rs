@@ -8,7 +8,6 @@
 //!
 //! The decisions are plain functions of `now`; [`run`] is the timer.
 
-use crate::domain::Input;
 use crate::fleet::{Context, Fleet};
 use crate::link::session::now_ms;
 use std::time::Duration;
@@ -77,10 +76,7 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
 
 async fn lose(fleet: &Fleet, robot_id: kiwi_protocol::RobotId, reason: String) {
     let ctx = Context::new("liveness");
-    if let Err(e) = fleet
-        .apply(robot_id, Input::AgentLost { reason }, &ctx)
-        .await
-    {
+    if let Err(e) = fleet.lose_if_absent(robot_id, reason, &ctx).await {
         tracing::error!(%robot_id, error = %e, "could not record a silent robot");
     }
 }

@@ -133,7 +133,7 @@ impl<T: AgentTransport> Connection<T> {
         if let Err(e) = self
             .state
             .fleet
-            .apply(robot_id, Input::AgentLost { reason }, &ctx)
+            .lose_if_absent(robot_id, reason, &ctx)
             .await
         {
             tracing::error!(%robot_id, error = %e, "could not record the robot as lost");
