@@ -29,6 +29,28 @@ pub const KEYS: &[&str] = &[
     "discovery_interval",
     "api_body_limit",
     "max_agents",
+    "database_url",
+    "db_pool_size",
+    "redis_url",
+    "enable_cache",
+    "cache_static_ttl",
+    "cache_dynamic_ttl",
+];
+
+/// The original design's environment variables, honoured below the
+/// `KIWI_CONTROLLER_*` ones. `DB_*` and `REDIS_HOST`/`REDIS_PORT`/`REDIS_DB`
+/// are composed into `database_url` and `redis_url`.
+pub const LEGACY_ENV: &[&str] = &[
+    "DATABASE_URL",
+    "DB_HOST",
+    "DB_PORT",
+    "DB_NAME",
+    "DB_USER",
+    "DB_PASSWORD",
+    "REDIS_URL",
+    "REDIS_HOST",
+    "REDIS_PORT",
+    "REDIS_DB",
 ];
 
 #[derive(Debug, Clone, PartialEq)]
@@ -56,6 +78,18 @@ pub struct Config {
     pub api_body_limit: usize,
     /// Most agent connections held at once; more are refused with retry-after.
     pub max_agents: usize,
+    /// PostgreSQL connection URL; `None`: the embedded SQLite store.
+    pub database_url: Option<String>,
+    /// Connections in the PostgreSQL pool.
+    pub db_pool_size: u32,
+    /// Redis connection URL; `None`: no shared cache.
+    pub redis_url: Option<String>,
+    /// Use Redis when it is configured.
+    pub enable_cache: bool,
+    /// TTL of identity data in Redis (IP index, state and type sets).
+    pub cache_static_ttl: Duration,
+    /// TTL of robot rows in Redis.
+    pub cache_dynamic_ttl: Duration,
 }
 
 impl Default for Config {
@@ -72,6 +106,12 @@ impl Default for Config {
             discovery_interval: Duration::from_secs(30),
             api_body_limit: 64 * 1024,
             max_agents: 20_000,
+            database_url: None,
+            db_pool_size: 10,
+            redis_url: None,
+            enable_cache: true,
+            cache_static_ttl: Duration::from_secs(3600),
+            cache_dynamic_ttl: Duration::from_secs(300),
         }
     }
 }
@@ -108,6 +148,8 @@ impl Config {
                 Err(e) => layers.set("<file>", "", Origin::File(format!("{shown}: {e}"))),
             }
         }
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        add_legacy_env(&mut layers, &env);
         layers.add_env(ENV_PREFIX, KEYS, env);
         if let Some(d) = &flags.state_dir {
             layers.set(
@@ -147,7 +189,35 @@ impl Config {
             discovery_interval: duration(&mut r, "discovery_interval", d.discovery_interval),
             api_body_limit: r.get_or("api_body_limit", d.api_body_limit),
             max_agents: r.get_or("max_agents", d.max_agents),
+            database_url: r
+                .raw("database_url")
+                .map(str::to_string)
+                .filter(|u| !u.is_empty()),
+            db_pool_size: r.get_or("db_pool_size", d.db_pool_size),
+            redis_url: r
+                .raw("redis_url")
+                .map(str::to_string)
+                .filter(|u| !u.is_empty()),
+            enable_cache: r.get_or("enable_cache", d.enable_cache),
+            cache_static_ttl: duration(&mut r, "cache_static_ttl", d.cache_static_ttl),
+            cache_dynamic_ttl: duration(&mut r, "cache_dynamic_ttl", d.cache_dynamic_ttl),
         };
+        if let Some(u) = &c.database_url
+            && !(u.starts_with("postgres://") || u.starts_with("postgresql://"))
+        {
+            r.error("database_url", "must be a postgres:// URL");
+        }
+        if let Some(u) = &c.redis_url
+            && !u.starts_with("redis://")
+        {
+            r.error("redis_url", "must be a redis:// URL");
+        }
+        if !(1..=500).contains(&c.db_pool_size) {
+            r.error("db_pool_size", "must be between 1 and 500");
+        }
+        if c.cache_static_ttl.is_zero() || c.cache_dynamic_ttl.is_zero() {
+            r.error("cache_dynamic_ttl", "cache TTLs must be longer than zero");
+        }
         if c.heartbeat_interval < Duration::from_millis(50)
             || c.heartbeat_interval > Duration::from_secs(3600)
         {
@@ -175,6 +245,65 @@ impl Config {
             r.error("agent_listen", "must differ from api_listen");
         }
         r.finish().map(|()| c)
+    }
+}
+
+/// Percent-encodes a URL user-info or path part.
+fn url_part(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Honours the original design's variables: `DATABASE_URL` and `REDIS_URL`
+/// as they are, or URLs composed from `DB_*` and `REDIS_*`.
+fn add_legacy_env(layers: &mut Layers, env: &[(String, String)]) {
+    let get = |name: &str| {
+        env.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
+    };
+    if let Some(url) = get("DATABASE_URL") {
+        layers.set("database_url", url, Origin::Env("DATABASE_URL".into()));
+    } else if get("DB_HOST").is_some() || get("DB_NAME").is_some() {
+        let user = get("DB_USER").map(url_part);
+        let password = get("DB_PASSWORD").map(url_part);
+        let credentials = match (user, password) {
+            (Some(u), Some(p)) => format!("{u}:{p}@"),
+            (Some(u), None) => format!("{u}@"),
+            (None, _) => String::new(),
+        };
+        let url = format!(
+            "postgres://{credentials}{}:{}/{}",
+            get("DB_HOST").unwrap_or("localhost"),
+            get("DB_PORT").unwrap_or("5432"),
+            url_part(get("DB_NAME").unwrap_or("kiwi")),
+        );
+        layers.set(
+            "database_url",
+            url,
+            Origin::Env("DB_HOST/DB_PORT/DB_NAME/DB_USER/DB_PASSWORD".into()),
+        );
+    }
+    if let Some(url) = get("REDIS_URL") {
+        layers.set("redis_url", url, Origin::Env("REDIS_URL".into()));
+    } else if let Some(host) = get("REDIS_HOST") {
+        let url = format!(
+            "redis://{host}:{}/{}",
+            get("REDIS_PORT").unwrap_or("6379"),
+            get("REDIS_DB").unwrap_or("0"),
+        );
+        layers.set(
+            "redis_url",
+            url,
+            Origin::Env("REDIS_HOST/REDIS_PORT/REDIS_DB".into()),
+        );
     }
 }
 
@@ -246,6 +375,47 @@ mod tests {
             config: Some(file.to_path_buf()),
             ..Flags::default()
         }
+    }
+
+    #[test]
+    fn original_design_variables_are_honoured() {
+        let none = Flags {
+            config: Some(PathBuf::from("/dev/null")),
+            ..Flags::default()
+        };
+        let c = Config::load(
+            &none,
+            env(&[
+                ("DB_HOST", "db.lan"),
+                ("DB_PORT", "5433"),
+                ("DB_NAME", "lekiwi_robots"),
+                ("DB_USER", "lekiwi"),
+                ("DB_PASSWORD", "p@ss word"),
+                ("REDIS_HOST", "cache.lan"),
+                ("REDIS_DB", "2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.database_url.as_deref(),
+            Some("postgres://lekiwi:p%40ss%20word@db.lan:5433/lekiwi_robots")
+        );
+        assert_eq!(c.redis_url.as_deref(), Some("redis://cache.lan:6379/2"));
+        // DATABASE_URL wins over DB_*, and KIWI_CONTROLLER_* over both.
+        let c = Config::load(
+            &none,
+            env(&[
+                ("DB_HOST", "db.lan"),
+                ("DATABASE_URL", "postgres://a@b/c"),
+                ("REDIS_URL", "redis://r:1/0"),
+                ("KIWI_CONTROLLER_REDIS_URL", "redis://k:2/0"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.database_url.as_deref(), Some("postgres://a@b/c"));
+        assert_eq!(c.redis_url.as_deref(), Some("redis://k:2/0"));
+        let err = Config::load(&none, env(&[("DATABASE_URL", "mysql://x")])).unwrap_err();
+        assert_eq!(err.0[0].field, "database_url");
     }
 
     #[test]

@@ -119,7 +119,7 @@ impl Discovery {
             robots_found: found.len() as i64,
             new_robots: new_robots as i64,
         };
-        self.fleet.store().record_discovery(&session).await?;
+        self.fleet.store().record_discovery(&session, None).await?;
         Ok(session)
     }
 

@@ -9,7 +9,6 @@
 
 use crate::cache::{Entry, RobotCache};
 use crate::domain::decide::CommandIntent;
-use crate::domain::robot::LastReport;
 use crate::domain::{
     EventMetadata, EventRecord, Health, Input, NewEvent, Policy, Refusal, Robot, RobotEvent, decide,
 };
@@ -303,17 +302,12 @@ impl Fleet {
             })?);
         }
         let mut row = row.ok_or_else(|| StoreError::Invalid("no robot to append to".into()))?;
-        if let Some(rep) = &report {
-            row.last_report_seq = rep.seq;
-            row.last_heartbeat = Some(rep.received_at);
-            row.last_report = Some(LastReport {
-                seq: rep.seq,
-                time: rep.time,
-                workload: rep.workload.clone(),
-                maintenance: rep.maintenance,
-                telemetry: rep.telemetry.clone(),
-            });
-            row.updated_at = now;
+        let mut report = report;
+        if let Some(rep) = &mut report {
+            // Stored with the time of this commit, so that replay (which
+            // applies the latest report the same way) gives this very row.
+            rep.received_at = now;
+            crate::replay::apply_report(&mut row, rep);
         }
         let started = Instant::now();
         let records = self

@@ -4,7 +4,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use kiwi_controller::config::{Config, Flags};
-use kiwi_controller::serve;
+use kiwi_controller::{ops, serve};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +29,24 @@ enum Command {
     Serve(ServeArgs),
     /// Validate the configuration and exit (0: valid, 2: invalid).
     CheckConfig(ServeArgs),
+    /// Apply the store's migrations and exit.
+    Migrate(ServeArgs),
+    /// Rebuild the read model from the event log and compare it with the
+    /// live one (exit 0: identical, 1: they differ or the log does not replay).
+    Replay(ServeArgs),
+    /// Fold events older than a time into per-robot snapshots and delete
+    /// them (replay still gives the same read model).
+    Prune(PruneArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+struct PruneArgs {
+    /// Prune events recorded before this: an RFC 3339 time or an age
+    /// (`30d`, `12h`).
+    #[arg(long, value_name = "TIME|AGE")]
+    before: String,
+    #[command(flatten)]
+    store: ServeArgs,
 }
 
 #[derive(Debug, Args, Clone, Default)]
@@ -79,21 +97,32 @@ fn load(args: &ServeArgs) -> Result<Config, ExitCode> {
     })
 }
 
+/// What to do once the configuration is valid.
+enum Task {
+    Serve,
+    Migrate,
+    Replay,
+    Prune(String),
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (args, check_only) = match cli.command {
-        Some(Command::Serve(a)) => (a, false),
-        Some(Command::CheckConfig(a)) => (a, true),
-        None => (cli.serve, false),
+    let (args, task) = match cli.command {
+        Some(Command::Serve(a)) => (a, Some(Task::Serve)),
+        Some(Command::CheckConfig(a)) => (a, None),
+        Some(Command::Migrate(a)) => (a, Some(Task::Migrate)),
+        Some(Command::Replay(a)) => (a, Some(Task::Replay)),
+        Some(Command::Prune(p)) => (p.store, Some(Task::Prune(p.before))),
+        None => (cli.serve, Some(Task::Serve)),
     };
     let config = match load(&args) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    if check_only {
+    let Some(task) = task else {
         println!("configuration is valid");
         return ExitCode::SUCCESS;
-    }
+    };
     init_logging();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -103,15 +132,69 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let shutdown = CancellationToken::new();
-        tokio::spawn(serve::cancel_on_signal(shutdown.clone()));
-        match serve::serve(config, shutdown, |_| {}).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!(error = format!("{e:#}"), "kiwi-controller stopped");
-                eprintln!("kiwi-controller: {e:#}");
-                ExitCode::FAILURE
+        let outcome = match task {
+            Task::Serve => {
+                let shutdown = CancellationToken::new();
+                tokio::spawn(serve::cancel_on_signal(shutdown.clone()));
+                serve::serve(config, shutdown, |_| {})
+                    .await
+                    .map(|()| ExitCode::SUCCESS)
             }
-        }
+            Task::Migrate => serve::open_store(&config).await.map(|_| {
+                println!("migrations applied");
+                ExitCode::SUCCESS
+            }),
+            Task::Replay => replay(&config).await,
+            Task::Prune(before) => prune(&config, &before).await,
+        };
+        outcome.unwrap_or_else(|e| {
+            tracing::error!(error = format!("{e:#}"), "kiwi-controller stopped");
+            eprintln!("kiwi-controller: {e:#}");
+            ExitCode::FAILURE
+        })
     })
+}
+
+async fn replay(config: &Config) -> anyhow::Result<ExitCode> {
+    let store = serve::open_store(config).await?;
+    let check = ops::replay_check(store.as_ref()).await?;
+    for d in &check.differences {
+        println!(
+            "robot {} differs:\n  live:    {}\n  rebuilt: {}",
+            d.robot_id,
+            serde_json::to_string(&d.live).unwrap_or_default(),
+            serde_json::to_string(&d.rebuilt).unwrap_or_default()
+        );
+    }
+    println!(
+        "replayed {} events of {} robots: {} difference(s)",
+        check.events,
+        check.robots,
+        check.differences.len()
+    );
+    Ok(if check.differences.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn prune(config: &Config, before: &str) -> anyhow::Result<ExitCode> {
+    let before = match ops::parse_before(before, chrono::Utc::now()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("kiwi-controller: --before: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let store = serve::open_store(config).await?;
+    let outcome = store.prune(before).await?;
+    println!(
+        "pruned before {}: {} robots snapshotted, {} events and {} reports removed",
+        before.to_rfc3339(),
+        outcome.robots,
+        outcome.events_removed,
+        outcome.reports_removed
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub robots_by_state: Family<StateLabels, Gauge>,
     pub cache_hits: Counter,
     pub cache_misses: Counter,
+    pub redis_errors: Counter,
+    pub leases_lost: Counter,
     pub events_appended: Counter,
     pub event_append_duration_seconds: Histogram,
     pub agent_connections: Gauge,
@@ -65,6 +67,8 @@ impl Metrics {
             robots_by_state: Family::default(),
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
+            redis_errors: Counter::default(),
+            leases_lost: Counter::default(),
             events_appended: Counter::default(),
             event_append_duration_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             agent_connections: Gauge::default(),
@@ -114,6 +118,16 @@ impl Metrics {
             "cache_misses",
             "Robot reads that went to the store",
             m.cache_misses.clone(),
+        );
+        registry.register(
+            "redis_errors",
+            "Redis operations that failed (connection, timeout or server error)",
+            m.redis_errors.clone(),
+        );
+        registry.register(
+            "leases_lost",
+            "Distributed leases lost while held (renewal refused or timed out)",
+            m.leases_lost.clone(),
         );
         registry.register(
             "events_appended",

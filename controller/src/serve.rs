@@ -37,6 +37,24 @@ pub struct Bound {
     pub agent: SocketAddr,
 }
 
+/// Opens the configured event store (running its migrations): PostgreSQL
+/// when a database is configured, else the embedded SQLite file in the state
+/// directory.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn EventStore>> {
+    std::fs::create_dir_all(&config.state_dir).with_context(|| {
+        format!(
+            "cannot create state directory {}",
+            config.state_dir.display()
+        )
+    })?;
+    let db = config.state_dir.join(DATABASE_FILE);
+    let store = SqliteStore::open(&db)
+        .await
+        .with_context(|| format!("cannot open the embedded store {}", db.display()))?;
+    tracing::info!(store = %db.display(), "embedded store open");
+    Ok(Arc::new(store))
+}
+
 /// Every long-lived component of a controller, built from its
 /// configuration but not yet running. `serve` runs them; tests and the
 /// benchmark build the same thing in-process.
@@ -56,18 +74,7 @@ pub struct Components {
 impl Components {
     /// Opens the store in the state directory and loads the read model.
     pub async fn build(config: Config, shutdown: CancellationToken) -> anyhow::Result<Components> {
-        std::fs::create_dir_all(&config.state_dir).with_context(|| {
-            format!(
-                "cannot create state directory {}",
-                config.state_dir.display()
-            )
-        })?;
-        let db = config.state_dir.join(DATABASE_FILE);
-        let store: Arc<dyn EventStore> = Arc::new(
-            SqliteStore::open(&db)
-                .await
-                .with_context(|| format!("cannot open the embedded store {}", db.display()))?,
-        );
+        let store = open_store(&config).await?;
         let metrics = Arc::new(Metrics::new());
         let cache = Arc::new(RobotCache::new(metrics.clone()));
         let sessions = Arc::new(SessionRegistry::default());
@@ -82,7 +89,7 @@ impl Components {
             config.report_interval,
         );
         let robots = fleet.load().await.context("cannot load the read model")?;
-        tracing::info!(robots, store = %db.display(), "read model loaded");
+        tracing::info!(robots, "read model loaded");
         let discovery = Discovery::new(
             fleet.clone(),
             metrics.clone(),

@@ -102,6 +102,12 @@ impl From<StoreError> for Problem {
                 format!("{e}; retry the request"),
             ),
             StoreError::Unavailable(_) => Problem::unavailable(e.to_string()),
+            StoreError::Fenced { .. } => Problem::new(
+                StatusCode::CONFLICT,
+                "lease-lost",
+                "Lease lost",
+                format!("{e}; another controller holds this work now"),
+            ),
             StoreError::Corrupt(_) | StoreError::Invalid(_) => {
                 tracing::error!(error = %e, "store error");
                 Problem::new(

@@ -148,16 +148,66 @@ pub async fn list(
     Ok(json_response(out))
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AtQuery {
+    /// An RFC 3339 instant: answer the robot as it was then.
+    at: Option<String>,
+}
+
 pub async fn get_one(
     State(s): State<AppState>,
     RobotPath(id): RobotPath,
+    ApiQuery(q): ApiQuery<AtQuery>,
 ) -> Result<Response, Problem> {
+    if let Some(at) = q.at {
+        return robot_at(&s, id, &at).await;
+    }
     let entry = s
         .fleet
         .robot(id)
         .await?
         .ok_or_else(|| Problem::not_found(format!("no robot {id}")))?;
     Ok(robot_response(&entry, s.fleet.sessions()))
+}
+
+/// The robot as it was at an instant, rebuilt from its history.
+async fn robot_at(s: &AppState, id: RobotId, at: &str) -> Result<Response, Problem> {
+    let at = chrono::DateTime::parse_from_rfc3339(at)
+        .map_err(|e| Problem::bad_request(format!("at must be an RFC 3339 time: {e}")))?
+        .with_timezone(&Utc);
+    let history = s.fleet.store().history(id, Some(at)).await?;
+    if let Some(snap) = &history.snapshot
+        && at < snap.robot.updated_at
+    {
+        return Err(Problem::new(
+            StatusCode::GONE,
+            "pruned",
+            "History pruned",
+            format!(
+                "the history of robot {id} before {} was folded into a snapshot",
+                snap.robot.updated_at.to_rfc3339()
+            ),
+        ));
+    }
+    let robot = crate::replay::project(&history)
+        .map_err(|e| {
+            tracing::error!(robot_id = %id, error = %e, "history does not replay");
+            Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal error",
+                "the robot's history does not replay; see the controller's log",
+            )
+        })?
+        .ok_or_else(|| {
+            Problem::not_found(format!("robot {id} did not exist at {}", at.to_rfc3339()))
+        })?;
+    let mut body = serde_json::to_value(&robot).unwrap_or_default();
+    if let Some(m) = body.as_object_mut() {
+        m.insert("as_of".into(), json!(at));
+    }
+    Ok(axum::Json(body).into_response())
 }
 
 fn is_healthy(r: &Robot) -> bool {

@@ -74,6 +74,47 @@ pub struct DiscoverySession {
     pub new_robots: i64,
 }
 
+/// A robot's row as of one version, standing in for the events before it
+/// that were pruned. Replaying a robot starts from its snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The row as of `robot.version`.
+    pub robot: Robot,
+    pub taken_at: DateTime<Utc>,
+}
+
+/// One robot's history up to an instant: everything needed to rebuild its
+/// row as it was then (see [`crate::replay`]).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct History {
+    /// The latest snapshot taken at or before the instant.
+    pub snapshot: Option<Snapshot>,
+    /// Events after the snapshot's version recorded at or before the
+    /// instant, oldest first.
+    pub events: Vec<EventRecord>,
+    /// The report with the highest sequence number received at or before
+    /// the instant.
+    pub last_report: Option<StoredReport>,
+}
+
+/// What a prune removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct PruneOutcome {
+    /// Robots whose older events were folded into a snapshot.
+    pub robots: u64,
+    pub events_removed: u64,
+    pub reports_removed: u64,
+}
+
+/// A fencing token for work only one controller may do at a time (a lease
+/// holder's proof): the store refuses a write whose token is lower than the
+/// highest it has seen for the same resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fence {
+    pub resource: String,
+    pub token: u64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// Another writer changed the robot first: reload and decide again.
@@ -92,6 +133,14 @@ pub enum StoreError {
     /// A caller broke the contract (e.g. a row whose version does not match).
     #[error("invalid append: {0}")]
     Invalid(String),
+    /// A write under a fencing token older than one already used: the
+    /// writer lost its lease to another controller.
+    #[error("fencing token {token} for {resource} is stale (the store has seen {current})")]
+    Fenced {
+        resource: String,
+        token: u64,
+        current: u64,
+    },
 }
 
 /// The event store. Implementations are cheap to share (`Arc<dyn EventStore>`).
@@ -129,7 +178,29 @@ pub trait EventStore: Send + Sync + std::fmt::Debug + 'static {
         limit: u32,
     ) -> Result<Vec<StoredReport>, StoreError>;
 
-    async fn record_discovery(&self, session: &DiscoverySession) -> Result<(), StoreError>;
+    /// Records a discovery round. With a fence, refuses (`Fenced`) when a
+    /// higher token for the same resource was already used, and remembers
+    /// this token otherwise, in the same transaction.
+    async fn record_discovery(
+        &self,
+        session: &DiscoverySession,
+        fence: Option<&Fence>,
+    ) -> Result<(), StoreError>;
+
+    /// One robot's history up to `at` (`None`: everything).
+    async fn history(&self, id: RobotId, at: Option<DateTime<Utc>>) -> Result<History, StoreError>;
+
+    /// The current snapshot of every robot that has one.
+    async fn snapshots(&self) -> Result<Vec<Snapshot>, StoreError>;
+
+    /// Each robot's report with the highest sequence number.
+    async fn latest_reports(&self) -> Result<Vec<StoredReport>, StoreError>;
+
+    /// Folds every robot's events recorded before `before` into a snapshot
+    /// (the row replayed up to them) and deletes them, one robot per
+    /// transaction; also deletes reports received before `before` except
+    /// each robot's latest. Replaying afterwards gives the same rows.
+    async fn prune(&self, before: DateTime<Utc>) -> Result<PruneOutcome, StoreError>;
 
     /// Whether the database answers (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;

@@ -30,7 +30,10 @@
 //! publishes one [`Committed`] per successful append, in log order, on a
 //! broadcast channel ([`EventStore::subscribe`]).
 
-use super::{Append, Committed, DiscoverySession, EventStore, StoreError, StoredReport};
+use super::{
+    Append, Committed, DiscoverySession, EventStore, Fence, History, PruneOutcome, Snapshot,
+    StoreError, StoredReport,
+};
 use crate::domain::robot::LastReport;
 use crate::domain::{EventMetadata, EventRecord, Health, LifecycleState, Robot, RobotEvent};
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -269,27 +272,115 @@ impl EventStore for SqliteStore {
         rows.iter().map(decode_report).collect()
     }
 
-    async fn record_discovery(&self, session: &DiscoverySession) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO discovery_sessions \
-             (session_id, methods, started_at, finished_at, duration_ms, robots_found, new_robots) \
-             VALUES (?, ?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (session_id) DO UPDATE SET methods = excluded.methods, \
-             started_at = excluded.started_at, finished_at = excluded.finished_at, \
-             duration_ms = excluded.duration_ms, robots_found = excluded.robots_found, \
-             new_robots = excluded.new_robots",
-        )
-        .bind(session.session_id.to_string())
-        .bind(to_json(&session.methods)?)
-        .bind(timestamp(&session.started_at))
-        .bind(timestamp(&session.finished_at))
-        .bind(session.duration_ms)
-        .bind(session.robots_found)
-        .bind(session.new_robots)
-        .execute(&self.reads)
+    async fn record_discovery(
+        &self,
+        session: &DiscoverySession,
+        fence: Option<&Fence>,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.reads.acquire().await.map_err(read_error)?;
+        immediate(&mut conn).await?;
+        let written = record_discovery_in(&mut conn, session, fence).await;
+        finish(&mut conn, written).await
+    }
+
+    async fn history(&self, id: RobotId, at: Option<DateTime<Utc>>) -> Result<History, StoreError> {
+        // One read transaction: snapshot, events and report from one state.
+        let mut tx = self.reads.begin().await.map_err(read_error)?;
+        let snapshot = load_snapshot(&mut *tx, id).await?;
+        let after_version = snapshot.as_ref().map_or(0, |s| s.robot.version);
+        let until = at.map_or_else(|| "9999".to_string(), |t| timestamp(&t));
+        let events = sqlx::query(concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM events WHERE robot_id = ? AND version > ? AND recorded_at <= ? ORDER BY version"
+        ))
+        .bind(id.to_string())
+        .bind(after_version)
+        .bind(&until)
+        .fetch_all(&mut *tx)
         .await
-        .map_err(read_error)?;
-        Ok(())
+        .map_err(read_error)?
+        .iter()
+        .map(decode_event)
+        .collect::<Result<Vec<_>, _>>()?;
+        let last_report = sqlx::query(
+            "SELECT robot_id, seq, time, received_at, health, workload, maintenance, telemetry \
+             FROM robot_reports WHERE robot_id = ? AND received_at <= ? ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(id.to_string())
+        .bind(&until)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(read_error)?
+        .as_ref()
+        .map(decode_report)
+        .transpose()?;
+        tx.commit().await.map_err(read_error)?;
+        Ok(History {
+            snapshot,
+            events,
+            last_report,
+        })
+    }
+
+    async fn snapshots(&self) -> Result<Vec<Snapshot>, StoreError> {
+        sqlx::query("SELECT robot_id, robot, taken_at FROM robot_snapshots ORDER BY robot_id")
+            .fetch_all(&self.reads)
+            .await
+            .map_err(read_error)?
+            .iter()
+            .map(decode_snapshot)
+            .collect()
+    }
+
+    async fn latest_reports(&self) -> Result<Vec<StoredReport>, StoreError> {
+        sqlx::query(
+            "SELECT r.robot_id, r.seq, r.time, r.received_at, r.health, r.workload, \
+             r.maintenance, r.telemetry FROM robot_reports r \
+             JOIN (SELECT robot_id, MAX(seq) AS seq FROM robot_reports GROUP BY robot_id) m \
+             ON r.robot_id = m.robot_id AND r.seq = m.seq ORDER BY r.robot_id",
+        )
+        .fetch_all(&self.reads)
+        .await
+        .map_err(read_error)?
+        .iter()
+        .map(decode_report)
+        .collect()
+    }
+
+    async fn prune(&self, before: DateTime<Utc>) -> Result<PruneOutcome, StoreError> {
+        let cutoff = timestamp(&before);
+        let ids: Vec<String> =
+            sqlx::query_scalar("SELECT DISTINCT robot_id FROM events WHERE recorded_at < ?")
+                .bind(&cutoff)
+                .fetch_all(&self.reads)
+                .await
+                .map_err(read_error)?;
+        let mut outcome = PruneOutcome::default();
+        let mut conn = self.reads.acquire().await.map_err(read_error)?;
+        for raw in ids {
+            let id: RobotId = raw
+                .parse()
+                .map_err(|e| StoreError::Corrupt(format!("robot id {raw:?} in events: {e}")))?;
+            immediate(&mut conn).await?;
+            let folded = fold_into_snapshot(&mut conn, id, &cutoff).await;
+            if let Some(n) = finish(&mut conn, folded).await? {
+                outcome.robots += 1;
+                outcome.events_removed += n;
+            }
+        }
+        immediate(&mut conn).await?;
+        let reports = sqlx::query(
+            "DELETE FROM robot_reports WHERE received_at < ? AND seq < \
+             (SELECT MAX(seq) FROM robot_reports r2 WHERE r2.robot_id = robot_reports.robot_id)",
+        )
+        .bind(&cutoff)
+        .execute(&mut *conn)
+        .await
+        .map(|r| r.rows_affected())
+        .map_err(write_error);
+        outcome.reports_removed = finish(&mut conn, reports).await?;
+        Ok(outcome)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -303,6 +394,184 @@ impl EventStore for SqliteStore {
     fn subscribe(&self) -> broadcast::Receiver<Arc<Committed>> {
         self.feed.subscribe()
     }
+}
+
+// ---------------------------------------------------------------------------
+// History, pruning and fences (written through the pool under
+// `BEGIN IMMEDIATE`, waiting for the writer's lock within the busy timeout).
+
+/// Starts a write transaction at once (a deferred one could fail to upgrade
+/// when the writer commits in between).
+async fn immediate(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *conn)
+        .await
+        .map_err(write_error)?;
+    Ok(())
+}
+
+/// Commits after `result` succeeded, rolls back otherwise.
+async fn finish<T>(
+    conn: &mut SqliteConnection,
+    result: Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    match result {
+        Ok(v) => {
+            sqlx::query("COMMIT")
+                .execute(&mut *conn)
+                .await
+                .map_err(write_error)?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+            Err(e)
+        }
+    }
+}
+
+async fn record_discovery_in(
+    conn: &mut SqliteConnection,
+    session: &DiscoverySession,
+    fence: Option<&Fence>,
+) -> Result<(), StoreError> {
+    if let Some(f) = fence {
+        let token = i64::try_from(f.token)
+            .map_err(|_| StoreError::Invalid(format!("fencing token {} too large", f.token)))?;
+        let current: Option<i64> =
+            sqlx::query_scalar("SELECT token FROM fences WHERE resource = ?")
+                .bind(&f.resource)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(write_error)?;
+        if let Some(current) = current.filter(|c| *c > token) {
+            return Err(StoreError::Fenced {
+                resource: f.resource.clone(),
+                token: f.token,
+                current: u64::try_from(current).unwrap_or(0),
+            });
+        }
+        sqlx::query(
+            "INSERT INTO fences (resource, token) VALUES (?, ?) \
+             ON CONFLICT (resource) DO UPDATE SET token = excluded.token",
+        )
+        .bind(&f.resource)
+        .bind(token)
+        .execute(&mut *conn)
+        .await
+        .map_err(write_error)?;
+    }
+    sqlx::query(
+        "INSERT INTO discovery_sessions \
+         (session_id, methods, started_at, finished_at, duration_ms, robots_found, new_robots) \
+         VALUES (?, ?, ?, ?, ?, ?, ?) \
+         ON CONFLICT (session_id) DO UPDATE SET methods = excluded.methods, \
+         started_at = excluded.started_at, finished_at = excluded.finished_at, \
+         duration_ms = excluded.duration_ms, robots_found = excluded.robots_found, \
+         new_robots = excluded.new_robots",
+    )
+    .bind(session.session_id.to_string())
+    .bind(to_json(&session.methods)?)
+    .bind(timestamp(&session.started_at))
+    .bind(timestamp(&session.finished_at))
+    .bind(session.duration_ms)
+    .bind(session.robots_found)
+    .bind(session.new_robots)
+    .execute(&mut *conn)
+    .await
+    .map_err(write_error)?;
+    Ok(())
+}
+
+async fn load_snapshot<'c, E>(executor: E, id: RobotId) -> Result<Option<Snapshot>, StoreError>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
+{
+    sqlx::query("SELECT robot_id, robot, taken_at FROM robot_snapshots WHERE robot_id = ?")
+        .bind(id.to_string())
+        .fetch_optional(executor)
+        .await
+        .map_err(read_error)?
+        .as_ref()
+        .map(decode_snapshot)
+        .transpose()
+}
+
+fn decode_snapshot(row: &SqliteRow) -> Result<Snapshot, StoreError> {
+    let fields = || -> Result<Snapshot, String> {
+        Ok(Snapshot {
+            robot: json_col(row, "robot")?,
+            taken_at: time_col(row, "taken_at")?,
+        })
+    };
+    fields().map_err(|e| {
+        StoreError::Corrupt(format!("snapshot of robot {}: {e}", key(row, "robot_id")))
+    })
+}
+
+/// Folds one robot's events recorded before `cutoff` into its snapshot and
+/// deletes them; `None` when it had none. Folds by version (up to the
+/// newest old event), so a clock that stepped back cannot leave a gap.
+async fn fold_into_snapshot(
+    conn: &mut SqliteConnection,
+    id: RobotId,
+    cutoff: &str,
+) -> Result<Option<u64>, StoreError> {
+    let upto: Option<i64> = sqlx::query_scalar(
+        "SELECT MAX(version) FROM events WHERE robot_id = ? AND recorded_at < ?",
+    )
+    .bind(id.to_string())
+    .bind(cutoff)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(write_error)?;
+    let Some(upto) = upto else {
+        return Ok(None);
+    };
+    let snapshot = load_snapshot(&mut *conn, id).await?;
+    let after = snapshot.as_ref().map_or(0, |s| s.robot.version);
+    let events = sqlx::query(concat!(
+        "SELECT ",
+        event_columns!(),
+        " FROM events WHERE robot_id = ? AND version > ? AND version <= ? ORDER BY version"
+    ))
+    .bind(id.to_string())
+    .bind(after)
+    .bind(upto)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(write_error)?
+    .iter()
+    .map(decode_event)
+    .collect::<Result<Vec<_>, _>>()?;
+    let history = History {
+        snapshot,
+        events,
+        last_report: None,
+    };
+    let robot = crate::replay::project(&history)
+        .map_err(|e| StoreError::Corrupt(format!("robot {id}: its events do not replay: {e}")))?
+        .ok_or_else(|| StoreError::Corrupt(format!("robot {id}: nothing to snapshot")))?;
+    sqlx::query(
+        "INSERT INTO robot_snapshots (robot_id, version, robot, taken_at) VALUES (?, ?, ?, ?) \
+         ON CONFLICT (robot_id) DO UPDATE SET version = excluded.version, \
+         robot = excluded.robot, taken_at = excluded.taken_at",
+    )
+    .bind(id.to_string())
+    .bind(robot.version)
+    .bind(to_json(&robot)?)
+    .bind(timestamp(&Utc::now()))
+    .execute(&mut *conn)
+    .await
+    .map_err(write_error)?;
+    let removed = sqlx::query("DELETE FROM events WHERE robot_id = ? AND version <= ?")
+        .bind(id.to_string())
+        .bind(upto)
+        .execute(&mut *conn)
+        .await
+        .map_err(write_error)?
+        .rows_affected();
+    Ok(Some(removed))
 }
 
 // ---------------------------------------------------------------------------
@@ -1475,9 +1744,9 @@ mod tests {
             robots_found: 3,
             new_robots: 1,
         };
-        store.record_discovery(&session).await.unwrap();
+        store.record_discovery(&session, None).await.unwrap();
         session.robots_found = 4;
-        store.record_discovery(&session).await.unwrap();
+        store.record_discovery(&session, None).await.unwrap();
 
         let rows = sqlx::query(
             "SELECT session_id, methods, started_at, finished_at, duration_ms, robots_found, \
