@@ -32,6 +32,7 @@ pub const KEYS: &[&str] = &[
     "database_url",
     "db_pool_size",
     "redis_url",
+    "redis_prefix",
     "enable_cache",
     "cache_static_ttl",
     "cache_dynamic_ttl",
@@ -84,6 +85,8 @@ pub struct Config {
     pub db_pool_size: u32,
     /// Redis connection URL; `None`: no shared cache.
     pub redis_url: Option<String>,
+    /// Prefix of every Redis key (several fleets may share one Redis).
+    pub redis_prefix: String,
     /// Use Redis when it is configured.
     pub enable_cache: bool,
     /// TTL of identity data in Redis (IP index, state and type sets).
@@ -109,6 +112,7 @@ impl Default for Config {
             database_url: None,
             db_pool_size: 10,
             redis_url: None,
+            redis_prefix: "kiwi:".into(),
             enable_cache: true,
             cache_static_ttl: Duration::from_secs(3600),
             cache_dynamic_ttl: Duration::from_secs(300),
@@ -198,6 +202,7 @@ impl Config {
                 .raw("redis_url")
                 .map(str::to_string)
                 .filter(|u| !u.is_empty()),
+            redis_prefix: r.raw("redis_prefix").map_or(d.redis_prefix, str::to_string),
             enable_cache: r.get_or("enable_cache", d.enable_cache),
             cache_static_ttl: duration(&mut r, "cache_static_ttl", d.cache_static_ttl),
             cache_dynamic_ttl: duration(&mut r, "cache_dynamic_ttl", d.cache_dynamic_ttl),

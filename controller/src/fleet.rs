@@ -14,6 +14,7 @@ use crate::domain::{
 };
 use crate::link::session::SessionRegistry;
 use crate::metrics::{Metrics, TransitionLabels};
+use crate::shared_cache::SharedCache;
 use crate::store::{Append, EventStore, StoreError, StoredReport};
 use chrono::{DateTime, TimeZone, Utc};
 use kiwi_protocol::RobotId;
@@ -65,6 +66,9 @@ struct Inner {
     metrics: Arc<Metrics>,
     policy: Policy,
     report_interval: Duration,
+    /// Redis in front of the store, when configured; set once, after the
+    /// read model is loaded (Redis is refilled from it).
+    shared: std::sync::OnceLock<SharedCache>,
     locks: Mutex<HashMap<RobotId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -95,9 +99,22 @@ impl Fleet {
                 metrics,
                 policy,
                 report_interval,
+                shared: std::sync::OnceLock::new(),
                 locks: Mutex::default(),
             }),
         }
+    }
+
+    /// Puts Redis in front of the store. Call once, after [`Fleet::load`]:
+    /// Redis is refilled from the loaded read model before it is read.
+    pub fn set_shared_cache(&self, shared: SharedCache) {
+        if self.inner.shared.set(shared).is_err() {
+            tracing::warn!("shared cache already set; keeping the first");
+        }
+    }
+
+    pub fn shared_cache(&self) -> Option<&SharedCache> {
+        self.inner.shared.get()
     }
 
     pub fn store(&self) -> &Arc<dyn EventStore> {
@@ -122,16 +139,46 @@ impl Fleet {
         Ok(n)
     }
 
-    /// One robot: from the cache, else read through from the store.
+    /// One robot for decisions: from the in-process read model, else read
+    /// through from the store. (Optimistic concurrency catches a row that is
+    /// stale because another controller changed it.)
     pub async fn robot(&self, id: RobotId) -> Result<Option<Entry>, StoreError> {
-        if let Some(e) = self.inner.cache.get(&id) {
+        if let Some(e) = self.inner.cache.peek(&id) {
             return Ok(Some(e));
         }
+        self.load_one(id).await
+    }
+
+    async fn load_one(&self, id: RobotId) -> Result<Option<Entry>, StoreError> {
         Ok(self.inner.store.robot(id).await?.map(|r| {
             let r = Arc::new(r);
             self.inner.cache.put(r.clone());
             Entry::new(r)
         }))
+    }
+
+    /// One robot for the API: Redis first when it is up (read-through: a
+    /// miss is loaded from the store and written back), else the in-process
+    /// read model, else the store. Counts cache hits and misses.
+    pub async fn read(&self, id: RobotId) -> Result<Option<Entry>, StoreError> {
+        let local = &self.inner.cache;
+        if let Some(shared) = self.inner.shared.get() {
+            match shared.get(id, local).await {
+                Ok(Some(r)) => return Ok(Some(Entry::new(Arc::new(r)))),
+                Ok(None) => {
+                    let loaded = self.load_one(id).await?;
+                    if let Some(e) = &loaded {
+                        shared.put(&e.robot, local).await;
+                    }
+                    return Ok(loaded);
+                }
+                Err(()) => {}
+            }
+        }
+        if let Some(e) = local.get(&id) {
+            return Ok(Some(e));
+        }
+        self.load_one(id).await
     }
 
     fn lock_for(&self, id: RobotId) -> Arc<tokio::sync::Mutex<()>> {
@@ -340,6 +387,9 @@ impl Fleet {
         }
         let row = Arc::new(row);
         self.inner.cache.put(row.clone());
+        if let Some(shared) = self.inner.shared.get() {
+            shared.put(&row, &self.inner.cache).await;
+        }
         Ok(Applied {
             robot: Entry::new(row),
             events: records,

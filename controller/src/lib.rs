@@ -17,5 +17,6 @@ pub mod ops;
 pub mod redis;
 pub mod replay;
 pub mod serve;
+pub mod shared_cache;
 pub mod store;
 pub mod watch;

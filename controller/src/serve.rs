@@ -13,6 +13,8 @@ use crate::link::session::SessionRegistry;
 use crate::link::{self, LinkConfig, LinkState};
 use crate::liveness::{self, LivenessConfig};
 use crate::metrics::Metrics;
+use crate::redis::{CacheTtls, RedisCache};
+use crate::shared_cache::SharedCache;
 use crate::store::EventStore;
 use crate::store::sqlite::SqliteStore;
 use crate::watch::{self, Hub};
@@ -90,6 +92,20 @@ impl Components {
         );
         let robots = fleet.load().await.context("cannot load the read model")?;
         tracing::info!(robots, "read model loaded");
+        if let (Some(url), true) = (&config.redis_url, config.enable_cache) {
+            let redis = RedisCache::connect_lazy(
+                url,
+                &config.redis_prefix,
+                CacheTtls {
+                    static_ttl: config.cache_static_ttl,
+                    dynamic_ttl: config.cache_dynamic_ttl,
+                },
+                metrics.clone(),
+            )
+            .context("invalid redis_url")?;
+            tracing::info!(prefix = %config.redis_prefix, "shared cache: Redis");
+            fleet.set_shared_cache(SharedCache::new(redis, cache.clone()));
+        }
         let discovery = Discovery::new(
             fleet.clone(),
             metrics.clone(),

@@ -109,13 +109,22 @@ async fn healthz() -> impl IntoResponse {
     axum::Json(serde_json::json!({"status": "ok"}))
 }
 
+/// Ready when the store answers. With Redis configured and not up, still
+/// ready (reads fall back to the store) but `degraded`.
 async fn readyz(State(s): State<AppState>) -> Result<impl IntoResponse, Problem> {
     s.fleet
         .store()
         .ping()
         .await
         .map_err(|e| Problem::unavailable(format!("store not ready: {e}")))?;
-    Ok(axum::Json(serde_json::json!({"status": "ready"})))
+    let body = match s.fleet.shared_cache() {
+        Some(c) if !c.is_up() => {
+            serde_json::json!({"status": "degraded", "store": "up", "redis": c.status()})
+        }
+        Some(_) => serde_json::json!({"status": "ready", "store": "up", "redis": "up"}),
+        None => serde_json::json!({"status": "ready", "store": "up"}),
+    };
+    Ok(axum::Json(body))
 }
 
 async fn prometheus(State(s): State<AppState>) -> impl IntoResponse {

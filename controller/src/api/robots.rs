@@ -165,7 +165,7 @@ pub async fn get_one(
     }
     let entry = s
         .fleet
-        .robot(id)
+        .read(id)
         .await?
         .ok_or_else(|| Problem::not_found(format!("no robot {id}")))?;
     Ok(robot_response(&entry, s.fleet.sessions()))

@@ -1,0 +1,213 @@
+//! Redis in front of the store: reads go through it, a dead Redis costs no
+//! API error (reads fall back, `/readyz` says degraded), and when it returns
+//! it is refilled before it is read again, so it never serves a row older
+//! than one already acknowledged. Uses a throwaway `redis-server` so the
+//! test can kill and restart it.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use kiwi_controller::config::Config;
+use kiwi_controller::domain::decide::CommandIntent;
+use kiwi_controller::domain::event::IdentityFacts;
+use kiwi_controller::domain::{Action, Input};
+use kiwi_controller::fleet::Context;
+use kiwi_controller::serve::Components;
+use kiwi_protocol::{HardwareId, RobotId};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+struct Redis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start(port: u16) -> Redis {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start redis-server ({e}): apt-get install redis-server")
+            });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Redis { child, port }
+    }
+
+    /// Freezes or thaws the server (SIGSTOP/SIGCONT): a hung Redis that
+    /// keeps its data, the worst case for staleness.
+    fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} failed");
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn get(c: &Components, uri: &str) -> (StatusCode, Value) {
+    let resp = c
+        .api_router()
+        .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+fn metric(c: &Components, name: &str) -> f64 {
+    c.metrics
+        .encode()
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn redis_outage_costs_no_error_and_never_serves_stale_rows() {
+    let port = free_port();
+    let mut redis = Redis::start(port);
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        state_dir: dir.path().to_path_buf(),
+        auto_provision: false,
+        discovery_interval: Duration::ZERO,
+        redis_url: Some(format!("redis://127.0.0.1:{}", redis.port)),
+        redis_prefix: format!("kiwi-test-{}:", uuid::Uuid::new_v4().simple()),
+        ..Config::default()
+    };
+    let c = Components::build(config, CancellationToken::new())
+        .await
+        .unwrap();
+    let id = RobotId::from_hardware(&HardwareId::Configured("redis-tier".into()));
+    let apply = async |input| {
+        c.fleet
+            .apply(id, input, &Context::new("test"))
+            .await
+            .unwrap();
+    };
+    apply(Input::AgentConnected {
+        facts: IdentityFacts {
+            hostname: "r".into(),
+            ip_address: Some("127.0.0.1".into()),
+            robot_type: "lekiwi".into(),
+            model: None,
+            firmware_version: None,
+            agent_version: None,
+            hardware_id: "configured:redis-tier".into(),
+            mac_addresses: vec![],
+        },
+    })
+    .await;
+    apply(Input::Operator(Action::Provision)).await;
+    apply(Input::CommandAnswered {
+        command: CommandIntent::Provision,
+        error: None,
+    })
+    .await;
+    let uri = format!("/api/v2/robots/{id}");
+
+    wait_for("Redis up", async || c.fleet.shared_cache().unwrap().is_up()).await;
+    let hits = metric(&c, "cache_hits_total");
+    let (status, body) = get(&c, &uri).await;
+    assert_eq!(
+        (status, body["state"].as_str()),
+        (StatusCode::OK, Some("ready"))
+    );
+    assert!(
+        metric(&c, "cache_hits_total") > hits,
+        "the read was served by Redis"
+    );
+
+    redis.signal("-STOP");
+    // Reads keep working during the outage, and so do writes.
+    for _ in 0..5 {
+        let (status, _) = get(&c, &uri).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    apply(Input::Operator(Action::Activate {
+        deployment_version: None,
+    }))
+    .await;
+    let (status, body) = get(&c, &uri).await;
+    assert_eq!(
+        (status, body["state"].as_str()),
+        (StatusCode::OK, Some("active"))
+    );
+    let (status, ready) = get(&c, "/readyz").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(ready["status"], "degraded");
+
+    // Redis comes back still holding the row that says "ready": it must be
+    // refilled before it is read again.
+    redis.signal("-CONT");
+    wait_for("Redis refilled", async || {
+        c.fleet.shared_cache().unwrap().is_up()
+    })
+    .await;
+    let hits = metric(&c, "cache_hits_total");
+    let (_, body) = get(&c, &uri).await;
+    assert_eq!(body["state"], "active");
+    assert!(metric(&c, "cache_hits_total") > hits, "hits resumed");
+    let (_, ready) = get(&c, "/readyz").await;
+    assert_eq!(ready["status"], "ready");
+
+    // And a Redis that died and came back empty is filled again too.
+    redis.kill();
+    let (status, _) = get(&c, &uri).await;
+    assert_eq!(status, StatusCode::OK);
+    let _redis = Redis::start(port);
+    wait_for("Redis refilled after a restart", async || {
+        c.fleet.shared_cache().unwrap().is_up()
+    })
+    .await;
+    let (_, body) = get(&c, &uri).await;
+    assert_eq!(body["state"], "active");
+}
