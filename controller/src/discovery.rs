@@ -8,7 +8,8 @@
 
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
-use crate::store::{DiscoverySession, StoreError};
+use crate::redis::Leases;
+use crate::store::{DiscoverySession, Fence, StoreError};
 use chrono::Utc;
 use kiwi_protocol::RobotId;
 use std::collections::BTreeSet;
@@ -58,13 +59,41 @@ impl DiscoverySource for ConnectedAgents {
     }
 }
 
+/// The lease every controller takes before a discovery round, so that only
+/// one of several controllers sharing a store runs it at a time.
+pub const DISCOVERY_LEASE: &str = "discovery";
+
+/// How long a round's lease lasts unless renewed (it is renewed while the
+/// round runs).
+const LEASE_TTL: Duration = Duration::from_secs(10);
+
+/// What a discovery round came to.
+#[derive(Debug, Clone)]
+pub enum Round {
+    Done(DiscoverySession),
+    /// Another controller holds the discovery lease.
+    HeldElsewhere,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The lease was lost while the round ran: its results were not
+    /// recorded (another controller may be running the round now).
+    #[error("the discovery lease was lost during the round; results not recorded")]
+    LeaseLost,
+}
+
 #[derive(Debug, Clone)]
 pub struct Discovery {
     fleet: Fleet,
     metrics: Arc<Metrics>,
     sources: Arc<Vec<Box<dyn DiscoverySource>>>,
-    /// One round at a time.
+    /// One round at a time in this process.
     running: Arc<tokio::sync::Mutex<()>>,
+    /// With Redis: the leases and this controller's holder name.
+    leases: Option<(Leases, String)>,
 }
 
 impl Discovery {
@@ -78,12 +107,49 @@ impl Discovery {
             metrics,
             sources: Arc::new(sources),
             running: Arc::default(),
+            leases: None,
         }
     }
 
-    /// Runs one round over every source and records it.
-    pub async fn round(&self) -> Result<DiscoverySession, StoreError> {
+    /// Takes a lease in Redis before each round (several controllers).
+    pub fn with_leases(mut self, leases: Leases, holder: String) -> Self {
+        self.leases = Some((leases, holder));
+        self
+    }
+
+    /// Runs one round over every source and records it, holding the
+    /// discovery lease when there are leases (and fencing the record with
+    /// its token, so a controller that lost the lease cannot record).
+    pub async fn round(&self) -> Result<Round, DiscoveryError> {
         let _one_at_a_time = self.running.lock().await;
+        let Some((leases, holder)) = &self.leases else {
+            return Ok(Round::Done(self.run_sources(None).await?));
+        };
+        let lease = match leases.acquire(DISCOVERY_LEASE, holder, LEASE_TTL).await {
+            Ok(Some(lease)) => lease,
+            Ok(None) => return Ok(Round::HeldElsewhere),
+            Err(e) => {
+                // Redis is down: rounds from several controllers may then
+                // overlap, which costs work, not correctness.
+                tracing::warn!(error = %e, "no discovery lease (Redis unavailable); running unfenced");
+                return Ok(Round::Done(self.run_sources(None).await?));
+            }
+        };
+        let stop = CancellationToken::new();
+        let lost = leases.hold(&lease, &stop);
+        let fence = lease.fence();
+        let outcome = tokio::select! {
+            () = lost.cancelled(), if !stop.is_cancelled() => Err(DiscoveryError::LeaseLost),
+            r = self.run_sources(Some(&fence)) => r.map(Round::Done).map_err(DiscoveryError::from),
+        };
+        stop.cancel();
+        if let Err(e) = leases.release(lease).await {
+            tracing::debug!(error = %e, "discovery lease not released; it expires by itself");
+        }
+        outcome
+    }
+
+    async fn run_sources(&self, fence: Option<&Fence>) -> Result<DiscoverySession, StoreError> {
         let started_at = Utc::now();
         let clock = Instant::now();
         let mut found = BTreeSet::new();
@@ -119,7 +185,7 @@ impl Discovery {
             robots_found: found.len() as i64,
             new_robots: new_robots as i64,
         };
-        self.fleet.store().record_discovery(&session, None).await?;
+        self.fleet.store().record_discovery(&session, fence).await?;
         Ok(session)
     }
 
@@ -135,8 +201,12 @@ impl Discovery {
                 () = cancel.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if let Err(e) = self.round().await {
-                tracing::warn!(error = %e, "discovery round not recorded");
+            match self.round().await {
+                Ok(Round::Done(_)) => {}
+                Ok(Round::HeldElsewhere) => {
+                    tracing::debug!("discovery round skipped: another controller holds the lease");
+                }
+                Err(e) => tracing::warn!(error = %e, "discovery round not recorded"),
             }
         }
     }

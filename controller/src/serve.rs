@@ -92,27 +92,36 @@ impl Components {
         );
         let robots = fleet.load().await.context("cannot load the read model")?;
         tracing::info!(robots, "read model loaded");
-        if let (Some(url), true) = (&config.redis_url, config.enable_cache) {
-            let redis = RedisCache::connect_lazy(
-                url,
-                &config.redis_prefix,
-                CacheTtls {
-                    static_ttl: config.cache_static_ttl,
-                    dynamic_ttl: config.cache_dynamic_ttl,
-                },
-                metrics.clone(),
-            )
-            .context("invalid redis_url")?;
-            tracing::info!(prefix = %config.redis_prefix, "shared cache: Redis");
-            fleet.set_shared_cache(SharedCache::new(redis, cache.clone()));
-        }
-        let discovery = Discovery::new(
+        let redis = match (&config.redis_url, config.enable_cache) {
+            (Some(url), true) => {
+                let redis = RedisCache::connect_lazy(
+                    url,
+                    &config.redis_prefix,
+                    CacheTtls {
+                        static_ttl: config.cache_static_ttl,
+                        dynamic_ttl: config.cache_dynamic_ttl,
+                    },
+                    metrics.clone(),
+                )
+                .context("invalid redis_url")?;
+                tracing::info!(prefix = %config.redis_prefix, "shared cache: Redis");
+                fleet.set_shared_cache(SharedCache::new(redis.clone(), cache.clone()));
+                Some(redis)
+            }
+            _ => None,
+        };
+        let mut discovery = Discovery::new(
             fleet.clone(),
             metrics.clone(),
             vec![Box::new(ConnectedAgents {
                 fleet: fleet.clone(),
             })],
         );
+        if let Some(redis) = &redis {
+            // Unique per process: a restarted controller is a new holder.
+            let holder = format!("controller-{}", uuid::Uuid::new_v4().simple());
+            discovery = discovery.with_leases(redis.leases(), holder);
+        }
         Ok(Components {
             config,
             store,

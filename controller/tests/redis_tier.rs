@@ -211,3 +211,105 @@ async fn redis_outage_costs_no_error_and_never_serves_stale_rows() {
     let (_, body) = get(&c, &uri).await;
     assert_eq!(body["state"], "active");
 }
+
+/// A source that takes its time, so the lease can change hands meanwhile.
+#[derive(Debug)]
+struct Slow(Duration);
+
+#[async_trait::async_trait]
+impl kiwi_controller::discovery::DiscoverySource for Slow {
+    fn method(&self) -> &'static str {
+        "slow"
+    }
+    async fn discover(&self) -> Result<Vec<kiwi_controller::discovery::Sighting>, String> {
+        tokio::time::sleep(self.0).await;
+        Ok(Vec::new())
+    }
+}
+
+#[tokio::test]
+async fn only_the_lease_holder_records_a_discovery_round() {
+    use kiwi_controller::discovery::{DISCOVERY_LEASE, Discovery, Round};
+    use kiwi_controller::redis::Leases;
+    use kiwi_controller::store::{DiscoverySession, StoreError};
+
+    let redis = Redis::start(free_port());
+    let url = format!("redis://127.0.0.1:{}", redis.port);
+    let prefix = format!("kiwi-test-{}:", uuid::Uuid::new_v4().simple());
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        state_dir: dir.path().to_path_buf(),
+        discovery_interval: Duration::ZERO,
+        ..Config::default()
+    };
+    let c = Components::build(config, CancellationToken::new())
+        .await
+        .unwrap();
+    let leases = Leases::connect(&url, &prefix, c.metrics.clone())
+        .await
+        .unwrap();
+    let discovery = |delay| {
+        Discovery::new(
+            c.fleet.clone(),
+            c.metrics.clone(),
+            vec![Box::new(Slow(delay))],
+        )
+        .with_leases(leases.clone(), "this-controller".into())
+    };
+
+    // Another controller holds the lease: this one does not run the round.
+    let other = leases
+        .acquire(DISCOVERY_LEASE, "other-controller", Duration::from_secs(5))
+        .await
+        .unwrap()
+        .expect("free lease");
+    assert!(matches!(
+        discovery(Duration::ZERO).round().await,
+        Ok(Round::HeldElsewhere)
+    ));
+    leases.release(other).await.unwrap();
+    assert!(matches!(
+        discovery(Duration::ZERO).round().await,
+        Ok(Round::Done(_))
+    ));
+
+    // This controller's lease is lost mid-round and another controller
+    // takes it and records: the late results are refused by the store.
+    let slow = discovery(Duration::from_millis(800));
+    let round = tokio::spawn(async move { slow.round().await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let status = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "DEL",
+            &format!("{prefix}lease:{DISCOVERY_LEASE}"),
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let thief = leases
+        .acquire(DISCOVERY_LEASE, "other-controller", Duration::from_secs(5))
+        .await
+        .unwrap()
+        .expect("the lease was freed");
+    let now = chrono::Utc::now();
+    let session = DiscoverySession {
+        session_id: uuid::Uuid::new_v4(),
+        methods: vec!["other".into()],
+        started_at: now,
+        finished_at: now,
+        duration_ms: 0,
+        robots_found: 0,
+        new_robots: 0,
+    };
+    c.store
+        .record_discovery(&session, Some(&thief.fence()))
+        .await
+        .unwrap();
+    match round.await.unwrap() {
+        Err(kiwi_controller::discovery::DiscoveryError::Store(StoreError::Fenced { .. }))
+        | Err(kiwi_controller::discovery::DiscoveryError::LeaseLost) => {}
+        other => panic!("a controller that lost its lease recorded anyway: {other:?}"),
+    }
+}

@@ -45,6 +45,11 @@ impl Problem {
         self
     }
 
+    pub fn with_retry_after(mut self, secs: u32) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
     pub fn bad_request(detail: impl Into<String>) -> Self {
         Problem::new(
             StatusCode::BAD_REQUEST,

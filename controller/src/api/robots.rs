@@ -456,8 +456,24 @@ action_handler!(recover, "recover");
 action_handler!(fail, "fail");
 
 pub async fn discover(State(s): State<AppState>) -> Result<Response, Problem> {
-    let session = s.discovery.round().await?;
-    Ok(axum::Json(json!({ "session": session })).into_response())
+    use crate::discovery::{DiscoveryError, Round};
+    match s.discovery.round().await {
+        Ok(Round::Done(session)) => Ok(axum::Json(json!({ "session": session })).into_response()),
+        Ok(Round::HeldElsewhere) => Err(Problem::new(
+            StatusCode::CONFLICT,
+            "discovery-in-progress",
+            "Discovery in progress",
+            "another controller is running a discovery round; retry shortly",
+        )
+        .with_retry_after(2)),
+        Err(DiscoveryError::Store(e)) => Err(e.into()),
+        Err(e @ DiscoveryError::LeaseLost) => Err(Problem::new(
+            StatusCode::CONFLICT,
+            "lease-lost",
+            "Lease lost",
+            e.to_string(),
+        )),
+    }
 }
 
 pub async fn system_metrics(State(s): State<AppState>) -> Result<Response, Problem> {
