@@ -16,6 +16,7 @@ use crate::metrics::Metrics;
 use crate::redis::{CacheTtls, RedisCache};
 use crate::shared_cache::SharedCache;
 use crate::store::EventStore;
+use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::watch::{self, Hub};
 use anyhow::Context as _;
@@ -43,6 +44,13 @@ pub struct Bound {
 /// when a database is configured, else the embedded SQLite file in the state
 /// directory.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn EventStore>> {
+    if let Some(url) = &config.database_url {
+        let store = PostgresStore::connect(url, config.db_pool_size)
+            .await
+            .with_context(|| format!("cannot open the PostgreSQL store at {}", redact(url)))?;
+        tracing::info!(database = %redact(url), pool = config.db_pool_size, "PostgreSQL store open");
+        return Ok(Arc::new(store));
+    }
     std::fs::create_dir_all(&config.state_dir).with_context(|| {
         format!(
             "cannot create state directory {}",
@@ -55,6 +63,20 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn EventStore>> 
         .with_context(|| format!("cannot open the embedded store {}", db.display()))?;
     tracing::info!(store = %db.display(), "embedded store open");
     Ok(Arc::new(store))
+}
+
+/// A database URL without its password, for logs and errors.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
 }
 
 /// Every long-lived component of a controller, built from its
@@ -247,4 +269,19 @@ pub async fn cancel_on_signal(token: CancellationToken) {
         _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "stop requested"),
     }
     token.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_never_reach_the_log() {
+        assert_eq!(
+            redact("postgres://kiwi:s3cret@db:5432/kiwi"),
+            "postgres://kiwi:***@db:5432/kiwi"
+        );
+        assert_eq!(redact("postgres://kiwi@db/kiwi"), "postgres://kiwi@db/kiwi");
+        assert_eq!(redact("postgres://db/kiwi"), "postgres://db/kiwi");
+    }
 }

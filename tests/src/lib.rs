@@ -30,6 +30,7 @@ pub mod api;
 pub mod controller;
 pub mod process;
 pub mod raw_http;
+pub mod services;
 pub mod watch;
 
 use std::future::Future;
@@ -42,6 +43,7 @@ pub use agent::{
 };
 pub use api::{Api, Event, Health, HealthStatus, Problem, Report, Robot, State};
 pub use controller::{Controller, ControllerOptions};
+pub use services::{PgCluster, RedisKeys, RedisServer, TestDatabase};
 pub use watch::{Resume, SseEvent, Watch};
 
 /// How often [`wait_until`] checks its condition.

@@ -79,8 +79,9 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{
     PgConnectOptions, PgConnection, PgListener, PgNotification, PgPool, PgPoolOptions, PgRow,
 };
-use sqlx::{ConnectOptions, Connection, Postgres, Row};
-use std::collections::{HashMap, HashSet};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Postgres, Row};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fmt::Write as _;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -262,7 +263,7 @@ impl PostgresStore {
             .acquire_timeout(acquire_timeout)
             .idle_timeout(None)
             .max_lifetime(None)
-            .connect_with(session)
+            .connect_with(session.clone())
             .await
             .map_err(|e| unavailable("cannot connect to PostgreSQL", &e))?;
 
@@ -285,7 +286,15 @@ impl PostgresStore {
         let (writes, queue) = mpsc::channel(WRITE_QUEUE);
         let batches = Arc::new(AtomicU64::new(0));
         let writer = Writer {
-            pool: pool.clone(),
+            // Fixed text formats for what the writer reads and writes as
+            // text (see `begin_batch` and `notify_and_commit`).
+            options: session.clone().options([
+                ("standard_conforming_strings", "on"),
+                ("DateStyle", "ISO"),
+                ("TimeZone", "UTC"),
+            ]),
+            connect_timeout: acquire_timeout,
+            conn: None,
             batches: batches.clone(),
         };
         tokio::spawn(writer.run(queue));
@@ -339,8 +348,12 @@ async fn migrate_with(options: &PgConnectOptions, timeout: Duration) -> Result<(
             ))
         })?
         .map_err(|e| unavailable("cannot connect to PostgreSQL to migrate", &e))?;
+    // `run_direct` is `run` on a connection: the same locking and
+    // bookkeeping, but its future is `Send` for every lifetime, so a
+    // caller may spawn `connect` (`run`'s `Acquire` bound is not general
+    // enough for that).
     MIGRATOR
-        .run(&mut conn)
+        .run_direct(None, &mut conn, false)
         .await
         .map_err(|e| match e {
             sqlx::migrate::MigrateError::Execute(e) => unavailable("cannot migrate", &e),
@@ -743,14 +756,19 @@ async fn fold_into_snapshot(
 // ---------------------------------------------------------------------------
 // The writer task.
 
+/// Owns the writing connection: its own, outside the pool, so a batch
+/// costs no pool check-out (and no liveness ping). A connection that failed
+/// is dropped, and the next batch connects again.
 #[derive(Debug)]
 struct Writer {
-    pool: PgPool,
+    options: PgConnectOptions,
+    connect_timeout: Duration,
+    conn: Option<PgConnection>,
     batches: Arc<AtomicU64>,
 }
 
 impl Writer {
-    async fn run(self, mut queue: mpsc::Receiver<WriteRequest>) {
+    async fn run(mut self, mut queue: mpsc::Receiver<WriteRequest>) {
         while let Some(first) = queue.recv().await {
             let mut batch = Vec::new();
             let mut close = None;
@@ -770,6 +788,9 @@ impl Writer {
             }
             if let Some(done) = close {
                 shut(queue);
+                if let Some(conn) = self.conn.take() {
+                    let _ = conn.close().await;
+                }
                 let _ = done.send(());
                 return;
             }
@@ -779,19 +800,15 @@ impl Writer {
     /// Writes one batch in one transaction and answers its callers. The
     /// feed is the listener's: it publishes this commit when PostgreSQL
     /// delivers its notifications.
-    async fn commit(&self, batch: Vec<(Append, Reply)>) {
+    async fn commit(&mut self, batch: Vec<(Append, Reply)>) {
         let (appends, replies): (Vec<Append>, Vec<Reply>) = batch.into_iter().unzip();
         let count = appends.len();
-        let written = match write_batch(&self.pool, &appends, Mode::Together).await {
-            Err(BatchError::Refused(e)) => {
-                tracing::debug!(error = %e, appends = count, "a grouped write was refused; writing the batch append by append");
-                write_batch(&self.pool, &appends, Mode::OneByOne).await
-            }
-            other => other,
-        };
-        let outcomes = match written {
+        let outcomes = match self.write(&appends).await {
             Ok(outcomes) => outcomes,
-            Err(BatchError::Refused(e) | BatchError::Failed(e)) => {
+            Err(e) => {
+                // The transaction's fate may be unknown (a connection lost
+                // during COMMIT): start over on a new connection.
+                self.conn = None;
                 tracing::error!(error = %e, appends = count, "event store commit failed");
                 for reply in replies {
                     let _ = reply.send(Err(StoreError::Unavailable(format!(
@@ -805,6 +822,36 @@ impl Writer {
         tracing::debug!(appends = count, "event store batch committed");
         for (reply, outcome) in replies.into_iter().zip(outcomes) {
             let _ = reply.send(outcome);
+        }
+    }
+
+    async fn write(
+        &mut self,
+        appends: &[Append],
+    ) -> Result<Vec<Result<Vec<EventRecord>, StoreError>>, StoreError> {
+        if self.conn.is_none() {
+            let timeout = self.connect_timeout;
+            let conn = tokio::time::timeout(timeout, self.options.connect())
+                .await
+                .map_err(|_| {
+                    StoreError::Unavailable(format!("PostgreSQL did not answer within {timeout:?}"))
+                })?
+                .map_err(|e| unavailable("cannot connect the writer", &e))?;
+            self.conn = Some(conn);
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(StoreError::Unavailable("no writer connection".into()));
+        };
+        match write_batch(conn, appends, Mode::Together).await {
+            Ok(outcomes) => Ok(outcomes),
+            Err(BatchError::Refused(e)) => {
+                tracing::debug!(error = %e, appends = appends.len(), "a grouped write was refused; writing the batch append by append");
+                match write_batch(conn, appends, Mode::OneByOne).await {
+                    Ok(outcomes) => Ok(outcomes),
+                    Err(BatchError::Refused(e) | BatchError::Failed(e)) => Err(e),
+                }
+            }
+            Err(BatchError::Failed(e)) => Err(e),
         }
     }
 }
@@ -868,21 +915,80 @@ struct PlannedJson {
     report_health: Option<serde_json::Value>,
 }
 
+/// Runs statements without parameters (transaction control) in one round
+/// trip.
+async fn simple(conn: &mut PgConnection, sql: impl sqlx::SqlSafeStr) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(sql).execute(conn).await.map(|_| ())
+}
+
 /// One transaction for the whole batch. The outer error fails the whole
-/// batch; the inner results are each append's own.
+/// batch; the inner results are each append's own. Transaction control is
+/// sent by hand, folded into the statements around it, to save round
+/// trips: `BEGIN` travels with the log lock, the notifications with
+/// `COMMIT`.
 async fn write_batch(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     appends: &[Append],
     mode: Mode,
 ) -> Result<Vec<Result<Vec<EventRecord>, StoreError>>, BatchError> {
-    let failed = |e: sqlx::Error| BatchError::Failed(read_error(e));
-    // The log lock first, in a statement of its own (see the module doc).
-    let mut tx = pool
-        .begin_with(concat!("BEGIN; SELECT pg_advisory_xact_lock(", log_lock!(), ")"))
-        .await
-        .map_err(failed)?;
-    let mut current = lock_rows(&mut tx, appends).await?;
+    let current = begin_batch(conn, appends).await?;
+    match write_in_transaction(conn, appends, mode, current).await {
+        Ok(plans) => {
+            let notices: Vec<String> = plans
+                .iter()
+                .filter_map(|p| p.as_ref().ok())
+                .map(notice)
+                .collect();
+            simple(conn, AssertSqlSafe(notify_and_commit(&notices)))
+                .await
+                .map_err(|e| BatchError::Failed(read_error(e)))?;
+            Ok(plans
+                .into_iter()
+                .map(|p| p.map(|planned| planned.records))
+                .collect())
+        }
+        Err(e) => {
+            simple(conn, "ROLLBACK")
+                .await
+                .map_err(|e| BatchError::Failed(read_error(e)))?;
+            Err(e)
+        }
+    }
+}
 
+/// `pg_notify` for each notice, in order, then `COMMIT`: notifications are
+/// delivered at commit. The payloads are JSON text, written as standard
+/// string literals (the writer's session has `standard_conforming_strings`
+/// on, so only the quote needs doubling; JSON has no raw NUL).
+fn notify_and_commit(notices: &[String]) -> String {
+    if notices.is_empty() {
+        return "COMMIT".to_string();
+    }
+    let mut sql = String::from(concat!(
+        "SELECT pg_notify('",
+        channel!(),
+        "', payload) FROM UNNEST(ARRAY["
+    ));
+    for (i, payload) in notices.iter().enumerate() {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push('\'');
+        sql.push_str(&payload.replace('\'', "''"));
+        sql.push('\'');
+    }
+    sql.push_str("]::text[]) AS payload; COMMIT");
+    sql
+}
+
+/// Checks and writes the batch's appends inside the open transaction.
+async fn write_in_transaction(
+    conn: &mut PgConnection,
+    appends: &[Append],
+    mode: Mode,
+    mut current: HashMap<RobotId, Current>,
+) -> Result<Vec<Result<Planned, StoreError>>, BatchError> {
+    let failed = |e: sqlx::Error| BatchError::Failed(read_error(e));
     let mut plans: Vec<Result<Planned, StoreError>> = Vec::with_capacity(appends.len());
     match mode {
         Mode::Together => {
@@ -893,9 +999,10 @@ async fn write_batch(
                 }
                 plans.push(planned);
             }
-            let mut ok: Vec<&mut Planned> = plans.iter_mut().filter_map(|p| p.as_mut().ok()).collect();
+            let mut ok: Vec<&mut Planned> =
+                plans.iter_mut().filter_map(|p| p.as_mut().ok()).collect();
             if !ok.is_empty() {
-                write_rows(&mut tx, &mut ok).await.map_err(|e| {
+                write_rows(conn, &mut ok).await.map_err(|e| {
                     let e = write_error(e);
                     match e {
                         StoreError::Invalid(_) => BatchError::Refused(e),
@@ -908,15 +1015,20 @@ async fn write_batch(
             for append in appends {
                 let mut planned = plan(current.get(&append.robot_id), append);
                 if let Ok(p) = &mut planned {
-                    let mut savepoint = tx.begin().await.map_err(failed)?;
-                    match write_rows(&mut savepoint, &mut [&mut *p]).await {
+                    simple(conn, "SAVEPOINT kiwi_append").await.map_err(failed)?;
+                    match write_rows(conn, &mut [&mut *p]).await {
                         Ok(()) => {
-                            savepoint.commit().await.map_err(failed)?;
-                            current.insert(append.robot_id, Current::Row(Box::new(p.robot.clone())));
+                            simple(conn, "RELEASE SAVEPOINT kiwi_append")
+                                .await
+                                .map_err(failed)?;
+                            current
+                                .insert(append.robot_id, Current::Row(Box::new(p.robot.clone())));
                         }
                         Err(e) => {
-                            savepoint.rollback().await.map_err(failed)?;
-                            planned = Err(append_error(&mut tx, append, e).await?);
+                            simple(conn, "ROLLBACK TO SAVEPOINT kiwi_append")
+                                .await
+                                .map_err(failed)?;
+                            planned = Err(append_error(conn, append, e).await?);
                         }
                     }
                 }
@@ -924,60 +1036,67 @@ async fn write_batch(
             }
         }
     }
-
-    let notices: Vec<String> = plans
-        .iter()
-        .filter_map(|p| p.as_ref().ok())
-        .map(notice)
-        .collect();
-    if !notices.is_empty() {
-        sqlx::query(concat!(
-            "SELECT pg_notify('",
-            channel!(),
-            "', payload) FROM UNNEST($1::text[]) AS payload"
-        ))
-        .bind(notices)
-        .execute(&mut *tx)
-        .await
-        .map_err(failed)?;
-    }
-    tx.commit().await.map_err(failed)?;
-    Ok(plans
-        .into_iter()
-        .map(|p| p.map(|planned| planned.records))
-        .collect())
+    Ok(plans)
 }
 
-/// Locks and reads the rows of every robot the batch appends to.
-async fn lock_rows(
+/// Starts the batch's transaction: `BEGIN`, the log lock (see the module
+/// doc), then the rows of every robot the batch appends to, all in one
+/// round trip. Each statement of a simple query takes its own snapshot, so
+/// the rows are read after the lock is held: they include the previous
+/// holder's commit. The rows come back as text; one that does not decode
+/// so is read again the usual way before it is called corrupt.
+async fn begin_batch(
     conn: &mut PgConnection,
     appends: &[Append],
 ) -> Result<HashMap<RobotId, Current>, BatchError> {
-    let ids: Vec<Uuid> = appends
-        .iter()
-        .map(|a| a.robot_id.0)
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
-    let rows = sqlx::query(concat!(
-        "SELECT ",
+    let failed = |e: sqlx::Error| BatchError::Failed(read_error(e));
+    let ids: BTreeSet<Uuid> = appends.iter().map(|a| a.robot_id.0).collect();
+    let mut sql = String::from(concat!(
+        "BEGIN; SELECT pg_advisory_xact_lock(",
+        log_lock!(),
+        "); SELECT ",
         robot_columns!(),
-        " FROM robot_states WHERE robot_id = ANY($1) ORDER BY robot_id FOR UPDATE"
-    ))
-    .bind(ids)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(|e| BatchError::Failed(read_error(e)))?;
+        " FROM robot_states WHERE robot_id IN ("
+    ));
+    for (i, id) in ids.iter().enumerate() {
+        // A UUID's text is hex digits and dashes: safe in a literal.
+        let _ = write!(sql, "{}'{}'", if i == 0 { "" } else { "," }, id.hyphenated());
+    }
+    sql.push(')');
+    let rows = sqlx::raw_sql(AssertSqlSafe(sql))
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(failed)?;
     let mut current = HashMap::with_capacity(rows.len());
-    for row in &rows {
-        let id: Uuid = row
-            .try_get("robot_id")
-            .map_err(|e| BatchError::Failed(read_error(e)))?;
-        let entry = match decode_robot(row) {
-            Ok(robot) => Current::Row(Box::new(robot)),
-            Err(e) => Current::Corrupt(e.to_string()),
-        };
-        current.insert(RobotId(id), entry);
+    let mut again = Vec::new();
+    // The lock's own result row has one column.
+    for row in rows.iter().filter(|r| r.len() > 1) {
+        let id: Uuid = row.try_get("robot_id").map_err(failed)?;
+        match decode_robot(row) {
+            Ok(robot) => {
+                current.insert(RobotId(id), Current::Row(Box::new(robot)));
+            }
+            Err(_) => again.push(id),
+        }
+    }
+    if !again.is_empty() {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            robot_columns!(),
+            " FROM robot_states WHERE robot_id = ANY($1)"
+        ))
+        .bind(again)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(failed)?;
+        for row in &rows {
+            let id: Uuid = row.try_get("robot_id").map_err(failed)?;
+            let entry = match decode_robot(row) {
+                Ok(robot) => Current::Row(Box::new(robot)),
+                Err(e) => Current::Corrupt(e.to_string()),
+            };
+            current.insert(RobotId(id), entry);
+        }
     }
     Ok(current)
 }
@@ -1137,7 +1256,10 @@ fn check_against_log(
 /// Writes planned appends with one statement: the rows (the last of each
 /// robot), the reports (the first of each (robot, seq), later ones being
 /// resends), and the events in order, whose positions it fills in.
-async fn write_rows(conn: &mut PgConnection, plans: &mut [&mut Planned]) -> Result<(), sqlx::Error> {
+async fn write_rows(
+    conn: &mut PgConnection,
+    plans: &mut [&mut Planned],
+) -> Result<(), sqlx::Error> {
     let mut last_of: HashMap<RobotId, usize> = HashMap::new();
     for (i, p) in plans.iter().enumerate() {
         last_of.insert(p.robot.robot_id, i);
@@ -1212,7 +1334,10 @@ async fn write_rows(conn: &mut PgConnection, plans: &mut [&mut Planned]) -> Resu
     for p in plans.iter_mut() {
         for record in &mut p.records {
             record.position = positions.get(&record.event_id).copied().ok_or_else(|| {
-                sqlx::Error::Protocol(format!("no position returned for event {}", record.event_id))
+                sqlx::Error::Protocol(format!(
+                    "no position returned for event {}",
+                    record.event_id
+                ))
             })?;
         }
     }
@@ -1457,7 +1582,10 @@ impl Follower {
                 };
                 match resumed {
                     Ok(l) => {
-                        tracing::info!(position = self.last_seen, "commit listener reconnected and caught up");
+                        tracing::info!(
+                            position = self.last_seen,
+                            "commit listener reconnected and caught up"
+                        );
                         listener = Some(l);
                         backoff.reset();
                     }
@@ -1482,10 +1610,7 @@ impl Follower {
                     while let Some(next) = active.next_buffered() {
                         batch.push(next);
                     }
-                    match self.handle(batch).await {
-                        Ok(()) => None,
-                        Err(e) => Some(e),
-                    }
+                    self.handle(batch).await.err()
                 }
                 Ok(None) => Some(StoreError::Unavailable("connection lost".into())),
                 Err(e) => Some(unavailable("receiving notifications", &e)),
@@ -1513,7 +1638,10 @@ impl Follower {
             })?;
             match (notice.events, notice.robot) {
                 (Some(events), Some(robot)) => self.publish(events, Arc::new(robot)),
-                _ => self.resolve(notice.robot_id, notice.first, notice.last).await?,
+                _ => {
+                    self.resolve(notice.robot_id, notice.first, notice.last)
+                        .await?
+                }
             }
         }
         Ok(())
@@ -1622,7 +1750,9 @@ impl Follower {
             }
             match rows.get(&id) {
                 Some(robot) => self.publish(run, robot.clone()),
-                None => tracing::error!(robot_id = %id, "a robot with events has no row; not published"),
+                None => {
+                    tracing::error!(robot_id = %id, "a robot with events has no row; not published")
+                }
             }
         }
         let mut quiet: Vec<&Arc<Robot>> = rows.values().collect();
@@ -1700,9 +1830,8 @@ fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<serde_json::Value, StoreE
 }
 
 fn decode_robot(row: &PgRow) -> Result<Robot, StoreError> {
-    robot_fields(row).map_err(|e| {
-        StoreError::Corrupt(format!("robot_states row {}: {e}", key(row, "robot_id")))
-    })
+    robot_fields(row)
+        .map_err(|e| StoreError::Corrupt(format!("robot_states row {}: {e}", key(row, "robot_id"))))
 }
 
 fn robot_fields(row: &PgRow) -> Result<Robot, String> {
@@ -1838,8 +1967,7 @@ fn is_corruption(e: &sqlx::Error) -> bool {
 /// connection, pool timeout, server shutting down, statement timeout) is
 /// worth retrying.
 fn read_error(e: sqlx::Error) -> StoreError {
-    if is_corruption(&e) || matches!(e, sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_))
-    {
+    if is_corruption(&e) || matches!(e, sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_)) {
         StoreError::Corrupt(e.to_string())
     } else {
         StoreError::Unavailable(e.to_string())
@@ -1860,4 +1988,1442 @@ fn write_error(e: sqlx::Error) -> StoreError {
         return StoreError::Invalid(format!("cannot encode a value: {cause}"));
     }
     read_error(e)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against a real PostgreSQL: each test creates its own database
+    //! (`kiwi_test_<uuid>`) from the maintenance connection (`DATABASE_URL`,
+    //! else the local server) and drops it at the end, also on panic.
+
+    use super::*;
+    use crate::domain::NewEvent;
+    use crate::domain::event::IdentityFacts;
+    use crate::domain::lifecycle::Transition;
+    use crate::replay::{Rebuild, apply_report, compare, project};
+    use kiwi_protocol::message::HealthStatus;
+    use serde_json::json;
+    use sqlx::AssertSqlSafe;
+    use std::collections::BTreeSet;
+    use std::time::Instant;
+    use tokio::sync::broadcast::error::TryRecvError;
+
+    const DEFAULT_MAINTENANCE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+    fn maintenance_url() -> String {
+        std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_MAINTENANCE_URL.to_string())
+    }
+
+    /// `url` with its database replaced by `name`.
+    fn with_database(url: &str, name: &str) -> String {
+        let (base, query) = url
+            .split_once('?')
+            .map_or((url, None), |(b, q)| (b, Some(q)));
+        let authority_start = base.find("://").map_or(0, |i| i + 3);
+        let authority_end = base[authority_start..]
+            .find('/')
+            .map_or(base.len(), |i| authority_start + i);
+        let mut out = format!("{}/{name}", &base[..authority_end]);
+        if let Some(q) = query {
+            out.push('?');
+            out.push_str(q);
+        }
+        out
+    }
+
+    async fn maintenance_connection(url: &str) -> PgConnection {
+        let connected = tokio::time::timeout(Duration::from_secs(10), PgConnection::connect(url))
+            .await
+            .unwrap_or_else(|_| panic!("PostgreSQL at {url} did not answer within 10 s"));
+        connected.unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL is not reachable at {url}: {e}. These tests need a real server: \
+                 start one, or set DATABASE_URL to a server where this user may create databases"
+            )
+        })
+    }
+
+    /// A database of this test's own, dropped (forcibly) when this guard
+    /// is dropped, also when the test panics.
+    pub(super) struct TestDb {
+        name: String,
+        url: String,
+        maintenance: String,
+    }
+
+    impl TestDb {
+        pub(super) async fn create() -> TestDb {
+            let maintenance = maintenance_url();
+            let name = format!("kiwi_test_{}", Uuid::new_v4().simple());
+            let mut conn = maintenance_connection(&maintenance).await;
+            sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .execute(&mut conn)
+                .await
+                .unwrap_or_else(|e| panic!("cannot create the test database {name}: {e}"));
+            let _ = conn.close().await;
+            TestDb {
+                url: with_database(&maintenance, &name),
+                name,
+                maintenance,
+            }
+        }
+
+        async fn store(&self) -> PostgresStore {
+            PostgresStore::connect(&self.url, 8)
+                .await
+                .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", self.url))
+        }
+    }
+
+    impl Drop for TestDb {
+        fn drop(&mut self) {
+            let (name, maintenance) = (self.name.clone(), self.maintenance.clone());
+            // A fresh thread and runtime: this may run inside a runtime
+            // that is shutting down, or unwinding from a panic.
+            let dropped = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime to drop the test database");
+                runtime.block_on(async move {
+                    let mut conn = PgConnection::connect(&maintenance).await?;
+                    sqlx::query(AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&mut conn)
+                    .await?;
+                    conn.close().await
+                })
+            })
+            .join();
+            if !matches!(dropped, Ok(Ok(()))) {
+                eprintln!("could not drop test database {}: {dropped:?}", self.name);
+            }
+        }
+    }
+
+    fn now() -> DateTime<Utc> {
+        crate::fleet::truncate_micros(Utc::now())
+    }
+
+    fn robot_id(n: u32) -> RobotId {
+        RobotId(Uuid::from_u128(
+            0x6b69_7769_0000_0000_0000_0000_0000_0000 + u128::from(n),
+        ))
+    }
+
+    fn facts(n: u32) -> IdentityFacts {
+        IdentityFacts {
+            hostname: format!("lekiwi-{n}"),
+            ip_address: Some(format!("192.168.{}.{}", n / 200, n % 200 + 2)),
+            robot_type: if n.is_multiple_of(10) {
+                "xlerobot"
+            } else {
+                "lekiwi"
+            }
+            .into(),
+            model: Some("LeKiwi".into()),
+            firmware_version: Some("1.4.0".into()),
+            agent_version: Some("0.1.0".into()),
+            hardware_id: format!("pi:{n:08x}"),
+            mac_addresses: vec![format!("b8:27:eb:00:{:02x}:{:02x}", n / 256, n % 256)],
+        }
+    }
+
+    fn transition(from: LifecycleState, to: LifecycleState) -> Transition {
+        Transition::new(from, to).expect("an allowed transition")
+    }
+
+    fn discovered(n: u32) -> RobotEvent {
+        RobotEvent::RobotDiscovered {
+            identity: facts(n),
+            method: "agent".into(),
+        }
+    }
+
+    fn provisioning_started() -> RobotEvent {
+        RobotEvent::RobotProvisioningStarted {
+            transition: transition(LifecycleState::Discovered, LifecycleState::Provisioning),
+        }
+    }
+
+    fn provisioned() -> RobotEvent {
+        RobotEvent::RobotProvisioned {
+            transition: transition(LifecycleState::Provisioning, LifecycleState::Ready),
+        }
+    }
+
+    fn activated() -> RobotEvent {
+        RobotEvent::RobotActivated {
+            transition: transition(LifecycleState::Ready, LifecycleState::Active),
+            deployment_version: Some("2026.11.1".into()),
+        }
+    }
+
+    fn failed_from_discovered() -> RobotEvent {
+        RobotEvent::RobotFailed {
+            transition: transition(LifecycleState::Discovered, LifecycleState::Failed),
+            reason: "agent never answered".into(),
+        }
+    }
+
+    /// Ready → maintenance, maintenance → ready: a transition from
+    /// whichever of the two the robot is in.
+    fn toggle_maintenance(state: LifecycleState) -> RobotEvent {
+        match state {
+            LifecycleState::Ready => RobotEvent::RobotMaintenanceStart {
+                transition: transition(LifecycleState::Ready, LifecycleState::Maintenance),
+                reason: Some("race".into()),
+            },
+            _ => RobotEvent::RobotMaintenanceEnd {
+                transition: transition(LifecycleState::Maintenance, LifecycleState::Ready),
+            },
+        }
+    }
+
+    /// An append built the way the fleet builds one: the events applied,
+    /// at `at`, to the row it last read.
+    fn append_at(
+        current: Option<&Robot>,
+        id: RobotId,
+        events: Vec<RobotEvent>,
+        at: DateTime<Utc>,
+    ) -> Append {
+        let base = current.map_or(0, |r| r.version);
+        let events: Vec<NewEvent> = events
+            .into_iter()
+            .map(|event| NewEvent {
+                event_id: Uuid::new_v4(),
+                recorded_at: at,
+                event,
+                metadata: EventMetadata {
+                    correlation_id: Some(Uuid::new_v4()),
+                    causation_id: None,
+                    actor: "test".into(),
+                },
+            })
+            .collect();
+        let mut row = current.cloned();
+        for (offset, new) in (1..).zip(&events) {
+            let record = EventRecord {
+                position: 0,
+                event_id: new.event_id,
+                robot_id: id,
+                version: base + offset,
+                event: new.event.clone(),
+                metadata: new.metadata.clone(),
+                recorded_at: new.recorded_at,
+            };
+            row = Some(Robot::apply(row, &record).expect("the events apply"));
+        }
+        Append {
+            robot_id: id,
+            expected_version: base,
+            events,
+            robot: row.expect("a robot row"),
+            report: None,
+        }
+    }
+
+    fn append(current: Option<&Robot>, id: RobotId, events: Vec<RobotEvent>) -> Append {
+        append_at(current, id, events, now())
+    }
+
+    fn report_at(
+        id: RobotId,
+        seq: i64,
+        telemetry: serde_json::Value,
+        received_at: DateTime<Utc>,
+    ) -> StoredReport {
+        StoredReport {
+            robot_id: id,
+            seq,
+            time: received_at - chrono::Duration::milliseconds(40),
+            received_at,
+            health: Health {
+                status: HealthStatus::Degraded,
+                reasons: vec!["cpu at 81 °C".into()],
+            },
+            workload: "running".into(),
+            maintenance: false,
+            telemetry,
+        }
+    }
+
+    fn report(id: RobotId, seq: i64, telemetry: serde_json::Value) -> StoredReport {
+        report_at(id, seq, telemetry, now())
+    }
+
+    /// Adds a report and the row fields it changes, as the fleet does.
+    fn with_report(mut append: Append, report: StoredReport) -> Append {
+        apply_report(&mut append.robot, &report);
+        append.report = Some(report);
+        append
+    }
+
+    fn versions(records: &[EventRecord]) -> Vec<i64> {
+        records.iter().map(|r| r.version).collect()
+    }
+
+    fn positions(records: &[EventRecord]) -> Vec<i64> {
+        records.iter().map(|r| r.position).collect()
+    }
+
+    fn strictly_increasing(values: &[i64]) -> bool {
+        values.windows(2).all(|w| w[0] < w[1])
+    }
+
+    async fn next_commit(feed: &mut broadcast::Receiver<Arc<Committed>>) -> Arc<Committed> {
+        tokio::time::timeout(Duration::from_secs(10), feed.recv())
+            .await
+            .expect("a commit within 10 s")
+            .expect("the feed is open and not lagging")
+    }
+
+    /// Commits from the feed until `events` events have come.
+    async fn commits_until(
+        feed: &mut broadcast::Receiver<Arc<Committed>>,
+        events: usize,
+    ) -> Vec<Arc<Committed>> {
+        let mut commits = Vec::new();
+        let mut seen = 0;
+        while seen < events {
+            let commit = next_commit(feed).await;
+            seen += commit.events.len();
+            commits.push(commit);
+        }
+        commits
+    }
+
+    async fn all_events(store: &PostgresStore) -> Vec<EventRecord> {
+        store.events_after(0, 1_000_000).await.expect("the log")
+    }
+
+    /// Every robot's row rebuilt from its own history.
+    async fn assert_rows_are_their_history(store: &PostgresStore) {
+        for robot in store.robots().await.expect("rows") {
+            let history = store.history(robot.robot_id, None).await.expect("history");
+            assert_eq!(
+                project(&history).expect("the history replays"),
+                Some(robot.clone()),
+                "robot {}",
+                robot.robot_id
+            );
+        }
+    }
+
+    // -----------------------------------------------------------------------
+    // 1. Migrations.
+
+    /// What the schema is, as the catalog says.
+    async fn catalog(pool: &PgPool) -> Vec<String> {
+        let mut lines: Vec<String> = sqlx::query_scalar(
+            "SELECT 'table ' || tablename FROM pg_tables WHERE schemaname = 'public' \
+             UNION ALL SELECT 'index ' || indexname || ': ' || indexdef FROM pg_indexes \
+             WHERE schemaname = 'public' \
+             UNION ALL SELECT 'constraint ' || conrelid::regclass::text || '.' || conname || ': ' \
+             || pg_get_constraintdef(oid) FROM pg_constraint \
+             WHERE connamespace = 'public'::regnamespace \
+             UNION ALL SELECT 'column ' || table_name || '.' || column_name || ' ' || data_type \
+             || ' ' || is_nullable || ' ' || COALESCE(column_default, '') \
+             FROM information_schema.columns WHERE table_schema = 'public' \
+             UNION ALL SELECT 'migration ' || version || ' ' || description || ' ' \
+             || encode(checksum, 'hex') FROM _sqlx_migrations",
+        )
+        .fetch_all(pool)
+        .await
+        .expect("the catalog");
+        lines.sort();
+        lines
+    }
+
+    /// sqlx's migrator lock key for a database (CRC-32 of its name times
+    /// a constant), to show that migrations wait for it.
+    fn migrator_lock_id(database: &str) -> i64 {
+        let mut crc = 0xffff_ffff_u32;
+        for byte in database.bytes() {
+            crc ^= u32::from(byte);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        0x3d32_ad9e * i64::from(!crc)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn migrations_apply_once_to_an_empty_database_and_again_change_nothing() {
+        let db = TestDb::create().await;
+        // Two controllers starting at once on an empty database.
+        let (a, b) = tokio::join!(
+            PostgresStore::connect(&db.url, 2),
+            PostgresStore::connect(&db.url, 2)
+        );
+        let (a, b) = (a.expect("first controller"), b.expect("second controller"));
+        let before = catalog(&a.pool).await;
+        for table in [
+            "events",
+            "robot_states",
+            "robot_reports",
+            "robot_snapshots",
+            "fences",
+            "circuit_breakers",
+            "discovery_sessions",
+            "discovery_results",
+        ] {
+            assert!(
+                before.contains(&format!("table {table}")),
+                "missing table {table}: {before:#?}"
+            );
+        }
+        for index in [
+            "robot_states_state",
+            "robot_states_robot_type",
+            "robot_states_ip_address",
+            "events_recorded_at",
+            "events_robot_version",
+            "robot_reports_received_at",
+        ] {
+            assert!(
+                before
+                    .iter()
+                    .any(|l| l.starts_with(&format!("index {index}:"))),
+                "missing index {index}"
+            );
+        }
+
+        a.migrate().await.expect("a second run");
+        b.migrate().await.expect("a third run");
+        assert_eq!(catalog(&a.pool).await, before);
+
+        // The migrator waits for its lock: held elsewhere, a run cannot
+        // finish until it is released.
+        let mut holder = PgConnection::connect(&db.url).await.expect("a connection");
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(migrator_lock_id(&db.name))
+            .execute(&mut holder)
+            .await
+            .expect("take the migrator's lock");
+        let waiting = tokio::spawn(async move {
+            let result = a.migrate().await;
+            (a, result)
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "migrate ran without the lock");
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(migrator_lock_id(&db.name))
+            .execute(&mut holder)
+            .await
+            .expect("release the lock");
+        let (a, result) = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("migrate ends once the lock is free")
+            .expect("the task ran");
+        result.expect("the migration run");
+        assert_eq!(catalog(&a.pool).await, before);
+        a.close().await;
+        b.close().await;
+    }
+
+    // -----------------------------------------------------------------------
+    // 2. Round trips, conflicts, refusals, corruption.
+
+    #[tokio::test]
+    async fn a_new_robot_is_stored_and_read_back_equal() {
+        let db = TestDb::create().await;
+        let store = db.store().await;
+        assert_eq!(store.head().await.unwrap(), 0);
+        let id = robot_id(1);
+        let mut first = append(None, id, vec![discovered(1), provisioning_started()]);
+        first.robot.config = json!({"wheel_base_mm": 120.5, "motors": [1, 2, 3], "gain": 0.1,
+            "big": 18446744073709551615u64, "tiny": 1e-300, "neg": -7, "text": "ünïcode"});
+        first.robot.capabilities = vec!["camera".into(), "base".into()];
+        first.robot.metadata = json!({"site": "lab", "shelf": 4});
+        let first = with_report(first, report(id, 1, json!({"cpu_temp_c": 81.25})));
+        let written = first.robot.clone();
+        let written_report = first.report.clone().expect("a report");
+
+        let records = store.append(first).await.unwrap();
+
+        assert_eq!(versions(&records), [1, 2]);
+        assert!(strictly_increasing(&positions(&records)));
+        let stored = store.robot(id).await.unwrap().expect("a stored row");
+        assert_eq!(stored, written);
+        assert_eq!(store.robots().await.unwrap(), vec![stored.clone()]);
+        assert_eq!(store.robot(robot_id(2)).await.unwrap(), None);
+
+        assert_eq!(store.robot_events(id, 0, 10).await.unwrap(), records);
+        assert_eq!(store.robot_events(id, 1, 10).await.unwrap(), records[1..]);
+        assert_eq!(store.robot_events(id, 0, 1).await.unwrap(), records[..1]);
+        assert_eq!(store.events_after(0, 10).await.unwrap(), records);
+        assert_eq!(
+            store.events_after(records[0].position, 10).await.unwrap(),
+            records[1..]
+        );
+        assert_eq!(store.head().await.unwrap(), records[1].position);
+        assert_eq!(
+            store.reports(id, 0, 10).await.unwrap(),
+            vec![written_report.clone()]
+        );
+        assert_eq!(
+            store.latest_reports().await.unwrap(),
+            vec![written_report.clone()]
+        );
+        let history = store.history(id, None).await.unwrap();
+        assert_eq!(history.events, records);
+        assert_eq!(history.last_report, Some(written_report));
+        // Replay gives the row but for what the caller set beside the
+        // events (config, capabilities, metadata).
+        assert_eq!(
+            project(&history).unwrap(),
+            Some(Robot {
+                config: json!({}),
+                capabilities: Vec::new(),
+                metadata: json!({}),
+                ..stored
+            })
+        );
+        // Before the robot existed, it has no history.
+        let before = records[0].recorded_at - chrono::Duration::seconds(1);
+        assert_eq!(
+            store.history(id, Some(before)).await.unwrap(),
+            History::default()
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn reports_are_deduplicated_by_robot_and_seq_and_paged() {
+        let db = TestDb::create().await;
+        let store = db.store().await;
+        let id = robot_id(4);
+        store
+            .append(append(None, id, vec![discovered(4)]))
+            .await
+            .unwrap();
+        let mut current = store.robot(id).await.unwrap().expect("a row");
+        let original = report(id, 1, json!({"battery_v": 12.4}));
+        let resent = report(id, 1, json!({"battery_v": 0.0}));
+        let mut sent = vec![original.clone()];
+        for next in [original.clone(), resent]
+            .into_iter()
+            .chain((2..=5).map(|seq| report(id, seq, json!({ "seq": seq }))))
+        {
+            if next.seq > 1 {
+                sent.push(next.clone());
+            }
+            let records = store
+                .append(with_report(append(Some(&current), id, vec![]), next))
+                .await
+                .unwrap();
+            assert!(records.is_empty());
+            current = store.robot(id).await.unwrap().expect("a row");
+        }
+        assert_eq!(store.reports(id, 0, 100).await.unwrap(), sent);
+        let seqs = |reports: Vec<StoredReport>| reports.iter().map(|r| r.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(store.reports(id, 0, 2).await.unwrap()), [1, 2]);
+        assert_eq!(seqs(store.reports(id, 2, 2).await.unwrap()), [3, 4]);
+        assert_eq!(seqs(store.reports(id, 4, 2).await.unwrap()), [5]);
+        assert!(store.reports(id, 5, 2).await.unwrap().is_empty());
+        assert_eq!(current.last_report_seq, 5);
+        assert_eq!(current.version, 1);
+        assert_eq!(seqs(store.latest_reports().await.unwrap()), [5]);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn of_two_appends_at_one_version_exactly_one_wins() {
+        let db = TestDb::create().await;
+        let store = db.store().await;
+        let id = robot_id(7);
+        store
+            .append(append(None, id, vec![discovered(7)]))
+            .await
+            .unwrap();
+        let current = store.robot(id).await.unwrap().expect("a row");
+        let provision = append(Some(&current), id, vec![provisioning_started()]);
+        let fail = append(Some(&current), id, vec![failed_from_discovered()]);
+        let before = store.batches_committed();
+
+        let (a, b) = tokio::join!(store.append(provision), store.append(fail));
+
+        let (winner, loser) = match (a, b) {
+            (Ok(won), Err(lost)) => (won, lost),
+            (Err(lost), Ok(won)) => (won, lost),
+            other => panic!("expected exactly one success, got {other:?}"),
+        };
+        // Both were queued before the writer ran: one transaction.
+        assert_eq!(store.batches_committed(), before + 1);
+        assert_eq!(versions(&winner), [2]);
+        assert!(
+            matches!(
+                loser,
+                StoreError::Conflict { robot_id, expected: 1, actual: 2 } if robot_id == id
+            ),
+            "{loser:?}"
+        );
+        let events = store.robot_events(id, 0, 10).await.unwrap();
+        assert_eq!(versions(&events), [1, 2]);
+        assert_eq!(events[1], winner[0]);
+        let stored = store.robot(id).await.unwrap().expect("a row");
+        assert_eq!(Robot::replay(&events).unwrap(), Some(stored));
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn refused_appends_change_nothing_and_do_not_fail_their_batch() {
+        let db = TestDb::create().await;
+        let store = db.store().await;
+        let id = robot_id(3);
+
+        let mut wrong_version = append(None, id, vec![discovered(3)]);
+        wrong_version.robot.version = 5;
+        let mut no_events = append(None, id, vec![discovered(3)]);
+        no_events.events.clear();
+        no_events.robot.version = 0;
+        let mut wrong_state = append(None, id, vec![discovered(3)]);
+        wrong_state.robot.state = LifecycleState::Active;
+        let mut wrong_robot = append(None, id, vec![discovered(3)]);
+        wrong_robot.robot.robot_id = robot_id(4);
+        for bad in [wrong_version, no_events, wrong_state, wrong_robot] {
+            let result = store.append(bad).await;
+            assert!(matches!(result, Err(StoreError::Invalid(_))), "{result:?}");
+        }
+        assert_eq!(store.head().await.unwrap(), 0);
+        assert_eq!(store.robots().await.unwrap(), vec![]);
+
+        // Values PostgreSQL itself refuses, in one batch with good appends:
+        // the grouped write fails, and the batch is written append by
+        // append so that only the culprits are refused.
+        let first = append(None, id, vec![discovered(3)]);
+        let reused_id = first.events[0].event_id;
+        let mut nul = append(None, robot_id(5), vec![discovered(5)]);
+        nul.robot.hostname = "bad\0name".into();
+        let mut reused = append(None, robot_id(6), vec![discovered(6)]);
+        reused.events[0].event_id = reused_id;
+        let good = append(None, robot_id(7), vec![discovered(7)]);
+        let before = store.batches_committed();
+        let (first, nul, reused, good) = tokio::join!(
+            store.append(first),
+            store.append(nul),
+            store.append(reused),
+            store.append(good)
+        );
+        assert_eq!(store.batches_committed(), before + 1, "one transaction");
+        let first = first.expect("the first append");
+        let good = good.expect("the good append");
+        assert!(matches!(nul, Err(StoreError::Invalid(_))), "{nul:?}");
+        assert!(matches!(reused, Err(StoreError::Invalid(_))), "{reused:?}");
+        assert!(first[0].position < good[0].position);
+        assert_eq!(
+            all_events(&store).await,
+            [first.clone(), good.clone()].concat()
+        );
+        let ids: Vec<RobotId> = store
+            .robots()
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.robot_id)
+            .collect();
+        assert_eq!(ids, [id, robot_id(7)]);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn corrupt_rows_are_reported_not_skipped() {
+        let db = TestDb::create().await;
+        let store = db.store().await;
+        let (a, b) = (robot_id(1), robot_id(2));
+        store
+            .append(append(None, a, vec![discovered(1)]))
+            .await
+            .unwrap();
+        let event_b = store
+            .append(append(None, b, vec![discovered(2)]))
+            .await
+            .unwrap();
+        sqlx::query("UPDATE robot_states SET health = '{\"status\": 5}' WHERE robot_id = $1")
+            .bind(a.0)
+            .execute(&store.pool)
+            .await
+            .expect("corrupt a row");
+
+        let err = store.robot(a).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Corrupt(m) if m.contains(&a.to_string()) && m.contains("health")),
+            "{err:?}"
+        );
+        assert!(matches!(store.robots().await, Err(StoreError::Corrupt(_))));
+        let current = store.robot(b).await.unwrap().expect("a row");
+        let mut stale = current.clone();
+        stale.robot_id = a;
+        let refused = store
+            .append(append(Some(&stale), a, vec![provisioning_started()]))
+            .await;
+        assert!(
+            matches!(refused, Err(StoreError::Corrupt(_))),
+            "{refused:?}"
+        );
+        store
+            .append(append(Some(&current), b, vec![provisioning_started()]))
+            .await
+            .expect("other robots are unaffected");
+
+        sqlx::query("UPDATE events SET data = '[1, 2]' WHERE position = $1")
+            .bind(event_b[0].position)
+            .execute(&store.pool)
+            .await
+            .expect("corrupt an event");
+        let err = store.robot_events(b, 0, 10).await.unwrap_err();
+        let position = format!("position {}", event_b[0].position);
+        assert!(
+            matches!(&err, StoreError::Corrupt(m) if m.contains(&position)),
+            "{err:?}"
+        );
+        assert!(matches!(
+            store.events_after(0, 10).await,
+            Err(StoreError::Corrupt(_))
+        ));
+        store.close().await;
+    }
+
+    // -----------------------------------------------------------------------
+    // 3. Concurrent writers.
+
+    /// One robot's lifecycle, appended step by step as the fleet would.
+    async fn walk_lifecycle(store: &PostgresStore, n: u32) -> Result<(), StoreError> {
+        let id = robot_id(n);
+        let steps = [
+            vec![discovered(n)],
+            vec![provisioning_started()],
+            vec![provisioned()],
+            vec![activated()],
+        ];
+        let mut current = None;
+        for (step, events) in steps.into_iter().enumerate() {
+            let mut next = append(current.as_ref(), id, events);
+            if step == 3 {
+                next = with_report(next, report(id, 1, json!({ "n": n })));
+            }
+            store.append(next).await?;
+            current = store.robot(id).await?;
+        }
+        Ok(())
+    }
+
+    /// Appends `wins` maintenance toggles to a ready robot, reloading and
+    /// deciding again after every conflict. Returns the conflicts seen.
+    async fn race(store: &PostgresStore, id: RobotId, wins: u32) -> Result<u32, StoreError> {
+        let mut conflicts = 0;
+        let mut won = 0;
+        while won < wins {
+            let current = store.robot(id).await?.expect("the racing robot");
+            let next = append(Some(&current), id, vec![toggle_maintenance(current.state)]);
+            match store.append(next).await {
+                Ok(_) => won += 1,
+                Err(StoreError::Conflict { .. }) => conflicts += 1,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(conflicts)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writers_lose_and_duplicate_nothing() {
+        let db = TestDb::create().await;
+        let store = Arc::new(db.store().await);
+        let mut feed = store.subscribe();
+        let racer = robot_id(1000);
+        let mut current = None;
+        for events in [
+            vec![discovered(1000)],
+            vec![provisioning_started()],
+            vec![provisioned()],
+        ] {
+            store
+                .append(append(current.as_ref(), racer, events))
+                .await
+                .unwrap();
+            current = store.robot(racer).await.unwrap();
+        }
+        let before = store.batches_committed();
+
+        let walkers: Vec<_> = (0..50)
+            .map(|n| {
+                let store = store.clone();
+                tokio::spawn(async move { walk_lifecycle(&store, n).await })
+            })
+            .collect();
+        let racers: Vec<_> = (0..10)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { race(&store, racer, 5).await })
+            })
+            .collect();
+        for task in walkers {
+            task.await
+                .expect("the task ran")
+                .expect("every append succeeds");
+        }
+        let mut conflicts = 0;
+        for task in racers {
+            conflicts += task.await.expect("the task ran").expect("the racer wins");
+        }
+
+        let log = all_events(&store).await;
+        assert_eq!(log.len(), 3 + 50 * 4 + 50);
+        assert!(strictly_increasing(&positions(&log)));
+        let ids: HashSet<Uuid> = log.iter().map(|e| e.event_id).collect();
+        assert_eq!(ids.len(), log.len(), "an event was stored twice");
+        let mut by_robot: HashMap<RobotId, Vec<i64>> = HashMap::new();
+        for e in &log {
+            by_robot.entry(e.robot_id).or_default().push(e.version);
+        }
+        for (id, versions) in &by_robot {
+            let expected: Vec<i64> = (1..=versions.len() as i64).collect();
+            assert_eq!(versions, &expected, "robot {id}");
+        }
+        for n in 0..50 {
+            assert_eq!(by_robot[&robot_id(n)], [1, 2, 3, 4]);
+        }
+        let raced = store.robot(racer).await.unwrap().expect("the racer");
+        assert_eq!(raced.version, 3 + 50, "one version per successful append");
+        assert_rows_are_their_history(&store).await;
+        let appends = 3 + 50 * 4 + 50 + conflicts;
+        let batches = store.batches_committed() - before + 3;
+        assert!(
+            batches < u64::from(appends),
+            "{batches} transactions for {appends} appends"
+        );
+
+        // The feed: every event once, in position order, each with its row.
+        let commits = commits_until(&mut feed, log.len()).await;
+        let fed: Vec<EventRecord> = commits.iter().flat_map(|c| c.events.clone()).collect();
+        assert_eq!(fed, log);
+        for commit in &commits {
+            if let Some(last) = commit.events.last() {
+                assert_eq!(commit.robot.version, last.version);
+            }
+        }
+        store.close().await;
+    }
+
+    // -----------------------------------------------------------------------
+    // 4. Two controllers on one database.
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_controller_sees_every_commit_in_order_with_its_row() {
+        let db = TestDb::create().await;
+        let first = Arc::new(db.store().await);
+        let second = Arc::new(db.store().await);
+        let mut feed_first = first.subscribe();
+        let mut feed_second = second.subscribe();
+
+        // Robots appended through both controllers at once.
+        let tasks: Vec<_> = (0..20_u32)
+            .map(|n| {
+                let store = if n.is_multiple_of(4) {
+                    second.clone()
+                } else {
+                    first.clone()
+                };
+                tokio::spawn(async move { walk_lifecycle(&store, n).await })
+            })
+            .collect();
+        for task in tasks {
+            task.await
+                .expect("the task ran")
+                .expect("every append succeeds");
+        }
+        // A report only (no event), and a commit too big for a
+        // notification (published by reference).
+        let id = robot_id(3);
+        let row = first.robot(id).await.unwrap().expect("a row");
+        first
+            .append(with_report(
+                append(Some(&row), id, vec![]),
+                report(id, 2, json!({"battery_v": 11.9})),
+            ))
+            .await
+            .unwrap();
+        let big_id = robot_id(500);
+        let mut big = append(None, big_id, vec![discovered(500)]);
+        big.robot.config = json!({ "blob": "x".repeat(12_000) });
+        first.append(big).await.unwrap();
+
+        let log = all_events(&first).await;
+        assert_eq!(log.len(), 20 * 4 + 1);
+        for feed in [&mut feed_second, &mut feed_first] {
+            let mut commits = commits_until(feed, log.len()).await;
+            // The report-only commit comes before the big one.
+            let fed: Vec<EventRecord> = commits.iter().flat_map(|c| c.events.clone()).collect();
+            assert_eq!(fed, log, "every event once, in position order");
+            let report_only = commits
+                .iter()
+                .find(|c| c.events.is_empty())
+                .expect("the report-only commit");
+            assert_eq!(report_only.robot.robot_id, id);
+            assert_eq!(report_only.robot.last_report_seq, 2);
+            for commit in &commits {
+                if let Some(last) = commit.events.last() {
+                    assert_eq!(commit.robot.robot_id, last.robot_id);
+                    assert_eq!(commit.robot.version, last.version);
+                }
+            }
+            let last = commits.pop().expect("commits");
+            assert_eq!(
+                Some((*last.robot).clone()),
+                second.robot(big_id).await.unwrap()
+            );
+            assert!(matches!(feed.try_recv(), Err(TryRecvError::Empty)));
+        }
+        first.close().await;
+        second.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_feed_catches_up_after_its_connection_is_lost() {
+        let db = TestDb::create().await;
+        let writer = db.store().await;
+        let reader = db.store().await;
+        let mut feed = reader.subscribe();
+        writer
+            .append(append(None, robot_id(1), vec![discovered(1)]))
+            .await
+            .unwrap();
+        assert_eq!(next_commit(&mut feed).await.events.len(), 1);
+
+        // Every connection to the database is cut (a failover, a restart):
+        // commits made meanwhile reach the reader's feed after it
+        // reconnects, in order, without gaps.
+        let mut admin = maintenance_connection(&db.maintenance).await;
+        let cut = async |admin: &mut PgConnection| {
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+            )
+            .bind(&db.name)
+            .execute(admin)
+            .await
+            .expect("terminate the connections");
+        };
+        cut(&mut admin).await;
+        let mut appended = Vec::new();
+        for n in 2..=6 {
+            let result = loop {
+                // The pool may hand out a connection that just died: the
+                // store answers Unavailable, and a retry reconnects.
+                match writer
+                    .append(append(None, robot_id(n), vec![discovered(n)]))
+                    .await
+                {
+                    Err(StoreError::Unavailable(_)) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    other => break other,
+                }
+            };
+            appended.extend(result.expect("the append"));
+            if n == 3 {
+                cut(&mut admin).await;
+            }
+        }
+        let row = writer.robot(robot_id(1)).await.unwrap().expect("a row");
+        writer
+            .append(with_report(
+                append(Some(&row), robot_id(1), vec![]),
+                report(robot_id(1), 1, json!({})),
+            ))
+            .await
+            .unwrap();
+
+        let commits = commits_until(&mut feed, appended.len()).await;
+        let fed: Vec<EventRecord> = commits.iter().flat_map(|c| c.events.clone()).collect();
+        assert_eq!(fed, appended);
+        // The report-only commit arrives too (now or with the catch-up).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let commit = tokio::time::timeout_at(deadline.into(), feed.recv())
+                .await
+                .expect("the report-only commit")
+                .expect("the feed");
+            if commit.robot.robot_id == robot_id(1) && commit.robot.last_report_seq == 1 {
+                assert!(commit.events.is_empty());
+                break;
+            }
+        }
+        let _ = admin.close().await;
+        writer.close().await;
+        reader.close().await;
+    }
+
+    // -----------------------------------------------------------------------
+    // 5. Fencing.
+
+    fn session() -> DiscoverySession {
+        let started_at = now();
+        DiscoverySession {
+            session_id: Uuid::new_v4(),
+            methods: vec!["agent".into(), "arp".into()],
+            started_at,
+            finished_at: started_at + chrono::Duration::milliseconds(1250),
+            duration_ms: 1250,
+            robots_found: 3,
+            new_robots: 1,
+        }
+    }
+
+    fn fence(token: u64) -> Fence {
+        Fence {
+            resource: "sweep:192.168.0.0/24".into(),
+            token,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stale_fencing_token_is_refused() {
+        let db = TestDb::create().await;
+        let store = Arc::new(db.store().await);
+        let sessions = async || -> i64 {
+            sqlx::query_scalar("SELECT COUNT(*) FROM discovery_sessions")
+                .fetch_one(&store.pool)
+                .await
+                .expect("count")
+        };
+
+        store
+            .record_discovery(&session(), Some(&fence(5)))
+            .await
+            .unwrap();
+        let stale = store.record_discovery(&session(), Some(&fence(4))).await;
+        assert!(
+            matches!(
+                &stale,
+                Err(StoreError::Fenced { token: 4, current: 5, resource }) if resource == "sweep:192.168.0.0/24"
+            ),
+            "{stale:?}"
+        );
+        assert_eq!(sessions().await, 1, "the stale write left nothing");
+        store
+            .record_discovery(&session(), Some(&fence(6)))
+            .await
+            .unwrap();
+        store
+            .record_discovery(&session(), Some(&fence(6)))
+            .await
+            .unwrap();
+        store.record_discovery(&session(), None).await.unwrap();
+        let other = Fence {
+            resource: "sweep:10.0.0.0/24".into(),
+            token: 1,
+        };
+        store
+            .record_discovery(&session(), Some(&other))
+            .await
+            .unwrap();
+        assert_eq!(sessions().await, 5);
+
+        // Two holders racing: the higher token always ends up recorded,
+        // and the lower one is refused if it comes second.
+        let (s7, s8) = (store.clone(), store.clone());
+        let (r7, r8) = tokio::join!(
+            tokio::spawn(async move { s7.record_discovery(&session(), Some(&fence(7))).await }),
+            tokio::spawn(async move { s8.record_discovery(&session(), Some(&fence(8))).await })
+        );
+        r8.unwrap().expect("token 8");
+        assert!(matches!(
+            r7.unwrap(),
+            Ok(()) | Err(StoreError::Fenced { .. })
+        ));
+        let token: i64 = sqlx::query_scalar("SELECT token FROM fences WHERE resource = $1")
+            .bind("sweep:192.168.0.0/24")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(token, 8);
+
+        // A session is recorded once per id, as last written.
+        let mut again = session();
+        store.record_discovery(&again, None).await.unwrap();
+        again.robots_found = 9;
+        store.record_discovery(&again, None).await.unwrap();
+        let (found, methods, started): (i64, serde_json::Value, DateTime<Utc>) = sqlx::query_as(
+            "SELECT robots_found, methods, started_at FROM discovery_sessions WHERE session_id = $1",
+        )
+        .bind(again.session_id)
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+        assert_eq!(found, 9);
+        assert_eq!(methods, json!(["agent", "arp"]));
+        assert_eq!(started, again.started_at);
+        store.close().await;
+    }
+
+    // -----------------------------------------------------------------------
+    // 6. Pruning keeps replay exact.
+
+    async fn assert_rebuild_equals_live(store: &PostgresStore) {
+        let mut rebuild = Rebuild::new(store.snapshots().await.unwrap());
+        for e in all_events(store).await {
+            rebuild.event(&e).expect("the log replays");
+        }
+        let rebuilt = rebuild.finish(&store.latest_reports().await.unwrap());
+        let live = store.robots().await.unwrap();
+        assert_eq!(compare(&live, &rebuilt), vec![]);
+        assert_eq!(rebuilt.len(), live.len());
+    }
+
+    #[tokio::test]
+    async fn pruning_keeps_replay_equal_to_the_live_rows() {
+        let db = TestDb::create().await;
+        let store = db.store().await;
+        let old = now() - chrono::Duration::days(3);
+        let recent = now();
+        // Robots 1..=5: old history, then recent events and reports.
+        for n in 1..=5 {
+            let id = robot_id(n);
+            let a = append_at(None, id, vec![discovered(n), provisioning_started()], old);
+            let a = with_report(a, report_at(id, 1, json!({"n": 1}), old));
+            store.append(a).await.unwrap();
+            let row = store.robot(id).await.unwrap().unwrap();
+            let a = append_at(Some(&row), id, vec![], old);
+            let a = with_report(a, report_at(id, 2, json!({"n": 2}), old));
+            store.append(a).await.unwrap();
+            let row = store.robot(id).await.unwrap().unwrap();
+            let a = append_at(Some(&row), id, vec![provisioned(), activated()], recent);
+            let a = with_report(a, report_at(id, 3, json!({"n": 3}), recent));
+            store.append(a).await.unwrap();
+        }
+        // Robot 6: only old events; robot 7: only recent ones.
+        store
+            .append(append_at(None, robot_id(6), vec![discovered(6)], old))
+            .await
+            .unwrap();
+        store
+            .append(append_at(None, robot_id(7), vec![discovered(7)], recent))
+            .await
+            .unwrap();
+        assert_rebuild_equals_live(&store).await;
+        let live = store.robots().await.unwrap();
+
+        let outcome = store
+            .prune(recent - chrono::Duration::days(1))
+            .await
+            .unwrap();
+        assert_eq!(
+            outcome,
+            PruneOutcome {
+                robots: 6,
+                events_removed: 5 * 2 + 1,
+                reports_removed: 5 * 2,
+            }
+        );
+        assert_eq!(store.robots().await.unwrap(), live);
+        assert_eq!(store.snapshots().await.unwrap().len(), 6);
+        assert_eq!(all_events(&store).await.len(), 5 * 2 + 1);
+        assert_rebuild_equals_live(&store).await;
+        assert_rows_are_their_history(&store).await;
+
+        // Pruning everything, then again: still exact, and idempotent.
+        let outcome = store
+            .prune(recent + chrono::Duration::seconds(1))
+            .await
+            .unwrap();
+        assert_eq!(outcome.robots, 6);
+        assert_eq!(outcome.events_removed, 5 * 2 + 1);
+        assert_eq!(all_events(&store).await, vec![]);
+        assert_rebuild_equals_live(&store).await;
+        assert_rows_are_their_history(&store).await;
+        let outcome = store
+            .prune(recent + chrono::Duration::seconds(1))
+            .await
+            .unwrap();
+        assert_eq!(outcome, PruneOutcome::default());
+        assert_eq!(store.robots().await.unwrap(), live);
+
+        // Appends go on from the snapshot's version.
+        let row = store.robot(robot_id(6)).await.unwrap().unwrap();
+        let records = store
+            .append(append(
+                Some(&row),
+                robot_id(6),
+                vec![provisioning_started()],
+            ))
+            .await
+            .unwrap();
+        assert_eq!(versions(&records), [2]);
+        assert_rebuild_equals_live(&store).await;
+        store.close().await;
+    }
+
+    // -----------------------------------------------------------------------
+    // 7. Indexes.
+
+    /// Every index a plan uses.
+    fn index_names(plan: &serde_json::Value, out: &mut BTreeSet<String>) {
+        match plan {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    if k == "Index Name" {
+                        out.insert(v.as_str().unwrap_or_default().to_string());
+                    }
+                    index_names(v, out);
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| index_names(v, out)),
+            _ => {}
+        }
+    }
+
+    #[tokio::test]
+    async fn the_store_queries_use_indexes() {
+        let db = TestDb::create().await;
+        let store = db.store().await;
+        let appends = (0..600).map(|n| {
+            let mut events = vec![discovered(n)];
+            if n.is_multiple_of(50) {
+                events.push(provisioning_started());
+            }
+            store.append(append(None, robot_id(n), events))
+        });
+        for result in futures_util::future::join_all(appends).await {
+            result.expect("append");
+        }
+        let mut conn = store.pool.acquire().await.unwrap();
+        sqlx::query("ANALYZE").execute(&mut *conn).await.unwrap();
+        sqlx::query("SET enable_seqscan = off")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let cutoff = now() - chrono::Duration::days(1);
+        let cases: Vec<(&str, String, sqlx::postgres::PgArguments)> = {
+            use sqlx::Arguments;
+            let args = |f: &dyn Fn(&mut sqlx::postgres::PgArguments)| {
+                let mut a = sqlx::postgres::PgArguments::default();
+                f(&mut a);
+                a
+            };
+            vec![
+                (
+                    "robot_states_state",
+                    ROBOTS_BY_STATE.into(),
+                    args(&|a| a.add("provisioning").unwrap()),
+                ),
+                (
+                    "robot_states_robot_type",
+                    ROBOTS_BY_TYPE.into(),
+                    args(&|a| a.add("xlerobot").unwrap()),
+                ),
+                (
+                    "robot_states_ip_address",
+                    ROBOTS_BY_IP.into(),
+                    args(&|a| a.add("192.168.1.7").unwrap()),
+                ),
+                (
+                    "events_robot_version",
+                    ROBOT_EVENTS.into(),
+                    args(&|a| {
+                        a.add(robot_id(7).0).unwrap();
+                        a.add(0_i64).unwrap();
+                        a.add(100_i64).unwrap();
+                    }),
+                ),
+                (
+                    "events_pkey",
+                    EVENTS_AFTER.into(),
+                    args(&|a| {
+                        a.add(300_i64).unwrap();
+                        a.add(100_i64).unwrap();
+                    }),
+                ),
+                (
+                    "events_recorded_at",
+                    "SELECT DISTINCT robot_id FROM events WHERE recorded_at < $1".into(),
+                    args(&|a| a.add(cutoff).unwrap()),
+                ),
+                (
+                    "robot_reports_pkey",
+                    "SELECT robot_id, seq FROM robot_reports WHERE robot_id = $1 AND seq > $2 \
+                     ORDER BY seq LIMIT 10"
+                        .into(),
+                    args(&|a| {
+                        a.add(robot_id(7).0).unwrap();
+                        a.add(0_i64).unwrap();
+                    }),
+                ),
+            ]
+        };
+        for (index, sql, arguments) in cases {
+            let plan: serde_json::Value = sqlx::query_scalar_with(
+                AssertSqlSafe(format!("EXPLAIN (FORMAT JSON) {sql}")),
+                arguments,
+            )
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap_or_else(|e| panic!("EXPLAIN {sql}: {e}"));
+            let mut used = BTreeSet::new();
+            index_names(&plan, &mut used);
+            assert!(
+                used.contains(index),
+                "{sql} uses {used:?}, not {index}: {plan}"
+            );
+        }
+        drop(conn);
+        store.close().await;
+    }
+
+    // -----------------------------------------------------------------------
+    // 8. An unreachable server.
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_unavailable_quickly() {
+        let port = {
+            let socket = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+            socket.local_addr().expect("its address").port()
+        };
+        let started = Instant::now();
+        let result =
+            PostgresStore::connect(&format!("postgres://postgres@127.0.0.1:{port}/kiwi"), 2).await;
+        assert!(
+            matches!(result, Err(StoreError::Unavailable(_))),
+            "{result:?}"
+        );
+        assert!(
+            started.elapsed() < ACQUIRE_TIMEOUT + Duration::from_secs(2),
+            "took {:?}",
+            started.elapsed()
+        );
+
+        // A closed store answers Unavailable too.
+        let db = TestDb::create().await;
+        let store = db.store().await;
+        store.close().await;
+        let appended = store
+            .append(append(None, robot_id(1), vec![discovered(1)]))
+            .await;
+        assert!(
+            matches!(appended, Err(StoreError::Unavailable(_))),
+            "{appended:?}"
+        );
+        assert!(matches!(
+            store.ping().await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(matches!(
+            store.robot(robot_id(1)).await,
+            Err(StoreError::Unavailable(_))
+        ));
+    }
+
+    pub(super) type TestDbPub = TestDb;
+    impl TestDb {
+        pub(super) fn url(&self) -> String {
+            self.url.clone()
+        }
+    }
+    pub(super) fn rid(n: u32) -> RobotId {
+        robot_id(n)
+    }
+    pub(super) fn app(current: Option<&Robot>, id: RobotId) -> Append {
+        append(current, id, vec![discovered(1), provisioning_started(), provisioned()])
+    }
+    pub(super) fn rep(current: Option<&Robot>, id: RobotId, seq: i64) -> Append {
+        with_report(append(current, id, vec![]), report(id, seq, json!({"cpu": 40.5})))
+    }
+    pub(super) fn ev(current: &Robot, id: RobotId) -> Append {
+        append(Some(current), id, vec![toggle_maintenance(current.state)])
+    }
+
+    #[test]
+    fn a_database_name_replaces_the_urls() {
+        assert_eq!(
+            with_database("postgres://u:p@h:5432/postgres?sslmode=disable", "x"),
+            "postgres://u:p@h:5432/x?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://h", "x"), "postgres://h/x");
+    }
+
+    #[test]
+    fn a_commit_notice_round_trips() {
+        let id = robot_id(1);
+        let mut a = append(None, id, vec![discovered(1), provisioning_started()]);
+        a.robot.config = json!({"gain": 0.1, "big": 18446744073709551615u64});
+        let a = with_report(a, report(id, 3, json!({"t": [1.5, -2]})));
+        let mut planned = plan(None, &a).expect("a valid append");
+        for (i, r) in planned.records.iter_mut().enumerate() {
+            r.position = 10 + i as i64;
+        }
+        let payload = notice(&planned);
+        let parsed: Notice = serde_json::from_str(&payload).expect("a notice");
+        assert_eq!(parsed.events.as_deref(), Some(&planned.records[..]));
+        assert_eq!(parsed.robot.as_ref(), Some(&planned.robot));
+        assert_eq!((parsed.first, parsed.last), (Some(10), Some(11)));
+
+        planned.robot.metadata = json!({"blob": "y".repeat(NOTIFY_PAYLOAD_MAX)});
+        let reference: Notice = serde_json::from_str(&notice(&planned)).expect("a notice");
+        assert!(reference.events.is_none() && reference.robot.is_none());
+        assert_eq!((reference.robot_id, reference.version), (id, 2));
+    }
+}
+
+#[cfg(test)]
+mod scratch_bench {
+    use std::time::Instant;
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scratch_bench() {
+        let db = super::tests::TestDbPub::create().await;
+        let store = Arc::new(PostgresStore::connect(&db.url(), 16).await.unwrap());
+        let pct = |mut v: Vec<Duration>| {
+            v.sort();
+            let n = v.len();
+            (v[n / 2], v[(n * 99).div_ceil(100) - 1])
+        };
+        // Single appends: one robot, reports (no events), like an agent.
+        let id = super::tests::rid(1);
+        store.append(super::tests::app(None, id)).await.unwrap();
+        let mut row = store.robot(id).await.unwrap().unwrap();
+        let mut kiwi = Vec::new();
+        let mut base = Vec::new();
+        for seq in 1..=600_i64 {
+            let a = super::tests::rep(Some(&row), id, seq);
+            row = a.robot.clone();
+            let t = Instant::now();
+            store.append(a).await.unwrap();
+            kiwi.push(t.elapsed());
+            let t = Instant::now();
+            let mut tx = store.pool.begin().await.unwrap();
+            sqlx::query("INSERT INTO robot_reports (robot_id, seq, time, received_at, health, workload, maintenance, telemetry) VALUES ($1, $2, now(), now(), '{}', 'x', false, '{}')")
+                .bind(Uuid::new_v4()).bind(seq).execute(&mut *tx).await.unwrap();
+            tx.commit().await.unwrap();
+            base.push(t.elapsed());
+        }
+        eprintln!("single append p50/p99 {:?} ; baseline INSERT;COMMIT {:?}", pct(kiwi), pct(base));
+        // Group commit: 16 robots, each 250 event appends.
+        let before = store.batches_committed();
+        let t = Instant::now();
+        let tasks: Vec<_> = (0..16).map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let id = super::tests::rid(100 + n);
+                store.append(super::tests::app(None, id)).await.unwrap();
+                let mut row = store.robot(id).await.unwrap().unwrap();
+                for _ in 0..250 {
+                    let a = super::tests::ev(&row, id);
+                    row = a.robot.clone();
+                    store.append(a).await.unwrap();
+                }
+            })
+        }).collect();
+        for t in tasks { t.await.unwrap(); }
+        let el = t.elapsed();
+        eprintln!("group: {} events in {:?} = {:.0}/s, {} batches", 16 * 251, el, (16.0 * 251.0) / el.as_secs_f64(), store.batches_committed() - before);
+        store.close().await;
+    }
 }
