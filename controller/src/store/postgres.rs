@@ -7,19 +7,23 @@
 //! closing that connection releases the lock even when a migration failed.
 //!
 //! **Group commit.** Every append goes over a bounded channel to one writer
-//! task per store. It takes the first waiting append, drains whatever else
-//! is queued (up to [`BATCH_CAP`]) and writes them all in one transaction,
-//! so a burst of appends from many robots costs one commit (one WAL flush).
-//! No caller is answered before the `COMMIT` that holds its data; if the
-//! transaction fails, every caller of the batch gets
-//! [`StoreError::Unavailable`]. The writer locks the batch's robot rows
-//! (`SELECT ... FOR UPDATE`), checks every append against them in memory
-//! exactly as the SQLite backend does (version, shape, events applying to
-//! the stored row, lifecycle state), and writes the appends that pass with
-//! one statement. Should that statement fail (a reused event id, a value
-//! PostgreSQL refuses), the batch is written again with a savepoint per
-//! append, so the culprit is answered with its error and the rest commits.
-//! Appends for the same robot in one batch see each other, in queue order.
+//! task per store, which owns a connection of its own (outside the pool:
+//! a store opens `pool_size` + 2 connections, the writer's and the
+//! listener's included). It takes the first waiting append, drains
+//! whatever else is queued (up to [`BATCH_CAP`]) and writes them all in one
+//! transaction, so a burst of appends from many robots costs one commit
+//! (one WAL flush). No caller is answered before the `COMMIT` that holds
+//! its data; if the transaction fails, every caller of the batch gets
+//! [`StoreError::Unavailable`] and the writer reconnects for the next
+//! batch. The writer reads the batch's robot rows, checks every append
+//! against them in memory exactly as the SQLite backend does (version,
+//! shape, events applying to the stored row, lifecycle state) and writes
+//! the appends that pass with one statement. Should that statement fail (a
+//! reused event id, a value PostgreSQL refuses), the batch is written again
+//! with a savepoint per append, so the culprit is answered with its error
+//! and the rest commits. Appends for the same robot in one batch see each
+//! other, in queue order. A batch costs three round trips: `BEGIN`, the
+//! log lock and the rows; the write; the notifications and `COMMIT`.
 //!
 //! **Position order across controllers.** Positions come from an identity
 //! column, and an identity value is taken when a row is inserted, not when
@@ -27,14 +31,18 @@
 //! make position 11 visible before position 10, and a reader that resumed
 //! after 11 would never see 10. So every write transaction starts with
 //! `pg_advisory_xact_lock(LOG_LOCK)`: all transactions that append to the
-//! log, from every controller, run one after the other, and take their
-//! positions in that order. PostgreSQL releases transaction locks only after
-//! the commit is visible to new snapshots, so whoever takes the lock next
-//! sees every earlier commit, and its positions are higher than every
-//! position already visible: positions become visible in position order.
-//! The lock is taken by its own statement before the rows are read, so the
-//! reads of a READ COMMITTED transaction see the previous holder's commit.
-//! Group commit keeps the lock's cost per event small.
+//! log or change `robot_states`, from every controller, run one after the
+//! other, and take their positions in that order. PostgreSQL releases
+//! transaction locks only after the commit is visible to new snapshots, so
+//! whoever takes the lock next sees every earlier commit, and its positions
+//! are higher than every position already visible: positions become
+//! visible in position order. The lock is taken by its own statement before
+//! the rows are read, so the reads (READ COMMITTED: a snapshot per
+//! statement) see the previous holder's commit; and as no one else writes
+//! the rows while it is held, they need no row lock (`FOR UPDATE`) for the
+//! optimistic-concurrency check. The unique (robot_id, version) constraint
+//! stays as the backstop: a violation is answered as a conflict. Group
+//! commit keeps the lock's cost per event small.
 //!
 //! **The feed across controllers.** Inside each write transaction the
 //! writer calls `pg_notify('kiwi_commits', ...)` once per successful append,
@@ -112,21 +120,23 @@ const CATCH_UP_PAGE: u32 = 5000;
 /// PostgreSQL refuses notification payloads of 8000 bytes or more.
 const NOTIFY_PAYLOAD_MAX: usize = 7999;
 
-/// The notification channel of commits.
+/// The notification channel of commits (a macro, to be spliced into SQL).
 macro_rules! channel {
     () => {
         "kiwi_commits"
     };
 }
+/// The channel every controller's writer notifies its commits on.
 pub const CHANNEL: &str = channel!();
 
 /// The key of the transaction advisory lock that every transaction writing
 /// the log takes first (see the module doc). Part of the schema's
 /// contract: every controller version sharing a database must use it.
-/// `0x6b697769_6c6f6701`: "kiwi" "log" 1.
+/// `0x6b697769_6c6f6701` ("kiwi", "lo", 1), in decimal to be spliced into
+/// SQL.
 macro_rules! log_lock {
     () => {
-        "7739031370491668225"
+        "7739848729287419649"
     };
 }
 /// The key of the transaction advisory lock that serialises prunes, so two
@@ -220,8 +230,9 @@ pub struct PostgresStore {
 
 impl PostgresStore {
     /// Connects to the database at `url` (`postgres://user:password@host:port/db`)
-    /// with a pool of `pool_size` connections (plus one for the listener),
-    /// applies the migrations and starts the writer and listener tasks.
+    /// with a pool of `pool_size` connections for reads (plus one each for
+    /// the writer and the listener), applies the migrations and starts the
+    /// writer and listener tasks.
     /// Needs a Tokio runtime. An unreachable server fails within
     /// [`ACQUIRE_TIMEOUT`] with [`StoreError::Unavailable`].
     pub async fn connect(url: &str, pool_size: u32) -> Result<PostgresStore, StoreError> {
@@ -285,16 +296,18 @@ impl PostgresStore {
 
         let (writes, queue) = mpsc::channel(WRITE_QUEUE);
         let batches = Arc::new(AtomicU64::new(0));
+        // Fixed text formats for what the writer reads and writes as text
+        // (see `begin_batch` and `notify_and_commit`).
+        let writer_options = session.clone().options([
+            ("standard_conforming_strings", "on"),
+            ("DateStyle", "ISO"),
+            ("TimeZone", "UTC"),
+        ]);
+        let conn = connect_writer(&writer_options, acquire_timeout).await?;
         let writer = Writer {
-            // Fixed text formats for what the writer reads and writes as
-            // text (see `begin_batch` and `notify_and_commit`).
-            options: session.clone().options([
-                ("standard_conforming_strings", "on"),
-                ("DateStyle", "ISO"),
-                ("TimeZone", "UTC"),
-            ]),
+            options: writer_options,
             connect_timeout: acquire_timeout,
-            conn: None,
+            conn: Some(conn),
             batches: batches.clone(),
         };
         tokio::spawn(writer.run(queue));
@@ -830,14 +843,7 @@ impl Writer {
         appends: &[Append],
     ) -> Result<Vec<Result<Vec<EventRecord>, StoreError>>, StoreError> {
         if self.conn.is_none() {
-            let timeout = self.connect_timeout;
-            let conn = tokio::time::timeout(timeout, self.options.connect())
-                .await
-                .map_err(|_| {
-                    StoreError::Unavailable(format!("PostgreSQL did not answer within {timeout:?}"))
-                })?
-                .map_err(|e| unavailable("cannot connect the writer", &e))?;
-            self.conn = Some(conn);
+            self.conn = Some(connect_writer(&self.options, self.connect_timeout).await?);
         }
         let Some(conn) = self.conn.as_mut() else {
             return Err(StoreError::Unavailable("no writer connection".into()));
@@ -854,6 +860,20 @@ impl Writer {
             Err(BatchError::Failed(e)) => Err(e),
         }
     }
+}
+
+async fn connect_writer(
+    options: &PgConnectOptions,
+    timeout: Duration,
+) -> Result<PgConnection, StoreError> {
+    tokio::time::timeout(timeout, options.connect())
+        .await
+        .map_err(|_| {
+            StoreError::Unavailable(format!(
+                "cannot connect the writer: no answer within {timeout:?}"
+            ))
+        })?
+        .map_err(|e| unavailable("cannot connect the writer", &e))
 }
 
 /// Refuses what is still queued.
@@ -1015,7 +1035,9 @@ async fn write_in_transaction(
             for append in appends {
                 let mut planned = plan(current.get(&append.robot_id), append);
                 if let Ok(p) = &mut planned {
-                    simple(conn, "SAVEPOINT kiwi_append").await.map_err(failed)?;
+                    simple(conn, "SAVEPOINT kiwi_append")
+                        .await
+                        .map_err(failed)?;
                     match write_rows(conn, &mut [&mut *p]).await {
                         Ok(()) => {
                             simple(conn, "RELEASE SAVEPOINT kiwi_append")
@@ -1060,7 +1082,12 @@ async fn begin_batch(
     ));
     for (i, id) in ids.iter().enumerate() {
         // A UUID's text is hex digits and dashes: safe in a literal.
-        let _ = write!(sql, "{}'{}'", if i == 0 { "" } else { "," }, id.hyphenated());
+        let _ = write!(
+            sql,
+            "{}'{}'",
+            if i == 0 { "" } else { "," },
+            id.hyphenated()
+        );
     }
     sql.push(')');
     let rows = sqlx::raw_sql(AssertSqlSafe(sql))
@@ -2045,14 +2072,14 @@ mod tests {
 
     /// A database of this test's own, dropped (forcibly) when this guard
     /// is dropped, also when the test panics.
-    pub(super) struct TestDb {
+    struct TestDb {
         name: String,
         url: String,
         maintenance: String,
     }
 
     impl TestDb {
-        pub(super) async fn create() -> TestDb {
+        async fn create() -> TestDb {
             let maintenance = maintenance_url();
             let name = format!("kiwi_test_{}", Uuid::new_v4().simple());
             let mut conn = maintenance_connection(&maintenance).await;
@@ -2569,7 +2596,35 @@ mod tests {
         assert_eq!(versions(&events), [1, 2]);
         assert_eq!(events[1], winner[0]);
         let stored = store.robot(id).await.unwrap().expect("a row");
-        assert_eq!(Robot::replay(&events).unwrap(), Some(stored));
+        assert_eq!(Robot::replay(&events).unwrap(), Some(stored.clone()));
+
+        // A writer that skipped the log lock took version 3 behind the
+        // row's back: the unique (robot_id, version) constraint still
+        // turns the next append at version 2 into a conflict.
+        sqlx::query(
+            "INSERT INTO events (event_id, robot_id, version, event_type, data, metadata, \
+             recorded_at) VALUES ($1, $2, 3, 'robot_health_changed', '{}', '{}', now())",
+        )
+        .bind(Uuid::new_v4())
+        .bind(id.0)
+        .execute(&store.pool)
+        .await
+        .expect("a rogue event");
+        let late = store
+            .append(append(Some(&stored), id, vec![provisioned()]))
+            .await;
+        assert!(
+            matches!(
+                late,
+                Err(StoreError::Conflict {
+                    expected: 2,
+                    actual: 3,
+                    ..
+                })
+            ),
+            "{late:?}"
+        );
+        assert_eq!(store.robot(id).await.unwrap(), Some(stored));
         store.close().await;
     }
 
@@ -3320,23 +3375,9 @@ mod tests {
         ));
     }
 
-    pub(super) type TestDbPub = TestDb;
-    impl TestDb {
-        pub(super) fn url(&self) -> String {
-            self.url.clone()
-        }
-    }
-    pub(super) fn rid(n: u32) -> RobotId {
-        robot_id(n)
-    }
-    pub(super) fn app(current: Option<&Robot>, id: RobotId) -> Append {
-        append(current, id, vec![discovered(1), provisioning_started(), provisioned()])
-    }
-    pub(super) fn rep(current: Option<&Robot>, id: RobotId, seq: i64) -> Append {
-        with_report(append(current, id, vec![]), report(id, seq, json!({"cpu": 40.5})))
-    }
-    pub(super) fn ev(current: &Robot, id: RobotId) -> Append {
-        append(Some(current), id, vec![toggle_maintenance(current.state)])
+    #[test]
+    fn the_log_lock_key_is_the_documented_one() {
+        assert_eq!(log_lock!().parse::<i64>(), Ok(0x6b69_7769_6c6f_6701));
     }
 
     #[test]
@@ -3368,62 +3409,5 @@ mod tests {
         let reference: Notice = serde_json::from_str(&notice(&planned)).expect("a notice");
         assert!(reference.events.is_none() && reference.robot.is_none());
         assert_eq!((reference.robot_id, reference.version), (id, 2));
-    }
-}
-
-#[cfg(test)]
-mod scratch_bench {
-    use std::time::Instant;
-    use super::*;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn scratch_bench() {
-        let db = super::tests::TestDbPub::create().await;
-        let store = Arc::new(PostgresStore::connect(&db.url(), 16).await.unwrap());
-        let pct = |mut v: Vec<Duration>| {
-            v.sort();
-            let n = v.len();
-            (v[n / 2], v[(n * 99).div_ceil(100) - 1])
-        };
-        // Single appends: one robot, reports (no events), like an agent.
-        let id = super::tests::rid(1);
-        store.append(super::tests::app(None, id)).await.unwrap();
-        let mut row = store.robot(id).await.unwrap().unwrap();
-        let mut kiwi = Vec::new();
-        let mut base = Vec::new();
-        for seq in 1..=600_i64 {
-            let a = super::tests::rep(Some(&row), id, seq);
-            row = a.robot.clone();
-            let t = Instant::now();
-            store.append(a).await.unwrap();
-            kiwi.push(t.elapsed());
-            let t = Instant::now();
-            let mut tx = store.pool.begin().await.unwrap();
-            sqlx::query("INSERT INTO robot_reports (robot_id, seq, time, received_at, health, workload, maintenance, telemetry) VALUES ($1, $2, now(), now(), '{}', 'x', false, '{}')")
-                .bind(Uuid::new_v4()).bind(seq).execute(&mut *tx).await.unwrap();
-            tx.commit().await.unwrap();
-            base.push(t.elapsed());
-        }
-        eprintln!("single append p50/p99 {:?} ; baseline INSERT;COMMIT {:?}", pct(kiwi), pct(base));
-        // Group commit: 16 robots, each 250 event appends.
-        let before = store.batches_committed();
-        let t = Instant::now();
-        let tasks: Vec<_> = (0..16).map(|n| {
-            let store = store.clone();
-            tokio::spawn(async move {
-                let id = super::tests::rid(100 + n);
-                store.append(super::tests::app(None, id)).await.unwrap();
-                let mut row = store.robot(id).await.unwrap().unwrap();
-                for _ in 0..250 {
-                    let a = super::tests::ev(&row, id);
-                    row = a.robot.clone();
-                    store.append(a).await.unwrap();
-                }
-            })
-        }).collect();
-        for t in tasks { t.await.unwrap(); }
-        let el = t.elapsed();
-        eprintln!("group: {} events in {:?} = {:.0}/s, {} batches", 16 * 251, el, (16.0 * 251.0) / el.as_secs_f64(), store.batches_committed() - before);
-        store.close().await;
     }
 }
