@@ -9,6 +9,7 @@
 //! backend publishes what it committed, in log order, on [`EventStore::subscribe`];
 //! the watch stream and the cache follow that feed.
 
+mod checks;
 pub mod postgres;
 pub mod sqlite;
 
