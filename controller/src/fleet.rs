@@ -249,7 +249,11 @@ impl Fleet {
             .timestamp_millis_opt(report.time_ms)
             .single()
             .unwrap_or(now);
-        let telemetry = serde_json::to_value(&report.telemetry).unwrap_or_default();
+        let mut telemetry_in = report.telemetry.clone();
+        for n in &mut telemetry_in.network {
+            n.interface = storable(&n.interface);
+        }
+        let telemetry = serde_json::to_value(&telemetry_in).unwrap_or_default();
         let stored = StoredReport {
             robot_id: id,
             seq,
@@ -454,7 +458,18 @@ impl Fleet {
 fn agent_health(h: &AgentHealth) -> Health {
     Health {
         status: h.status,
-        reasons: h.reasons.clone(),
+        reasons: h.reasons.iter().map(|r| storable(r)).collect(),
+    }
+}
+
+/// Text from the network made storable everywhere: NUL characters (which
+/// PostgreSQL refuses in text and JSON) become U+FFFD. Without this, one
+/// such report could never be stored, and so never acknowledged.
+pub fn storable(text: &str) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text.to_string()
     }
 }
 
@@ -463,4 +478,15 @@ fn agent_health(h: &AgentHealth) -> Health {
 pub fn truncate_micros(t: DateTime<Utc>) -> DateTime<Utc> {
     let micros = t.timestamp_micros();
     Utc.timestamp_micros(micros).single().unwrap_or(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::storable;
+
+    #[test]
+    fn nul_never_reaches_the_store() {
+        assert_eq!(storable("eth0"), "eth0");
+        assert_eq!(storable("et\0h0"), "et\u{FFFD}h0");
+    }
 }

@@ -17,7 +17,7 @@ pub use websocket::serve;
 
 use crate::domain::Input;
 use crate::domain::event::IdentityFacts;
-use crate::fleet::{Context, Fleet, FleetError};
+use crate::fleet::{Context, Fleet, FleetError, storable};
 use crate::metrics::{Metrics, ReasonLabels};
 use kiwi_protocol::frame;
 use kiwi_protocol::identity::format_mac;
@@ -348,7 +348,7 @@ impl<T: AgentTransport> Connection<T> {
             AgentMessage::CommandResult(result) => {
                 let error = match result.outcome {
                     CommandOutcome::Done => None,
-                    CommandOutcome::Failed { error } => Some(error),
+                    CommandOutcome::Failed { error } => Some(storable(&error)),
                 };
                 match session.answered(result.command_id) {
                     Some(command) => {
@@ -422,15 +422,16 @@ fn check_identity(id: &Identity) -> Result<(), String> {
 }
 
 fn facts(id: &Identity, peer: SocketAddr) -> IdentityFacts {
+    let text = |t: &Option<String>| t.as_deref().map(storable);
     IdentityFacts {
         hostname: id.hostname.clone(),
         // The address the controller reaches the robot at.
         ip_address: Some(peer.ip().to_string()),
         robot_type: id.robot_type.as_str().to_string(),
-        model: id.model.clone(),
-        firmware_version: id.os_version.clone(),
-        agent_version: Some(id.agent_version.clone()),
-        hardware_id: id.hardware_id.canonical(),
+        model: text(&id.model),
+        firmware_version: text(&id.os_version),
+        agent_version: Some(storable(&id.agent_version)),
+        hardware_id: storable(&id.hardware_id.canonical()),
         mac_addresses: id.mac_addresses.iter().map(format_mac).collect(),
     }
 }
