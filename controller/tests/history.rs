@@ -313,10 +313,59 @@ async fn stale_fencing_tokens_are_refused() {
         .unwrap();
 }
 
-#[tokio::test]
-async fn replay_of_a_hundred_thousand_events() {
-    let dir = tempfile::tempdir().unwrap();
-    let c = components(dir.path()).await;
+/// A database of its own on the test PostgreSQL server, dropped at the end.
+struct TestDatabase {
+    admin_url: String,
+    name: String,
+}
+
+impl TestDatabase {
+    async fn create() -> (TestDatabase, String) {
+        use sqlx::Connection;
+        let admin_url = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let mut admin = sqlx::PgConnection::connect(&admin_url)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("PostgreSQL at {admin_url} is needed ({e}); start it or set DATABASE_URL")
+            });
+        let name = format!("kiwi_test_{}", Uuid::new_v4().simple());
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let base = admin_url.split('?').next().unwrap_or(&admin_url);
+        let url = format!("{}/{name}", &base[..base.rfind('/').unwrap()]);
+        (TestDatabase { admin_url, name }, url)
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let (url, name) = (self.admin_url.clone(), self.name.clone());
+        // A fresh thread and runtime: this may run while a test panics.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                use sqlx::Connection;
+                if let Ok(mut admin) = sqlx::PgConnection::connect(&url).await {
+                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&mut admin)
+                    .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// 100 robots, each through 1,003 events, then a full replay.
+async fn hundred_thousand_events(c: Components) {
     const ROBOTS: u32 = 100;
     const CYCLES: u32 = 500; // two events each, plus three to become ready
     let mut tasks = Vec::new();
@@ -333,6 +382,7 @@ async fn replay_of_a_hundred_thousand_events() {
                 .await;
                 apply(&fleet, n, Input::Operator(Action::MaintenanceEnd)).await;
             }
+            report(&fleet, n, 1, false).await;
         }));
     }
     for t in tasks {
@@ -348,4 +398,27 @@ async fn replay_of_a_hundred_thousand_events() {
         "{:#?}",
         check.differences.first()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_of_a_hundred_thousand_events_embedded() {
+    let dir = tempfile::tempdir().unwrap();
+    hundred_thousand_events(components(dir.path()).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_of_a_hundred_thousand_events_postgres() {
+    let (_db, url) = TestDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        state_dir: dir.path().to_path_buf(),
+        auto_provision: false,
+        discovery_interval: Duration::ZERO,
+        database_url: Some(url),
+        ..Config::default()
+    };
+    let c = Components::build(config, CancellationToken::new())
+        .await
+        .unwrap();
+    hundred_thousand_events(c).await;
 }
