@@ -23,6 +23,25 @@
 //!    the event arriving. Baseline: the POST's own response latency (the
 //!    durable append it waits for).
 //!
+//! Storage (PostgreSQL and Redis, which must be running: `DATABASE_URL`,
+//! else `postgres://postgres@127.0.0.1:5432/postgres`; `REDIS_URL`, else
+//! `redis://127.0.0.1:6379`; both are checked before anything else runs).
+//! The run creates a database of its own (`kiwi_bench_<uuid>`, dropped at
+//! the end, also on error) and a Redis key prefix of its own (`kiwi_bench_<uuid>:`,
+//! deleted at the end):
+//!
+//! 5. Durable single append through `PostgresStore` (a maintenance
+//!    start/end transition with its row, one at a time, each awaited).
+//!    Baseline: `BEGIN; INSERT; COMMIT` of a row with the same JSON into a
+//!    plain table of the same database, through a `PgPool` of the same size.
+//! 6. Group commit: 16 robots reporting at once through `Fleet::report` on
+//!    PostgreSQL, each report a health change (one event). Baseline: the
+//!    same 16 tasks doing single-row `BEGIN; INSERT; COMMIT` through a pool.
+//! 7. `GET /api/v2/robots/{id}` served from Redis, server side (the router
+//!    of a controller with PostgreSQL and Redis configured), checked to be
+//!    Redis hits. Baselines: a raw Redis `GET` of the same key and a
+//!    PostgreSQL primary-key read of the same row of `robot_states`.
+//!
 //! `--quick` shrinks the sample counts (a smoke run for CI; figures from it
 //! are not meant to be kept). Every loop is bounded in count and in time.
 
@@ -31,6 +50,7 @@ use std::future::IntoFuture as _;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
@@ -38,20 +58,32 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use futures_util::StreamExt as _;
+use kiwi_controller::cache::RobotCache;
 use kiwi_controller::config::Config;
 use kiwi_controller::domain::decide::CommandIntent;
 use kiwi_controller::domain::event::IdentityFacts;
-use kiwi_controller::domain::{Input, Robot};
-use kiwi_controller::fleet::{Context, Fleet};
+use kiwi_controller::domain::{
+    Action, EventMetadata, EventRecord, Health, Input, LifecycleState, NewEvent, Policy, Robot,
+    RobotEvent, decide,
+};
+use kiwi_controller::fleet::{Context, Fleet, truncate_micros};
+use kiwi_controller::link::session::SessionRegistry;
+use kiwi_controller::metrics::Metrics;
 use kiwi_controller::serve::Components;
+use kiwi_controller::store::postgres::{ACQUIRE_TIMEOUT, PostgresStore};
+use kiwi_controller::store::{Append, EventStore};
 use kiwi_protocol::message::{
     AgentHealth, HealthStatus, NetCounters, Report, Telemetry, WorkloadState,
 };
 use kiwi_protocol::{HardwareId, RobotId};
+use kiwi_tests::services::{database_server_url, redis_server_url, with_database};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Connection as _};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
+use uuid::Uuid;
 
 const USAGE: &str = "usage: kiwi-bench [--out FILE] [--quick]\n\
     \n  --out FILE  where to write the Markdown table (default: BENCHMARKS.md at the workspace root)\
@@ -113,6 +145,14 @@ struct Sizes {
     fleet_robots: usize,
     list_samples: usize,
     watch_changes: usize,
+    /// Durable single appends (and as many baseline inserts).
+    store_appends: usize,
+    /// One-second rounds of the group-commit figure (kiwi and baseline each).
+    group_rounds: usize,
+    /// Robots of the controller with PostgreSQL and Redis.
+    storage_robots: usize,
+    /// Reads of each kind from the Redis-backed controller.
+    cache_gets: usize,
     /// The most time one measurement loop may take.
     budget: Duration,
 }
@@ -127,6 +167,10 @@ impl Sizes {
                 fleet_robots: 10_000,
                 list_samples: 20,
                 watch_changes: 20,
+                store_appends: 200,
+                group_rounds: 2,
+                storage_robots: 500,
+                cache_gets: 2_000,
                 budget: Duration::from_secs(10),
             }
         } else {
@@ -137,6 +181,10 @@ impl Sizes {
                 fleet_robots: 10_000,
                 list_samples: 200,
                 watch_changes: 200,
+                store_appends: 2_000,
+                group_rounds: 5,
+                storage_robots: 1_000,
+                cache_gets: 20_000,
                 budget: Duration::from_secs(90),
             }
         }
@@ -183,7 +231,10 @@ async fn run(args: &Args) -> Result<()> {
         .context("cannot create a work directory")?;
     let mut rows = Vec::new();
 
-    progress("1/4 agent start -> robot visible in the API (real processes)");
+    // Fail now, not after the other figures, when a service is missing.
+    let services = Services::check().await?;
+
+    progress("1/7 agent start -> robot visible in the API (real processes)");
     rows.push(agent_start(&sizes, &work.path().join("agent-start")).await?);
 
     progress(&format!(
@@ -201,18 +252,29 @@ async fn run(args: &Args) -> Result<()> {
     ));
     let http = ctl.serve_loopback().await?;
 
-    progress("2/4 GET /api/v2/robots/{id}");
+    progress("2/7 GET /api/v2/robots/{id}");
     rows.extend(get_one(&sizes, &ctl, http, &ids).await?);
 
-    progress("3/4 GET /api/v2/robots?limit=10000");
+    progress("3/7 GET /api/v2/robots?limit=10000");
     rows.push(list_all(&sizes, &ctl).await?);
 
-    progress("4/4 change -> watch client");
+    progress("4/7 change -> watch client");
     rows.push(change_to_watch(&sizes, http, ids[0]).await?);
 
-    ctl.shutdown.cancel();
+    ctl.stop().await;
+    drop(ctl);
 
-    let md = markdown(args, &sizes, &rows, created_in, started.elapsed());
+    let (storage_rows, storage_info) = storage(&sizes, &services, work.path()).await?;
+
+    let md = markdown(
+        args,
+        &sizes,
+        &rows,
+        &storage_rows,
+        &storage_info,
+        created_in,
+        started.elapsed(),
+    );
     std::fs::write(&args.out, &md)
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     print!("{md}");
@@ -625,18 +687,22 @@ async fn agent_start(sizes: &Sizes, dir: &Path) -> Result<Row> {
 struct InProcess {
     fleet: Fleet,
     router: Router,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-    _tasks: TaskTracker,
+    tasks: TaskTracker,
 }
 
 impl InProcess {
+    /// The embedded (SQLite) controller in `dir`.
     async fn start(dir: &Path) -> Result<InProcess> {
-        let config = Config {
+        InProcess::with_config(Config {
             state_dir: dir.to_path_buf(),
-            startup_grace: Duration::from_secs(24 * 3600),
-            discovery_interval: Duration::ZERO,
-            ..Config::default()
-        };
+            ..in_process_config()
+        })
+        .await
+    }
+
+    async fn with_config(config: Config) -> Result<InProcess> {
         let shutdown = CancellationToken::new();
         let c = Components::build(config, shutdown.clone()).await?;
         let tasks = TaskTracker::new();
@@ -644,9 +710,18 @@ impl InProcess {
         Ok(InProcess {
             fleet: c.fleet.clone(),
             router: c.api_router(),
+            metrics: c.metrics.clone(),
             shutdown,
-            _tasks: tasks,
+            tasks,
         })
+    }
+
+    /// Stops the background tasks (and the loopback server) and waits a
+    /// little for them to end.
+    async fn stop(&self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
     }
 
     /// Serves the same router on a loopback port, as `serve` does.
@@ -704,6 +779,16 @@ fn lekiwi_report(seq: u64) -> Report {
                 tx_bytes: 987_654_321,
             }],
         },
+    }
+}
+
+/// The in-process controller's settings: no agents here, so liveness gets
+/// a start-up grace longer than the run and discovery runs on demand only.
+fn in_process_config() -> Config {
+    Config {
+        startup_grace: Duration::from_secs(24 * 3600),
+        discovery_interval: Duration::ZERO,
+        ..Config::default()
     }
 }
 
@@ -1077,6 +1162,941 @@ async fn change_to_watch(sizes: &Sizes, http: SocketAddr, id: RobotId) -> Result
     })
 }
 
+// ------------------------------------------------------------ storage
+
+/// How long connecting to PostgreSQL or Redis may take before the run fails.
+const SERVICE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the Redis tier of a fresh controller may take to come up.
+const REDIS_UP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Robots reporting at once in the group-commit figure.
+const ROBOTS_AT_ONCE: usize = 16;
+/// One round of the group-commit figure (kiwi and baseline alternate).
+const GROUP_ROUND: Duration = Duration::from_secs(1);
+/// The most operations one task does in one round (the round's time bounds
+/// it long before).
+const GROUP_ROUND_CAP: u64 = 1_000_000;
+/// The plain table of the baselines: one row per append, no index but
+/// the primary key.
+const PLAIN_TABLE: &str = "\
+CREATE TABLE bench_plain_appends (
+    id          BIGINT      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id    UUID        NOT NULL,
+    robot_id    UUID        NOT NULL,
+    event_type  TEXT        NOT NULL,
+    data        JSONB       NOT NULL,
+    metadata    JSONB       NOT NULL,
+    robot       JSONB       NOT NULL,
+    report      JSONB,
+    recorded_at TIMESTAMPTZ NOT NULL
+)";
+const PLAIN_INSERT: &str = "\
+INSERT INTO bench_plain_appends (event_id, robot_id, event_type, data, metadata, robot, report,
+    recorded_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+/// The primary-key read of the Redis figure's baseline.
+const PK_READ: &str = "SELECT * FROM robot_states WHERE robot_id = $1";
+
+/// A URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+async fn pg_connect(url: &str) -> Result<PgConnection> {
+    match tokio::time::timeout(SERVICE_TIMEOUT, PgConnection::connect(url)).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => bail!("no answer within {SERVICE_TIMEOUT:?}"),
+    }
+}
+
+async fn redis_connect(url: &str) -> Result<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(url)?;
+    match tokio::time::timeout(SERVICE_TIMEOUT, client.get_multiplexed_async_connection()).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => bail!("no answer within {SERVICE_TIMEOUT:?}"),
+    }
+}
+
+/// One field of Redis `INFO <section>`.
+async fn redis_info(
+    conn: &mut redis::aio::MultiplexedConnection,
+    section: &str,
+    field: &str,
+) -> Result<String> {
+    let info: String = redis::cmd("INFO").arg(section).query_async(conn).await?;
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .map(|v| v.trim().to_string())
+        .ok_or_else(|| anyhow!("Redis INFO {section} has no {field}"))
+}
+
+/// The PostgreSQL server and the Redis of the storage figures.
+#[derive(Debug, Clone)]
+struct Services {
+    /// A URL of a database on the server this user may connect to.
+    pg_server: String,
+    redis: String,
+}
+
+impl Services {
+    /// Both services, checked to answer.
+    async fn check() -> Result<Services> {
+        let pg_server = database_server_url();
+        let redis = redis_server_url();
+        let conn = pg_connect(&pg_server).await.with_context(|| {
+            format!(
+                "the storage figures need PostgreSQL, and none answers at {} (set DATABASE_URL, \
+                 or start one, e.g. `. scripts/services.sh`)",
+                redact(&pg_server)
+            )
+        })?;
+        let _ = conn.close().await;
+        let ping = async {
+            let mut conn = redis_connect(&redis).await?;
+            let pong: String = redis::cmd("PING").query_async(&mut conn).await?;
+            ensure!(pong == "PONG", "PING answered {pong:?}");
+            Ok(())
+        };
+        ping.await.with_context(|| {
+            format!(
+                "the storage figures need Redis, and none answers at {} (set REDIS_URL, or start \
+                 one, e.g. `. scripts/services.sh`)",
+                redact(&redis)
+            )
+        })?;
+        Ok(Services { pg_server, redis })
+    }
+}
+
+/// The run's own database, dropped (forcibly) when this guard drops, also
+/// on an error or a panic.
+#[derive(Debug)]
+struct BenchDatabase {
+    name: String,
+    url: String,
+    server: String,
+}
+
+impl BenchDatabase {
+    async fn create(server: &str) -> Result<BenchDatabase> {
+        let name = format!("kiwi_bench_{}", Uuid::new_v4().simple());
+        let mut conn = pg_connect(server)
+            .await
+            .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(server)))?;
+        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("cannot create the database {name}"))?;
+        let _ = conn.close().await;
+        Ok(BenchDatabase {
+            url: with_database(server, &name),
+            name,
+            server: server.to_string(),
+        })
+    }
+}
+
+impl Drop for BenchDatabase {
+    fn drop(&mut self) {
+        let (name, server) = (self.name.clone(), self.server.clone());
+        // A thread and runtime of its own: this runs inside the bench's
+        // runtime, which must not block on itself.
+        let dropped = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async move {
+                    let mut conn = pg_connect(&server).await?;
+                    sqlx::query(AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&mut conn)
+                    .await?;
+                    let _ = conn.close().await;
+                    anyhow::Ok(())
+                })
+        })
+        .join();
+        match dropped {
+            Ok(Ok(())) => progress(&format!("dropped database {}", self.name)),
+            Ok(Err(e)) => progress(&format!("could not drop database {}: {e:#}", self.name)),
+            Err(_) => progress(&format!("dropping database {} panicked", self.name)),
+        }
+    }
+}
+
+/// The run's own Redis key prefix; every key under it is deleted when this
+/// guard drops.
+#[derive(Debug)]
+struct RedisPrefix {
+    url: String,
+    /// Ends in `:`.
+    prefix: String,
+}
+
+impl RedisPrefix {
+    fn new(url: &str) -> RedisPrefix {
+        RedisPrefix {
+            url: url.to_string(),
+            prefix: format!("kiwi_bench_{}:", Uuid::new_v4().simple()),
+        }
+    }
+
+    /// Deletes every key under the prefix; returns how many.
+    fn delete_all(&self) -> redis::RedisResult<usize> {
+        let client = redis::Client::open(self.url.as_str())?;
+        let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
+        conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+        conn.set_write_timeout(Some(Duration::from_secs(2)))?;
+        let pattern = format!("{}*", self.prefix);
+        let mut cursor = 0u64;
+        let mut deleted = 0;
+        // Bounded: SCAN ends after one pass over the keyspace.
+        for _ in 0..1_000_000 {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query(&mut conn)?;
+            if !keys.is_empty() {
+                deleted += redis::cmd("DEL").arg(&keys).query::<usize>(&mut conn)?;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        Ok(deleted)
+    }
+}
+
+impl Drop for RedisPrefix {
+    fn drop(&mut self) {
+        match self.delete_all() {
+            Ok(n) => progress(&format!("deleted {n} Redis keys {}*", self.prefix)),
+            Err(e) => progress(&format!(
+                "could not delete the Redis keys {}* at {}: {e}",
+                self.prefix,
+                redact(&self.url)
+            )),
+        }
+    }
+}
+
+/// The servers the storage figures come from.
+#[derive(Debug, Default)]
+struct StorageInfo {
+    /// Where the servers are (passwords redacted).
+    servers: String,
+    postgres: String,
+    fsync: String,
+    synchronous_commit: String,
+    wal_sync_method: String,
+    redis: String,
+    pool_size: u32,
+}
+
+impl StorageInfo {
+    async fn read(pool: &PgPool, redis_url: &str, pool_size: u32) -> Result<StorageInfo> {
+        let (postgres, fsync, synchronous_commit, wal_sync_method): (
+            String,
+            String,
+            String,
+            String,
+        ) = sqlx::query_as(
+            "SELECT current_setting('server_version'), current_setting('fsync'), \
+                 current_setting('synchronous_commit'), current_setting('wal_sync_method')",
+        )
+        .fetch_one(pool)
+        .await
+        .context("cannot read the PostgreSQL settings")?;
+        let mut conn = redis_connect(redis_url).await?;
+        let redis = redis_info(&mut conn, "server", "redis_version").await?;
+        Ok(StorageInfo {
+            servers: String::new(),
+            postgres,
+            fsync,
+            synchronous_commit,
+            wal_sync_method,
+            redis,
+            pool_size,
+        })
+    }
+
+    /// Whether a commit waits for the WAL flush.
+    fn durable(&self) -> bool {
+        self.fsync == "on" && !matches!(self.synchronous_commit.as_str(), "off" | "local")
+    }
+}
+
+/// A pool like the store's read pool (same size and acquire timeout), for
+/// the baselines.
+async fn baseline_pool(url: &str, pool_size: u32) -> Result<PgPool> {
+    let options: PgConnectOptions = url.parse()?;
+    PgPoolOptions::new()
+        .max_connections(pool_size)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_with(options.application_name("kiwi-bench-baseline"))
+        .await
+        .context("cannot open the baseline pool")
+}
+
+/// What one append writes, as a row of the plain table: the same JSON.
+#[derive(Debug, Clone)]
+struct PlainRow {
+    robot_id: Uuid,
+    event_type: &'static str,
+    data: serde_json::Value,
+    metadata: serde_json::Value,
+    robot: serde_json::Value,
+    report: Option<serde_json::Value>,
+}
+
+impl PlainRow {
+    fn of(robot: &Robot, event: &NewEvent, report: Option<serde_json::Value>) -> Result<PlainRow> {
+        let (event_type, data) = event.event.to_parts();
+        Ok(PlainRow {
+            robot_id: robot.robot_id.0,
+            event_type,
+            data,
+            metadata: serde_json::to_value(&event.metadata)?,
+            robot: serde_json::to_value(robot)?,
+            report,
+        })
+    }
+
+    /// The size of its JSON values, serialised.
+    fn json_bytes(&self) -> usize {
+        let len = |v: &serde_json::Value| v.to_string().len();
+        len(&self.data)
+            + len(&self.metadata)
+            + len(&self.robot)
+            + self.report.as_ref().map_or(0, len)
+    }
+}
+
+/// `BEGIN; INSERT …; COMMIT` of one row through the pool; the time covers
+/// all three.
+async fn plain_insert(pool: &PgPool, row: &PlainRow) -> Result<Duration> {
+    let t0 = Instant::now();
+    let mut tx = pool.begin().await?;
+    sqlx::query(PLAIN_INSERT)
+        .bind(Uuid::new_v4())
+        .bind(row.robot_id)
+        .bind(row.event_type)
+        .bind(&row.data)
+        .bind(&row.metadata)
+        .bind(&row.robot)
+        .bind(row.report.as_ref())
+        .bind(truncate_micros(chrono::Utc::now()))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(t0.elapsed())
+}
+
+/// The append the fleet would make for `input` on `row`, built as
+/// `Fleet::apply` builds it (decide, then the row after the events), with
+/// the row it leaves and its plain-table equivalent.
+fn plan_append(row: &Robot, input: Input) -> Result<(Append, Robot, PlainRow)> {
+    let decision = decide(
+        Some(row),
+        input,
+        Policy {
+            auto_provision: true,
+        },
+    )?;
+    ensure!(
+        decision.events.len() == 1,
+        "expected one event, decided {:?}",
+        decision.events
+    );
+    let now = truncate_micros(chrono::Utc::now());
+    let metadata = EventMetadata {
+        correlation_id: Some(Uuid::new_v4()),
+        causation_id: None,
+        actor: "operator".into(),
+    };
+    let mut next = row.clone();
+    let mut events = Vec::with_capacity(decision.events.len());
+    for (i, event) in decision.events.into_iter().enumerate() {
+        let new = NewEvent {
+            event_id: Uuid::new_v4(),
+            event,
+            metadata: metadata.clone(),
+            recorded_at: now,
+        };
+        let record = EventRecord {
+            position: 0,
+            event_id: new.event_id,
+            robot_id: row.robot_id,
+            version: row.version + 1 + i as i64,
+            event: new.event.clone(),
+            metadata: metadata.clone(),
+            recorded_at: now,
+        };
+        next = Robot::apply(Some(next), &record)?;
+        events.push(new);
+    }
+    let plain = PlainRow::of(&next, &events[0], None)?;
+    let append = Append {
+        robot_id: row.robot_id,
+        expected_version: row.version,
+        events,
+        robot: next.clone(),
+        report: None,
+    };
+    Ok((append, next, plain))
+}
+
+/// Runs the storage figures on a database and a key prefix of their own,
+/// removed again whatever happens.
+async fn storage(
+    sizes: &Sizes,
+    services: &Services,
+    work: &Path,
+) -> Result<(Vec<Row>, StorageInfo)> {
+    let db = BenchDatabase::create(&services.pg_server).await?;
+    let keys = RedisPrefix::new(&services.redis);
+    progress(&format!(
+        "storage: database {} on {}, Redis prefix {} on {}",
+        db.name,
+        redact(&services.pg_server),
+        keys.prefix,
+        redact(&keys.url)
+    ));
+    let pool_size = Config::default().db_pool_size;
+    let pool = baseline_pool(&db.url, pool_size).await?;
+    sqlx::query(PLAIN_TABLE).execute(&pool).await?;
+    let mut info = StorageInfo::read(&pool, &keys.url, pool_size).await?;
+    info.servers = format!(
+        "{} and {}",
+        redact(&services.pg_server),
+        redact(&services.redis)
+    );
+    progress(&format!(
+        "  PostgreSQL {} (fsync {}, synchronous_commit {}), Redis {}",
+        info.postgres, info.fsync, info.synchronous_commit, info.redis
+    ));
+
+    let store = Arc::new(
+        PostgresStore::connect(&db.url, pool_size)
+            .await
+            .with_context(|| format!("cannot open the PostgreSQL store on {}", db.name))?,
+    );
+    let metrics = Arc::new(Metrics::new());
+    let dyn_store: Arc<dyn EventStore> = store.clone();
+    let fleet = Fleet::new(
+        dyn_store,
+        Arc::new(RobotCache::new(metrics.clone())),
+        Arc::new(SessionRegistry::default()),
+        metrics.clone(),
+        Policy {
+            auto_provision: true,
+        },
+        Config::default().report_interval,
+    );
+    let mut rows = Vec::new();
+    progress("5/7 durable single append (PostgreSQL)");
+    rows.push(durable_append(sizes, &fleet, &store, &pool, &info).await?);
+    progress("6/7 group commit, 16 robots reporting at once (PostgreSQL)");
+    rows.push(group_commit(sizes, &fleet, &store, &metrics, &pool).await?);
+    drop(fleet);
+    store.close().await;
+
+    progress("7/7 GET /api/v2/robots/{id} from the Redis cache");
+    let ctl = InProcess::with_config(Config {
+        state_dir: work.join("pg-controller"),
+        database_url: Some(db.url.clone()),
+        db_pool_size: pool_size,
+        redis_url: Some(keys.url.clone()),
+        redis_prefix: keys.prefix.clone(),
+        enable_cache: true,
+        ..in_process_config()
+    })
+    .await
+    .context("cannot start the in-process controller on PostgreSQL and Redis")?;
+    let cached = cached_get(sizes, &ctl, &keys, &pool).await;
+    ctl.stop().await;
+    drop(ctl);
+    rows.push(cached?);
+    pool.close().await;
+    Ok((rows, info))
+}
+
+// ---------------------------------------- 5. durable single append
+
+async fn durable_append(
+    sizes: &Sizes,
+    fleet: &Fleet,
+    store: &PostgresStore,
+    pool: &PgPool,
+    info: &StorageInfo,
+) -> Result<Row> {
+    let id = create_robot(fleet.clone(), 0).await?;
+    let mut row: Robot = fleet
+        .robot(id)
+        .await?
+        .ok_or_else(|| anyhow!("robot {id} missing right after its creation"))?
+        .robot
+        .as_ref()
+        .clone();
+    ensure!(
+        row.state == LifecycleState::Ready,
+        "robot {id} is {}, not ready",
+        row.state
+    );
+    let warm_up = 20;
+    let mut kiwi = Vec::with_capacity(sizes.store_appends);
+    let mut base = Vec::with_capacity(sizes.store_appends);
+    let mut json_bytes = 0;
+    let batches_before = store.batches_committed();
+    let deadline = Instant::now() + sizes.budget;
+    for k in 0..(warm_up + sizes.store_appends) {
+        if k > warm_up + 20 && Instant::now() > deadline {
+            progress("  time budget spent; stopping early");
+            break;
+        }
+        let input = if row.state == LifecycleState::Maintenance {
+            Input::Operator(Action::MaintenanceEnd)
+        } else {
+            Input::Operator(Action::MaintenanceStart {
+                reason: Some("wheel motor service".into()),
+            })
+        };
+        let (append, next, plain) = plan_append(&row, input)?;
+        json_bytes = plain.json_bytes();
+        let append_once = async {
+            let t0 = Instant::now();
+            store.append(append).await?;
+            anyhow::Ok(t0.elapsed())
+        };
+        // Alternate which goes first, so neither always follows the other.
+        let (t_kiwi, t_base) = if k % 2 == 0 {
+            let a = append_once.await?;
+            (a, plain_insert(pool, &plain).await?)
+        } else {
+            let b = plain_insert(pool, &plain).await?;
+            (append_once.await?, b)
+        };
+        row = next;
+        if k >= warm_up {
+            kiwi.push(t_kiwi);
+            base.push(t_base);
+        }
+    }
+    let appends = kiwi.len() + warm_up;
+    let batches = store.batches_committed() - batches_before;
+    ensure!(
+        batches as usize >= appends,
+        "{appends} appends awaited one at a time were committed in only {batches} transactions"
+    );
+    let kiwi = Stats::of(kiwi)?;
+    let base = Stats::of(base)?;
+    progress(&format!("  append: {}", kiwi.show()));
+    progress(&format!("  plain:  {}", base.show()));
+    let p50_ratio = kiwi.p50.as_secs_f64() / base.p50.as_secs_f64().max(1e-9);
+    Ok(Row {
+        metric: "Durable single append (PostgreSQL)".into(),
+        kiwi: kiwi.show(),
+        baseline: format!(
+            "`BEGIN; INSERT; COMMIT` of the same JSON into a plain table: {}",
+            base.show()
+        ),
+        ratio: format!(
+            "{} · {}",
+            ratio(kiwi.p50, base.p50, "p50"),
+            ratio(kiwi.p99, base.p99, "p99")
+        ),
+        target: "p50 ratio ≤ 1.5; p99 ≤ 10 ms".into(),
+        met: Some(p50_ratio <= 1.5 && kiwi.p99 <= Duration::from_millis(10)),
+        note: format!(
+            "`EventStore::append` on `PostgresStore` (the writer task: `BEGIN`, log lock and \
+             rows read, one write statement, `pg_notify` and `COMMIT`), one robot, one append \
+             at a time, each awaited: a maintenance start or end (one event and the robot's \
+             row), built as `Fleet::apply` builds it. The baseline inserts the same JSON \
+             (event data, metadata and the row, ≈ {json_bytes} bytes) as one row of a table \
+             with only a primary key, `BEGIN`, `INSERT`, `COMMIT` on a `PgPool` of {} \
+             connections (as the store's read pool), same database; the two alternate; \
+             fsync {}, synchronous_commit {}{}",
+            info.pool_size,
+            info.fsync,
+            info.synchronous_commit,
+            if info.durable() {
+                ""
+            } else {
+                " (**commits are not flushed: these are not durable figures**)"
+            }
+        ),
+    })
+}
+
+// ------------------------------------------------ 6. group commit
+
+/// A report whose health differs from the previous one's (even sequence
+/// numbers degraded, odd ones healthy), so each is one event.
+fn flipping_report(seq: u64) -> Report {
+    let mut r = lekiwi_report(seq);
+    if seq.is_multiple_of(2) {
+        r.health = AgentHealth {
+            status: HealthStatus::Degraded,
+            reasons: vec!["battery at 18%".into()],
+        };
+    }
+    r
+}
+
+/// 16 robots reporting through the fleet for `len`; returns the reports
+/// stored and the wall time until the last one was answered.
+async fn kiwi_round(
+    fleet: &Fleet,
+    ids: &[RobotId],
+    seqs: &mut [u64],
+    len: Duration,
+) -> Result<(u64, Duration)> {
+    let start = Instant::now();
+    let deadline = start + len;
+    let mut set = tokio::task::JoinSet::new();
+    for (k, (&id, &first)) in ids.iter().zip(seqs.iter()).enumerate() {
+        let fleet = fleet.clone();
+        set.spawn(async move {
+            let ctx = Context::new("agent");
+            let mut seq = first;
+            let mut n = 0u64;
+            while n < GROUP_ROUND_CAP && Instant::now() < deadline {
+                fleet.report(id, &flipping_report(seq), &ctx).await?;
+                seq += 1;
+                n += 1;
+            }
+            anyhow::Ok((k, seq, n))
+        });
+    }
+    let mut total = 0;
+    while let Some(r) = set.join_next().await {
+        let (k, seq, n) = r??;
+        seqs[k] = seq;
+        total += n;
+    }
+    Ok((total, start.elapsed()))
+}
+
+/// The same 16 tasks inserting plain rows for `len`.
+async fn plain_round(pool: &PgPool, rows: &[PlainRow], len: Duration) -> Result<(u64, Duration)> {
+    let start = Instant::now();
+    let deadline = start + len;
+    let mut set = tokio::task::JoinSet::new();
+    for row in rows {
+        let (pool, row) = (pool.clone(), row.clone());
+        set.spawn(async move {
+            let mut n = 0u64;
+            while n < GROUP_ROUND_CAP && Instant::now() < deadline {
+                plain_insert(&pool, &row).await?;
+                n += 1;
+            }
+            anyhow::Ok(n)
+        });
+    }
+    let mut total = 0;
+    while let Some(r) = set.join_next().await {
+        total += r??;
+    }
+    Ok((total, start.elapsed()))
+}
+
+fn per_second(n: u64, took: Duration) -> f64 {
+    n as f64 / took.as_secs_f64().max(1e-9)
+}
+
+async fn group_commit(
+    sizes: &Sizes,
+    fleet: &Fleet,
+    store: &PostgresStore,
+    metrics: &Metrics,
+    pool: &PgPool,
+) -> Result<Row> {
+    let mut ids = Vec::with_capacity(ROBOTS_AT_ONCE);
+    let mut plain = Vec::with_capacity(ROBOTS_AT_ONCE);
+    for i in 0..ROBOTS_AT_ONCE {
+        let id = create_robot(fleet.clone(), 1_000 + i).await?;
+        let row = fleet
+            .robot(id)
+            .await?
+            .ok_or_else(|| anyhow!("robot {id} missing right after its creation"))?
+            .robot;
+        // What one of its reports writes: a health change, the report, the row.
+        let event = NewEvent {
+            event_id: Uuid::new_v4(),
+            event: RobotEvent::RobotHealthChanged {
+                health: Health {
+                    status: HealthStatus::Degraded,
+                    reasons: vec!["battery at 18%".into()],
+                },
+            },
+            metadata: EventMetadata {
+                correlation_id: Some(Uuid::new_v4()),
+                causation_id: None,
+                actor: "agent".into(),
+            },
+            recorded_at: truncate_micros(chrono::Utc::now()),
+        };
+        let report = serde_json::to_value(flipping_report(2))?;
+        plain.push(PlainRow::of(&row, &event, Some(report))?);
+        ids.push(id);
+    }
+    // create_robot stored report 1.
+    let mut seqs = vec![2u64; ROBOTS_AT_ONCE];
+
+    // Unmeasured: connections, caches.
+    kiwi_round(fleet, &ids, &mut seqs, Duration::from_millis(200)).await?;
+    plain_round(pool, &plain, Duration::from_millis(200)).await?;
+
+    let events_before = metrics.events_appended.get();
+    let batches_before = store.batches_committed();
+    let (mut reports, mut kiwi_time) = (0u64, Duration::ZERO);
+    let (mut inserts, mut base_time) = (0u64, Duration::ZERO);
+    for round in 0..sizes.group_rounds {
+        if round % 2 == 0 {
+            let (n, t) = kiwi_round(fleet, &ids, &mut seqs, GROUP_ROUND).await?;
+            (reports, kiwi_time) = (reports + n, kiwi_time + t);
+            let (n, t) = plain_round(pool, &plain, GROUP_ROUND).await?;
+            (inserts, base_time) = (inserts + n, base_time + t);
+        } else {
+            let (n, t) = plain_round(pool, &plain, GROUP_ROUND).await?;
+            (inserts, base_time) = (inserts + n, base_time + t);
+            let (n, t) = kiwi_round(fleet, &ids, &mut seqs, GROUP_ROUND).await?;
+            (reports, kiwi_time) = (reports + n, kiwi_time + t);
+        }
+    }
+    let events = metrics.events_appended.get() - events_before;
+    let batches = store.batches_committed() - batches_before;
+    ensure!(events > 0, "the reports appended no events");
+    let kiwi_rate = per_second(events, kiwi_time);
+    let base_rate = per_second(inserts, base_time);
+    let per_commit = reports as f64 / batches.max(1) as f64;
+    progress(&format!(
+        "  kiwi: {kiwi_rate:.0} durable events/s ({} reports, {} commits)",
+        fmt_count(reports as usize),
+        fmt_count(batches as usize)
+    ));
+    progress(&format!("  plain: {base_rate:.0} rows/s"));
+    Ok(Row {
+        metric: "Group commit: 16 robots reporting at once (PostgreSQL)".into(),
+        kiwi: format!(
+            "{} durable events/s ({} events in {}; {per_commit:.1} reports per commit)",
+            fmt_count(kiwi_rate.round() as usize),
+            fmt_count(events as usize),
+            fmt_duration(kiwi_time)
+        ),
+        baseline: format!(
+            "16 tasks, single-row `BEGIN; INSERT; COMMIT`: {} rows/s ({} rows in {})",
+            fmt_count(base_rate.round() as usize),
+            fmt_count(inserts as usize),
+            fmt_duration(base_time)
+        ),
+        ratio: format!("{:.2}× (throughput)", kiwi_rate / base_rate.max(1e-9)),
+        target: "≥ 4,000 durable events/s".into(),
+        met: Some(kiwi_rate >= 4_000.0),
+        note: format!(
+            "16 tasks, one per robot, each calling `Fleet::report` (awaited) as fast as it can \
+             on a fleet over `PostgresStore`; each report flips the robot's health, so each \
+             is one event plus the report and the row, answered once committed; events \
+             counted by `events_appended`. {} one-second rounds each, kiwi and baseline \
+             alternating; the baseline's 16 tasks insert rows with the same JSON (≈ {} bytes) \
+             through a `PgPool` of {} connections",
+            sizes.group_rounds,
+            plain[0].json_bytes(),
+            Config::default().db_pool_size
+        ),
+    })
+}
+
+// -------------------------------- 7. GET one robot from the Redis cache
+
+async fn cached_get(
+    sizes: &Sizes,
+    ctl: &InProcess,
+    keys: &RedisPrefix,
+    pool: &PgPool,
+) -> Result<Row> {
+    let shared = ctl
+        .fleet
+        .shared_cache()
+        .ok_or_else(|| anyhow!("the controller has no Redis tier"))?
+        .clone();
+    let waited = Instant::now();
+    while !shared.is_up() {
+        ensure!(
+            waited.elapsed() < REDIS_UP_TIMEOUT,
+            "the controller's Redis tier is not up within {REDIS_UP_TIMEOUT:?} (status: {})",
+            shared.status()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    progress(&format!(
+        "  creating {} robots through the fleet (PostgreSQL, written through to Redis)",
+        sizes.storage_robots
+    ));
+    let t = Instant::now();
+    let ids = create_robots(&ctl.fleet, sizes.storage_robots, sizes.budget).await?;
+    progress(&format!(
+        "  {} robots ready in {}",
+        ids.len(),
+        fmt_duration(t.elapsed())
+    ));
+    ensure!(
+        shared.is_up(),
+        "Redis went {} while robots were created",
+        shared.status()
+    );
+
+    let conn = redis_connect(&keys.url).await?;
+    let mut info_conn = conn.clone();
+    let uris: Vec<String> = ids
+        .iter()
+        .map(|id| format!("/api/v2/robots/{id}"))
+        .collect();
+    let redis_keys: Vec<String> = ids
+        .iter()
+        .map(|id| format!("{}robot:{id}", keys.prefix))
+        .collect();
+    let pick = |i: usize| (i * 7_919) % ids.len();
+
+    let redis_get = |key: String| {
+        let mut conn = conn.clone();
+        async move {
+            let t0 = Instant::now();
+            let v: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
+            let took = t0.elapsed();
+            let v = v.ok_or_else(|| anyhow!("Redis has no {key}"))?;
+            anyhow::Ok((took, v.len()))
+        }
+    };
+    let pg_read = |id: RobotId| async move {
+        let t0 = Instant::now();
+        let row = sqlx::query(PK_READ).bind(id.0).fetch_optional(pool).await?;
+        let took = t0.elapsed();
+        ensure!(row.is_some(), "robot_states has no row {id}");
+        anyhow::Ok(took)
+    };
+
+    // Every robot is in Redis.
+    for key in &redis_keys {
+        redis_get(key.clone()).await?;
+    }
+    for i in 0..(sizes.cache_gets / 10).max(100) {
+        let j = pick(i);
+        let (_, status, _) = ctl.call(&uris[j]).await?;
+        ensure!(status == StatusCode::OK, "{} answered {status}", uris[j]);
+        redis_get(redis_keys[j].clone()).await?;
+        pg_read(ids[j]).await?;
+    }
+
+    let hits_before = ctl.metrics.cache_hits.get();
+    let misses_before = ctl.metrics.cache_misses.get();
+    let errors_before = ctl.metrics.redis_errors.get();
+    let server_hits_before: u64 = redis_info(&mut info_conn, "stats", "keyspace_hits")
+        .await?
+        .parse()?;
+    let mut api = Vec::with_capacity(sizes.cache_gets);
+    let mut raw = Vec::with_capacity(sizes.cache_gets);
+    let mut pg = Vec::with_capacity(sizes.cache_gets);
+    let (mut body_len, mut value_len) = (0, 0);
+    let deadline = Instant::now() + sizes.budget;
+    for i in 0..sizes.cache_gets {
+        if i > 100 && Instant::now() > deadline {
+            progress("  time budget spent; stopping early");
+            break;
+        }
+        let j = pick(i);
+        // Rotate the order of the three reads.
+        for step in 0..3 {
+            match (i + step) % 3 {
+                0 => {
+                    let (t, status, len) = ctl.call(&uris[j]).await?;
+                    ensure!(status == StatusCode::OK, "{} answered {status}", uris[j]);
+                    api.push(t);
+                    body_len = len;
+                }
+                1 => {
+                    let (t, len) = redis_get(redis_keys[j].clone()).await?;
+                    raw.push(t);
+                    value_len = len;
+                }
+                _ => pg.push(pg_read(ids[j]).await?),
+            }
+        }
+    }
+    let hits = ctl.metrics.cache_hits.get() - hits_before;
+    let misses = ctl.metrics.cache_misses.get() - misses_before;
+    let errors = ctl.metrics.redis_errors.get() - errors_before;
+    let server_hits = redis_info(&mut info_conn, "stats", "keyspace_hits")
+        .await?
+        .parse::<u64>()?
+        .saturating_sub(server_hits_before);
+    let reads = api.len() as u64;
+    ensure!(
+        shared.is_up() && errors == 0 && misses == 0 && hits >= reads,
+        "the reads did not all come from Redis: {reads} reads, {hits} cache hits, {misses} \
+         misses, {errors} Redis errors, Redis tier {}",
+        shared.status()
+    );
+    ensure!(
+        server_hits >= reads + raw.len() as u64,
+        "Redis counted {server_hits} keyspace hits for {reads} API reads and {} raw GETs",
+        raw.len()
+    );
+    let kiwi = Stats::of(api)?;
+    let raw = Stats::of(raw)?;
+    let pg = Stats::of(pg)?;
+    progress(&format!("  API from Redis: {}", kiwi.show()));
+    progress(&format!("  raw Redis GET:  {}", raw.show()));
+    progress(&format!("  PostgreSQL PK:  {}", pg.show()));
+    Ok(Row {
+        metric: "`GET /api/v2/robots/{id}` from the Redis cache, server side".into(),
+        kiwi: kiwi.show(),
+        baseline: format!(
+            "raw Redis `GET` of the same key: {}; PostgreSQL primary-key read of the same \
+             row: {}",
+            raw.show(),
+            pg.show()
+        ),
+        ratio: format!(
+            "{} vs Redis · {} vs PostgreSQL",
+            ratio(kiwi.p50, raw.p50, "p50"),
+            ratio(kiwi.p50, pg.p50, "p50")
+        ),
+        target: "p50 ≤ 200 µs".into(),
+        met: Some(kiwi.p50 <= Duration::from_micros(200)),
+        note: format!(
+            "the API router of an in-process controller with `database_url` and `redis_url` \
+             set (`Components::build`), driven with `tower::ServiceExt::oneshot`, body \
+             collected; reads spread over {} robots created through the fleet and written \
+             through to Redis. Every read was a Redis hit: `cache_hits_total` rose by {} for \
+             {} reads, no miss, no Redis error, and Redis's own `keyspace_hits` rose by {} \
+             (API reads and raw `GET`s). Raw `GET`: the redis crate on a multiplexed \
+             connection, value {value_len} bytes (the API's response {body_len} bytes); \
+             primary-key read: `SELECT * FROM robot_states WHERE robot_id = $1` through a \
+             `PgPool`; the three reads rotate",
+            fmt_count(ids.len()),
+            fmt_count(hits as usize),
+            fmt_count(reads as usize),
+            fmt_count(server_hits as usize)
+        ),
+    })
+}
+
 // ------------------------------------------------------------ report
 
 /// The machine the figures come from.
@@ -1133,10 +2153,31 @@ fn machine() -> Vec<(&'static str, String)> {
     ]
 }
 
+fn table(md: &mut String, rows: &[Row]) {
+    let _ = writeln!(
+        md,
+        "| Metric | kiwi | Baseline (same run) | Ratio | Target | Met? |\n|---|---|---|---|---|---|"
+    );
+    for r in rows {
+        let met = match r.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "—",
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} |",
+            r.metric, r.kiwi, r.baseline, r.ratio, r.target, met
+        );
+    }
+}
+
 fn markdown(
     args: &Args,
     sizes: &Sizes,
     rows: &[Row],
+    storage_rows: &[Row],
+    storage: &StorageInfo,
     created_in: Duration,
     total: Duration,
 ) -> String {
@@ -1156,24 +2197,24 @@ fn markdown(
         },
         fmt_duration(total)
     );
+    table(&mut md, rows);
+    let _ = writeln!(md, "\n## Storage: PostgreSQL and Redis\n");
     let _ = writeln!(
         md,
-        "| Metric | kiwi | Baseline (same run) | Ratio | Target | Met? |\n|---|---|---|---|---|---|"
+        "PostgreSQL {} (fsync {}, synchronous_commit {}, wal_sync_method {}) and Redis {} \
+         ({}), in a database (`kiwi_bench_<uuid>`) and under a key prefix of the run's \
+         own, both removed at its end. Pools: {} connections, as `db_pool_size` by default.\n",
+        storage.postgres,
+        storage.fsync,
+        storage.synchronous_commit,
+        storage.wal_sync_method,
+        storage.redis,
+        storage.servers,
+        storage.pool_size
     );
-    for r in rows {
-        let met = match r.met {
-            Some(true) => "yes",
-            Some(false) => "**no**",
-            None => "—",
-        };
-        let _ = writeln!(
-            md,
-            "| {} | {} | {} | {} | {} | {} |",
-            r.metric, r.kiwi, r.baseline, r.ratio, r.target, met
-        );
-    }
+    table(&mut md, storage_rows);
     let _ = writeln!(md, "\n## How each figure is measured\n");
-    for r in rows {
+    for r in rows.iter().chain(storage_rows) {
         let _ = writeln!(md, "- **{}**: {}.", r.metric, r.note);
     }
     let _ = writeln!(
