@@ -6,7 +6,7 @@
 //! connected to the agent endpoint (robots announce themselves by
 //! connecting). LAN sources (neighbour table, sweep, SSH) plug in here.
 
-use crate::fleet::Fleet;
+use crate::fleet::{Fleet, truncate_micros};
 use crate::metrics::Metrics;
 use crate::redis::Leases;
 use crate::store::{DiscoverySession, Fence, StoreError};
@@ -150,7 +150,7 @@ impl Discovery {
     }
 
     async fn run_sources(&self, fence: Option<&Fence>) -> Result<DiscoverySession, StoreError> {
-        let started_at = Utc::now();
+        let started_at = truncate_micros(Utc::now());
         let clock = Instant::now();
         let mut found = BTreeSet::new();
         let mut methods = Vec::new();
@@ -180,7 +180,7 @@ impl Discovery {
             session_id: Uuid::new_v4(),
             methods,
             started_at,
-            finished_at: Utc::now(),
+            finished_at: truncate_micros(Utc::now()),
             duration_ms: i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX),
             robots_found: found.len() as i64,
             new_robots: new_robots as i64,
