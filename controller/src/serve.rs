@@ -114,9 +114,11 @@ impl Components {
         );
         let robots = fleet.load().await.context("cannot load the read model")?;
         tracing::info!(robots, "read model loaded");
-        let redis = match (&config.redis_url, config.enable_cache) {
-            (Some(url), true) => {
-                let redis = RedisCache::connect_lazy(
+        // Redis, when configured, holds the discovery leases; it also caches
+        // rows unless `enable_cache` is off.
+        let redis = match &config.redis_url {
+            Some(url) => Some(
+                RedisCache::connect_lazy(
                     url,
                     &config.redis_prefix,
                     CacheTtls {
@@ -125,13 +127,14 @@ impl Components {
                     },
                     metrics.clone(),
                 )
-                .context("invalid redis_url")?;
-                tracing::info!(prefix = %config.redis_prefix, "shared cache: Redis");
-                fleet.set_shared_cache(SharedCache::new(redis.clone(), cache.clone()));
-                Some(redis)
-            }
-            _ => None,
+                .context("invalid redis_url")?,
+            ),
+            None => None,
         };
+        if let (Some(redis), true) = (&redis, config.enable_cache) {
+            tracing::info!(prefix = %config.redis_prefix, "shared cache: Redis");
+            fleet.set_shared_cache(SharedCache::new(redis.clone(), cache.clone()));
+        }
         let mut discovery = Discovery::new(
             fleet.clone(),
             metrics.clone(),
