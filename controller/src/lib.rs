@@ -19,4 +19,5 @@ pub mod replay;
 pub mod serve;
 pub mod shared_cache;
 pub mod store;
+pub mod testing;
 pub mod watch;

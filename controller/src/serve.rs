@@ -66,7 +66,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn EventStore>> 
 }
 
 /// A database URL without its password, for logs and errors.
-fn redact(url: &str) -> String {
+pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];

@@ -14,6 +14,7 @@ use kiwi_controller::fleet::{Context, Fleet};
 use kiwi_controller::ops;
 use kiwi_controller::serve::Components;
 use kiwi_controller::store::{DiscoverySession, Fence, StoreError};
+use kiwi_controller::testing::TestDatabase;
 use kiwi_protocol::message::{AgentHealth, HealthStatus, Report, Telemetry, WorkloadState};
 use kiwi_protocol::{HardwareId, RobotId};
 use serde_json::Value;
@@ -313,57 +314,6 @@ async fn stale_fencing_tokens_are_refused() {
         .unwrap();
 }
 
-/// A database of its own on the test PostgreSQL server, dropped at the end.
-struct TestDatabase {
-    admin_url: String,
-    name: String,
-}
-
-impl TestDatabase {
-    async fn create() -> (TestDatabase, String) {
-        use sqlx::Connection;
-        let admin_url = std::env::var("DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-        let mut admin = sqlx::PgConnection::connect(&admin_url)
-            .await
-            .unwrap_or_else(|e| {
-                panic!("PostgreSQL at {admin_url} is needed ({e}); start it or set DATABASE_URL")
-            });
-        let name = format!("kiwi_test_{}", Uuid::new_v4().simple());
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        let base = admin_url.split('?').next().unwrap_or(&admin_url);
-        let url = format!("{}/{name}", &base[..base.rfind('/').unwrap()]);
-        (TestDatabase { admin_url, name }, url)
-    }
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        let (url, name) = (self.admin_url.clone(), self.name.clone());
-        // A fresh thread and runtime: this may run while a test panics.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                use sqlx::Connection;
-                if let Ok(mut admin) = sqlx::PgConnection::connect(&url).await {
-                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                    )))
-                    .execute(&mut admin)
-                    .await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
 /// 100 robots, each through 1,003 events, then a full replay.
 async fn hundred_thousand_events(c: Components) {
     const ROBOTS: u32 = 100;
@@ -408,13 +358,13 @@ async fn replay_of_a_hundred_thousand_events_embedded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_of_a_hundred_thousand_events_postgres() {
-    let (_db, url) = TestDatabase::create().await;
+    let db = TestDatabase::create().await;
     let dir = tempfile::tempdir().unwrap();
     let config = Config {
         state_dir: dir.path().to_path_buf(),
         auto_provision: false,
         discovery_interval: Duration::ZERO,
-        database_url: Some(url),
+        database_url: Some(db.url().to_string()),
         ..Config::default()
     };
     let c = Components::build(config, CancellationToken::new())

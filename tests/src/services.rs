@@ -1,9 +1,9 @@
 //! The storage services of the storage tests, always real ones:
 //!
-//! - [`TestDatabase`]: a database of the test's own (random name
-//!   `kiwi_it_<uuid>`) on the PostgreSQL server at `DATABASE_URL` (else
-//!   [`DEFAULT_DATABASE_URL`]) or on a [`PgCluster`], dropped with
-//!   `DROP DATABASE … WITH (FORCE)` when the guard drops, also on a panic.
+//! - [`TestDatabase`] (from `kiwi_controller::testing`, shared with the
+//!   controller's own tests): a database of the test's own on the
+//!   PostgreSQL server at `DATABASE_URL` (else [`DEFAULT_DATABASE_URL`]) or
+//!   on a [`PgCluster`], dropped when the guard drops, also on a panic.
 //! - [`RedisKeys`]: a key prefix of the test's own (`kiwi_it_<uuid>:`) on the
 //!   Redis at `REDIS_URL` (else [`DEFAULT_REDIS_URL`]) or on a
 //!   [`RedisServer`]; every key under it is deleted when the guard drops.
@@ -20,16 +20,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use sqlx::postgres::PgConnection;
-use sqlx::{AssertSqlSafe, Connection};
+use sqlx::Connection;
 use tempfile::TempDir;
 use uuid::Uuid;
 
+pub use kiwi_controller::testing::{
+    DEFAULT_DATABASE_URL, TestDatabase, database_server_url, pg_connect, with_database,
+};
+
 use crate::process::{self, Proc};
 use crate::{POLL_INTERVAL, free_port};
-
-/// The PostgreSQL server used when `DATABASE_URL` is not set.
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 /// The Redis used when `REDIS_URL` is not set.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
@@ -40,22 +40,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a throwaway server may take to start or stop.
 const SERVER_TIMEOUT: Duration = Duration::from_secs(60);
 
-const HOW_TO_START_POSTGRES: &str = "start one (e.g. `. scripts/services.sh`, which starts a \
-     throwaway server from the installed PostgreSQL binaries and exports DATABASE_URL, or \
-     `pg_ctlcluster 15 main start`), or set DATABASE_URL to a server where this user may \
-     create databases; the binaries come with `apt-get install postgresql`";
-
 const HOW_TO_START_REDIS: &str = "start one (e.g. `. scripts/services.sh`, or \
      `redis-server --daemonize yes --save '' --appendonly no`), or set REDIS_URL; the \
      binaries come with `apt-get install redis-server`";
-
-/// The PostgreSQL server of the tests: `DATABASE_URL` or the default.
-pub fn database_server_url() -> String {
-    std::env::var("DATABASE_URL")
-        .ok()
-        .filter(|u| !u.trim().is_empty())
-        .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_string())
-}
 
 /// The Redis of the tests: `REDIS_URL` or the default.
 pub fn redis_server_url() -> String {
@@ -63,119 +50,6 @@ pub fn redis_server_url() -> String {
         .ok()
         .filter(|u| !u.trim().is_empty())
         .unwrap_or_else(|| DEFAULT_REDIS_URL.to_string())
-}
-
-/// `url` with its database replaced by `name` (the query string kept).
-pub fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
-    let authority_start = base.find("://").map_or(0, |i| i + 3);
-    let authority_end = base[authority_start..]
-        .find('/')
-        .map_or(base.len(), |i| authority_start + i);
-    let mut out = format!("{}/{name}", &base[..authority_end]);
-    if let Some(q) = query {
-        out.push('?');
-        out.push_str(q);
-    }
-    out
-}
-
-/// A connection to the PostgreSQL server at `url`, or an error that says
-/// what went wrong.
-async fn pg_connect(url: &str) -> anyhow::Result<PgConnection> {
-    match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect(url)).await {
-        Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(anyhow::anyhow!("{e}")),
-        Err(_) => Err(anyhow::anyhow!("no answer within {CONNECT_TIMEOUT:?}")),
-    }
-}
-
-/// A database of one test, dropped (forcibly) when this guard drops.
-#[derive(Debug)]
-pub struct TestDatabase {
-    name: String,
-    url: String,
-    server: String,
-}
-
-impl TestDatabase {
-    /// Creates a database on the tests' server ([`database_server_url`]).
-    pub async fn create() -> TestDatabase {
-        TestDatabase::create_on(&database_server_url()).await
-    }
-
-    /// Creates a database on the server at `server_url` (a URL of any
-    /// database there that this user may connect to).
-    pub async fn create_on(server_url: &str) -> TestDatabase {
-        let name = format!("kiwi_it_{}", Uuid::new_v4().simple());
-        let mut conn = pg_connect(server_url).await.unwrap_or_else(|e| {
-            panic!(
-                "the storage tests need a real PostgreSQL, and none answers at {server_url} \
-                 ({e}): {HOW_TO_START_POSTGRES}"
-            )
-        });
-        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut conn)
-            .await
-            .unwrap_or_else(|e| {
-                panic!("cannot create the test database {name} on {server_url}: {e}")
-            });
-        let _ = conn.close().await;
-        TestDatabase {
-            url: with_database(server_url, &name),
-            name,
-            server: server_url.to_string(),
-        }
-    }
-
-    /// The URL of this database (what the controller is given).
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// A new connection to this database.
-    pub async fn connect(&self) -> anyhow::Result<PgConnection> {
-        pg_connect(&self.url).await
-    }
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        let (name, server) = (self.name.clone(), self.server.clone());
-        // A thread and runtime of its own: this may run inside a runtime
-        // (which must not block on itself) or while unwinding.
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(anyhow::Error::from)?;
-            runtime.block_on(async move {
-                let mut conn = pg_connect(&server).await?;
-                sqlx::query(AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                )))
-                .execute(&mut conn)
-                .await?;
-                conn.close().await?;
-                anyhow::Ok(())
-            })
-        })
-        .join();
-        match dropped {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!(
-                "kiwi-tests: could not drop test database {}: {e:#}",
-                self.name
-            ),
-            Err(_) => eprintln!("kiwi-tests: dropping test database {} panicked", self.name),
-        }
-    }
 }
 
 /// An async connection to the Redis at `url`, or an error.
@@ -712,22 +586,4 @@ pub async fn run_controller_command(
         panic!("kiwi-controller {args:?} did not exit within {timeout:?}; output:\n{output}")
     });
     CommandOutcome { status, output }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn database_names_are_replaced() {
-        assert_eq!(
-            with_database("postgres://u@h:5432/postgres", "x"),
-            "postgres://u@h:5432/x"
-        );
-        assert_eq!(
-            with_database("postgres://u@h:5432/postgres?sslmode=disable", "x"),
-            "postgres://u@h:5432/x?sslmode=disable"
-        );
-        assert_eq!(with_database("postgres://u@h", "x"), "postgres://u@h/x");
-    }
 }

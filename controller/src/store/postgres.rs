@@ -1955,6 +1955,7 @@ mod tests {
     use crate::domain::event::IdentityFacts;
     use crate::domain::lifecycle::Transition;
     use crate::replay::{Rebuild, apply_report, compare, project};
+    use crate::testing::TestDatabase;
     use kiwi_protocol::message::HealthStatus;
     use serde_json::json;
     use sqlx::AssertSqlSafe;
@@ -1962,98 +1963,11 @@ mod tests {
     use std::time::Instant;
     use tokio::sync::broadcast::error::TryRecvError;
 
-    const DEFAULT_MAINTENANCE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-
-    fn maintenance_url() -> String {
-        std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_MAINTENANCE_URL.to_string())
-    }
-
-    /// `url` with its database replaced by `name`.
-    fn with_database(url: &str, name: &str) -> String {
-        let (base, query) = url
-            .split_once('?')
-            .map_or((url, None), |(b, q)| (b, Some(q)));
-        let authority_start = base.find("://").map_or(0, |i| i + 3);
-        let authority_end = base[authority_start..]
-            .find('/')
-            .map_or(base.len(), |i| authority_start + i);
-        let mut out = format!("{}/{name}", &base[..authority_end]);
-        if let Some(q) = query {
-            out.push('?');
-            out.push_str(q);
-        }
-        out
-    }
-
-    async fn maintenance_connection(url: &str) -> PgConnection {
-        let connected = tokio::time::timeout(Duration::from_secs(10), PgConnection::connect(url))
+    /// A store on a database of this test's own.
+    async fn store_on(db: &TestDatabase) -> PostgresStore {
+        PostgresStore::connect(db.url(), 8)
             .await
-            .unwrap_or_else(|_| panic!("PostgreSQL at {url} did not answer within 10 s"));
-        connected.unwrap_or_else(|e| {
-            panic!(
-                "PostgreSQL is not reachable at {url}: {e}. These tests need a real server: \
-                 start one, or set DATABASE_URL to a server where this user may create databases"
-            )
-        })
-    }
-
-    /// A database of this test's own, dropped (forcibly) when this guard
-    /// is dropped, also when the test panics.
-    struct TestDb {
-        name: String,
-        url: String,
-        maintenance: String,
-    }
-
-    impl TestDb {
-        async fn create() -> TestDb {
-            let maintenance = maintenance_url();
-            let name = format!("kiwi_test_{}", Uuid::new_v4().simple());
-            let mut conn = maintenance_connection(&maintenance).await;
-            sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                .execute(&mut conn)
-                .await
-                .unwrap_or_else(|e| panic!("cannot create the test database {name}: {e}"));
-            let _ = conn.close().await;
-            TestDb {
-                url: with_database(&maintenance, &name),
-                name,
-                maintenance,
-            }
-        }
-
-        async fn store(&self) -> PostgresStore {
-            PostgresStore::connect(&self.url, 8)
-                .await
-                .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", self.url))
-        }
-    }
-
-    impl Drop for TestDb {
-        fn drop(&mut self) {
-            let (name, maintenance) = (self.name.clone(), self.maintenance.clone());
-            // A fresh thread and runtime: this may run inside a runtime
-            // that is shutting down, or unwinding from a panic.
-            let dropped = std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("a runtime to drop the test database");
-                runtime.block_on(async move {
-                    let mut conn = PgConnection::connect(&maintenance).await?;
-                    sqlx::query(AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                    )))
-                    .execute(&mut conn)
-                    .await?;
-                    conn.close().await
-                })
-            })
-            .join();
-            if !matches!(dropped, Ok(Ok(()))) {
-                eprintln!("could not drop test database {}: {dropped:?}", self.name);
-            }
-        }
+            .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", db.url()))
     }
 
     fn now() -> DateTime<Utc> {
@@ -2310,11 +2224,11 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn migrations_apply_once_to_an_empty_database_and_again_change_nothing() {
-        let db = TestDb::create().await;
+        let db = TestDatabase::create().await;
         // Two controllers starting at once on an empty database.
         let (a, b) = tokio::join!(
-            PostgresStore::connect(&db.url, 2),
-            PostgresStore::connect(&db.url, 2)
+            PostgresStore::connect(db.url(), 2),
+            PostgresStore::connect(db.url(), 2)
         );
         let (a, b) = (a.expect("first controller"), b.expect("second controller"));
         let before = catalog(&a.pool).await;
@@ -2355,9 +2269,9 @@ mod tests {
 
         // The migrator waits for its lock: held elsewhere, a run cannot
         // finish until it is released.
-        let mut holder = PgConnection::connect(&db.url).await.expect("a connection");
+        let mut holder = PgConnection::connect(db.url()).await.expect("a connection");
         sqlx::query("SELECT pg_advisory_lock($1)")
-            .bind(migrator_lock_id(&db.name))
+            .bind(migrator_lock_id(db.name()))
             .execute(&mut holder)
             .await
             .expect("take the migrator's lock");
@@ -2368,7 +2282,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!waiting.is_finished(), "migrate ran without the lock");
         sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(migrator_lock_id(&db.name))
+            .bind(migrator_lock_id(db.name()))
             .execute(&mut holder)
             .await
             .expect("release the lock");
@@ -2387,8 +2301,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_new_robot_is_stored_and_read_back_equal() {
-        let db = TestDb::create().await;
-        let store = db.store().await;
+        let db = TestDatabase::create().await;
+        let store = store_on(&db).await;
         assert_eq!(store.head().await.unwrap(), 0);
         let id = robot_id(1);
         let mut first = append(None, id, vec![discovered(1), provisioning_started()]);
@@ -2451,8 +2365,8 @@ mod tests {
 
     #[tokio::test]
     async fn reports_are_deduplicated_by_robot_and_seq_and_paged() {
-        let db = TestDb::create().await;
-        let store = db.store().await;
+        let db = TestDatabase::create().await;
+        let store = store_on(&db).await;
         let id = robot_id(4);
         store
             .append(append(None, id, vec![discovered(4)]))
@@ -2490,8 +2404,8 @@ mod tests {
 
     #[tokio::test]
     async fn of_two_appends_at_one_version_exactly_one_wins() {
-        let db = TestDb::create().await;
-        let store = db.store().await;
+        let db = TestDatabase::create().await;
+        let store = store_on(&db).await;
         let id = robot_id(7);
         store
             .append(append(None, id, vec![discovered(7)]))
@@ -2557,8 +2471,8 @@ mod tests {
 
     #[tokio::test]
     async fn refused_appends_change_nothing_and_do_not_fail_their_batch() {
-        let db = TestDb::create().await;
-        let store = db.store().await;
+        let db = TestDatabase::create().await;
+        let store = store_on(&db).await;
         let id = robot_id(3);
 
         let mut wrong_version = append(None, id, vec![discovered(3)]);
@@ -2617,8 +2531,8 @@ mod tests {
 
     #[tokio::test]
     async fn corrupt_rows_are_reported_not_skipped() {
-        let db = TestDb::create().await;
-        let store = db.store().await;
+        let db = TestDatabase::create().await;
+        let store = store_on(&db).await;
         let (a, b) = (robot_id(1), robot_id(2));
         store
             .append(append(None, a, vec![discovered(1)]))
@@ -2716,8 +2630,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_writers_lose_and_duplicate_nothing() {
-        let db = TestDb::create().await;
-        let store = Arc::new(db.store().await);
+        let db = TestDatabase::create().await;
+        let store = Arc::new(store_on(&db).await);
         let mut feed = store.subscribe();
         let racer = robot_id(1000);
         let mut current = None;
@@ -2799,9 +2713,9 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_second_controller_sees_every_commit_in_order_with_its_row() {
-        let db = TestDb::create().await;
-        let first = Arc::new(db.store().await);
-        let second = Arc::new(db.store().await);
+        let db = TestDatabase::create().await;
+        let first = Arc::new(store_on(&db).await);
+        let second = Arc::new(store_on(&db).await);
         let mut feed_first = first.subscribe();
         let mut feed_second = second.subscribe();
 
@@ -2869,9 +2783,9 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_feed_catches_up_after_its_connection_is_lost() {
-        let db = TestDb::create().await;
-        let writer = db.store().await;
-        let reader = db.store().await;
+        let db = TestDatabase::create().await;
+        let writer = store_on(&db).await;
+        let reader = store_on(&db).await;
         let mut feed = reader.subscribe();
         writer
             .append(append(None, robot_id(1), vec![discovered(1)]))
@@ -2882,13 +2796,15 @@ mod tests {
         // Every connection to the database is cut (a failover, a restart):
         // commits made meanwhile reach the reader's feed after it
         // reconnects, in order, without gaps.
-        let mut admin = maintenance_connection(&db.maintenance).await;
+        let mut admin = crate::testing::pg_connect(db.server_url())
+            .await
+            .expect("maintenance connection");
         let cut = async |admin: &mut PgConnection| {
             sqlx::query(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
                  WHERE datname = $1 AND pid <> pg_backend_pid()",
             )
-            .bind(&db.name)
+            .bind(db.name())
             .execute(admin)
             .await
             .expect("terminate the connections");
@@ -2968,8 +2884,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stale_fencing_token_is_refused() {
-        let db = TestDb::create().await;
-        let store = Arc::new(db.store().await);
+        let db = TestDatabase::create().await;
+        let store = Arc::new(store_on(&db).await);
         let sessions = async || -> i64 {
             sqlx::query_scalar("SELECT COUNT(*) FROM discovery_sessions")
                 .fetch_one(&store.pool)
@@ -3062,8 +2978,8 @@ mod tests {
 
     #[tokio::test]
     async fn pruning_keeps_replay_equal_to_the_live_rows() {
-        let db = TestDb::create().await;
-        let store = db.store().await;
+        let db = TestDatabase::create().await;
+        let store = store_on(&db).await;
         let old = now() - chrono::Duration::days(3);
         let recent = now();
         // Robots 1..=5: old history, then recent events and reports.
@@ -3164,8 +3080,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_store_queries_use_indexes() {
-        let db = TestDb::create().await;
-        let store = db.store().await;
+        let db = TestDatabase::create().await;
+        let store = store_on(&db).await;
         let appends = (0..600).map(|n| {
             let mut events = vec![discovered(n)];
             if n.is_multiple_of(50) {
@@ -3282,8 +3198,8 @@ mod tests {
         );
 
         // A closed store answers Unavailable too.
-        let db = TestDb::create().await;
-        let store = db.store().await;
+        let db = TestDatabase::create().await;
+        let store = store_on(&db).await;
         store.close().await;
         let appended = store
             .append(append(None, robot_id(1), vec![discovered(1)]))
@@ -3305,15 +3221,6 @@ mod tests {
     #[test]
     fn the_log_lock_key_is_the_documented_one() {
         assert_eq!(log_lock!().parse::<i64>(), Ok(0x6b69_7769_6c6f_6701));
-    }
-
-    #[test]
-    fn a_database_name_replaces_the_urls() {
-        assert_eq!(
-            with_database("postgres://u:p@h:5432/postgres?sslmode=disable", "x"),
-            "postgres://u:p@h:5432/x?sslmode=disable"
-        );
-        assert_eq!(with_database("postgres://h", "x"), "postgres://h/x");
     }
 
     #[test]

@@ -70,15 +70,18 @@ use kiwi_controller::fleet::{Context, Fleet, truncate_micros};
 use kiwi_controller::link::session::SessionRegistry;
 use kiwi_controller::metrics::Metrics;
 use kiwi_controller::serve::Components;
+use kiwi_controller::serve::redact;
 use kiwi_controller::store::postgres::{ACQUIRE_TIMEOUT, PostgresStore};
 use kiwi_controller::store::{Append, EventStore};
 use kiwi_protocol::message::{
     AgentHealth, HealthStatus, NetCounters, Report, Telemetry, WorkloadState,
 };
 use kiwi_protocol::{HardwareId, RobotId};
-use kiwi_tests::services::{database_server_url, redis_server_url, with_database};
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
-use sqlx::{AssertSqlSafe, Connection as _};
+use kiwi_tests::services::{
+    TestDatabase, database_server_url, pg_connect, redis_connect, redis_server_url,
+};
+use sqlx::Connection as _;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -1164,8 +1167,6 @@ async fn change_to_watch(sizes: &Sizes, http: SocketAddr, id: RobotId) -> Result
 
 // ------------------------------------------------------------ storage
 
-/// How long connecting to PostgreSQL or Redis may take before the run fails.
-const SERVICE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the Redis tier of a fresh controller may take to come up.
 const REDIS_UP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Robots reporting at once in the group-commit figure.
@@ -1195,37 +1196,6 @@ INSERT INTO bench_plain_appends (event_id, robot_id, event_type, data, metadata,
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 /// The primary-key read of the Redis figure's baseline.
 const PK_READ: &str = "SELECT * FROM robot_states WHERE robot_id = $1";
-
-/// A URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
-}
-
-async fn pg_connect(url: &str) -> Result<PgConnection> {
-    match tokio::time::timeout(SERVICE_TIMEOUT, PgConnection::connect(url)).await {
-        Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(e.into()),
-        Err(_) => bail!("no answer within {SERVICE_TIMEOUT:?}"),
-    }
-}
-
-async fn redis_connect(url: &str) -> Result<redis::aio::MultiplexedConnection> {
-    let client = redis::Client::open(url)?;
-    match tokio::time::timeout(SERVICE_TIMEOUT, client.get_multiplexed_async_connection()).await {
-        Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(e.into()),
-        Err(_) => bail!("no answer within {SERVICE_TIMEOUT:?}"),
-    }
-}
 
 /// One field of Redis `INFO <section>`.
 async fn redis_info(
@@ -1275,63 +1245,6 @@ impl Services {
             )
         })?;
         Ok(Services { pg_server, redis })
-    }
-}
-
-/// The run's own database, dropped (forcibly) when this guard drops, also
-/// on an error or a panic.
-#[derive(Debug)]
-struct BenchDatabase {
-    name: String,
-    url: String,
-    server: String,
-}
-
-impl BenchDatabase {
-    async fn create(server: &str) -> Result<BenchDatabase> {
-        let name = format!("kiwi_bench_{}", Uuid::new_v4().simple());
-        let mut conn = pg_connect(server)
-            .await
-            .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(server)))?;
-        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut conn)
-            .await
-            .with_context(|| format!("cannot create the database {name}"))?;
-        let _ = conn.close().await;
-        Ok(BenchDatabase {
-            url: with_database(server, &name),
-            name,
-            server: server.to_string(),
-        })
-    }
-}
-
-impl Drop for BenchDatabase {
-    fn drop(&mut self) {
-        let (name, server) = (self.name.clone(), self.server.clone());
-        // A thread and runtime of its own: this runs inside the bench's
-        // runtime, which must not block on itself.
-        let dropped = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-                .block_on(async move {
-                    let mut conn = pg_connect(&server).await?;
-                    sqlx::query(AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                    )))
-                    .execute(&mut conn)
-                    .await?;
-                    let _ = conn.close().await;
-                    anyhow::Ok(())
-                })
-        })
-        .join();
-        match dropped {
-            Ok(Ok(())) => progress(&format!("dropped database {}", self.name)),
-            Ok(Err(e)) => progress(&format!("could not drop database {}: {e:#}", self.name)),
-            Err(_) => progress(&format!("dropping database {} panicked", self.name)),
-        }
     }
 }
 
@@ -1568,17 +1481,19 @@ async fn storage(
     services: &Services,
     work: &Path,
 ) -> Result<(Vec<Row>, StorageInfo)> {
-    let db = BenchDatabase::create(&services.pg_server).await?;
+    // The run's own database, dropped when this guard drops (also on an
+    // error or a panic).
+    let db = TestDatabase::create_on(&services.pg_server).await;
     let keys = RedisPrefix::new(&services.redis);
     progress(&format!(
         "storage: database {} on {}, Redis prefix {} on {}",
-        db.name,
+        db.name(),
         redact(&services.pg_server),
         keys.prefix,
         redact(&keys.url)
     ));
     let pool_size = Config::default().db_pool_size;
-    let pool = baseline_pool(&db.url, pool_size).await?;
+    let pool = baseline_pool(db.url(), pool_size).await?;
     sqlx::query(PLAIN_TABLE).execute(&pool).await?;
     let mut info = StorageInfo::read(&pool, &keys.url, pool_size).await?;
     info.servers = format!(
@@ -1592,9 +1507,9 @@ async fn storage(
     ));
 
     let store = Arc::new(
-        PostgresStore::connect(&db.url, pool_size)
+        PostgresStore::connect(db.url(), pool_size)
             .await
-            .with_context(|| format!("cannot open the PostgreSQL store on {}", db.name))?,
+            .with_context(|| format!("cannot open the PostgreSQL store on {}", db.name()))?,
     );
     let metrics = Arc::new(Metrics::new());
     let dyn_store: Arc<dyn EventStore> = store.clone();
@@ -1619,7 +1534,7 @@ async fn storage(
     progress("7/7 GET /api/v2/robots/{id} from the Redis cache");
     let ctl = InProcess::with_config(Config {
         state_dir: work.join("pg-controller"),
-        database_url: Some(db.url.clone()),
+        database_url: Some(db.url().to_string()),
         db_pool_size: pool_size,
         redis_url: Some(keys.url.clone()),
         redis_prefix: keys.prefix.clone(),

@@ -1,8 +1,9 @@
-//! Redis in front of the store: reads go through it, a dead Redis costs no
-//! API error (reads fall back, `/readyz` says degraded), and when it returns
-//! it is refilled before it is read again, so it never serves a row older
-//! than one already acknowledged. Uses a throwaway `redis-server` so the
-//! test can kill and restart it.
+//! Redis in front of the store, with the controller built in-process:
+//! reads go through it, a dead Redis costs no API error (reads fall back,
+//! `/readyz` says degraded), and when it returns it is refilled before it is
+//! read again, so it never serves a row older than one already
+//! acknowledged. Uses a throwaway `redis-server` ([`RedisServer`]) so the
+//! test can freeze, kill and restart it.
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
@@ -14,71 +15,11 @@ use kiwi_controller::domain::{Action, Input};
 use kiwi_controller::fleet::Context;
 use kiwi_controller::serve::Components;
 use kiwi_protocol::{HardwareId, RobotId};
+use kiwi_tests::RedisServer;
 use serde_json::Value;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
-
-struct Redis {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl Redis {
-    fn start(port: u16) -> Redis {
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start redis-server ({e}): apt-get install redis-server")
-            });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Redis { child, port }
-    }
-
-    /// Freezes or thaws the server (SIGSTOP/SIGCONT): a hung Redis that
-    /// keeps its data, the worst case for staleness.
-    fn signal(&self, sig: &str) {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "kill {sig} failed");
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 async fn get(c: &Components, uri: &str) -> (StatusCode, Value) {
     let resp = c
@@ -112,14 +53,13 @@ async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
 
 #[tokio::test]
 async fn redis_outage_costs_no_error_and_never_serves_stale_rows() {
-    let port = free_port();
-    let mut redis = Redis::start(port);
+    let mut redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let config = Config {
         state_dir: dir.path().to_path_buf(),
         auto_provision: false,
         discovery_interval: Duration::ZERO,
-        redis_url: Some(format!("redis://127.0.0.1:{}", redis.port)),
+        redis_url: Some(redis.url()),
         redis_prefix: format!("kiwi-test-{}:", uuid::Uuid::new_v4().simple()),
         ..Config::default()
     };
@@ -166,7 +106,7 @@ async fn redis_outage_costs_no_error_and_never_serves_stale_rows() {
         "the read was served by Redis"
     );
 
-    redis.signal("-STOP");
+    redis.pause();
     // Reads keep working during the outage, and so do writes.
     for _ in 0..5 {
         let (status, _) = get(&c, &uri).await;
@@ -187,7 +127,7 @@ async fn redis_outage_costs_no_error_and_never_serves_stale_rows() {
 
     // Redis comes back still holding the row that says "ready": it must be
     // refilled before it is read again.
-    redis.signal("-CONT");
+    redis.resume();
     wait_for("Redis refilled", async || {
         c.fleet.shared_cache().unwrap().is_up()
     })
@@ -203,7 +143,7 @@ async fn redis_outage_costs_no_error_and_never_serves_stale_rows() {
     redis.kill();
     let (status, _) = get(&c, &uri).await;
     assert_eq!(status, StatusCode::OK);
-    let _redis = Redis::start(port);
+    redis.start_again().await;
     wait_for("Redis refilled after a restart", async || {
         c.fleet.shared_cache().unwrap().is_up()
     })
@@ -233,8 +173,8 @@ async fn only_the_lease_holder_records_a_discovery_round() {
     use kiwi_controller::redis::Leases;
     use kiwi_controller::store::{DiscoverySession, StoreError};
 
-    let redis = Redis::start(free_port());
-    let url = format!("redis://127.0.0.1:{}", redis.port);
+    let redis = RedisServer::start().await;
+    let url = redis.url();
     let prefix = format!("kiwi-test-{}:", uuid::Uuid::new_v4().simple());
     let dir = tempfile::tempdir().unwrap();
     let config = Config {
@@ -281,7 +221,7 @@ async fn only_the_lease_holder_records_a_discovery_round() {
     let status = std::process::Command::new("redis-cli")
         .args([
             "-p",
-            &redis.port.to_string(),
+            &redis.port().to_string(),
             "DEL",
             &format!("{prefix}lease:{DISCOVERY_LEASE}"),
         ])
