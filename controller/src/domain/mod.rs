@@ -18,4 +18,4 @@ pub mod robot;
 pub use decide::{Action, Decision, Input, Policy, Refusal, decide};
 pub use event::{EventMetadata, EventRecord, NewEvent, RobotEvent};
 pub use lifecycle::LifecycleState;
-pub use robot::{Health, Robot};
+pub use robot::{Head, Health, Robot};

@@ -122,6 +122,56 @@ pub enum ApplyError {
     VersionGap { have: i64, got: i64 },
 }
 
+/// The part of a robot that decides whether an event applies to it: its
+/// version and lifecycle state. The store checks appends against it
+/// without reading the whole row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub version: i64,
+    pub state: LifecycleState,
+}
+
+impl Head {
+    /// Checks one event against a robot at `head` (`None` before its first
+    /// event) and gives the head after it. Every check of [`Robot::apply`]
+    /// is made here.
+    pub fn next(head: Option<Head>, record: &EventRecord) -> Result<Head, ApplyError> {
+        let name = record.event.type_name();
+        let current = match (head, &record.event) {
+            (None, RobotEvent::RobotDiscovered { .. }) => Head {
+                version: 0,
+                state: LifecycleState::Discovered,
+            },
+            (Some(_), RobotEvent::RobotDiscovered { .. }) => {
+                return Err(ApplyError::AlreadyExists { event: name });
+            }
+            (None, _) => return Err(ApplyError::NoRobot { event: name }),
+            (Some(h), _) => h,
+        };
+        if record.version != current.version + 1 {
+            return Err(ApplyError::VersionGap {
+                have: current.version,
+                got: record.version,
+            });
+        }
+        let state = match record.event.transition() {
+            Some(t) if t.from != current.state => {
+                return Err(ApplyError::WrongState {
+                    event: name,
+                    from: t.from,
+                    actual: current.state,
+                });
+            }
+            Some(t) => t.to,
+            None => current.state,
+        };
+        Ok(Head {
+            version: record.version,
+            state,
+        })
+    }
+}
+
 impl Robot {
     /// A robot's first row, from its `robot_discovered` event.
     fn discovered(robot_id: RobotId, facts: &IdentityFacts, at: DateTime<Utc>) -> Robot {
@@ -168,37 +218,35 @@ impl Robot {
         }
     }
 
+    /// What [`Robot::apply`] checks an event against.
+    pub fn head(&self) -> Head {
+        Head {
+            version: self.version,
+            state: self.state,
+        }
+    }
+
     /// Applies one stored event to the robot it belongs to (`None` before
     /// its first event). Versions must follow without gaps, and a transition
-    /// must start from the robot's current state.
+    /// must start from the robot's current state: the checks of
+    /// [`Head::next`], which `apply` makes first.
     pub fn apply(robot: Option<Robot>, record: &EventRecord) -> Result<Robot, ApplyError> {
-        let name = record.event.type_name();
+        let head = Head::next(robot.as_ref().map(Robot::head), record)?;
         let at = record.recorded_at;
         let mut robot = match (robot, &record.event) {
+            (Some(r), _) => r,
             (None, RobotEvent::RobotDiscovered { identity, .. }) => {
                 Robot::discovered(record.robot_id, identity, at)
             }
-            (Some(_), RobotEvent::RobotDiscovered { .. }) => {
-                return Err(ApplyError::AlreadyExists { event: name });
-            }
-            (None, _) => return Err(ApplyError::NoRobot { event: name }),
-            (Some(r), _) => r,
-        };
-        if record.version != robot.version + 1 {
-            return Err(ApplyError::VersionGap {
-                have: robot.version,
-                got: record.version,
-            });
-        }
-        if let Some(t) = record.event.transition() {
-            if t.from != robot.state {
-                return Err(ApplyError::WrongState {
-                    event: name,
-                    from: t.from,
-                    actual: robot.state,
+            // `Head::next` refused this already.
+            (None, event) => {
+                return Err(ApplyError::NoRobot {
+                    event: event.type_name(),
                 });
             }
-            robot.state = t.to;
+        };
+        if record.event.transition().is_some() {
+            robot.state = head.state;
             robot.last_state_change = at;
         }
         match &record.event {

@@ -1,9 +1,10 @@
 //! The checks every backend makes on an append before writing it, the same
 //! way: its shape (row, report and robot agree; versions add up), and that
-//! its events apply to the stored row (through [`Robot::apply`]).
+//! its events apply to the stored robot (through [`Head::next`], the checks
+//! of [`Robot::apply`]).
 
 use super::{Append, StoreError};
-use crate::domain::{EventRecord, Robot};
+use crate::domain::{EventRecord, Head, Robot};
 
 /// The contract of [`Append`] that does not need the database.
 pub(super) fn check_shape(append: &Append) -> Result<(), StoreError> {
@@ -51,17 +52,18 @@ pub(super) fn records_of(append: &Append) -> Vec<EventRecord> {
         .collect()
 }
 
-/// Refuses events that do not apply to the stored row, a first append
-/// without events, and a row in another state than the events lead to.
+/// Refuses events that do not apply to the stored robot (its head: see
+/// [`Head::next`]), a first append without events, and a row in another
+/// state than the events lead to.
 pub(super) fn check_against_log(
     robot: &Robot,
-    stored: Option<Robot>,
+    stored: Option<Head>,
     records: &[EventRecord],
 ) -> Result<(), StoreError> {
     let id = robot.robot_id;
     let mut projected = stored;
     for record in records {
-        projected = Some(Robot::apply(projected, record).map_err(|e| {
+        projected = Some(Head::next(projected, record).map_err(|e| {
             StoreError::Invalid(format!("robot {id}: event version {}: {e}", record.version))
         })?);
     }

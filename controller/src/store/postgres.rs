@@ -10,48 +10,55 @@
 //! task per store, which owns a connection of its own (outside the pool:
 //! a store opens `pool_size` + 2 connections, the writer's and the
 //! listener's included). It takes the first waiting append, drains
-//! whatever else is queued (up to [`BATCH_CAP`]) and writes them all in one
-//! transaction, so a burst of appends from many robots costs one commit
-//! (one WAL flush). No caller is answered before the `COMMIT` that holds
-//! its data; if the transaction fails, every caller of the batch gets
+//! whatever else is queued (up to [`BATCH_CAP`]) and writes them all with
+//! one statement, run on its own: one transaction, one round trip, so a
+//! burst of appends from many robots costs one commit (one WAL flush), and
+//! a single append costs no more round trips than `INSERT` alone. No
+//! caller is answered before the commit that holds its data (PostgreSQL
+//! answers the statement only once its commit is durable); if the
+//! connection fails, the callers not answered yet get
 //! [`StoreError::Unavailable`] and the writer reconnects for the next
-//! batch. The writer reads the batch's robot rows, checks every append
-//! against them in memory exactly as the SQLite backend does (version,
-//! shape, events applying to the stored row, lifecycle state) and writes
-//! the appends that pass with one statement. Should that statement fail (a
-//! reused event id, a value PostgreSQL refuses), the batch is written again
-//! with a savepoint per append, so the culprit is answered with its error
-//! and the rest commits. Appends for the same robot in one batch see each
-//! other, in queue order. A batch costs three round trips: `BEGIN`, the
-//! log lock and the rows; the write; the notifications and `COMMIT`.
+//! batch.
+//!
+//! **Optimistic concurrency.** The writer checks each append in memory
+//! against the robot's head (its version and lifecycle state: all that
+//! [`Robot::apply`] checks, see [`Head::next`]), exactly as the SQLite
+//! backend does; appends for the same robot in one batch see each other,
+//! in queue order. The heads come from what the writer wrote or read
+//! before (a robot it has not seen is read first). They are only a hint:
+//! the statement writes a robot's row, and only then its events and
+//! report, only if the stored row is still at the version the append was
+//! checked against (the guard, evaluated by `ON CONFLICT` on the newest
+//! row version). A robot whose row moved on (another controller wrote it)
+//! is left out of that transaction, read again and written in the next
+//! attempt; an answer that depends on the head (a conflict, an event that
+//! does not apply) is given only once the head was read or confirmed by a
+//! guard. Should PostgreSQL refuse the statement (a reused event id, a
+//! value it does not accept), each append is written again by itself, so
+//! that only the culprit is answered with its error. The unique
+//! (robot_id, version) constraint stays as the backstop: a violation is
+//! answered as a conflict.
 //!
 //! **Position order across controllers.** Positions come from an identity
 //! column, and an identity value is taken when a row is inserted, not when
 //! its transaction commits. Two controllers committing at once could then
 //! make position 11 visible before position 10, and a reader that resumed
-//! after 11 would never see 10. So every write transaction starts with
-//! `pg_advisory_xact_lock(LOG_LOCK)`: all transactions that append to the
-//! log or change `robot_states`, from every controller, run one after the
-//! other, and take their positions in that order. PostgreSQL releases
-//! transaction locks only after the commit is visible to new snapshots, so
-//! whoever takes the lock next sees every earlier commit, and its positions
-//! are higher than every position already visible: positions become
-//! visible in position order. The lock is taken by its own statement before
-//! the rows are read, so the reads (READ COMMITTED: a snapshot per
-//! statement) see the previous holder's commit; and as no one else writes
-//! the rows while it is held, they need no row lock (`FOR UPDATE`) for the
-//! optimistic-concurrency check. The unique (robot_id, version) constraint
-//! stays as the backstop: a violation is answered as a conflict. Group
-//! commit keeps the lock's cost per event small.
+//! after 11 would never see 10. So every write statement takes
+//! `pg_advisory_xact_lock(LOG_LOCK)` before it writes anything: all
+//! transactions that append to the log or change `robot_states`, from
+//! every controller, run one after the other, and draw their positions in
+//! that order. PostgreSQL releases transaction locks only after the commit
+//! is visible to new snapshots, so positions become visible in position
+//! order. Group commit keeps the lock's cost per event small.
 //!
-//! **The feed across controllers.** Inside each write transaction the
-//! writer calls `pg_notify('kiwi_commits', ...)` once per successful append,
-//! in position order. PostgreSQL delivers notifications at commit, in commit
-//! order, which (by the lock above) is position order. Each payload carries
-//! the whole commit (its events with their positions, and the robot's row)
-//! when it fits in a notification (8000 bytes), else a reference (robot,
-//! version, positions) that the listener resolves by reading the log and
-//! the row. A listener task per store (its own connection, `LISTEN`)
+//! **The feed across controllers.** The write statement calls
+//! `pg_notify('kiwi_commits', ...)` once per written append, in position
+//! order. PostgreSQL delivers notifications at commit, in commit order,
+//! which (by the lock above) is position order. Each payload carries the
+//! whole commit (its events, numbered from the first and last positions the
+//! statement puts in front, and the robot's row) when it fits in a
+//! notification (8000 bytes), else a reference (robot, version, positions)
+//! that the listener resolves by reading the log and the row. A listener task per store (its own connection, `LISTEN`)
 //! publishes one [`Committed`] per notification on
 //! [`EventStore::subscribe`], for this controller's commits as for
 //! everyone else's, so the feed is one stream in position order, whoever
@@ -79,18 +86,18 @@ use super::{
     StoreError, StoredReport,
 };
 use crate::domain::robot::LastReport;
-use crate::domain::{EventMetadata, EventRecord, Health, LifecycleState, Robot, RobotEvent};
+use crate::domain::{EventMetadata, EventRecord, Head, Health, LifecycleState, Robot, RobotEvent};
 use chrono::{DateTime, Utc};
 use kiwi_protocol::RobotId;
+use kiwi_protocol::backoff::Backoff;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{
     PgConnectOptions, PgConnection, PgListener, PgNotification, PgPool, PgPoolOptions, PgRow,
 };
-use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Postgres, Row};
+use sqlx::{ConnectOptions, Connection, Postgres, Row};
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::fmt::Write as _;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -101,6 +108,13 @@ use uuid::Uuid;
 
 /// The most appends written in one transaction.
 pub const BATCH_CAP: usize = 256;
+/// The most robot heads the writer remembers (see `Writer::heads`): about
+/// 40 bytes each.
+const HEAD_CACHE: usize = 65_536;
+/// How many times a batch is written for robots whose row moved on under
+/// it (another controller wrote them) before they are answered with a
+/// conflict.
+const WRITE_ATTEMPTS: usize = 3;
 /// Appends waiting for the writer; a full queue makes `append` wait.
 const WRITE_QUEUE: usize = 1024;
 /// Commits a slow subscriber may fall behind before it lags.
@@ -113,9 +127,9 @@ pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(15);
 /// A session that stays idle inside a transaction this long is ended by
 /// the server, so a stalled controller cannot hold the log lock forever.
 const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(15);
-/// The first and the longest wait before the listener reconnects.
-const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How the listener waits before reconnecting: the one backoff policy,
+/// from 100 ms up to 5 s.
+const RECONNECT: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 /// Events read per query when the listener catches up.
 const CATCH_UP_PAGE: u32 = 5000;
 /// PostgreSQL refuses notification payloads of 8000 bytes or more.
@@ -297,19 +311,13 @@ impl PostgresStore {
 
         let (writes, queue) = mpsc::channel(WRITE_QUEUE);
         let batches = Arc::new(AtomicU64::new(0));
-        // Fixed text formats for what the writer reads and writes as text
-        // (see `begin_batch` and `notify_and_commit`).
-        let writer_options = session.clone().options([
-            ("standard_conforming_strings", "on"),
-            ("DateStyle", "ISO"),
-            ("TimeZone", "UTC"),
-        ]);
-        let conn = connect_writer(&writer_options, acquire_timeout).await?;
+        let conn = connect_writer(&session, acquire_timeout).await?;
         let writer = Writer {
-            options: writer_options,
+            options: session,
             connect_timeout: acquire_timeout,
             conn: Some(conn),
             batches: batches.clone(),
+            heads: HashMap::new(),
         };
         tokio::spawn(writer.run(queue));
         Ok(PostgresStore {
@@ -779,7 +787,15 @@ struct Writer {
     connect_timeout: Duration,
     conn: Option<PgConnection>,
     batches: Arc<AtomicU64>,
+    /// The head (version and state) of robots as this writer last wrote or
+    /// read them, so that a batch needs no read before its write. Only a
+    /// hint: the write itself checks each robot's row against it (the
+    /// guard), and a robot whose row moved on is read again. At most
+    /// [`HEAD_CACHE`] robots.
+    heads: HashMap<RobotId, Head>,
 }
+
+type Outcome = Result<Vec<EventRecord>, StoreError>;
 
 impl Writer {
     async fn run(mut self, mut queue: mpsc::Receiver<WriteRequest>) {
@@ -811,56 +827,299 @@ impl Writer {
         }
     }
 
-    /// Writes one batch in one transaction and answers its callers. The
-    /// feed is the listener's: it publishes this commit when PostgreSQL
-    /// delivers its notifications.
+    /// Writes one batch and answers its callers. The feed is the
+    /// listener's: it publishes each commit when PostgreSQL delivers its
+    /// notifications.
     async fn commit(&mut self, batch: Vec<(Append, Reply)>) {
         let (appends, replies): (Vec<Append>, Vec<Reply>) = batch.into_iter().unzip();
-        let count = appends.len();
-        let outcomes = match self.write(&appends).await {
-            Ok(outcomes) => outcomes,
-            Err(e) => {
-                // The transaction's fate may be unknown (a connection lost
-                // during COMMIT): start over on a new connection.
-                self.conn = None;
-                tracing::error!(error = %e, appends = count, "event store commit failed");
-                for reply in replies {
-                    let _ = reply.send(Err(StoreError::Unavailable(format!(
-                        "the commit failed: {e}"
-                    ))));
-                }
-                return;
-            }
-        };
-        self.batches.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(appends = count, "event store batch committed");
+        let outcomes = self.write(&appends).await;
+        tracing::debug!(appends = appends.len(), "event store batch written");
         for (reply, outcome) in replies.into_iter().zip(outcomes) {
             let _ = reply.send(outcome);
         }
     }
 
-    async fn write(
-        &mut self,
-        appends: &[Append],
-    ) -> Result<Vec<Result<Vec<EventRecord>, StoreError>>, StoreError> {
-        if self.conn.is_none() {
-            self.conn = Some(connect_writer(&self.options, self.connect_timeout).await?);
-        }
-        let Some(conn) = self.conn.as_mut() else {
-            return Err(StoreError::Unavailable("no writer connection".into()));
+    /// Answers every append of the batch. If the connection fails, the
+    /// appends not answered yet fail with [`StoreError::Unavailable`] (a
+    /// commit whose answer was lost may have happened), and the next batch
+    /// connects again.
+    async fn write(&mut self, appends: &[Append]) -> Vec<Outcome> {
+        let mut outcomes: Vec<Option<Outcome>> = appends.iter().map(|_| None).collect();
+        let conn = match self.conn.take() {
+            Some(conn) => Ok(conn),
+            None => connect_writer(&self.options, self.connect_timeout).await,
         };
-        match write_batch(conn, appends, Mode::Together).await {
-            Ok(outcomes) => Ok(outcomes),
-            Err(BatchError::Refused(e)) => {
-                tracing::debug!(error = %e, appends = appends.len(), "a grouped write was refused; writing the batch append by append");
-                match write_batch(conn, appends, Mode::OneByOne).await {
-                    Ok(outcomes) => Ok(outcomes),
-                    Err(BatchError::Refused(e) | BatchError::Failed(e)) => Err(e),
+        let failure = match conn {
+            Ok(mut conn) => match self.attempts(&mut conn, appends, &mut outcomes).await {
+                Ok(()) => {
+                    self.conn = Some(conn);
+                    None
+                }
+                Err(e) => Some(e),
+            },
+            Err(e) => Some(e),
+        };
+        if let Some(e) = &failure {
+            tracing::error!(error = %e, appends = appends.len(), "event store write failed");
+        }
+        outcomes
+            .into_iter()
+            .map(|o| {
+                o.unwrap_or_else(|| {
+                    Err(StoreError::Unavailable(match &failure {
+                        Some(e) => format!("the commit failed: {e}"),
+                        None => "the append was not written".into(),
+                    }))
+                })
+            })
+            .collect()
+    }
+
+    /// Writes the batch: all of it in one statement (one transaction) when
+    /// the heads it knows are right, which is the usual case. Robots whose
+    /// row moved on (another controller wrote them) are read and written
+    /// again, up to [`WRITE_ATTEMPTS`] times; if PostgreSQL refuses the
+    /// statement for one append's data, each append is written by itself
+    /// so that only the culprit fails.
+    ///
+    /// An answer that depends on the robot's head (a conflict, an event
+    /// that does not apply) is given only once the head is known to be the
+    /// row's: read in this attempt, or confirmed by the guard of a write.
+    async fn attempts(
+        &mut self,
+        conn: &mut PgConnection,
+        appends: &[Append],
+        outcomes: &mut [Option<Outcome>],
+    ) -> Result<(), StoreError> {
+        // Robots to read before planning: their head is unknown or wrong.
+        let mut stale: HashSet<RobotId> = HashSet::new();
+        // The heads read in this call (`None`: no row), for the answer
+        // given when attempts run out.
+        let mut read: HashMap<RobotId, Option<Head>> = HashMap::new();
+        let mut alone = false;
+        let mut attempt = 0;
+        loop {
+            let pending: Vec<usize> = (0..appends.len())
+                .filter(|&i| outcomes[i].is_none())
+                .collect();
+            for &i in &pending {
+                // Its answer does not depend on the robot's head.
+                if let Err(e) = check_shape(&appends[i]) {
+                    outcomes[i] = Some(Err(e));
                 }
             }
-            Err(BatchError::Failed(e)) => Err(e),
+            let pending: Vec<usize> = pending
+                .into_iter()
+                .filter(|&i| outcomes[i].is_none())
+                .collect();
+            if pending.is_empty() {
+                break;
+            }
+            if attempt == WRITE_ATTEMPTS {
+                // Another writer kept changing these robots.
+                for i in pending {
+                    let append = &appends[i];
+                    let actual = read
+                        .get(&append.robot_id)
+                        .copied()
+                        .flatten()
+                        .map_or(0, |h| h.version);
+                    outcomes[i] = Some(Err(StoreError::Conflict {
+                        robot_id: append.robot_id,
+                        expected: append.expected_version,
+                        actual,
+                    }));
+                }
+                break;
+            }
+            attempt += 1;
+
+            // The base of each robot: read now (certain), or known (a hint).
+            let mut base: HashMap<RobotId, Base> = HashMap::new();
+            let mut to_read = BTreeSet::new();
+            for &i in &pending {
+                let append = &appends[i];
+                let id = append.robot_id;
+                if base.contains_key(&id) {
+                    continue;
+                }
+                let known = if stale.contains(&id) {
+                    None
+                } else if let Some(head) = self.heads.get(&id) {
+                    Some(Base::Known(Some(*head)))
+                } else if append.expected_version == 0 {
+                    // A new robot: presumably no row yet.
+                    Some(Base::Known(None))
+                } else {
+                    None
+                };
+                match known {
+                    Some(b) => {
+                        base.insert(id, b);
+                    }
+                    None => {
+                        to_read.insert(id.0);
+                    }
+                }
+            }
+            if !to_read.is_empty() {
+                for (id, head) in read_heads(conn, &to_read).await? {
+                    stale.remove(&id);
+                    if let Ok(Some(h)) = head {
+                        self.remember(id, h);
+                    } else {
+                        self.heads.remove(&id);
+                    }
+                    read.insert(id, head.as_ref().ok().copied().flatten());
+                    base.insert(id, Base::Read(head));
+                }
+            }
+
+            // Plan in queue order; appends for one robot see each other.
+            let mut current: HashMap<RobotId, Result<Option<Head>, String>> =
+                base.iter().map(|(id, b)| (*id, b.head())).collect();
+            let mut plans: Vec<(usize, Planned)> = Vec::new();
+            let mut tentative: Vec<(usize, StoreError)> = Vec::new();
+            for &i in &pending {
+                let append = &appends[i];
+                let id = append.robot_id;
+                match plan(current.get(&id), append) {
+                    Ok(p) => {
+                        current.insert(id, Ok(Some(p.head)));
+                        plans.push((i, p));
+                    }
+                    Err(e) if base.get(&id).is_some_and(Base::certain) => {
+                        outcomes[i] = Some(Err(e))
+                    }
+                    Err(e) => tentative.push((i, e)),
+                }
+            }
+
+            // Write; note which robots' heads the guard confirmed.
+            let mut confirmed: HashSet<RobotId> = HashSet::new();
+            let mut refused = false;
+            if alone {
+                for (i, p) in &mut plans {
+                    match write_group(conn, &mut [&mut *p]).await {
+                        Ok(applied) => {
+                            if !applied.is_empty() {
+                                confirmed.insert(p.robot.robot_id);
+                                self.batches.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Err(e) => {
+                            let e = append_error(conn, &appends[*i], e).await?;
+                            outcomes[*i] = Some(Err(e));
+                        }
+                    }
+                }
+            } else if !plans.is_empty() {
+                let mut group: Vec<&mut Planned> = plans.iter_mut().map(|(_, p)| p).collect();
+                match write_group(conn, &mut group).await {
+                    Ok(applied) => {
+                        if !applied.is_empty() {
+                            self.batches.fetch_add(1, Ordering::Relaxed);
+                        }
+                        confirmed = applied;
+                    }
+                    Err(e) => match write_error(e) {
+                        StoreError::Invalid(reason) => {
+                            tracing::debug!(%reason, appends = plans.len(), "a grouped write was refused; writing append by append");
+                            refused = true;
+                        }
+                        other => return Err(other),
+                    },
+                }
+            }
+            if refused {
+                // Nothing was written: plan again, and write one by one.
+                alone = true;
+                attempt -= 1;
+                continue;
+            }
+
+            // Answers for the robots whose heads are now known right; the
+            // others are read and tried again.
+            for (i, p) in plans {
+                let id = p.robot.robot_id;
+                if outcomes[i].is_some() {
+                    continue;
+                }
+                if confirmed.contains(&id) {
+                    self.remember(id, p.head);
+                    outcomes[i] = Some(Ok(p.records));
+                } else {
+                    stale.insert(id);
+                    self.heads.remove(&id);
+                }
+            }
+            for (i, e) in tentative {
+                let id = appends[i].robot_id;
+                if confirmed.contains(&id) {
+                    outcomes[i] = Some(Err(e));
+                } else {
+                    stale.insert(id);
+                    self.heads.remove(&id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn remember(&mut self, id: RobotId, head: Head) {
+        if self.heads.len() >= HEAD_CACHE && !self.heads.contains_key(&id) {
+            self.heads.clear();
+        }
+        self.heads.insert(id, head);
+    }
+}
+
+/// Where a robot's head came from in one attempt.
+#[derive(Debug, Clone)]
+enum Base {
+    /// Read in this attempt: what the row says (`None`: no row), or why it
+    /// does not decode.
+    Read(Result<Option<Head>, String>),
+    /// Remembered from an earlier write or read, or presumed absent: to be
+    /// confirmed by the write's guard.
+    Known(Option<Head>),
+}
+
+impl Base {
+    fn head(&self) -> Result<Option<Head>, String> {
+        match self {
+            Base::Read(head) => head.clone(),
+            Base::Known(head) => Ok(*head),
         }
     }
+
+    fn certain(&self) -> bool {
+        matches!(self, Base::Read(_))
+    }
+}
+
+/// The heads of `ids` (a robot without a row: `None`; one whose state does
+/// not decode: why).
+async fn read_heads(
+    conn: &mut PgConnection,
+    ids: &BTreeSet<Uuid>,
+) -> Result<Vec<(RobotId, Result<Option<Head>, String>)>, StoreError> {
+    let rows: Vec<(Uuid, i64, String)> = sqlx::query_as(
+        "SELECT robot_id, version, state FROM robot_states WHERE robot_id = ANY($1)",
+    )
+    .bind(ids.iter().copied().collect::<Vec<_>>())
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(read_error)?;
+    let mut heads: HashMap<Uuid, Result<Option<Head>, String>> =
+        ids.iter().map(|id| (*id, Ok(None))).collect();
+    for (id, version, state) in rows {
+        let head = LifecycleState::from_str(&state)
+            .map(|state| Some(Head { version, state }))
+            .map_err(|e| format!("robot_states row {id}: state: {e}"));
+        heads.insert(id, head);
+    }
+    Ok(heads.into_iter().map(|(id, h)| (RobotId(id), h)).collect())
 }
 
 async fn connect_writer(
@@ -887,37 +1146,15 @@ fn shut(mut queue: mpsc::Receiver<WriteRequest>) {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    /// All the appends that pass the checks in one statement.
-    Together,
-    /// Each append in its own savepoint.
-    OneByOne,
-}
-
-#[derive(Debug)]
-enum BatchError {
-    /// PostgreSQL refused the grouped write because of one append's data:
-    /// worth writing again one by one.
-    Refused(StoreError),
-    /// The transaction failed (connection lost, timeout, ...).
-    Failed(StoreError),
-}
-
-/// A robot row as the batch sees it: stored, or written earlier in the
-/// batch.
-#[derive(Debug, Clone)]
-enum Current {
-    Row(Box<Robot>),
-    /// The stored row does not decode: appends to it fail.
-    Corrupt(String),
-}
-
 /// An append that passed the checks, ready to write.
 #[derive(Debug)]
 struct Planned {
     robot: Robot,
-    /// Positions are filled in by the insert.
+    /// The robot's version the append was checked against.
+    expected_version: i64,
+    /// The robot's head after it.
+    head: Head,
+    /// Positions are filled in by the write.
     records: Vec<EventRecord>,
     report: Option<StoredReport>,
     json: PlannedJson,
@@ -934,216 +1171,24 @@ struct PlannedJson {
     /// Per event: type, data, metadata.
     events: Vec<(&'static str, serde_json::Value, serde_json::Value)>,
     report_health: Option<serde_json::Value>,
+    /// The commit notification, without its positions (see [`notice_body`]).
+    notice: String,
 }
 
-/// Runs statements without parameters (transaction control) in one round
-/// trip.
-async fn simple(conn: &mut PgConnection, sql: impl sqlx::SqlSafeStr) -> Result<(), sqlx::Error> {
-    sqlx::raw_sql(sql).execute(conn).await.map(|_| ())
-}
-
-/// One transaction for the whole batch. The outer error fails the whole
-/// batch; the inner results are each append's own. Transaction control is
-/// sent by hand, folded into the statements around it, to save round
-/// trips: `BEGIN` travels with the log lock, the notifications with
-/// `COMMIT`.
-async fn write_batch(
-    conn: &mut PgConnection,
-    appends: &[Append],
-    mode: Mode,
-) -> Result<Vec<Result<Vec<EventRecord>, StoreError>>, BatchError> {
-    let current = begin_batch(conn, appends).await?;
-    match write_in_transaction(conn, appends, mode, current).await {
-        Ok(plans) => {
-            let notices: Vec<String> = plans
-                .iter()
-                .filter_map(|p| p.as_ref().ok())
-                .map(notice)
-                .collect();
-            simple(conn, AssertSqlSafe(notify_and_commit(&notices)))
-                .await
-                .map_err(|e| BatchError::Failed(read_error(e)))?;
-            Ok(plans
-                .into_iter()
-                .map(|p| p.map(|planned| planned.records))
-                .collect())
-        }
-        Err(e) => {
-            simple(conn, "ROLLBACK")
-                .await
-                .map_err(|e| BatchError::Failed(read_error(e)))?;
-            Err(e)
-        }
-    }
-}
-
-/// `pg_notify` for each notice, in order, then `COMMIT`: notifications are
-/// delivered at commit. The payloads are JSON text, written as standard
-/// string literals (the writer's session has `standard_conforming_strings`
-/// on, so only the quote needs doubling; JSON has no raw NUL).
-fn notify_and_commit(notices: &[String]) -> String {
-    if notices.is_empty() {
-        return "COMMIT".to_string();
-    }
-    let mut sql = String::from(concat!(
-        "SELECT pg_notify('",
-        channel!(),
-        "', payload) FROM UNNEST(ARRAY["
-    ));
-    for (i, payload) in notices.iter().enumerate() {
-        if i > 0 {
-            sql.push(',');
-        }
-        sql.push('\'');
-        sql.push_str(&payload.replace('\'', "''"));
-        sql.push('\'');
-    }
-    sql.push_str("]::text[]) AS payload; COMMIT");
-    sql
-}
-
-/// Checks and writes the batch's appends inside the open transaction.
-async fn write_in_transaction(
-    conn: &mut PgConnection,
-    appends: &[Append],
-    mode: Mode,
-    mut current: HashMap<RobotId, Current>,
-) -> Result<Vec<Result<Planned, StoreError>>, BatchError> {
-    let failed = |e: sqlx::Error| BatchError::Failed(read_error(e));
-    let mut plans: Vec<Result<Planned, StoreError>> = Vec::with_capacity(appends.len());
-    match mode {
-        Mode::Together => {
-            for append in appends {
-                let planned = plan(current.get(&append.robot_id), append);
-                if let Ok(p) = &planned {
-                    current.insert(append.robot_id, Current::Row(Box::new(p.robot.clone())));
-                }
-                plans.push(planned);
-            }
-            let mut ok: Vec<&mut Planned> =
-                plans.iter_mut().filter_map(|p| p.as_mut().ok()).collect();
-            if !ok.is_empty() {
-                write_rows(conn, &mut ok).await.map_err(|e| {
-                    let e = write_error(e);
-                    match e {
-                        StoreError::Invalid(_) => BatchError::Refused(e),
-                        other => BatchError::Failed(other),
-                    }
-                })?;
-            }
-        }
-        Mode::OneByOne => {
-            for append in appends {
-                let mut planned = plan(current.get(&append.robot_id), append);
-                if let Ok(p) = &mut planned {
-                    simple(conn, "SAVEPOINT kiwi_append")
-                        .await
-                        .map_err(failed)?;
-                    match write_rows(conn, &mut [&mut *p]).await {
-                        Ok(()) => {
-                            simple(conn, "RELEASE SAVEPOINT kiwi_append")
-                                .await
-                                .map_err(failed)?;
-                            current
-                                .insert(append.robot_id, Current::Row(Box::new(p.robot.clone())));
-                        }
-                        Err(e) => {
-                            simple(conn, "ROLLBACK TO SAVEPOINT kiwi_append")
-                                .await
-                                .map_err(failed)?;
-                            planned = Err(append_error(conn, append, e).await?);
-                        }
-                    }
-                }
-                plans.push(planned);
-            }
-        }
-    }
-    Ok(plans)
-}
-
-/// Starts the batch's transaction: `BEGIN`, the log lock (see the module
-/// doc), then the rows of every robot the batch appends to, all in one
-/// round trip. Each statement of a simple query takes its own snapshot, so
-/// the rows are read after the lock is held: they include the previous
-/// holder's commit. The rows come back as text; one that does not decode
-/// so is read again the usual way before it is called corrupt.
-async fn begin_batch(
-    conn: &mut PgConnection,
-    appends: &[Append],
-) -> Result<HashMap<RobotId, Current>, BatchError> {
-    let failed = |e: sqlx::Error| BatchError::Failed(read_error(e));
-    let ids: BTreeSet<Uuid> = appends.iter().map(|a| a.robot_id.0).collect();
-    let mut sql = String::from(concat!(
-        "BEGIN; SELECT pg_advisory_xact_lock(",
-        log_lock!(),
-        "); SELECT ",
-        robot_columns!(),
-        " FROM robot_states WHERE robot_id IN ("
-    ));
-    for (i, id) in ids.iter().enumerate() {
-        // A UUID's text is hex digits and dashes: safe in a literal.
-        let _ = write!(
-            sql,
-            "{}'{}'",
-            if i == 0 { "" } else { "," },
-            id.hyphenated()
-        );
-    }
-    sql.push(')');
-    let rows = sqlx::raw_sql(AssertSqlSafe(sql))
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(failed)?;
-    let mut current = HashMap::with_capacity(rows.len());
-    let mut again = Vec::new();
-    // The lock's own result row has one column.
-    for row in rows.iter().filter(|r| r.len() > 1) {
-        let id: Uuid = row.try_get("robot_id").map_err(failed)?;
-        match decode_robot(row) {
-            Ok(robot) => {
-                current.insert(RobotId(id), Current::Row(Box::new(robot)));
-            }
-            Err(_) => again.push(id),
-        }
-    }
-    if !again.is_empty() {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            robot_columns!(),
-            " FROM robot_states WHERE robot_id = ANY($1)"
-        ))
-        .bind(again)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(failed)?;
-        for row in &rows {
-            let id: Uuid = row.try_get("robot_id").map_err(failed)?;
-            let entry = match decode_robot(row) {
-                Ok(robot) => Current::Row(Box::new(robot)),
-                Err(e) => Current::Corrupt(e.to_string()),
-            };
-            current.insert(RobotId(id), entry);
-        }
-    }
-    Ok(current)
-}
-
-/// What an append that PostgreSQL refused is answered: a version taken by
-/// a writer that did not hold the log lock is a conflict; the rest is the
-/// caller's data.
+/// What an append that PostgreSQL refused is answered: a version already
+/// in the log is a conflict; the rest is the caller's data.
 async fn append_error(
     conn: &mut PgConnection,
     append: &Append,
     e: sqlx::Error,
-) -> Result<StoreError, BatchError> {
+) -> Result<StoreError, StoreError> {
     let version_taken = e
         .as_database_error()
         .and_then(|db| db.constraint())
         .is_some_and(|c| c == "events_robot_version");
     let e = write_error(e);
     if !matches!(e, StoreError::Invalid(_)) {
-        return Err(BatchError::Failed(e));
+        return Err(e);
     }
     if !version_taken {
         return Ok(e);
@@ -1154,7 +1199,7 @@ async fn append_error(
     .bind(append.robot_id.0)
     .fetch_one(&mut *conn)
     .await
-    .map_err(|e| BatchError::Failed(read_error(e)))?;
+    .map_err(read_error)?;
     Ok(StoreError::Conflict {
         robot_id: append.robot_id,
         expected: append.expected_version,
@@ -1162,14 +1207,18 @@ async fn append_error(
     })
 }
 
-/// Checks one append against the robot's current row and prepares it.
-fn plan(current: Option<&Current>, append: &Append) -> Result<Planned, StoreError> {
+/// Checks one append (whose shape was checked) against the robot's head
+/// (`None`: no robot yet) and prepares it.
+fn plan(
+    current: Option<&Result<Option<Head>, String>>,
+    append: &Append,
+) -> Result<Planned, StoreError> {
     let stored = match current {
         None => None,
-        Some(Current::Row(robot)) => Some((**robot).clone()),
-        Some(Current::Corrupt(e)) => return Err(StoreError::Corrupt(e.clone())),
+        Some(Ok(head)) => *head,
+        Some(Err(e)) => return Err(StoreError::Corrupt(e.clone())),
     };
-    let actual = stored.as_ref().map_or(0, |r| r.version);
+    let actual = stored.map_or(0, |h| h.version);
     if actual != append.expected_version {
         return Err(StoreError::Conflict {
             robot_id: append.robot_id,
@@ -1177,7 +1226,6 @@ fn plan(current: Option<&Current>, append: &Append) -> Result<Planned, StoreErro
             actual,
         });
     }
-    check_shape(append)?;
     let records = records_of(append);
     check_against_log(&append.robot, stored, &records)?;
     let robot = append.robot.clone();
@@ -1198,29 +1246,48 @@ fn plan(current: Option<&Current>, append: &Append) -> Result<Planned, StoreErro
             .as_ref()
             .map(|r| to_json(&r.health))
             .transpose()?,
+        notice: notice_body(&robot, &records),
     };
     Ok(Planned {
+        head: robot.head(),
         robot,
+        expected_version: append.expected_version,
         records,
         report: append.report.clone(),
         json,
     })
 }
 
-/// Writes planned appends with one statement: the rows (the last of each
-/// robot), the reports (the first of each (robot, seq), later ones being
-/// resends), and the events in order, whose positions it fills in.
-async fn write_rows(
+/// Writes planned appends with one statement, one transaction: per robot,
+/// the row (the last of the robot's appends) if the stored row is still at
+/// the version the first was checked against (the guard), and only then
+/// its reports (the first of each (robot, seq), later ones being resends)
+/// and its events, in order, whose positions it fills in. Returns the
+/// robots written; the others' rows moved on.
+async fn write_group(
     conn: &mut PgConnection,
     plans: &mut [&mut Planned],
-) -> Result<(), sqlx::Error> {
+) -> Result<HashSet<RobotId>, sqlx::Error> {
     let mut last_of: HashMap<RobotId, usize> = HashMap::new();
+    let mut guards: Vec<(Uuid, i64)> = Vec::new();
     for (i, p) in plans.iter().enumerate() {
-        last_of.insert(p.robot.robot_id, i);
+        let id = p.robot.robot_id;
+        if last_of.insert(id, i).is_none() {
+            // No row is at version -1: a new robot's guard holds only if
+            // no row exists.
+            let guard = if p.expected_version == 0 {
+                -1
+            } else {
+                p.expected_version
+            };
+            guards.push((id.0, guard));
+        }
     }
     let mut rows = RowArrays::default();
     let mut reports = ReportArrays::default();
     let mut events = EventArrays::default();
+    let mut notices_robot = Vec::with_capacity(plans.len());
+    let mut notices_body = Vec::with_capacity(plans.len());
     let mut seen_reports = HashSet::new();
     for (i, p) in plans.iter().enumerate() {
         if last_of.get(&p.robot.robot_id) == Some(&i) {
@@ -1239,9 +1306,13 @@ async fn write_rows(
             events.data.push(data.clone());
             events.metadata.push(metadata.clone());
             events.recorded_at.push(record.recorded_at);
+            events.append.push(i as i64 + 1);
         }
+        notices_robot.push(p.robot.robot_id.0);
+        notices_body.push(p.json.notice.as_str());
     }
-    let positions: Vec<(Uuid, i64)> = sqlx::query_as(WRITE_ROWS)
+    let (guard_ids, guard_versions): (Vec<Uuid>, Vec<i64>) = guards.into_iter().unzip();
+    let written = sqlx::query(WRITE_GROUP)
         .bind(rows.robot_id)
         .bind(rows.version)
         .bind(rows.state)
@@ -1267,6 +1338,8 @@ async fn write_rows(
         .bind(rows.updated_at)
         .bind(rows.last_report_seq)
         .bind(rows.last_report)
+        .bind(guard_ids)
+        .bind(guard_versions)
         .bind(reports.robot_id)
         .bind(reports.seq)
         .bind(reports.time)
@@ -1282,37 +1355,66 @@ async fn write_rows(
         .bind(events.data)
         .bind(events.metadata)
         .bind(events.recorded_at)
+        .bind(events.append)
+        .bind(notices_robot)
+        .bind(notices_body)
         .fetch_all(&mut *conn)
         .await?;
-    let positions: HashMap<Uuid, i64> = positions.into_iter().collect();
-    for p in plans.iter_mut() {
-        for record in &mut p.records {
-            record.position = positions.get(&record.event_id).copied().ok_or_else(|| {
-                sqlx::Error::Protocol(format!(
-                    "no position returned for event {}",
-                    record.event_id
-                ))
-            })?;
+    let mut applied = HashSet::new();
+    for row in &written {
+        let ord: i64 = row.try_get("ord")?;
+        let positions: Vec<i64> = row.try_get("positions")?;
+        let p = usize::try_from(ord - 1)
+            .ok()
+            .and_then(|i| plans.get_mut(i))
+            .ok_or_else(|| sqlx::Error::Protocol(format!("the write answered append {ord}")))?;
+        if positions.len() != p.records.len() {
+            return Err(sqlx::Error::Protocol(format!(
+                "{} positions for {} events of robot {}",
+                positions.len(),
+                p.records.len(),
+                p.robot.robot_id
+            )));
         }
+        for (record, position) in p.records.iter_mut().zip(positions) {
+            record.position = position;
+        }
+        applied.insert(p.robot.robot_id);
     }
-    Ok(())
+    Ok(applied)
 }
 
-/// The rows, the reports and the events of a batch in one statement. The
-/// events are inserted in array order (`ORDER BY ord`), which is the order
-/// their identity values are drawn in: positions follow queue order.
-const WRITE_ROWS: &str = "\
-WITH robots AS (
+/// The statement of [`write_group`]. Run on its own (autocommit), it is one
+/// transaction and one round trip: PostgreSQL answers only after the
+/// commit is durable.
+///
+/// 1. `lock`: the log lock (see the module doc), taken before any row is
+///    written, as the first thing every insert reads.
+/// 2. `robots`: the rows, each written only if the stored row is at the
+///    robot's guard version (evaluated on the newest row version, as
+///    `ON CONFLICT` does, so a commit just before the lock is seen).
+/// 3. `reports` and `written` (the events, inserted in array order, which
+///    is the order their identity values are drawn in) only for robots
+///    whose row was written.
+/// 4. One notification per written append, in append order (`applied` is
+///    materialised in that order), whose payload is the append's notice
+///    with its first and last positions put in front.
+const WRITE_GROUP: &str = concat!(
+    "WITH lock AS MATERIALIZED (SELECT pg_advisory_xact_lock(",
+    log_lock!(),
+    ") AS held),
+guards AS (SELECT * FROM UNNEST($26::uuid[], $27::int8[]) AS g (robot_id, version)),
+robots AS (
     INSERT INTO robot_states (robot_id, version, state, health, hostname, ip_address,
         robot_type, model, firmware_version, agent_version, deployment_version, hardware_id,
         mac_addresses, last_heartbeat, last_state_change, failure_count, config, capabilities,
         metadata, discovered_at, provisioned_at, activated_at, updated_at, last_report_seq,
         last_report)
-    SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::jsonb[], $5::text[],
+    SELECT r.* FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::jsonb[], $5::text[],
         $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
         $13::jsonb[], $14::timestamptz[], $15::timestamptz[], $16::int8[], $17::jsonb[],
         $18::jsonb[], $19::jsonb[], $20::timestamptz[], $21::timestamptz[], $22::timestamptz[],
-        $23::timestamptz[], $24::int8[], $25::jsonb[])
+        $23::timestamptz[], $24::int8[], $25::jsonb[]) AS r CROSS JOIN lock
     ON CONFLICT (robot_id) DO UPDATE SET version = EXCLUDED.version, state = EXCLUDED.state,
         health = EXCLUDED.health, hostname = EXCLUDED.hostname,
         ip_address = EXCLUDED.ip_address, robot_type = EXCLUDED.robot_type,
@@ -1326,20 +1428,50 @@ WITH robots AS (
         provisioned_at = EXCLUDED.provisioned_at, activated_at = EXCLUDED.activated_at,
         updated_at = EXCLUDED.updated_at, last_report_seq = EXCLUDED.last_report_seq,
         last_report = EXCLUDED.last_report
-), reports AS (
+    WHERE robot_states.version
+        = (SELECT g.version FROM guards g WHERE g.robot_id = robot_states.robot_id)
+    RETURNING robot_id
+),
+reports AS (
     INSERT INTO robot_reports (robot_id, seq, time, received_at, health, workload,
         maintenance, telemetry)
-    SELECT * FROM UNNEST($26::uuid[], $27::int8[], $28::timestamptz[], $29::timestamptz[],
-        $30::jsonb[], $31::text[], $32::bool[], $33::jsonb[])
+    SELECT p.* FROM UNNEST($28::uuid[], $29::int8[], $30::timestamptz[], $31::timestamptz[],
+        $32::jsonb[], $33::text[], $34::bool[], $35::jsonb[])
+        AS p (robot_id, seq, time, received_at, health, workload, maintenance, telemetry)
+    WHERE p.robot_id IN (SELECT robot_id FROM robots)
     ON CONFLICT (robot_id, seq) DO NOTHING
+),
+input AS (
+    SELECT * FROM UNNEST($36::uuid[], $37::uuid[], $38::int8[], $39::text[], $40::jsonb[],
+        $41::jsonb[], $42::timestamptz[], $43::int8[]) WITH ORDINALITY
+        AS e (event_id, robot_id, version, event_type, data, metadata, recorded_at, append, ord)
+),
+written AS (
+    INSERT INTO events (event_id, robot_id, version, event_type, data, metadata, recorded_at)
+    SELECT e.event_id, e.robot_id, e.version, e.event_type, e.data, e.metadata, e.recorded_at
+    FROM input e
+    WHERE e.robot_id IN (SELECT robot_id FROM robots)
+    ORDER BY e.ord
+    RETURNING event_id, position
+),
+applied AS MATERIALIZED (
+    SELECT n.ord, n.body,
+        COALESCE(array_agg(w.position ORDER BY e.ord) FILTER (WHERE w.position IS NOT NULL),
+            '{}') AS positions
+    FROM UNNEST($44::uuid[], $45::text[]) WITH ORDINALITY AS n (robot_id, body, ord)
+    LEFT JOIN input e ON e.append = n.ord
+    LEFT JOIN written w ON w.event_id = e.event_id
+    WHERE n.robot_id IN (SELECT robot_id FROM robots)
+    GROUP BY n.ord, n.body
+    ORDER BY n.ord
 )
-INSERT INTO events (event_id, robot_id, version, event_type, data, metadata, recorded_at)
-SELECT e.event_id, e.robot_id, e.version, e.event_type, e.data, e.metadata, e.recorded_at
-FROM UNNEST($34::uuid[], $35::uuid[], $36::int8[], $37::text[], $38::jsonb[], $39::jsonb[],
-    $40::timestamptz[]) WITH ORDINALITY
-    AS e (event_id, robot_id, version, event_type, data, metadata, recorded_at, ord)
-ORDER BY e.ord
-RETURNING event_id, position";
+SELECT a.ord, a.positions, pg_notify('",
+    channel!(),
+    "', concat('{\"first\":', COALESCE(a.positions[1]::text, 'null'),
+    ',\"last\":', COALESCE(a.positions[cardinality(a.positions)]::text, 'null'),
+    ',', a.body))::text AS notified
+FROM applied a"
+);
 
 /// `robot_states` rows as column arrays, for `UNNEST`.
 #[derive(Debug, Default)]
@@ -1437,6 +1569,8 @@ struct EventArrays {
     data: Vec<serde_json::Value>,
     metadata: Vec<serde_json::Value>,
     recorded_at: Vec<DateTime<Utc>>,
+    /// The (1-based) index of the event's append in the statement.
+    append: Vec<i64>,
 }
 
 // ---------------------------------------------------------------------------
@@ -1444,42 +1578,80 @@ struct EventArrays {
 
 /// The payload of one commit notification: one append. `events` and
 /// `robot` are there when the whole commit fits in a notification; else
-/// the listener reads them (a reference: positions `first..=last`).
-#[derive(Debug, Serialize, Deserialize)]
+/// the listener reads them (a reference: positions `first..=last`). The
+/// writer sends the rest without the positions, which the write statement
+/// puts in front (see [`notice_body`]): a full notice's events carry
+/// position 0, and are numbered `first..=last` by [`Notice::positioned`].
+#[derive(Debug, Deserialize)]
 struct Notice {
-    robot_id: RobotId,
-    version: i64,
-    report_seq: i64,
     /// The positions of the append's events (none: a report only).
     first: Option<i64>,
     last: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    robot_id: RobotId,
+    #[serde(default)]
     events: Option<Vec<EventRecord>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     robot: Option<Robot>,
 }
 
-/// The notification of one written append: the whole commit if it fits,
-/// else a reference.
-fn notice(planned: &Planned) -> String {
-    let mut notice = Notice {
-        robot_id: planned.robot.robot_id,
-        version: planned.robot.version,
-        report_seq: planned.robot.last_report_seq,
-        first: planned.records.first().map(|r| r.position),
-        last: planned.records.last().map(|r| r.position),
-        events: Some(planned.records.clone()),
-        robot: Some(planned.robot.clone()),
-    };
-    if let Ok(full) = serde_json::to_string(&notice)
-        && full.len() <= NOTIFY_PAYLOAD_MAX
-    {
-        return full;
+impl Notice {
+    /// The whole commit, its events numbered, if the notice carries it and
+    /// its positions account for every event.
+    fn positioned(&mut self) -> Option<(Vec<EventRecord>, Robot)> {
+        let (mut events, robot) = (self.events.take()?, self.robot.take()?);
+        match (self.first, self.last) {
+            (None, None) if events.is_empty() => {}
+            (Some(first), Some(last))
+                if usize::try_from(last - first + 1).is_ok_and(|n| n == events.len()) =>
+            {
+                for (event, position) in events.iter_mut().zip(first..) {
+                    event.position = position;
+                }
+            }
+            _ => return None,
+        }
+        Some((events, robot))
     }
-    notice.events = None;
-    notice.robot = None;
-    // Ids and numbers only: serialising cannot fail.
-    serde_json::to_string(&notice).unwrap_or_default()
+}
+
+/// What the writer notifies of an append, without the opening brace and
+/// the positions (`{"first":..,"last":..,` is put in front by the write
+/// statement): `"robot_id":..,"events":[..],"robot":{..}}` when the
+/// notification will fit, else the reference `"robot_id":..}`.
+#[derive(Debug, Serialize)]
+struct NoticeBody<'a> {
+    robot_id: RobotId,
+    version: i64,
+    report_seq: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    events: Option<&'a [EventRecord]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    robot: Option<&'a Robot>,
+}
+
+/// Room for `{"first":<i64>,"last":<i64>,` in front of a notice's body.
+const POSITIONS_ROOM: usize = 64;
+
+/// The body of an append's notification: the whole commit if it fits,
+/// else a reference.
+fn notice_body(robot: &Robot, records: &[EventRecord]) -> String {
+    let mut body = NoticeBody {
+        robot_id: robot.robot_id,
+        version: robot.version,
+        report_seq: robot.last_report_seq,
+        events: Some(records),
+        robot: Some(robot),
+    };
+    let text = match serde_json::to_string(&body) {
+        Ok(full) if full.len() + POSITIONS_ROOM <= NOTIFY_PAYLOAD_MAX => full,
+        _ => {
+            body.events = None;
+            body.robot = None;
+            // Ids and numbers only: serialising cannot fail.
+            serde_json::to_string(&body).unwrap_or_default()
+        }
+    };
+    text.strip_prefix('{').unwrap_or(&text).to_string()
 }
 
 /// Follows the commit notifications and publishes the feed.
@@ -1527,7 +1699,8 @@ impl Follower {
     async fn run(mut self, first: PgListener) {
         let stop = self.stop.clone();
         let mut listener = Some(first);
-        let mut backoff = Backoff::default();
+        // Failed reconnections in a row.
+        let mut attempt = 0u32;
         loop {
             let Some(active) = listener.as_mut() else {
                 let resumed = tokio::select! {
@@ -1541,10 +1714,11 @@ impl Follower {
                             "commit listener reconnected and caught up"
                         );
                         listener = Some(l);
-                        backoff.reset();
+                        attempt = 0;
                     }
                     Err(e) => {
-                        let wait = backoff.next_wait();
+                        let wait = RECONNECT.delay(attempt, rand::random());
+                        attempt = attempt.saturating_add(1);
                         tracing::warn!(error = %e, retry_in = ?wait, "commit listener cannot reconnect");
                         tokio::select! {
                             () = self.stop.cancelled() => return,
@@ -1587,12 +1761,12 @@ impl Follower {
 
     async fn handle(&mut self, batch: Vec<PgNotification>) -> Result<(), StoreError> {
         for n in batch {
-            let notice: Notice = serde_json::from_str(n.payload()).map_err(|e| {
+            let mut notice: Notice = serde_json::from_str(n.payload()).map_err(|e| {
                 StoreError::Corrupt(format!("commit notification {:?}: {e}", n.payload()))
             })?;
-            match (notice.events, notice.robot) {
-                (Some(events), Some(robot)) => self.publish(events, Arc::new(robot)),
-                _ => {
+            match notice.positioned() {
+                Some((events, robot)) => self.publish(events, Arc::new(robot)),
+                None => {
                     self.resolve(notice.robot_id, notice.first, notice.last)
                         .await?
                 }
@@ -1746,33 +1920,6 @@ async fn freshness(conn: &mut PgConnection) -> Result<HashMap<RobotId, (i64, i64
         .into_iter()
         .map(|(id, version, seq)| (RobotId(id), (version, seq)))
         .collect())
-}
-
-/// Capped exponential backoff with jitter.
-#[derive(Debug)]
-struct Backoff {
-    next: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff {
-            next: BACKOFF_START,
-        }
-    }
-}
-
-impl Backoff {
-    fn reset(&mut self) {
-        self.next = BACKOFF_START;
-    }
-
-    /// The next wait: between half and all of the current step.
-    fn next_wait(&mut self) -> Duration {
-        let step = self.next;
-        self.next = (step * 2).min(BACKOFF_MAX);
-        step.mul_f64(rand::random_range(0.5..=1.0))
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -2469,6 +2616,84 @@ mod tests {
         store.close().await;
     }
 
+    /// Each writer remembers the heads it wrote; a robot written by another
+    /// controller since is caught by the write's guard, read again, and
+    /// answered from what the row says.
+    #[tokio::test]
+    async fn a_head_changed_by_another_controller_is_read_again() {
+        let db = TestDatabase::create().await;
+        let (one, two) = (store_on(&db).await, store_on(&db).await);
+        let id = robot_id(8);
+        one.append(append(None, id, vec![discovered(8)]))
+            .await
+            .unwrap();
+        let at_1 = one.robot(id).await.unwrap().expect("a row");
+        // `two` has never seen the robot: it reads it before checking.
+        let step = two
+            .append(append(Some(&at_1), id, vec![provisioning_started()]))
+            .await
+            .expect("appended through the second controller");
+        assert_eq!(versions(&step), [2]);
+        let at_2 = two.robot(id).await.unwrap().expect("a row");
+
+        // `one` still remembers version 1: an append made from that row
+        // is a conflict, found by the guard and confirmed by a read.
+        let stale = one
+            .append(append(Some(&at_1), id, vec![failed_from_discovered()]))
+            .await;
+        assert!(
+            matches!(
+                stale,
+                Err(StoreError::Conflict {
+                    expected: 1,
+                    actual: 2,
+                    ..
+                })
+            ),
+            "{stale:?}"
+        );
+        // And one made from the current row is written, although `one`
+        // had remembered an older head.
+        let before = one.batches_committed();
+        let next = one
+            .append(append(Some(&at_2), id, vec![provisioned()]))
+            .await
+            .expect("appended from the current row");
+        assert_eq!(versions(&next), [3]);
+        assert_eq!(one.batches_committed(), before + 1);
+
+        // A robot created by the other controller meanwhile: a first
+        // append for it is a conflict, not a second robot_discovered.
+        let other = robot_id(9);
+        two.append(append(None, other, vec![discovered(9)]))
+            .await
+            .unwrap();
+        let twice = one.append(append(None, other, vec![discovered(9)])).await;
+        assert!(
+            matches!(
+                twice,
+                Err(StoreError::Conflict {
+                    expected: 0,
+                    actual: 1,
+                    ..
+                })
+            ),
+            "{twice:?}"
+        );
+
+        let events = all_events(&one).await;
+        assert_eq!(
+            events
+                .iter()
+                .map(|e| (e.robot_id, e.version))
+                .collect::<Vec<_>>(),
+            [(id, 1), (id, 2), (id, 3), (other, 1)]
+        );
+        assert_rows_are_their_history(&one).await;
+        one.close().await;
+        two.close().await;
+    }
+
     #[tokio::test]
     async fn refused_appends_change_nothing_and_do_not_fail_their_batch() {
         let db = TestDatabase::create().await;
@@ -2493,7 +2718,7 @@ mod tests {
 
         // Values PostgreSQL itself refuses, in one batch with good appends:
         // the grouped write fails, and the batch is written append by
-        // append so that only the culprits are refused.
+        // append (a transaction each) so that only the culprits are refused.
         let first = append(None, id, vec![discovered(3)]);
         let reused_id = first.events[0].event_id;
         let mut nul = append(None, robot_id(5), vec![discovered(5)]);
@@ -2508,7 +2733,11 @@ mod tests {
             store.append(reused),
             store.append(good)
         );
-        assert_eq!(store.batches_committed(), before + 1, "one transaction");
+        assert_eq!(
+            store.batches_committed(),
+            before + 2,
+            "one transaction per good append"
+        );
         let first = first.expect("the first append");
         let good = good.expect("the good append");
         assert!(matches!(nul, Err(StoreError::Invalid(_))), "{nul:?}");
@@ -2555,15 +2784,17 @@ mod tests {
         );
         assert!(matches!(store.robots().await, Err(StoreError::Corrupt(_))));
         let current = store.robot(b).await.unwrap().expect("a row");
-        let mut stale = current.clone();
-        stale.robot_id = a;
-        let refused = store
-            .append(append(Some(&stale), a, vec![provisioning_started()]))
-            .await;
-        assert!(
-            matches!(refused, Err(StoreError::Corrupt(_))),
-            "{refused:?}"
-        );
+        // Appends are checked against the row's version and state only, and
+        // write the whole row: the next append to the robot repairs it.
+        let mut before = current.clone();
+        before.robot_id = a;
+        let repair = append(Some(&before), a, vec![provisioning_started()]);
+        let repaired = repair.robot.clone();
+        store
+            .append(repair)
+            .await
+            .expect("the append is checked by version and state");
+        assert_eq!(store.robot(a).await.unwrap(), Some(repaired));
         store
             .append(append(Some(&current), b, vec![provisioning_started()]))
             .await
@@ -3223,6 +3454,12 @@ mod tests {
         assert_eq!(log_lock!().parse::<i64>(), Ok(0x6b69_7769_6c6f_6701));
     }
 
+    /// The payload as the write statement assembles it.
+    fn payload(first: Option<i64>, last: Option<i64>, body: &str) -> String {
+        let n = |p: Option<i64>| p.map_or("null".to_string(), |p| p.to_string());
+        format!("{{\"first\":{},\"last\":{},{body}", n(first), n(last))
+    }
+
     #[test]
     fn a_commit_notice_round_trips() {
         let id = robot_id(1);
@@ -3230,18 +3467,32 @@ mod tests {
         a.robot.config = json!({"gain": 0.1, "big": 18446744073709551615u64});
         let a = with_report(a, report(id, 3, json!({"t": [1.5, -2]})));
         let mut planned = plan(None, &a).expect("a valid append");
+        let body = planned.json.notice.clone();
+        assert!(body.starts_with("\"robot_id\":"), "{body}");
+
+        let mut parsed: Notice =
+            serde_json::from_str(&payload(Some(10), Some(11), &body)).expect("a notice");
+        let (events, robot) = parsed.positioned().expect("the whole commit");
         for (i, r) in planned.records.iter_mut().enumerate() {
             r.position = 10 + i as i64;
         }
-        let payload = notice(&planned);
-        let parsed: Notice = serde_json::from_str(&payload).expect("a notice");
-        assert_eq!(parsed.events.as_deref(), Some(&planned.records[..]));
-        assert_eq!(parsed.robot.as_ref(), Some(&planned.robot));
-        assert_eq!((parsed.first, parsed.last), (Some(10), Some(11)));
+        assert_eq!(events, planned.records);
+        assert_eq!(robot, planned.robot);
+
+        // Positions that do not account for every event: read instead.
+        for (first, last) in [(Some(10), Some(12)), (Some(10), None), (None, None)] {
+            let mut parsed: Notice =
+                serde_json::from_str(&payload(first, last, &body)).expect("a notice");
+            assert!(parsed.positioned().is_none(), "{first:?}..{last:?}");
+        }
 
         planned.robot.metadata = json!({"blob": "y".repeat(NOTIFY_PAYLOAD_MAX)});
-        let reference: Notice = serde_json::from_str(&notice(&planned)).expect("a notice");
+        let body = notice_body(&planned.robot, &planned.records);
+        let full = payload(Some(i64::MIN), Some(i64::MIN), &body);
+        assert!(full.len() <= NOTIFY_PAYLOAD_MAX, "{}", full.len());
+        let mut reference: Notice = serde_json::from_str(&full).expect("a notice");
         assert!(reference.events.is_none() && reference.robot.is_none());
-        assert_eq!((reference.robot_id, reference.version), (id, 2));
+        assert_eq!(reference.robot_id, id);
+        assert!(reference.positioned().is_none());
     }
 }

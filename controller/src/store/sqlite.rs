@@ -706,7 +706,7 @@ async fn write_append(
     }
     check_shape(&append)?;
     let mut records = records_of(&append);
-    check_against_log(&append.robot, stored, &records)?;
+    check_against_log(&append.robot, stored.as_ref().map(Robot::head), &records)?;
     let robot = append.robot;
     upsert_robot(conn, &robot).await?;
     for record in &mut records {

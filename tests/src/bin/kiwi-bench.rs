@@ -1638,8 +1638,9 @@ async fn durable_append(
         target: "p50 ratio ≤ 1.5; p99 ≤ 10 ms".into(),
         met: Some(p50_ratio <= 1.5 && kiwi.p99 <= Duration::from_millis(10)),
         note: format!(
-            "`EventStore::append` on `PostgresStore` (the writer task: `BEGIN`, log lock and \
-             rows read, one write statement, `pg_notify` and `COMMIT`), one robot, one append \
+            "`EventStore::append` on `PostgresStore` (the writer task: one statement on its own, \
+             so one transaction and one round trip, taking the log lock, writing the row \
+             under its version guard, the event, and its `pg_notify`), one robot, one append \
              at a time, each awaited: a maintenance start or end (one event and the robot's \
              row), built as `Fleet::apply` builds it. The baseline inserts the same JSON \
              (event data, metadata and the row, ≈ {json_bytes} bytes) as one row of a table \
