@@ -282,6 +282,7 @@ async fn stale_fencing_tokens_are_refused() {
         duration_ms: n,
         robots_found: n,
         new_robots: 0,
+        results: Vec::new(),
     };
     let fence = |token| Fence {
         resource: "sweep:10.88.0.0/24".into(),

@@ -242,6 +242,7 @@ async fn only_the_lease_holder_records_a_discovery_round() {
         duration_ms: 0,
         robots_found: 0,
         new_robots: 0,
+        results: Vec::new(),
     };
     c.store
         .record_discovery(&session, Some(&thief.fence()))

@@ -77,15 +77,17 @@ async fn wait_readyz_status(api: &Api, status: &str, timeout: Duration) -> Value
 /// What one `POST /api/v2/discover` came to.
 #[derive(Debug)]
 enum DiscoverOutcome {
-    /// 200: the recorded session.
+    /// 202, then the session recorded under the id it gave.
     Session(Value),
     /// 409 `discovery-in-progress`.
     InProgress,
 }
 
-/// `POST /api/v2/discover`, its answer checked for shape: a 200 carries a
-/// session, a 409 is a well-formed `discovery-in-progress` problem with a
-/// `Retry-After`. Anything else fails.
+/// `POST /api/v2/discover`, its answer checked for shape: a 202 carries the
+/// session id (and `Location`), which `GET /api/v2/discoveries/{id}`
+/// follows until the round is recorded; a 409 is a well-formed
+/// `discovery-in-progress` problem with a `Retry-After`. Anything else
+/// fails.
 async fn discover(api: &Api, expected_robots: i64) -> anyhow::Result<DiscoverOutcome> {
     let resp = api
         .http()
@@ -94,16 +96,15 @@ async fn discover(api: &Api, expected_robots: i64) -> anyhow::Result<DiscoverOut
         .await
         .context("POST /api/v2/discover")?;
     let status = resp.status();
-    let retry_after = resp
-        .headers()
-        .get(header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let content_type = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let header_of = |name| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let retry_after = header_of(header::RETRY_AFTER);
+    let location = header_of(header::LOCATION);
+    let content_type = header_of(header::CONTENT_TYPE);
     let body = resp.text().await.context("body of POST /api/v2/discover")?;
     let raw = RawResponse {
         status,
@@ -111,39 +112,69 @@ async fn discover(api: &Api, expected_robots: i64) -> anyhow::Result<DiscoverOut
         body,
     };
     match status {
-        StatusCode::OK => {
+        StatusCode::ACCEPTED => {
             let body: Value = serde_json::from_str(&raw.body)
-                .with_context(|| format!("POST /api/v2/discover: 200 with body {}", raw.body))?;
-            let session = &body["session"];
+                .with_context(|| format!("POST /api/v2/discover: 202 with body {}", raw.body))?;
+            let id = body["session_id"]
+                .as_str()
+                .and_then(|s| Uuid::parse_str(s).ok())
+                .with_context(|| format!("a 202 carries a session_id: {body}"))?;
+            let path = format!("/api/v2/discoveries/{id}");
             ensure!(
-                session["session_id"]
-                    .as_str()
-                    .is_some_and(|s| Uuid::parse_str(s).is_ok()),
-                "a session has a session_id: {body}"
+                location.as_deref() == Some(path.as_str()),
+                "Location of the 202 is {path}: {location:?}"
+            );
+            let session = wait_until(secs(30), || {
+                let path = path.clone();
+                async move {
+                    let followed: Value = api
+                        .http()
+                        .get(api.url(&path))
+                        .send()
+                        .await?
+                        .error_for_status()?
+                        .json()
+                        .await?;
+                    ensure!(followed["status"] == "done", "GET {path}: {followed}");
+                    Ok(followed["session"].clone())
+                }
+            })
+            .await;
+            ensure!(
+                session["session_id"].as_str() == Some(id.to_string().as_str()),
+                "the recorded session has the id of the 202: {session}"
             );
             ensure!(
                 session["methods"] == serde_json::json!(["agent"]),
-                "this build discovers through connected agents only: {body}"
+                "with LAN discovery off, rounds ask the connected agents only: {session}"
             );
             let started = kiwi_tests::api::timestamp_ms(&session["started_at"]);
             let finished = kiwi_tests::api::timestamp_ms(&session["finished_at"]);
             ensure!(
                 started.is_some() && finished.is_some() && started <= finished,
-                "started_at <= finished_at: {body}"
+                "started_at <= finished_at: {session}"
             );
             ensure!(
                 session["duration_ms"].as_i64().is_some_and(|d| d >= 0),
-                "duration_ms: {body}"
+                "duration_ms: {session}"
             );
             ensure!(
                 session["robots_found"].as_i64() == Some(expected_robots),
-                "a round finds the {expected_robots} agents connected to this controller: {body}"
+                "a round finds the {expected_robots} agents connected to this controller: {session}"
             );
             ensure!(
                 session["new_robots"].as_i64() == Some(0),
-                "every robot was known before the round: {body}"
+                "every robot was known before the round: {session}"
             );
-            Ok(DiscoverOutcome::Session(session.clone()))
+            let results = session["results"].as_array().context("results")?;
+            ensure!(
+                results.len() as i64 == expected_robots
+                    && results.iter().all(|r| r["method"] == "agent"
+                        && r["outcome"] == "identified"
+                        && r["robot_id"].is_string()),
+                "one identified result per connected agent: {session}"
+            );
+            Ok(DiscoverOutcome::Session(session))
         }
         StatusCode::CONFLICT => {
             let problem = raw.problem();
@@ -403,7 +434,7 @@ async fn check_discovery_lease(
         sessions.len()
     );
 
-    // Every 200 recorded its session, and nothing else was recorded.
+    // Every 202 recorded its session, and nothing else was recorded.
     let answered: BTreeSet<Uuid> = sessions
         .iter()
         .map(|s| Uuid::parse_str(s["session_id"].as_str().expect("checked")).expect("checked"))

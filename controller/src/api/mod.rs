@@ -57,6 +57,7 @@ pub fn router(state: AppState) -> Router {
         .route("/robots/{id}/recover", post(robots::recover))
         .route("/robots/{id}/fail", post(robots::fail))
         .route("/discover", post(robots::discover))
+        .route("/discoveries/{id}", get(robots::discovery))
         .route("/metrics", get(robots::system_metrics))
         .route("/watch", get(watch::watch));
     Router::new()

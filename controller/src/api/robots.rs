@@ -18,6 +18,7 @@ use kiwi_protocol::message::HealthStatus;
 use serde::Deserialize;
 use serde_json::json;
 use std::collections::BTreeMap;
+use uuid::Uuid;
 
 /// Default and largest page of a robot list.
 const DEFAULT_LIMIT: usize = 1000;
@@ -455,24 +456,60 @@ action_handler!(maintenance_end, "maintenance/end");
 action_handler!(recover, "recover");
 action_handler!(fail, "fail");
 
+/// `POST /api/v2/discover`: starts a round and answers 202 with its
+/// session id at once; `GET /api/v2/discoveries/{id}` follows it.
 pub async fn discover(State(s): State<AppState>) -> Result<Response, Problem> {
-    use crate::discovery::{DiscoveryError, Round};
-    match s.discovery.round().await {
-        Ok(Round::Done(session)) => Ok(axum::Json(json!({ "session": session })).into_response()),
-        Ok(Round::HeldElsewhere) => Err(Problem::new(
+    use crate::discovery::Started;
+    match s.discovery.start().await {
+        Started::Running(id) => {
+            let location = format!("/api/v2/discoveries/{id}");
+            Ok((
+                StatusCode::ACCEPTED,
+                [(axum::http::header::LOCATION, location.clone())],
+                axum::Json(json!({
+                    "session_id": id,
+                    "status": "running",
+                    "location": location,
+                })),
+            )
+                .into_response())
+        }
+        Started::HeldElsewhere => Err(Problem::new(
             StatusCode::CONFLICT,
             "discovery-in-progress",
             "Discovery in progress",
             "another controller is running a discovery round; retry shortly",
         )
         .with_retry_after(2)),
-        Err(DiscoveryError::Store(e)) => Err(e.into()),
-        Err(e @ DiscoveryError::LeaseLost) => Err(Problem::new(
-            StatusCode::CONFLICT,
-            "lease-lost",
-            "Lease lost",
-            e.to_string(),
-        )),
+    }
+}
+
+/// `GET /api/v2/discoveries/{id}`: a round's status, and once recorded its
+/// session with the results per address.
+pub async fn discovery(
+    State(s): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Response, Problem> {
+    use crate::discovery::RoundStatus;
+    let id = Uuid::parse_str(&id)
+        .map_err(|e| Problem::bad_request(format!("invalid discovery session id {id:?}: {e}")))?;
+    if let Some(status) = s.discovery.status(id) {
+        let body = match status {
+            RoundStatus::Running => json!({ "session_id": id, "status": "running" }),
+            RoundStatus::Failed(error) => {
+                json!({ "session_id": id, "status": "failed", "error": error })
+            }
+        };
+        return Ok(axum::Json(body).into_response());
+    }
+    match s.fleet.store().discovery(id).await? {
+        Some(session) => Ok(axum::Json(json!({
+            "session_id": id,
+            "status": "done",
+            "session": session,
+        }))
+        .into_response()),
+        None => Err(Problem::not_found(format!("no discovery session {id}"))),
     }
 }
 

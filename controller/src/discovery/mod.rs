@@ -6,10 +6,12 @@
 //! connected to the agent endpoint (robots announce themselves by
 //! connecting). LAN sources (neighbour table, sweep, SSH) plug in here.
 
-use crate::fleet::{Fleet, truncate_micros};
+use crate::domain::Input;
+use crate::domain::event::IdentityFacts;
+use crate::fleet::{Context, Fleet, truncate_micros};
 use crate::metrics::Metrics;
-use crate::redis::Leases;
-use crate::store::{DiscoverySession, Fence, StoreError};
+use crate::redis::{Lease, Leases};
+use crate::store::{DiscoveryResult, DiscoverySession, Fence, StoreError};
 use chrono::Utc;
 use kiwi_protocol::RobotId;
 use std::collections::BTreeSet;
@@ -18,11 +20,62 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// A robot a source can see.
+/// What a source saw at one address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sighting {
-    pub robot_id: RobotId,
-    pub ip_address: Option<String>,
+    pub ip_address: String,
+    /// The robot there, when the source knows it.
+    pub robot_id: Option<RobotId>,
+    /// How it was seen (the `method` of discovery results).
+    pub method: &'static str,
+    pub mac_address: Option<String>,
+    pub robot_type: Option<String>,
+    /// A host identified without an agent (over SSH): its identity, which
+    /// the round records as the robot's (discovered, or changed).
+    pub facts: Option<IdentityFacts>,
+    pub outcome: Outcome,
+    /// Why, for an operator.
+    pub detail: Option<String>,
+}
+
+impl Sighting {
+    /// A robot whose identity the source knows.
+    pub fn robot(ip_address: String, robot_id: RobotId, method: &'static str) -> Self {
+        Sighting {
+            ip_address,
+            robot_id: Some(robot_id),
+            method,
+            mac_address: None,
+            robot_type: None,
+            facts: None,
+            outcome: Outcome::Identified,
+            detail: None,
+        }
+    }
+}
+
+/// What became of an address in a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A robot, identified.
+    Identified,
+    /// A live host that is not (yet) identified as a robot.
+    Live,
+    /// The host's SSH key is not the one recorded: flagged, not trusted.
+    HostKeyChanged,
+    /// The host answered but could not be identified (the detail says why).
+    Failed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Identified => "identified",
+            Outcome::Live => "live",
+            Outcome::HostKeyChanged => "host_key_changed",
+            Outcome::Failed => "failed",
+        }
+    }
 }
 
 /// A way of finding robots.
@@ -51,10 +104,7 @@ impl DiscoverySource for ConnectedAgents {
             .sessions()
             .snapshot()
             .into_iter()
-            .map(|s| Sighting {
-                robot_id: s.robot_id,
-                ip_address: Some(s.peer.ip().to_string()),
-            })
+            .map(|s| Sighting::robot(s.peer.ip().to_string(), s.robot_id, "agent"))
             .collect())
     }
 }
@@ -85,6 +135,28 @@ pub enum DiscoveryError {
     LeaseLost,
 }
 
+/// Where an on-demand round is (`GET /api/v2/discoveries/{id}`) before it
+/// is recorded, or when it could not be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoundStatus {
+    Running,
+    /// Not recorded: why.
+    Failed(String),
+}
+
+/// What [`Discovery::start`] came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Started {
+    /// The round runs (or was already running) under this session id.
+    Running(Uuid),
+    /// Another controller holds the discovery lease.
+    HeldElsewhere,
+}
+
+/// Rounds not recorded that `GET /api/v2/discoveries/{id}` can still
+/// report (the newest failures; running rounds are always kept).
+const FAILED_ROUNDS_KEPT: usize = 64;
+
 #[derive(Debug, Clone)]
 pub struct Discovery {
     fleet: Fleet,
@@ -94,6 +166,16 @@ pub struct Discovery {
     running: Arc<tokio::sync::Mutex<()>>,
     /// With Redis: the leases and this controller's holder name.
     leases: Option<(Leases, String)>,
+    /// On-demand rounds running or failed, by session id, oldest first.
+    rounds: Arc<std::sync::Mutex<Vec<(Uuid, RoundStatus)>>>,
+}
+
+/// A round that holds the process's turn and, with leases, the discovery
+/// lease: ready to run.
+struct Pending {
+    _turn: tokio::sync::OwnedMutexGuard<()>,
+    lease: Option<(Leases, Lease)>,
+    session_id: Uuid,
 }
 
 impl Discovery {
@@ -108,6 +190,7 @@ impl Discovery {
             sources: Arc::new(sources),
             running: Arc::default(),
             leases: None,
+            rounds: Arc::default(),
         }
     }
 
@@ -121,26 +204,122 @@ impl Discovery {
     /// discovery lease when there are leases (and fencing the record with
     /// its token, so a controller that lost the lease cannot record).
     pub async fn round(&self) -> Result<Round, DiscoveryError> {
-        let _one_at_a_time = self.running.lock().await;
+        let turn = self.running.clone().lock_owned().await;
+        match self.prepare(turn).await {
+            Some(pending) => self.run_pending(pending).await.map(Round::Done),
+            None => Ok(Round::HeldElsewhere),
+        }
+    }
+
+    /// Starts a round in the background (`POST /api/v2/discover`) and
+    /// answers at once with its session id; a round already running in this
+    /// process is answered with its own id.
+    pub async fn start(&self) -> Started {
+        let turn = match self.running.clone().try_lock_owned() {
+            Ok(turn) => turn,
+            Err(_) => {
+                if let Some(id) = self.running_round() {
+                    return Started::Running(id);
+                }
+                // A periodic round holds the turn: wait for it.
+                self.running.clone().lock_owned().await
+            }
+        };
+        let Some(pending) = self.prepare(turn).await else {
+            return Started::HeldElsewhere;
+        };
+        let id = pending.session_id;
+        self.set_status(id, Some(RoundStatus::Running));
+        let this = self.clone();
+        tokio::spawn(async move {
+            let status = match this.run_pending(pending).await {
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::warn!(session_id = %id, error = %e, "discovery round not recorded");
+                    Some(RoundStatus::Failed(e.to_string()))
+                }
+            };
+            this.set_status(id, status);
+        });
+        Started::Running(id)
+    }
+
+    /// Where an on-demand round is, if it is running or failed (a recorded
+    /// one is read from the store).
+    pub fn status(&self, id: Uuid) -> Option<RoundStatus> {
+        self.rounds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(r, _)| *r == id)
+            .map(|(_, s)| s.clone())
+    }
+
+    fn running_round(&self) -> Option<Uuid> {
+        self.rounds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(_, s)| *s == RoundStatus::Running)
+            .map(|(id, _)| *id)
+    }
+
+    fn set_status(&self, id: Uuid, status: Option<RoundStatus>) {
+        let mut rounds = self.rounds.lock().unwrap_or_else(|p| p.into_inner());
+        rounds.retain(|(r, _)| *r != id);
+        if let Some(status) = status {
+            rounds.push((id, status));
+        }
+        while rounds
+            .iter()
+            .filter(|(_, s)| *s != RoundStatus::Running)
+            .count()
+            > FAILED_ROUNDS_KEPT
+        {
+            if let Some(oldest) = rounds.iter().position(|(_, s)| *s != RoundStatus::Running) {
+                rounds.remove(oldest);
+            }
+        }
+    }
+
+    /// Takes the discovery lease, when there are leases: `None` when
+    /// another controller holds it.
+    async fn prepare(&self, turn: tokio::sync::OwnedMutexGuard<()>) -> Option<Pending> {
+        let session_id = Uuid::new_v4();
         let Some((leases, holder)) = &self.leases else {
-            return Ok(Round::Done(self.run_sources(None).await?));
+            return Some(Pending {
+                _turn: turn,
+                lease: None,
+                session_id,
+            });
         };
         let lease = match leases.acquire(DISCOVERY_LEASE, holder, LEASE_TTL).await {
-            Ok(Some(lease)) => lease,
-            Ok(None) => return Ok(Round::HeldElsewhere),
+            Ok(Some(lease)) => Some((leases.clone(), lease)),
+            Ok(None) => return None,
             Err(e) => {
                 // Redis is down: rounds from several controllers may then
                 // overlap, which costs work, not correctness.
                 tracing::warn!(error = %e, "no discovery lease (Redis unavailable); running unfenced");
-                return Ok(Round::Done(self.run_sources(None).await?));
+                None
             }
+        };
+        Some(Pending {
+            _turn: turn,
+            lease,
+            session_id,
+        })
+    }
+
+    async fn run_pending(&self, pending: Pending) -> Result<DiscoverySession, DiscoveryError> {
+        let Some((leases, lease)) = pending.lease else {
+            return Ok(self.run_sources(pending.session_id, None).await?);
         };
         let stop = CancellationToken::new();
         let lost = leases.hold(&lease, &stop);
         let fence = lease.fence();
         let outcome = tokio::select! {
             () = lost.cancelled(), if !stop.is_cancelled() => Err(DiscoveryError::LeaseLost),
-            r = self.run_sources(Some(&fence)) => r.map(Round::Done).map_err(DiscoveryError::from),
+            r = self.run_sources(pending.session_id, Some(&fence)) => r.map_err(DiscoveryError::from),
         };
         stop.cancel();
         if let Err(e) = leases.release(lease).await {
@@ -149,18 +328,50 @@ impl Discovery {
         outcome
     }
 
-    async fn run_sources(&self, fence: Option<&Fence>) -> Result<DiscoverySession, StoreError> {
+    async fn run_sources(
+        &self,
+        session_id: Uuid,
+        fence: Option<&Fence>,
+    ) -> Result<DiscoverySession, StoreError> {
         let started_at = truncate_micros(Utc::now());
         let clock = Instant::now();
         let mut found = BTreeSet::new();
         let mut methods = Vec::new();
+        let mut results = Vec::new();
+        let ctx = Context::new("discovery");
         for source in self.sources.iter() {
             methods.push(source.method().to_string());
-            match source.discover().await {
-                Ok(sightings) => found.extend(sightings.into_iter().map(|s| s.robot_id)),
+            let sightings = match source.discover().await {
+                Ok(sightings) => sightings,
                 Err(e) => {
-                    tracing::warn!(method = source.method(), error = %e, "discovery source failed")
+                    tracing::warn!(method = source.method(), error = %e, "discovery source failed");
+                    continue;
                 }
+            };
+            for s in sightings {
+                if let (Some(id), Some(facts)) = (s.robot_id, s.facts.clone()) {
+                    let input = Input::HostSighted {
+                        facts,
+                        method: s.method.to_string(),
+                    };
+                    if let Err(e) = self.fleet.apply(id, input, &ctx).await {
+                        tracing::warn!(robot_id = %id, ip = %s.ip_address, error = %e, "a sighted robot was not recorded");
+                    }
+                }
+                if s.outcome == Outcome::HostKeyChanged {
+                    tracing::warn!(ip = %s.ip_address, detail = ?s.detail, "SSH host key changed: host flagged, not trusted");
+                }
+                found.extend(s.robot_id);
+                results.push(DiscoveryResult {
+                    ip_address: s.ip_address,
+                    robot_id: s.robot_id,
+                    method: s.method.to_string(),
+                    found_at: truncate_micros(Utc::now()),
+                    mac_address: s.mac_address,
+                    robot_type: s.robot_type,
+                    outcome: s.outcome.as_str().to_string(),
+                    detail: s.detail,
+                });
             }
         }
         let new_robots = found
@@ -177,13 +388,14 @@ impl Discovery {
             .robot_discovery_duration_seconds
             .observe(elapsed.as_secs_f64());
         let session = DiscoverySession {
-            session_id: Uuid::new_v4(),
+            session_id,
             methods,
             started_at,
             finished_at: truncate_micros(Utc::now()),
             duration_ms: i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX),
             robots_found: found.len() as i64,
             new_robots: new_robots as i64,
+            results,
         };
         self.fleet.store().record_discovery(&session, fence).await?;
         Ok(session)

@@ -79,6 +79,12 @@ pub enum Input {
     AgentConnected {
         facts: IdentityFacts,
     },
+    /// Discovery identified a host without an agent (e.g. over SSH) with
+    /// these identity facts, found by `method`.
+    HostSighted {
+        facts: IdentityFacts,
+        method: String,
+    },
     /// The agent's connection ended or went silent.
     AgentLost {
         reason: String,
@@ -192,6 +198,32 @@ pub fn decide(robot: Option<&Robot>, input: Input, policy: Policy) -> Result<Dec
                     d.events.push(RobotEvent::RobotHealthChanged {
                         health: Health::healthy(),
                     });
+                }
+            }
+        },
+        Input::HostSighted { facts, method } => match robot {
+            None => d.events.push(RobotEvent::RobotDiscovered {
+                identity: facts,
+                method,
+            }),
+            Some(r) => {
+                // What a sighting cannot know (the agent's and firmware's
+                // versions) stays as recorded.
+                let recorded = r.identity_facts();
+                let merged = IdentityFacts {
+                    model: facts.model.or(recorded.model.clone()),
+                    firmware_version: facts.firmware_version.or(recorded.firmware_version.clone()),
+                    agent_version: facts.agent_version.or(recorded.agent_version.clone()),
+                    mac_addresses: if facts.mac_addresses.is_empty() {
+                        recorded.mac_addresses.clone()
+                    } else {
+                        facts.mac_addresses
+                    },
+                    ..facts
+                };
+                if merged != recorded {
+                    d.events
+                        .push(RobotEvent::RobotIdentityChanged { identity: merged });
                 }
             }
         },
@@ -458,6 +490,58 @@ mod tests {
         assert!(d.events.is_empty());
     }
 
+    /// A legacy robot found over SSH: discovered once, its address followed
+    /// when it moves, what SSH cannot see kept, and its later agent is the
+    /// same robot.
+    #[test]
+    fn a_sighted_host_is_one_robot_wherever_it_moves() {
+        let mut clock = 0;
+        let sighted = |ip: &str| {
+            let mut f = facts("legacy");
+            f.ip_address = Some(ip.into());
+            f.agent_version = None;
+            Input::HostSighted {
+                facts: f,
+                method: "ssh".into(),
+            }
+        };
+        let d = decide(None, sighted("10.88.0.5"), AUTO).unwrap();
+        assert!(
+            matches!(&d.events[..], [RobotEvent::RobotDiscovered { method, .. }] if method == "ssh")
+        );
+        assert!(d.commands.is_empty(), "no agent to provision");
+        let r = apply_all(None, &d, &mut clock).unwrap();
+        assert_eq!(
+            (r.state, r.ip_address.as_deref()),
+            (Discovered, Some("10.88.0.5"))
+        );
+
+        assert_eq!(
+            decide(Some(&r), sighted("10.88.0.5"), AUTO).unwrap(),
+            Decision::default()
+        );
+        let d = decide(Some(&r), sighted("10.88.0.9"), AUTO).unwrap();
+        assert!(matches!(
+            &d.events[..],
+            [RobotEvent::RobotIdentityChanged { .. }]
+        ));
+        let r = apply_all(Some(r), &d, &mut clock).unwrap();
+        assert_eq!(r.ip_address.as_deref(), Some("10.88.0.9"));
+
+        // It starts the agent: same robot, provisioned, its agent version
+        // recorded; a later SSH sighting does not forget that version.
+        let mut with_agent = facts("legacy");
+        with_agent.ip_address = Some("10.88.0.9".into());
+        let d = decide(Some(&r), Input::AgentConnected { facts: with_agent }, AUTO).unwrap();
+        let r = apply_all(Some(r), &d, &mut clock).unwrap();
+        assert_eq!(r.state, Provisioning);
+        assert_eq!(r.agent_version.as_deref(), Some("0.1.0"));
+        assert_eq!(
+            decide(Some(&r), sighted("10.88.0.9"), AUTO).unwrap(),
+            Decision::default()
+        );
+    }
+
     #[test]
     fn failed_provisioning_fails_the_robot() {
         let r = robot_in(Provisioning);
@@ -488,6 +572,14 @@ mod tests {
             Just(Input::Operator(Action::Fail { reason: "x".into() })),
             prop_oneof![Just("a"), Just("b")]
                 .prop_map(|h| Input::AgentConnected { facts: facts(h) }),
+            prop_oneof![Just("10.0.0.1"), Just("10.0.0.2")].prop_map(|ip| {
+                let mut f = facts("legacy");
+                f.ip_address = Some(ip.into());
+                Input::HostSighted {
+                    facts: f,
+                    method: "ssh".into(),
+                }
+            }),
             Just(Input::AgentLost {
                 reason: "gone".into()
             }),

@@ -74,6 +74,28 @@ pub struct DiscoverySession {
     pub duration_ms: i64,
     pub robots_found: i64,
     pub new_robots: i64,
+    /// What was found at each address, in the order found.
+    #[serde(default)]
+    pub results: Vec<DiscoveryResult>,
+}
+
+/// What a discovery round found at one address by one method
+/// (`discovery_results`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiscoveryResult {
+    pub ip_address: String,
+    /// The robot, when the address was identified.
+    pub robot_id: Option<RobotId>,
+    /// How: `agent`, `mdns`, `beacon`, `neighbour`, `arp`, `tcp`, `ssh`.
+    pub method: String,
+    pub found_at: DateTime<Utc>,
+    pub mac_address: Option<String>,
+    pub robot_type: Option<String>,
+    /// What became of the address: `identified`, `live` (a host, no robot
+    /// identity), `host_key_changed` (flagged, not trusted), `failed`.
+    pub outcome: String,
+    /// Why, for an operator (e.g. the SSH error).
+    pub detail: Option<String>,
 }
 
 /// A robot's row as of one version, standing in for the events before it
@@ -188,6 +210,9 @@ pub trait EventStore: Send + Sync + std::fmt::Debug + 'static {
         session: &DiscoverySession,
         fence: Option<&Fence>,
     ) -> Result<(), StoreError>;
+
+    /// A recorded discovery round with its results.
+    async fn discovery(&self, id: Uuid) -> Result<Option<DiscoverySession>, StoreError>;
 
     /// One robot's history up to `at` (`None`: everything).
     async fn history(&self, id: RobotId, at: Option<DateTime<Utc>>) -> Result<History, StoreError>;

@@ -82,8 +82,8 @@
 
 use super::checks::{check_against_log, check_shape, records_of};
 use super::{
-    Append, Committed, DiscoverySession, EventStore, Fence, History, PruneOutcome, Snapshot,
-    StoreError, StoredReport,
+    Append, Committed, DiscoveryResult, DiscoverySession, EventStore, Fence, History, PruneOutcome,
+    Snapshot, StoreError, StoredReport,
 };
 use crate::domain::robot::LastReport;
 use crate::domain::{EventMetadata, EventRecord, Head, Health, LifecycleState, Robot, RobotEvent};
@@ -532,7 +532,93 @@ impl EventStore for PostgresStore {
         .execute(&mut *tx)
         .await
         .map_err(write_error)?;
+        sqlx::query("DELETE FROM discovery_results WHERE session_id = $1")
+            .bind(session.session_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(write_error)?;
+        if !session.results.is_empty() {
+            let r = &session.results;
+            sqlx::query(
+                "INSERT INTO discovery_results (session_id, ip_address, robot_id, method, \
+                 found_at, mac_address, robot_type, outcome, detail) \
+                 SELECT $1, r.ip_address, r.robot_id, r.method, r.found_at, r.mac_address, \
+                 r.robot_type, r.outcome, r.detail FROM UNNEST($2::text[], $3::uuid[], $4::text[], \
+                 $5::timestamptz[], $6::text[], $7::text[], $8::text[], $9::text[]) \
+                 WITH ORDINALITY AS r (ip_address, robot_id, method, found_at, mac_address, \
+                 robot_type, outcome, detail, ord) ORDER BY r.ord",
+            )
+            .bind(session.session_id)
+            .bind(r.iter().map(|x| x.ip_address.clone()).collect::<Vec<_>>())
+            .bind(
+                r.iter()
+                    .map(|x| x.robot_id.map(|id| id.0))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(r.iter().map(|x| x.method.clone()).collect::<Vec<_>>())
+            .bind(r.iter().map(|x| x.found_at).collect::<Vec<_>>())
+            .bind(r.iter().map(|x| x.mac_address.clone()).collect::<Vec<_>>())
+            .bind(r.iter().map(|x| x.robot_type.clone()).collect::<Vec<_>>())
+            .bind(r.iter().map(|x| x.outcome.clone()).collect::<Vec<_>>())
+            .bind(r.iter().map(|x| x.detail.clone()).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await
+            .map_err(write_error)?;
+        }
         tx.commit().await.map_err(write_error)
+    }
+
+    async fn discovery(&self, id: Uuid) -> Result<Option<DiscoverySession>, StoreError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .await
+            .map_err(read_error)?;
+        let row = sqlx::query(
+            "SELECT session_id, methods, started_at, finished_at, duration_ms, robots_found, \
+             new_robots FROM discovery_sessions WHERE session_id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(read_error)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let corrupt = |e: String| StoreError::Corrupt(format!("discovery session {id}: {e}"));
+        let mut session = DiscoverySession {
+            session_id: col(&row, "session_id").map_err(corrupt)?,
+            methods: json_col(&row, "methods").map_err(corrupt)?,
+            started_at: col(&row, "started_at").map_err(corrupt)?,
+            finished_at: col(&row, "finished_at").map_err(corrupt)?,
+            duration_ms: col(&row, "duration_ms").map_err(corrupt)?,
+            robots_found: col(&row, "robots_found").map_err(corrupt)?,
+            new_robots: col(&row, "new_robots").map_err(corrupt)?,
+            results: Vec::new(),
+        };
+        let rows = sqlx::query(
+            "SELECT ip_address, robot_id, method, found_at, mac_address, robot_type, outcome, \
+             detail FROM discovery_results WHERE session_id = $1 ORDER BY result_id",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(read_error)?;
+        tx.commit().await.map_err(read_error)?;
+        for row in &rows {
+            let robot_id: Option<Uuid> = col(row, "robot_id").map_err(corrupt)?;
+            session.results.push(DiscoveryResult {
+                ip_address: col(row, "ip_address").map_err(corrupt)?,
+                robot_id: robot_id.map(RobotId),
+                method: col(row, "method").map_err(corrupt)?,
+                found_at: col(row, "found_at").map_err(corrupt)?,
+                mac_address: col(row, "mac_address").map_err(corrupt)?,
+                robot_type: col(row, "robot_type").map_err(corrupt)?,
+                outcome: col(row, "outcome").map_err(corrupt)?,
+                detail: col(row, "detail").map_err(corrupt)?,
+            });
+        }
+        Ok(Some(session))
     }
 
     async fn history(&self, id: RobotId, at: Option<DateTime<Utc>>) -> Result<History, StoreError> {
@@ -3103,6 +3189,28 @@ mod tests {
             duration_ms: 1250,
             robots_found: 3,
             new_robots: 1,
+            results: vec![
+                DiscoveryResult {
+                    ip_address: "10.88.0.2".into(),
+                    robot_id: Some(robot_id(2)),
+                    method: "ssh".into(),
+                    found_at: started_at,
+                    mac_address: Some("02:88:00:00:00:02".into()),
+                    robot_type: Some("xlerobot".into()),
+                    outcome: "identified".into(),
+                    detail: None,
+                },
+                DiscoveryResult {
+                    ip_address: "10.88.0.3".into(),
+                    robot_id: None,
+                    method: "ssh".into(),
+                    found_at: started_at,
+                    mac_address: None,
+                    robot_type: None,
+                    outcome: "host_key_changed".into(),
+                    detail: Some("host key changed".into()),
+                },
+            ],
         }
     }
 
@@ -3124,10 +3232,17 @@ mod tests {
                 .expect("count")
         };
 
+        let first = session();
         store
-            .record_discovery(&session(), Some(&fence(5)))
+            .record_discovery(&first, Some(&fence(5)))
             .await
             .unwrap();
+        assert_eq!(
+            store.discovery(first.session_id).await.unwrap(),
+            Some(first.clone()),
+            "read back with its results, in order"
+        );
+        assert_eq!(store.discovery(Uuid::new_v4()).await.unwrap(), None);
         let stale = store.record_discovery(&session(), Some(&fence(4))).await;
         assert!(
             matches!(

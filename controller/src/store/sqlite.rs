@@ -32,8 +32,8 @@
 
 use super::checks::{check_against_log, check_shape, records_of};
 use super::{
-    Append, Committed, DiscoverySession, EventStore, Fence, History, PruneOutcome, Snapshot,
-    StoreError, StoredReport,
+    Append, Committed, DiscoveryResult, DiscoverySession, EventStore, Fence, History, PruneOutcome,
+    Snapshot, StoreError, StoredReport,
 };
 use crate::domain::robot::LastReport;
 use crate::domain::{EventMetadata, EventRecord, Health, LifecycleState, Robot, RobotEvent};
@@ -284,6 +284,13 @@ impl EventStore for SqliteStore {
         finish(&mut conn, written).await
     }
 
+    async fn discovery(&self, id: Uuid) -> Result<Option<DiscoverySession>, StoreError> {
+        let mut tx = self.reads.begin().await.map_err(read_error)?;
+        let session = load_discovery(&mut tx, id).await?;
+        tx.commit().await.map_err(read_error)?;
+        Ok(session)
+    }
+
     async fn history(&self, id: RobotId, at: Option<DateTime<Utc>>) -> Result<History, StoreError> {
         // One read transaction: snapshot, events and report from one state.
         let mut tx = self.reads.begin().await.map_err(read_error)?;
@@ -481,7 +488,86 @@ async fn record_discovery_in(
     .execute(&mut *conn)
     .await
     .map_err(write_error)?;
+    sqlx::query("DELETE FROM discovery_results WHERE session_id = ?")
+        .bind(session.session_id.to_string())
+        .execute(&mut *conn)
+        .await
+        .map_err(write_error)?;
+    for (ordinal, r) in session.results.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO discovery_results (session_id, ordinal, ip_address, robot_id, method, \
+             found_at, mac_address, robot_type, outcome, detail) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(session.session_id.to_string())
+        .bind(ordinal as i64)
+        .bind(&r.ip_address)
+        .bind(r.robot_id.map(|id| id.to_string()))
+        .bind(&r.method)
+        .bind(timestamp(&r.found_at))
+        .bind(&r.mac_address)
+        .bind(&r.robot_type)
+        .bind(&r.outcome)
+        .bind(&r.detail)
+        .execute(&mut *conn)
+        .await
+        .map_err(write_error)?;
+    }
     Ok(())
+}
+
+/// A recorded discovery round and its results, in the order found.
+async fn load_discovery(
+    conn: &mut SqliteConnection,
+    id: Uuid,
+) -> Result<Option<DiscoverySession>, StoreError> {
+    let Some(row) = sqlx::query(
+        "SELECT session_id, methods, started_at, finished_at, duration_ms, robots_found, \
+         new_robots FROM discovery_sessions WHERE session_id = ?",
+    )
+    .bind(id.to_string())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(read_error)?
+    else {
+        return Ok(None);
+    };
+    let corrupt = |e: String| StoreError::Corrupt(format!("discovery session {id}: {e}"));
+    let mut session = DiscoverySession {
+        session_id: uuid_col(&row, "session_id").map_err(corrupt)?,
+        methods: json_col(&row, "methods").map_err(corrupt)?,
+        started_at: time_col(&row, "started_at").map_err(corrupt)?,
+        finished_at: time_col(&row, "finished_at").map_err(corrupt)?,
+        duration_ms: col(&row, "duration_ms").map_err(corrupt)?,
+        robots_found: col(&row, "robots_found").map_err(corrupt)?,
+        new_robots: col(&row, "new_robots").map_err(corrupt)?,
+        results: Vec::new(),
+    };
+    let rows = sqlx::query(
+        "SELECT ip_address, robot_id, method, found_at, mac_address, robot_type, outcome, \
+         detail FROM discovery_results WHERE session_id = ? ORDER BY ordinal",
+    )
+    .bind(id.to_string())
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(read_error)?;
+    for row in &rows {
+        let robot_id: Option<String> = col(row, "robot_id").map_err(corrupt)?;
+        session.results.push(DiscoveryResult {
+            ip_address: col(row, "ip_address").map_err(corrupt)?,
+            robot_id: robot_id
+                .map(|t| t.parse::<Uuid>().map(RobotId))
+                .transpose()
+                .map_err(|e| corrupt(format!("robot_id: {e}")))?,
+            method: col(row, "method").map_err(corrupt)?,
+            found_at: time_col(row, "found_at").map_err(corrupt)?,
+            mac_address: col(row, "mac_address").map_err(corrupt)?,
+            robot_type: col(row, "robot_type").map_err(corrupt)?,
+            outcome: col(row, "outcome").map_err(corrupt)?,
+            detail: col(row, "detail").map_err(corrupt)?,
+        });
+    }
+    Ok(Some(session))
 }
 
 async fn load_snapshot<'c, E>(executor: E, id: RobotId) -> Result<Option<Snapshot>, StoreError>
@@ -1670,9 +1756,29 @@ mod tests {
             duration_ms: 1250,
             robots_found: 3,
             new_robots: 1,
+            results: vec![DiscoveryResult {
+                ip_address: "10.88.0.2".into(),
+                robot_id: Some(RobotId(Uuid::from_u128(2))),
+                method: "ssh".into(),
+                found_at: started_at,
+                mac_address: Some("02:88:00:00:00:02".into()),
+                robot_type: Some("lekiwi".into()),
+                outcome: "identified".into(),
+                detail: None,
+            }],
         };
         store.record_discovery(&session, None).await.unwrap();
         session.robots_found = 4;
+        session.results.push(DiscoveryResult {
+            ip_address: "10.88.0.3".into(),
+            robot_id: None,
+            method: "arp".into(),
+            found_at: started_at,
+            mac_address: None,
+            robot_type: None,
+            outcome: "live".into(),
+            detail: Some("no agent, SSH closed".into()),
+        });
         store.record_discovery(&session, None).await.unwrap();
 
         let rows = sqlx::query(
@@ -1692,7 +1798,16 @@ mod tests {
             duration_ms: col(row, "duration_ms").unwrap(),
             robots_found: col(row, "robots_found").unwrap(),
             new_robots: col(row, "new_robots").unwrap(),
+            results: session.results.clone(),
         };
         assert_eq!(read, session);
+        let mut conn = store.reads.acquire().await.unwrap();
+        let loaded = load_discovery(&mut conn, session.session_id).await.unwrap();
+        assert_eq!(
+            loaded.as_ref(),
+            Some(&session),
+            "results replaced, in order"
+        );
+        assert_eq!(store.discovery(Uuid::new_v4()).await.unwrap(), None);
     }
 }
