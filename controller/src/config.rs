@@ -36,6 +36,21 @@ pub const KEYS: &[&str] = &[
     "enable_cache",
     "cache_static_ttl",
     "cache_dynamic_ttl",
+    "discovery_networks",
+    "enable_websocket_discovery",
+    "enable_udp_broadcast",
+    "enable_mdns",
+    "enable_arp_cache_check",
+    "enable_ssh_fallback",
+    "beacon_port",
+    "sweep_concurrency",
+    "sweep_arp_timeout",
+    "sweep_connect_timeout",
+    "ssh_user",
+    "ssh_key",
+    "ssh_port",
+    "ssh_sys_root",
+    "ssh_known_hosts",
 ];
 
 /// The original design's environment variables, honoured below the
@@ -52,6 +67,7 @@ pub const LEGACY_ENV: &[&str] = &[
     "REDIS_HOST",
     "REDIS_PORT",
     "REDIS_DB",
+    "DISCOVERY_NETWORK",
 ];
 
 #[derive(Debug, Clone, PartialEq)]
@@ -93,6 +109,92 @@ pub struct Config {
     pub cache_static_ttl: Duration,
     /// TTL of robot rows in Redis.
     pub cache_dynamic_ttl: Duration,
+    /// LAN discovery (off by default: the built-in defaults stay on
+    /// loopback).
+    pub discovery: DiscoveryConfig,
+}
+
+/// What discovery rounds and the passive listeners do. Everything that
+/// sends to the LAN is off unless configured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiscoveryConfig {
+    /// Networks the sweep covers (the original design's
+    /// `DISCOVERY_NETWORK`); none: no sweep.
+    pub networks: Vec<ipnet::Ipv4Net>,
+    /// Count connected agents in discovery rounds.
+    pub enable_websocket_discovery: bool,
+    /// Listen for agents' UDP beacons and answer them.
+    pub enable_udp_broadcast: bool,
+    /// Register `_kiwi-ctl._tcp` and browse `_kiwi-agent._tcp` over mDNS.
+    pub enable_mdns: bool,
+    /// Read the kernel neighbour table and send the sweep's own ARP
+    /// requests (with `CAP_NET_RAW`) before any connect.
+    pub enable_arp_cache_check: bool,
+    /// Identify live hosts without an agent over SSH.
+    pub enable_ssh_fallback: bool,
+    /// The UDP port of agent beacons.
+    pub beacon_port: u16,
+    /// Most probes in flight during a sweep.
+    pub sweep_concurrency: usize,
+    /// How long the sweep waits for ARP replies (then once more for the
+    /// addresses that did not answer).
+    pub sweep_arp_timeout: Duration,
+    /// How long one TCP probe may take.
+    pub sweep_connect_timeout: Duration,
+    pub ssh_user: String,
+    /// The private key the controller logs in with.
+    pub ssh_key: Option<PathBuf>,
+    pub ssh_port: u16,
+    /// Where the identifying files are on the hosts (`/` on a robot).
+    pub ssh_sys_root: PathBuf,
+    /// Host keys seen, checked on later visits (default: in `state_dir`).
+    pub ssh_known_hosts: Option<PathBuf>,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            networks: Vec::new(),
+            enable_websocket_discovery: true,
+            enable_udp_broadcast: false,
+            enable_mdns: false,
+            enable_arp_cache_check: true,
+            enable_ssh_fallback: false,
+            beacon_port: 8766,
+            sweep_concurrency: 256,
+            sweep_arp_timeout: Duration::from_millis(150),
+            sweep_connect_timeout: Duration::from_millis(300),
+            ssh_user: "root".into(),
+            ssh_key: None,
+            ssh_port: 22,
+            ssh_sys_root: PathBuf::from("/"),
+            ssh_known_hosts: None,
+        }
+    }
+}
+
+/// The largest network a sweep covers (a /16: 65,534 addresses).
+pub const MAX_SWEEP_PREFIX: u8 = 16;
+
+/// Parses `10.88.0.0/24, 10.89.0.0/24` (a TOML list arrives joined by
+/// commas). Host bits are cleared; a network larger than a /16 is refused.
+pub fn parse_networks(text: &str) -> Result<Vec<ipnet::Ipv4Net>, String> {
+    let mut networks = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let net: ipnet::Ipv4Net = part
+            .parse()
+            .map_err(|e| format!("{part:?} is not an IPv4 network like 10.88.0.0/24: {e}"))?;
+        if net.prefix_len() < MAX_SWEEP_PREFIX {
+            return Err(format!(
+                "{part} is larger than a /{MAX_SWEEP_PREFIX}; sweep smaller networks"
+            ));
+        }
+        let net = net.trunc();
+        if !networks.contains(&net) {
+            networks.push(net);
+        }
+    }
+    Ok(networks)
 }
 
 impl Default for Config {
@@ -116,6 +218,7 @@ impl Default for Config {
             enable_cache: true,
             cache_static_ttl: Duration::from_secs(3600),
             cache_dynamic_ttl: Duration::from_secs(300),
+            discovery: DiscoveryConfig::default(),
         }
     }
 }
@@ -206,6 +309,7 @@ impl Config {
             enable_cache: r.get_or("enable_cache", d.enable_cache),
             cache_static_ttl: duration(&mut r, "cache_static_ttl", d.cache_static_ttl),
             cache_dynamic_ttl: duration(&mut r, "cache_dynamic_ttl", d.cache_dynamic_ttl),
+            discovery: discovery_from(&mut r, d.discovery),
         };
         if let Some(u) = &c.database_url
             && !(u.starts_with("postgres://") || u.starts_with("postgresql://"))
@@ -249,7 +353,55 @@ impl Config {
         if c.api_listen == c.agent_listen {
             r.error("agent_listen", "must differ from api_listen");
         }
+        let lan = &c.discovery;
+        if lan.enable_ssh_fallback && lan.ssh_key.is_none() {
+            r.error(
+                "ssh_key",
+                "enable_ssh_fallback needs the private key the controller logs in with",
+            );
+        }
+        if !lan.ssh_sys_root.is_absolute() {
+            r.error("ssh_sys_root", "must be an absolute path");
+        }
+        if !(1..=4096).contains(&lan.sweep_concurrency) {
+            r.error("sweep_concurrency", "must be between 1 and 4096");
+        }
+        if lan.sweep_arp_timeout.is_zero() || lan.sweep_connect_timeout.is_zero() {
+            r.error(
+                "sweep_connect_timeout",
+                "sweep timeouts must be longer than zero",
+            );
+        }
         r.finish().map(|()| c)
+    }
+}
+
+fn discovery_from(r: &mut Reader<'_>, d: DiscoveryConfig) -> DiscoveryConfig {
+    DiscoveryConfig {
+        networks: r
+            .parse_with("discovery_networks", parse_networks)
+            .unwrap_or(d.networks),
+        enable_websocket_discovery: r
+            .get_or("enable_websocket_discovery", d.enable_websocket_discovery),
+        enable_udp_broadcast: r.get_or("enable_udp_broadcast", d.enable_udp_broadcast),
+        enable_mdns: r.get_or("enable_mdns", d.enable_mdns),
+        enable_arp_cache_check: r.get_or("enable_arp_cache_check", d.enable_arp_cache_check),
+        enable_ssh_fallback: r.get_or("enable_ssh_fallback", d.enable_ssh_fallback),
+        beacon_port: r.get_or("beacon_port", d.beacon_port),
+        sweep_concurrency: r.get_or("sweep_concurrency", d.sweep_concurrency),
+        sweep_arp_timeout: duration(r, "sweep_arp_timeout", d.sweep_arp_timeout),
+        sweep_connect_timeout: duration(r, "sweep_connect_timeout", d.sweep_connect_timeout),
+        ssh_user: r.raw("ssh_user").map_or(d.ssh_user, str::to_string),
+        ssh_key: r
+            .raw("ssh_key")
+            .filter(|k| !k.is_empty())
+            .map(PathBuf::from),
+        ssh_port: r.get_or("ssh_port", d.ssh_port),
+        ssh_sys_root: r.get_or("ssh_sys_root", d.ssh_sys_root),
+        ssh_known_hosts: r
+            .raw("ssh_known_hosts")
+            .filter(|k| !k.is_empty())
+            .map(PathBuf::from),
     }
 }
 
@@ -296,6 +448,13 @@ fn add_legacy_env(layers: &mut Layers, env: &[(String, String)]) {
             Origin::Env("DB_HOST/DB_PORT/DB_NAME/DB_USER/DB_PASSWORD".into()),
         );
     }
+    if let Some(networks) = get("DISCOVERY_NETWORK") {
+        layers.set(
+            "discovery_networks",
+            networks,
+            Origin::Env("DISCOVERY_NETWORK".into()),
+        );
+    }
     if let Some(url) = get("REDIS_URL") {
         layers.set("redis_url", url, Origin::Env("REDIS_URL".into()));
     } else if let Some(host) = get("REDIS_HOST") {
@@ -337,6 +496,75 @@ mod tests {
         assert!(c.agent_listen.ip().is_loopback());
         assert_eq!(c.api_listen.port(), 8080);
         assert_eq!(c.agent_listen.port(), 8765);
+        // Nothing is sent to the LAN unless configured.
+        let lan = &c.discovery;
+        assert!(lan.networks.is_empty());
+        assert!(!lan.enable_udp_broadcast && !lan.enable_mdns && !lan.enable_ssh_fallback);
+    }
+
+    #[test]
+    fn lan_discovery_is_switched_on_by_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "discovery_networks = [\"10.88.0.7/24\", \"10.89.0.0/24\"]\n\
+             enable_udp_broadcast = true\nenable_ssh_fallback = true\n\
+             ssh_key = \"/etc/kiwi/id_ed25519\"\nssh_sys_root = \"/run/kiwi-robot\"\n\
+             sweep_arp_timeout = \"100ms\"\n",
+        )
+        .unwrap();
+        let flags = Flags {
+            config: Some(file),
+            ..Flags::default()
+        };
+        let c = Config::load(&flags, env(&[])).unwrap();
+        let lan = &c.discovery;
+        let nets: Vec<String> = lan.networks.iter().map(|n| n.to_string()).collect();
+        assert_eq!(nets, ["10.88.0.0/24", "10.89.0.0/24"], "host bits cleared");
+        assert!(lan.enable_udp_broadcast && lan.enable_ssh_fallback);
+        assert_eq!(
+            lan.ssh_key.as_deref(),
+            Some(Path::new("/etc/kiwi/id_ed25519"))
+        );
+        assert_eq!(lan.ssh_sys_root, Path::new("/run/kiwi-robot"));
+        assert_eq!(lan.sweep_arp_timeout, Duration::from_millis(100));
+
+        // The original design's variable, below KIWI_CONTROLLER_*.
+        let c = Config::load(&flags, env(&[("DISCOVERY_NETWORK", "10.90.0.0/25")])).unwrap();
+        assert_eq!(c.discovery.networks[0].to_string(), "10.90.0.0/25");
+        let c = Config::load(
+            &flags,
+            env(&[
+                ("DISCOVERY_NETWORK", "10.90.0.0/25"),
+                ("KIWI_CONTROLLER_DISCOVERY_NETWORKS", "10.91.0.0/24"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.discovery.networks[0].to_string(), "10.91.0.0/24");
+    }
+
+    #[test]
+    fn bad_discovery_settings_are_refused_together() {
+        let flags = Flags {
+            config: Some(PathBuf::from("/dev/null")),
+            ..Flags::default()
+        };
+        let e = Config::load(
+            &flags,
+            env(&[
+                ("KIWI_CONTROLLER_DISCOVERY_NETWORKS", "10.0.0.0/8"),
+                ("KIWI_CONTROLLER_ENABLE_SSH_FALLBACK", "true"),
+                ("KIWI_CONTROLLER_SSH_SYS_ROOT", "relative/root"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        for field in ["discovery_networks", "ssh_key", "ssh_sys_root"] {
+            assert!(e.contains(field), "{field} in {e}");
+        }
+        assert!(parse_networks("10.88.0.0/24, nonsense").is_err());
+        assert!(parse_networks("").unwrap().is_empty());
     }
 
     #[test]

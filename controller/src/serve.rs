@@ -6,7 +6,7 @@
 use crate::api::{self, AppState};
 use crate::cache::RobotCache;
 use crate::config::Config;
-use crate::discovery::{ConnectedAgents, Discovery};
+use crate::discovery::{ConnectedAgents, Discovery, DiscoverySource};
 use crate::domain::Policy;
 use crate::fleet::Fleet;
 use crate::link::session::SessionRegistry;
@@ -135,13 +135,13 @@ impl Components {
             tracing::info!(prefix = %config.redis_prefix, "shared cache: Redis");
             fleet.set_shared_cache(SharedCache::new(redis.clone(), cache.clone()));
         }
-        let mut discovery = Discovery::new(
-            fleet.clone(),
-            metrics.clone(),
-            vec![Box::new(ConnectedAgents {
+        let mut sources: Vec<Box<dyn DiscoverySource>> = Vec::new();
+        if config.discovery.enable_websocket_discovery {
+            sources.push(Box::new(ConnectedAgents {
                 fleet: fleet.clone(),
-            })],
-        );
+            }));
+        }
+        let mut discovery = Discovery::new(fleet.clone(), metrics.clone(), sources);
         if let Some(redis) = &redis {
             // Unique per process: a restarted controller is a new holder.
             let holder = format!("controller-{}", uuid::Uuid::new_v4().simple());
