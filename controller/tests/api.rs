@@ -472,3 +472,55 @@ async fn watch_resumes_without_gaps_or_duplicates() {
         );
     }
 }
+
+/// `POST /api/v2/discover` answers 202 with a session id at once; the
+/// session is then followed at `GET /api/v2/discoveries/{id}` until it is
+/// recorded with its results. Unknown and malformed ids are problems.
+#[tokio::test]
+async fn discovery_runs_in_the_background_and_is_followed_by_its_id() {
+    let app = app().await;
+    app.ready_robot(1).await;
+    let (status, _, body) = app.post("/api/v2/discover", "").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let id = body["session_id"]
+        .as_str()
+        .expect("a session id")
+        .to_string();
+    assert_eq!(body["location"], format!("/api/v2/discoveries/{id}"));
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let session = loop {
+        let (status, _, body) = app.get(&format!("/api/v2/discoveries/{id}")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        match body["status"].as_str() {
+            Some("done") => break body["session"].clone(),
+            Some("running") => {}
+            other => panic!("unexpected status {other:?}: {body}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running: {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    };
+    assert_eq!(session["session_id"], id.as_str());
+    assert_eq!(session["methods"], serde_json::json!(["agent"]));
+    // The robot has no agent connected: the agent source sees nothing.
+    assert_eq!(session["robots_found"], 0);
+    assert_eq!(session["results"], serde_json::json!([]));
+
+    let (status, ctype, body) = app
+        .get(&format!("/api/v2/discoveries/{}", uuid::Uuid::new_v4()))
+        .await;
+    assert_eq!(
+        (status, ctype.as_str()),
+        (StatusCode::NOT_FOUND, PROBLEM),
+        "{body}"
+    );
+    let (status, ctype, body) = app.get("/api/v2/discoveries/not-a-uuid").await;
+    assert_eq!(
+        (status, ctype.as_str()),
+        (StatusCode::BAD_REQUEST, PROBLEM),
+        "{body}"
+    );
+}
