@@ -521,6 +521,7 @@ mod tests {
             outbox_capacity: 10,
             reconnect_base: Duration::from_millis(100),
             reconnect_cap: Duration::from_secs(1),
+            announce: crate::config::AnnounceConfig::default(),
         };
         let mut a = Agent::from_config(&cfg).unwrap();
         let r = a.observe(Instant::now()).await.unwrap();

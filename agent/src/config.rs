@@ -26,6 +26,11 @@ pub const DEFAULT_OUTBOX_CAPACITY: usize = 10_000;
 pub const DEFAULT_RECONNECT_BASE: Duration = Duration::from_millis(100);
 /// The default cap of the reconnect backoff.
 pub const DEFAULT_RECONNECT_CAP: Duration = Duration::from_secs(30);
+/// The default interval between two UDP beacons (when announcing).
+pub const DEFAULT_BEACON_INTERVAL: Duration = Duration::from_secs(5);
+/// The shortest beacon interval accepted: a fleet of hundreds of robots
+/// must not flood its subnet.
+pub const MIN_BEACON_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Every key the agent reads, as written in the file (and, upper-cased with
 /// the prefix, in the environment).
@@ -40,6 +45,9 @@ pub const KEYS: &[&str] = &[
     "outbox_capacity",
     "reconnect_base",
     "reconnect_cap",
+    "announce",
+    "beacon_interval",
+    "beacon_port",
 ];
 
 /// The flags of `kiwi-agent run`.
@@ -48,7 +56,8 @@ pub struct RunFlags {
     /// Config file (default /etc/kiwi/agent.toml, read only if it exists).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Controller address, ws://host:port[/path].
+    /// Controller address, ws://host:port[/path], or `auto` (find it on the
+    /// LAN by mDNS or the UDP beacon).
     #[arg(long, value_name = "URL")]
     pub controller: Option<String>,
     /// State directory (outbox, persisted flags).
@@ -99,15 +108,63 @@ impl std::str::FromStr for ControllerUrl {
     }
 }
 
+/// Where `kiwi-agent run` finds its controller: a fixed address, or `auto`
+/// (LAN discovery: the remembered address, then mDNS and the beacon).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControllerSetting {
+    Url(ControllerUrl),
+    Auto,
+}
+
+impl ControllerSetting {
+    /// The fixed address, unless `auto`.
+    pub fn url(&self) -> Option<&ControllerUrl> {
+        match self {
+            ControllerSetting::Url(u) => Some(u),
+            ControllerSetting::Auto => None,
+        }
+    }
+
+    pub fn is_auto(&self) -> bool {
+        matches!(self, ControllerSetting::Auto)
+    }
+}
+
+impl fmt::Display for ControllerSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ControllerSetting::Url(u) => u.fmt(f),
+            ControllerSetting::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+impl std::str::FromStr for ControllerSetting {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        parse_controller_setting(text)
+    }
+}
+
+/// Parses the `controller` key: `auto` or an address.
+pub fn parse_controller_setting(text: &str) -> Result<ControllerSetting, String> {
+    if text.trim().eq_ignore_ascii_case("auto") {
+        Ok(ControllerSetting::Auto)
+    } else {
+        parse_controller(text).map(ControllerSetting::Url)
+    }
+}
+
 /// Parses a controller address, refusing with a clear message what this
-/// build cannot do yet (`auto`, `wss://`, `quic://`).
+/// build cannot do yet (`wss://`, `quic://`) and `auto`, which only
+/// [`parse_controller_setting`] (`kiwi-agent run`) accepts.
 pub fn parse_controller(text: &str) -> Result<ControllerUrl, String> {
     let t = text.trim();
     if t.eq_ignore_ascii_case("auto") {
         return Err(
-            "`auto` (automatic controller discovery) needs LAN discovery \
-                    (mDNS or the UDP beacon), which this build does not have yet; \
-                    give the controller's address as ws://host:port"
+            "`auto` (LAN discovery of the controller) is only available to \
+             `kiwi-agent run`; give the controller's address as ws://host:port"
                 .into(),
         );
     }
@@ -218,10 +275,34 @@ pub fn parse_unit(text: &str) -> Result<String, String> {
     }
 }
 
+/// How the agent makes itself known on the LAN (see [`crate::announce`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnnounceConfig {
+    /// Register `_kiwi-agent._tcp.local.` and send UDP beacons. On when
+    /// `announce = true`, and always with `controller = "auto"` (the
+    /// controller answers beacons that look for it).
+    pub enabled: bool,
+    /// Valid when at least [`MIN_BEACON_INTERVAL`].
+    pub beacon_interval: Duration,
+    /// The UDP port beacons go to (the controller's beacon port).
+    pub beacon_port: u16,
+}
+
+impl Default for AnnounceConfig {
+    /// Off: built-in defaults never send anything to the LAN.
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            beacon_interval: DEFAULT_BEACON_INTERVAL,
+            beacon_port: kiwi_protocol::beacon::BEACON_PORT,
+        }
+    }
+}
+
 /// The validated configuration of `kiwi-agent run`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentConfig {
-    pub controller: ControllerUrl,
+    pub controller: ControllerSetting,
     pub transport: Transport,
     pub state_dir: PathBuf,
     pub sys_root: PathBuf,
@@ -236,6 +317,7 @@ pub struct AgentConfig {
     /// Valid when non-zero and not above `reconnect_cap`.
     pub reconnect_base: Duration,
     pub reconnect_cap: Duration,
+    pub announce: AnnounceConfig,
 }
 
 /// Why the configuration cannot be used. Every variant makes the process
@@ -299,7 +381,7 @@ where
 /// Reads and validates every key of `layers`, reporting all problems at once.
 pub fn from_layers(layers: &Layers) -> Result<AgentConfig, ConfigError> {
     let mut r = layers.reader();
-    let controller = r.parse_with("controller", parse_controller);
+    let controller = r.parse_with("controller", parse_controller_setting);
     let controller_missing = r.raw("controller").is_none();
     let transport = r
         .parse_with("transport", parse_transport)
@@ -335,10 +417,30 @@ pub fn from_layers(layers: &Layers) -> Result<AgentConfig, ConfigError> {
     if controller_missing {
         r.error(
             "controller",
-            "required: the controller's address, ws://host:port \
+            "required: the controller's address, ws://host:port, or `auto` \
              (set it in the file, with KIWI_AGENT_CONTROLLER or --controller)",
         );
     }
+    let defaults = AnnounceConfig::default();
+    let announce = r.parse_with("announce", parse_bool).unwrap_or(false)
+        || controller.as_ref().is_some_and(ControllerSetting::is_auto);
+    let beacon_interval = r
+        .parse_with("beacon_interval", |s| {
+            let d = parse_duration(s)?;
+            if d < MIN_BEACON_INTERVAL {
+                Err(format!("must be at least {MIN_BEACON_INTERVAL:?}"))
+            } else {
+                Ok(d)
+            }
+        })
+        .unwrap_or(defaults.beacon_interval);
+    let beacon_port = r
+        .parse_with("beacon_port", |s| match s.trim().parse::<u16>() {
+            Ok(0) => Err("must not be 0".to_string()),
+            Ok(p) => Ok(p),
+            Err(e) => Err(format!("invalid port {s:?}: {e}")),
+        })
+        .unwrap_or(defaults.beacon_port);
     r.finish()?;
     // `finish` has already refused a missing or invalid controller; this
     // only keeps the types honest.
@@ -360,7 +462,21 @@ pub fn from_layers(layers: &Layers) -> Result<AgentConfig, ConfigError> {
         outbox_capacity,
         reconnect_base: reconnect_base.unwrap_or(DEFAULT_RECONNECT_BASE),
         reconnect_cap: reconnect_cap.unwrap_or(DEFAULT_RECONNECT_CAP),
+        announce: AnnounceConfig {
+            enabled: announce,
+            beacon_interval,
+            beacon_port,
+        },
     })
+}
+
+/// `true` or `false` (also `1`/`0`, `yes`/`no`, `on`/`off`, any case).
+pub fn parse_bool(text: &str) -> Result<bool, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(format!("invalid value {text:?} (expected true or false)")),
+    }
 }
 
 fn parse_dir(text: &str) -> Result<PathBuf, String> {
@@ -426,7 +542,10 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert_eq!(cfg.controller.endpoint(), "ws://127.0.0.1:7100/x");
+        assert_eq!(
+            cfg.controller.url().map(ControllerUrl::endpoint).as_deref(),
+            Some("ws://127.0.0.1:7100/x")
+        );
         assert_eq!(cfg.state_dir, PathBuf::from("/from/flag"));
         assert_eq!(cfg.robot_type, Some(RobotType::Xlerobot));
         assert_eq!(cfg.report_interval, Duration::from_secs(5));
@@ -436,6 +555,9 @@ mod tests {
         assert_eq!(cfg.reconnect_base, DEFAULT_RECONNECT_BASE);
         assert_eq!(cfg.reconnect_cap, DEFAULT_RECONNECT_CAP);
         assert_eq!(cfg.transport, Transport::WebSocket);
+        // Nothing goes to the LAN unless configured.
+        assert_eq!(cfg.announce, AnnounceConfig::default());
+        assert!(!cfg.announce.enabled);
     }
 
     #[test]
@@ -487,9 +609,18 @@ mod tests {
         let u = parse_controller("ws://[::1]:9000").unwrap();
         assert_eq!(u.endpoint(), "ws://[::1]:9000/agent");
 
+        // `auto` is a setting of `run`, not an address (`simulate` needs one).
         let auto = parse_controller("auto").unwrap_err();
         assert!(auto.contains("LAN discovery"), "{auto}");
-        assert!(auto.contains("does not have yet"), "{auto}");
+        assert!(auto.contains("kiwi-agent run"), "{auto}");
+        assert_eq!(
+            parse_controller_setting(" AUTO "),
+            Ok(ControllerSetting::Auto)
+        );
+        assert_eq!(
+            "ws://h:1".parse::<ControllerSetting>().unwrap().to_string(),
+            "ws://h:1"
+        );
         assert!(
             parse_controller("wss://h:1")
                 .unwrap_err()
@@ -530,10 +661,41 @@ mod tests {
     }
 
     #[test]
-    fn auto_controller_is_refused_from_env() {
+    fn auto_controller_from_env_switches_announcing_on() {
         let mut layers = Layers::new();
         layers.add_env(ENV_PREFIX, KEYS, env(&[("KIWI_AGENT_CONTROLLER", "auto")]));
-        let err = from_layers(&layers).unwrap_err();
-        assert!(err.to_string().contains("LAN discovery"), "{err}");
+        let cfg = from_layers(&layers).unwrap();
+        assert_eq!(cfg.controller, ControllerSetting::Auto);
+        assert!(cfg.announce.enabled);
+        assert_eq!(cfg.announce.beacon_interval, DEFAULT_BEACON_INTERVAL);
+        assert_eq!(cfg.announce.beacon_port, 8766);
+    }
+
+    #[test]
+    fn announce_settings() {
+        let (_f, flags) = flags_with_file(
+            "controller = \"ws://10.0.0.1:7000\"\nannounce = true\nbeacon_interval = \"250ms\"\n",
+        );
+        let cfg = load(&flags, env(&[("KIWI_AGENT_BEACON_PORT", "9766")])).unwrap();
+        assert_eq!(
+            cfg.announce,
+            AnnounceConfig {
+                enabled: true,
+                beacon_interval: Duration::from_millis(250),
+                beacon_port: 9766,
+            }
+        );
+
+        // `announce = false` cannot switch it off for `auto`.
+        let (_f, flags) = flags_with_file("controller = \"auto\"\nannounce = false\n");
+        assert!(load(&flags, Vec::new()).unwrap().announce.enabled);
+
+        let (_f, flags) = flags_with_file(
+            "controller = \"auto\"\nannounce = \"maybe\"\nbeacon_interval = \"10ms\"\n\
+             beacon_port = 0\n",
+        );
+        let mut fields = invalid_fields(load(&flags, Vec::new()).unwrap_err());
+        fields.sort();
+        assert_eq!(fields, vec!["announce", "beacon_interval", "beacon_port"]);
     }
 }

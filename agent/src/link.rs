@@ -41,6 +41,9 @@ pub struct LinkOptions {
     /// The frame cap, both ways. The connector should cap its messages the
     /// same.
     pub max_frame: usize,
+    /// Told `true` once the controller welcomed the agent and `false` when
+    /// that session ends (LAN discovery stops and resumes on it).
+    pub connected: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 impl LinkOptions {
@@ -51,6 +54,7 @@ impl LinkOptions {
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(1),
             max_frame: DEFAULT_MAX_FRAME,
+            connected: None,
         }
     }
 }
@@ -68,6 +72,9 @@ pub async fn run<C: Connector>(
     let mut reconnect = Reconnect::default();
     loop {
         let end = session(agent, connector, opts, shutdown).await;
+        if let Some(connected) = &opts.connected {
+            connected.send_if_modified(|c| std::mem::replace(c, false));
+        }
         let unit: f64 = rand::random();
         let Some(delay) = reconnect.after(&end, &opts.backoff, unit) else {
             return;
@@ -227,6 +234,9 @@ async fn session<C: Connector>(
         heartbeat_ms = heartbeat.as_millis() as u64,
         "connected to the controller"
     );
+    if let Some(connected) = &opts.connected {
+        connected.send_replace(true);
+    }
     let mut conn = Connected {
         conn,
         version: welcome.version,

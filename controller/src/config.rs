@@ -5,6 +5,7 @@
 //! The built-in defaults keep everything on loopback and switch off every
 //! LAN feature: the packaged configuration switches them on.
 
+use crate::discovery::sweep;
 use kiwi_protocol::settings::{FieldErrors, Layers, Origin, Reader, parse_duration};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -127,8 +128,8 @@ pub struct DiscoveryConfig {
     pub enable_udp_broadcast: bool,
     /// Register `_kiwi-ctl._tcp` and browse `_kiwi-agent._tcp` over mDNS.
     pub enable_mdns: bool,
-    /// Read the kernel neighbour table and send the sweep's own ARP
-    /// requests (with `CAP_NET_RAW`) before any connect.
+    /// Read the kernel neighbour table before sweeping (the sweep sends its
+    /// own ARP requests whenever it has `CAP_NET_RAW`, else TCP connects).
     pub enable_arp_cache_check: bool,
     /// Identify live hosts without an agent over SSH.
     pub enable_ssh_fallback: bool,
@@ -173,27 +174,21 @@ impl Default for DiscoveryConfig {
     }
 }
 
-/// The largest network a sweep covers (a /16: 65,534 addresses).
-pub const MAX_SWEEP_PREFIX: u8 = 16;
-
 /// Parses `10.88.0.0/24, 10.89.0.0/24` (a TOML list arrives joined by
-/// commas). Host bits are cleared; a network larger than a /16 is refused.
+/// commas). Host bits are cleared; what a sweep refuses (a network larger
+/// than a /16, too many addresses in all) is refused here already.
 pub fn parse_networks(text: &str) -> Result<Vec<ipnet::Ipv4Net>, String> {
     let mut networks = Vec::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let net: ipnet::Ipv4Net = part
             .parse()
             .map_err(|e| format!("{part:?} is not an IPv4 network like 10.88.0.0/24: {e}"))?;
-        if net.prefix_len() < MAX_SWEEP_PREFIX {
-            return Err(format!(
-                "{part} is larger than a /{MAX_SWEEP_PREFIX}; sweep smaller networks"
-            ));
-        }
         let net = net.trunc();
         if !networks.contains(&net) {
             networks.push(net);
         }
     }
+    sweep::validate(&networks).map_err(|e| e.to_string())?;
     Ok(networks)
 }
 

@@ -31,6 +31,7 @@ pub struct Metrics {
     registry: Registry,
     pub robot_discovery_duration_seconds: Histogram,
     pub robots_discovered: Counter,
+    pub ssh_host_key_mismatches: Counter,
     pub robot_state_transitions: Family<TransitionLabels, Counter>,
     pub active_robots: Gauge,
     pub failed_robots: Gauge,
@@ -61,6 +62,7 @@ impl Metrics {
         let m = Metrics {
             robot_discovery_duration_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             robots_discovered: Counter::default(),
+            ssh_host_key_mismatches: Counter::default(),
             robot_state_transitions: Family::default(),
             active_robots: Gauge::default(),
             failed_robots: Gauge::default(),
@@ -88,6 +90,11 @@ impl Metrics {
             "robots_discovered",
             "Robots seen for the first time",
             m.robots_discovered.clone(),
+        );
+        registry.register(
+            "ssh_host_key_mismatches",
+            "Hosts whose SSH host key differed from the one recorded (flagged, not trusted)",
+            m.ssh_host_key_mismatches.clone(),
         );
         registry.register(
             "robot_state_transitions",

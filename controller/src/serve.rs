@@ -6,6 +6,10 @@
 use crate::api::{self, AppState};
 use crate::cache::RobotCache;
 use crate::config::Config;
+use crate::discovery::announce::{self, AnnounceSettings, AnnouncedAgents, Sightings};
+use crate::discovery::lan::LanSweep;
+use crate::discovery::ssh::{self, SshProbe, SshSettings};
+use crate::discovery::sweep::SweepSettings;
 use crate::discovery::{ConnectedAgents, Discovery, DiscoverySource};
 use crate::domain::Policy;
 use crate::fleet::Fleet;
@@ -20,7 +24,7 @@ use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::watch::{self, Hub};
 use anyhow::Context as _;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -92,6 +96,8 @@ pub struct Components {
     pub fleet: Fleet,
     pub hub: Hub,
     pub discovery: Discovery,
+    /// Agents heard announcing themselves (mDNS, beacons).
+    pub sightings: Sightings,
     pub shutdown: CancellationToken,
 }
 
@@ -141,6 +147,54 @@ impl Components {
                 fleet: fleet.clone(),
             }));
         }
+        let sightings = Sightings::new();
+        let lan = &config.discovery;
+        if lan.enable_mdns || lan.enable_udp_broadcast {
+            sources.push(Box::new(AnnouncedAgents {
+                sightings: sightings.clone(),
+                max_age: announce::DEFAULT_SIGHTING_TTL,
+            }));
+        }
+        if !lan.networks.is_empty() {
+            let ssh = if lan.enable_ssh_fallback {
+                let key = lan
+                    .ssh_key
+                    .clone()
+                    .context("enable_ssh_fallback needs ssh_key")?;
+                let known_hosts = lan
+                    .ssh_known_hosts
+                    .clone()
+                    .unwrap_or_else(|| config.state_dir.join(ssh::KNOWN_HOSTS_FILE));
+                let mut settings = SshSettings::new(key, known_hosts);
+                settings.user = lan.ssh_user.clone();
+                settings.port = lan.ssh_port;
+                settings.sys_root = lan.ssh_sys_root.clone();
+                Some(Arc::new(
+                    SshProbe::new(settings).context("cannot set up the SSH fallback")?,
+                ))
+            } else {
+                None
+            };
+            let settings = SweepSettings {
+                networks: lan.networks.clone(),
+                agent_port: config.agent_listen.port(),
+                ssh_port: lan.ssh_port,
+                use_neighbour_table: lan.enable_arp_cache_check,
+                // Its own ARP requests whenever the process may (else TCP).
+                use_arp: true,
+                arp_timeout: lan.sweep_arp_timeout,
+                connect_timeout: lan.sweep_connect_timeout,
+                concurrency: lan.sweep_concurrency,
+                ..SweepSettings::default()
+            };
+            tracing::info!(networks = ?lan.networks, ssh = ssh.is_some(), "LAN sweep configured");
+            sources.push(Box::new(LanSweep {
+                settings,
+                ssh,
+                fleet: fleet.clone(),
+                metrics: metrics.clone(),
+            }));
+        }
         let mut discovery = Discovery::new(fleet.clone(), metrics.clone(), sources);
         if let Some(redis) = &redis {
             // Unique per process: a restarted controller is a new holder.
@@ -156,6 +210,7 @@ impl Components {
             fleet,
             hub: Hub::new(),
             discovery,
+            sightings,
             shutdown,
         })
     }
@@ -233,6 +288,15 @@ pub async fn serve(
     };
     let tasks = TaskTracker::new();
     c.spawn_background(&tasks);
+    let lan = &c.config.discovery;
+    let mut announce = AnnounceSettings::new(bound.agent);
+    announce.mdns = lan.enable_mdns;
+    announce.beacon = lan.enable_udp_broadcast;
+    announce.beacon_listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, lan.beacon_port));
+    if announce.enabled() {
+        let announcer = announce::start(announce, c.sightings.clone(), shutdown.clone()).await?;
+        tasks.spawn(announcer.run());
+    }
     let api_server = tokio::spawn(
         axum::serve(api_listener, c.api_router())
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())

@@ -289,6 +289,239 @@ pub fn detect_robot_type(clues: &TypeClues) -> TypeDecision {
     }
 }
 
+/// USB product ids of Intel RealSense cameras (vendor 8086), for devices
+/// whose `product` string does not say so.
+pub const REALSENSE_PRODUCT_IDS: &[&str] = &[
+    "0ad1", "0ad2", "0ad3", "0ad4", "0ad5", "0af6", "0afe", "0aff", "0b00", "0b01", "0b03", "0b07",
+    "0b0c", "0b0d", "0b3a", "0b3d", "0b48", "0b49", "0b4b", "0b4d", "0b52", "0b5b", "0b5c", "0b64",
+    "0b68", "0b6a", "0b6b",
+];
+
+/// The files and directories under a system root that hold identity clues,
+/// relative to the root. The agent reads them directly; the controller's SSH
+/// fallback has a remote shell print them. [`HostClues::gather`] asks for
+/// exactly these (and, per USB device, [`USB_DEVICE_FILES`]).
+pub mod clue_paths {
+    pub const CPUINFO: &str = "proc/cpuinfo";
+    /// Device-tree serial numbers, in the order they are tried.
+    pub const DEVICE_TREE_SERIALS: [&str; 2] = [
+        "sys/firmware/devicetree/base/serial-number",
+        "proc/device-tree/serial-number",
+    ];
+    pub const DEVICE_TREE_MODEL: &str = "proc/device-tree/model";
+    pub const MACHINE_ID: &str = "etc/machine-id";
+    pub const HOSTNAME: &str = "etc/hostname";
+    pub const KERNEL_HOSTNAME: &str = "proc/sys/kernel/hostname";
+    pub const OS_RELEASE: &str = "etc/os-release";
+    pub const DECLARED_TYPE: &str = "etc/kiwi/robot-type";
+    /// A directory: its entry names are the device names.
+    pub const DEV: &str = "dev";
+    /// A directory of USB devices, each a directory holding
+    /// [`USB_DEVICE_FILES`](super::USB_DEVICE_FILES).
+    pub const USB_DEVICES: &str = "sys/bus/usb/devices";
+    /// A directory: names of video devices by id (RealSense cameras say so).
+    pub const V4L_BY_ID: &str = "dev/v4l/by-id";
+}
+
+/// The files read in each USB device's directory.
+pub const USB_DEVICE_FILES: [&str; 3] = ["idVendor", "idProduct", "product"];
+
+/// At most this many USB devices are looked at (a robot has a handful).
+pub const MAX_USB_DEVICES: usize = 64;
+
+/// One USB device as sysfs describes it (`sys/bus/usb/devices/<name>`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsbDevice {
+    /// The sysfs name, e.g. `2-1`.
+    pub name: String,
+    pub id_vendor: Option<String>,
+    pub id_product: Option<String>,
+    pub product: Option<String>,
+}
+
+impl UsbDevice {
+    /// Whether this is an Intel RealSense camera: vendor 8086 and a product
+    /// string or product id that says so.
+    pub fn is_realsense(&self) -> bool {
+        let norm = |s: &Option<String>| s.as_deref().map(|s| s.trim().to_ascii_lowercase());
+        norm(&self.id_vendor).as_deref() == Some("8086")
+            && (norm(&self.product).is_some_and(|p| p.contains("realsense"))
+                || norm(&self.id_product)
+                    .is_some_and(|p| REALSENSE_PRODUCT_IDS.contains(&p.as_str())))
+    }
+}
+
+/// The raw clues a host yields about itself, as found under its system
+/// root: file texts and directory entry names, not yet interpreted. The agent
+/// gathers them from its own files, the controller's SSH fallback from a
+/// remote shell's output; [`identify_host`] interprets both the same way.
+///
+/// A file that is missing or unreadable is `None`; a text file that is not
+/// UTF-8 is `None` too (as if unreadable).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostClues {
+    /// `proc/cpuinfo`.
+    pub cpuinfo: Option<String>,
+    /// The device-tree serial numbers found, in the order of
+    /// [`clue_paths::DEVICE_TREE_SERIALS`] (raw bytes, NUL-terminated).
+    pub device_tree_serials: Vec<Vec<u8>>,
+    /// `proc/device-tree/model` (raw bytes, NUL-terminated).
+    pub device_tree_model: Option<Vec<u8>>,
+    /// `etc/machine-id`.
+    pub machine_id: Option<String>,
+    /// `etc/hostname`.
+    pub hostname: Option<String>,
+    /// `proc/sys/kernel/hostname` (or the live host name, where the gatherer
+    /// can ask the kernel).
+    pub kernel_hostname: Option<String>,
+    /// `etc/os-release`.
+    pub os_release: Option<String>,
+    /// Entry names of `dev`.
+    pub dev_names: Vec<String>,
+    /// The devices of `sys/bus/usb/devices` that have an `idVendor`.
+    pub usb_devices: Vec<UsbDevice>,
+    /// Entry names of `dev/v4l/by-id`.
+    pub v4l_by_id: Vec<String>,
+    /// `etc/kiwi/robot-type`, or a type given by configuration.
+    pub declared_type: Option<String>,
+}
+
+impl HostClues {
+    /// Gathers the clues through `read` (the bytes of a file, path relative
+    /// to the system root, `None` when unreadable) and `list` (the entry names
+    /// of a directory, empty when it cannot be listed). Both programs gather
+    /// through this one function, so they ask for the same paths.
+    pub fn gather(
+        read: impl Fn(&str) -> Option<Vec<u8>>,
+        list: impl Fn(&str) -> Vec<String>,
+    ) -> HostClues {
+        let text = |rel: &str| read(rel).and_then(|b| String::from_utf8(b).ok());
+        let usb_devices = list(clue_paths::USB_DEVICES)
+            .into_iter()
+            // Interfaces (`1-1:1.0`) have no idVendor; skip them unread.
+            .filter(|name| !name.contains(':') && !name.contains('/'))
+            .take(MAX_USB_DEVICES)
+            .filter_map(|name| {
+                let file = |f: &str| text(&format!("{}/{name}/{f}", clue_paths::USB_DEVICES));
+                let id_vendor = file("idVendor")?;
+                Some(UsbDevice {
+                    id_vendor: Some(id_vendor),
+                    id_product: file("idProduct"),
+                    product: file("product"),
+                    name,
+                })
+            })
+            .collect();
+        HostClues {
+            cpuinfo: text(clue_paths::CPUINFO),
+            device_tree_serials: clue_paths::DEVICE_TREE_SERIALS
+                .iter()
+                .filter_map(|p| read(p))
+                .collect(),
+            device_tree_model: read(clue_paths::DEVICE_TREE_MODEL),
+            machine_id: text(clue_paths::MACHINE_ID),
+            hostname: text(clue_paths::HOSTNAME),
+            kernel_hostname: text(clue_paths::KERNEL_HOSTNAME),
+            os_release: text(clue_paths::OS_RELEASE),
+            dev_names: list(clue_paths::DEV),
+            usb_devices,
+            v4l_by_id: list(clue_paths::V4L_BY_ID),
+            declared_type: text(clue_paths::DECLARED_TYPE),
+        }
+    }
+
+    /// Whether a RealSense camera is attached (by USB, or by a
+    /// `/dev/v4l/by-id` name mentioning RealSense).
+    pub fn realsense(&self) -> bool {
+        self.usb_devices.iter().any(UsbDevice::is_realsense)
+            || self
+                .v4l_by_id
+                .iter()
+                .any(|n| n.to_ascii_lowercase().contains("realsense"))
+    }
+
+    /// What the robot-type rule looks at.
+    pub fn type_clues(&self) -> TypeClues {
+        TypeClues {
+            declared: self
+                .declared_type
+                .as_deref()
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(str::to_string),
+            serial_devices: self
+                .dev_names
+                .iter()
+                .filter(|n| n.starts_with("tty"))
+                .cloned()
+                .collect(),
+            realsense: self.realsense(),
+            servo_count: None,
+        }
+    }
+}
+
+/// What the clues say about a host: everything of an [`Identity`] that the
+/// host's files decide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostIdentification {
+    /// The strongest hardware identity, or `None` when the host has no Pi
+    /// serial and no valid machine id (the agent then generates one; the SSH
+    /// fallback cannot identify the host).
+    pub hardware_id: Option<HardwareId>,
+    pub type_decision: TypeDecision,
+    /// The first line of `etc/hostname`, else of the kernel's host name.
+    pub hostname: Option<String>,
+    /// Board model, e.g. "Raspberry Pi 4 Model B Rev 1.4".
+    pub model: Option<String>,
+    /// `PRETTY_NAME` of os-release.
+    pub os_version: Option<String>,
+}
+
+impl HostIdentification {
+    /// The robot id of the hardware identity, when there is one.
+    pub fn robot_id(&self) -> Option<RobotId> {
+        self.hardware_id.as_ref().map(RobotId::from_hardware)
+    }
+}
+
+/// The one interpretation of a host's clues, used by the agent's probe and
+/// the controller's SSH fallback alike.
+pub fn identify_host(clues: &HostClues) -> HostIdentification {
+    let dt_serial = clues
+        .device_tree_serials
+        .iter()
+        .find(|raw| pi_serial_from_device_tree(raw).is_some())
+        .or(clues.device_tree_serials.first());
+    let first_line = |text: &Option<String>| {
+        text.as_deref()
+            .and_then(|t| t.lines().next())
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(str::to_string)
+    };
+    HostIdentification {
+        hardware_id: choose_hardware_id(
+            clues.cpuinfo.as_deref(),
+            dt_serial.map(Vec::as_slice),
+            clues.machine_id.as_deref(),
+        ),
+        type_decision: detect_robot_type(&clues.type_clues()),
+        hostname: first_line(&clues.hostname).or_else(|| first_line(&clues.kernel_hostname)),
+        model: board_model(clues.device_tree_model.as_deref(), clues.cpuinfo.as_deref()),
+        os_version: clues.os_release.as_deref().and_then(pretty_name),
+    }
+}
+
+/// `PRETTY_NAME` from os-release text, unquoted.
+pub fn pretty_name(os_release: &str) -> Option<String> {
+    os_release.lines().find_map(|line| {
+        let value = line.trim().strip_prefix("PRETTY_NAME=")?;
+        let v = value.trim().trim_matches('"').trim_matches('\'').trim();
+        (!v.is_empty()).then(|| v.to_string())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -378,6 +611,187 @@ mod tests {
             detect_robot_type(&TypeClues::default()).robot_type,
             RobotType::Unknown
         );
+    }
+
+    /// The clues of the contract's simulated LeKiwi (`/run/kiwi-robot`).
+    fn lekiwi_clues() -> HostClues {
+        HostClues {
+            cpuinfo: Some(
+                "processor\t: 0\nHardware\t: BCM2835\nRevision\t: c03114\n\
+                 Serial\t\t: 100000000000a001\nModel\t\t: Raspberry Pi 4 Model B Rev 1.4\n"
+                    .into(),
+            ),
+            device_tree_serials: vec![b"100000000000a001\0".to_vec()],
+            device_tree_model: Some(b"Raspberry Pi 4 Model B Rev 1.4\0".to_vec()),
+            machine_id: Some("0123456789abcdef0123456789abcdef\n".into()),
+            hostname: Some("lekiwi-1\n".into()),
+            kernel_hostname: None,
+            os_release: Some("PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nID=debian\n".into()),
+            dev_names: vec!["null".into(), "ttyACM0".into(), "ttyS0".into()],
+            usb_devices: vec![],
+            v4l_by_id: vec![],
+            declared_type: None,
+        }
+    }
+
+    #[test]
+    fn identify_host_golden() {
+        let id = identify_host(&lekiwi_clues());
+        assert_eq!(
+            id.hardware_id,
+            Some(HardwareId::PiSerial("100000000000a001".into()))
+        );
+        // Pinned: the id every path (agent, SSH) must give this robot.
+        assert_eq!(
+            id.robot_id().unwrap().to_string(),
+            "f1d8c0eb-8754-5be9-886e-cd43a70b263c"
+        );
+        assert_eq!(id.type_decision.robot_type, RobotType::Lekiwi);
+        assert_eq!(id.type_decision.reason, "one motor bus (ttyACM0)");
+        assert_eq!(id.hostname.as_deref(), Some("lekiwi-1"));
+        assert_eq!(id.model.as_deref(), Some("Raspberry Pi 4 Model B Rev 1.4"));
+        assert_eq!(
+            id.os_version.as_deref(),
+            Some("Debian GNU/Linux 12 (bookworm)")
+        );
+
+        let mut xle = lekiwi_clues();
+        xle.cpuinfo = Some("Serial : 100000000000b002\n".into());
+        xle.dev_names.push("ttyACM1".into());
+        xle.usb_devices = vec![UsbDevice {
+            name: "2-1".into(),
+            id_vendor: Some("8086\n".into()),
+            id_product: Some("0b3a\n".into()),
+            product: Some("Intel(R) RealSense(TM) Depth Camera 435i\n".into()),
+        }];
+        let id = identify_host(&xle);
+        assert_eq!(
+            id.robot_id().unwrap().to_string(),
+            "70c02f33-2ab2-557a-b630-2cfdb3e177e0"
+        );
+        assert_eq!(id.type_decision.robot_type, RobotType::Xlerobot);
+        assert_eq!(
+            id.type_decision.reason,
+            "two arm buses (ttyACM0, ttyACM1) and a RealSense camera"
+        );
+        // The cpuinfo model is used when the device tree has none.
+        xle.device_tree_model = None;
+        xle.cpuinfo = Some("Serial : 100000000000b002\nModel : Raspberry Pi 5\n".into());
+        assert_eq!(identify_host(&xle).model.as_deref(), Some("Raspberry Pi 5"));
+    }
+
+    #[test]
+    fn identify_host_fallbacks() {
+        // No serial anywhere: the machine id; the kernel host name when
+        // etc/hostname is blank; a declared type wins over the devices.
+        let clues = HostClues {
+            device_tree_serials: vec![b"zz\0".to_vec(), b"0000000000000000\0".to_vec()],
+            machine_id: Some("0123456789ABCDEF0123456789abcdef".into()),
+            hostname: Some("\n".into()),
+            kernel_hostname: Some("from-kernel\n".into()),
+            dev_names: vec!["ttyACM0".into()],
+            declared_type: Some(" xlerobot\n".into()),
+            ..Default::default()
+        };
+        let id = identify_host(&clues);
+        assert_eq!(
+            id.hardware_id,
+            Some(HardwareId::MachineId(
+                "0123456789abcdef0123456789abcdef".into()
+            ))
+        );
+        assert_eq!(id.hostname.as_deref(), Some("from-kernel"));
+        assert_eq!(id.type_decision.robot_type, RobotType::Xlerobot);
+        assert_eq!(id.type_decision.reason, "declared as xlerobot");
+
+        // The second device-tree serial counts when the first is garbage.
+        let clues = HostClues {
+            device_tree_serials: vec![b"zz\0".to_vec(), b"00000000abcd1234\0".to_vec()],
+            ..Default::default()
+        };
+        assert_eq!(
+            identify_host(&clues).hardware_id,
+            Some(HardwareId::PiSerial("abcd1234".into()))
+        );
+
+        // Nothing at all: no identity, unknown type, nothing invented.
+        let id = identify_host(&HostClues::default());
+        assert_eq!(id.hardware_id, None);
+        assert_eq!(id.robot_id(), None);
+        assert_eq!(id.type_decision.robot_type, RobotType::Unknown);
+        assert_eq!((id.hostname, id.model, id.os_version), (None, None, None));
+    }
+
+    #[test]
+    fn gather_asks_for_the_clue_paths() {
+        use std::collections::BTreeMap;
+        let files: BTreeMap<&str, &[u8]> = [
+            ("proc/cpuinfo", &b"Serial : 100000000000a001\n"[..]),
+            ("proc/device-tree/serial-number", b"100000000000a001\0"),
+            ("etc/hostname", b"xle-9\n"),
+            ("etc/machine-id", &[0xff, 0xfe][..]),
+            ("sys/bus/usb/devices/2-1/idVendor", b"8086\n"),
+            ("sys/bus/usb/devices/2-1/idProduct", b"0b3a\n"),
+            ("sys/bus/usb/devices/1-1/idVendor", b"1a86\n"),
+        ]
+        .into_iter()
+        .collect();
+        let dirs: BTreeMap<&str, Vec<&str>> = [
+            ("dev", vec!["ttyACM0", "ttyACM1", "v4l"]),
+            ("sys/bus/usb/devices", vec!["1-1", "2-1", "2-1:1.0", "usb1"]),
+        ]
+        .into_iter()
+        .collect();
+        let clues = HostClues::gather(
+            |p| files.get(p).map(|b| b.to_vec()),
+            |d| {
+                dirs.get(d)
+                    .map(|v| v.iter().map(|s| s.to_string()).collect())
+                    .unwrap_or_default()
+            },
+        );
+        assert_eq!(clues.device_tree_serials.len(), 1);
+        // Not UTF-8: as if unreadable.
+        assert_eq!(clues.machine_id, None);
+        assert_eq!(
+            clues
+                .usb_devices
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect::<Vec<_>>(),
+            ["1-1", "2-1"]
+        );
+        assert!(clues.realsense());
+        let id = identify_host(&clues);
+        assert_eq!(id.type_decision.robot_type, RobotType::Xlerobot);
+        assert_eq!(id.hostname.as_deref(), Some("xle-9"));
+    }
+
+    #[test]
+    fn realsense_by_product_id_or_v4l_name() {
+        let mut d = UsbDevice {
+            name: "2-1".into(),
+            id_vendor: Some("8086".into()),
+            id_product: Some("0B3A".into()),
+            product: None,
+        };
+        assert!(d.is_realsense());
+        d.id_product = Some("1234".into());
+        assert!(!d.is_realsense());
+        d.product = Some("Intel RealSense D405".into());
+        assert!(d.is_realsense());
+        d.id_vendor = Some("1a86".into());
+        assert!(!d.is_realsense());
+        let clues = HostClues {
+            v4l_by_id: vec!["usb-Intel_R__RealSense_TM__Depth_Camera_435i-video-index0".into()],
+            ..Default::default()
+        };
+        assert!(clues.realsense());
+        assert_eq!(
+            pretty_name("ID=debian\nPRETTY_NAME='Raspbian 11'\n").as_deref(),
+            Some("Raspbian 11")
+        );
+        assert_eq!(pretty_name("ID=debian\n"), None);
     }
 
     #[test]

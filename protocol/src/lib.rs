@@ -2,6 +2,8 @@
 //!
 //! Everything both programs must agree on lives here and nowhere else:
 //!
+//! - [`beacon`]: the UDP beacon an agent broadcasts on its subnet and a
+//!   controller's answer (LAN discovery);
 //! - [`frame`]: the envelope (magic, version, postcard body), the size cap
 //!   checked before decoding, and a sans-I/O decoder for stream transports;
 //! - [`version`]: protocol versions and their negotiation;
@@ -16,6 +18,7 @@
 //! depends on serde, postcard, uuid, toml and thiserror only.
 
 pub mod backoff;
+pub mod beacon;
 pub mod frame;
 pub mod identity;
 pub mod message;

@@ -35,14 +35,17 @@ pub struct ControllerOptions {
 impl Default for ControllerOptions {
     fn default() -> Self {
         let mut opts = ControllerOptions { env: Vec::new() };
+        // Nothing on the LAN (the built-in defaults already say so; the
+        // test does not depend on them): no sweep, no announcements.
         for flag in [
             "enable_udp_broadcast",
+            "enable_mdns",
             "enable_arp_cache_check",
             "enable_ssh_fallback",
         ] {
             opts = opts.setting(flag, "false");
         }
-        opts.raw_env("DISCOVERY_NETWORK", "127.0.0.1/32")
+        opts.setting("discovery_networks", "")
     }
 }
 

@@ -21,6 +21,10 @@
 //! # Ok(()) }
 //! ```
 //!
+//! The LAN discovery tests use [`lan`]: a simulated robot LAN built from
+//! network namespaces (needs root), with real `sshd` servers posing as
+//! robots without an agent.
+//!
 //! Conditions are awaited with [`wait_until`] (poll, deadline, then a panic
 //! that says what was last seen), never with a sleep standing in for an
 //! assertion.
@@ -28,6 +32,8 @@
 pub mod agent;
 pub mod api;
 pub mod controller;
+pub mod lan;
+pub mod lan_fleet;
 pub mod process;
 pub mod raw_http;
 pub mod services;

@@ -5,23 +5,17 @@
 use super::SysRoot;
 use crate::state::write_atomic;
 use kiwi_protocol::identity::{
-    self, HardwareId, Identity, RobotId, RobotType, TypeClues, TypeDecision,
+    self, HardwareId, HostClues, Identity, RobotId, RobotType, TypeDecision,
 };
 use std::io;
 use std::net::IpAddr;
 use std::path::Path;
 
+pub use kiwi_protocol::identity::{REALSENSE_PRODUCT_IDS, pretty_name};
+
 /// The file in the state directory that keeps a generated hardware id for
 /// robots without a Pi serial or machine id.
 pub const GENERATED_ID_FILE: &str = "hardware-id";
-
-/// USB product ids of Intel RealSense cameras (vendor 8086), for devices
-/// whose `product` string does not say so.
-pub const REALSENSE_PRODUCT_IDS: &[&str] = &[
-    "0ad1", "0ad2", "0ad3", "0ad4", "0ad5", "0af6", "0afe", "0aff", "0b00", "0b01", "0b03", "0b07",
-    "0b0c", "0b0d", "0b3a", "0b3d", "0b48", "0b49", "0b4b", "0b4d", "0b52", "0b5b", "0b5c", "0b64",
-    "0b68", "0b6a", "0b6b",
-];
 
 /// An identity and why the robot got its type.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,47 +31,50 @@ pub fn probe_identity(
     state_dir: &Path,
     robot_type_override: Option<RobotType>,
 ) -> io::Result<ProbedIdentity> {
-    let cpuinfo = root.read_text("proc/cpuinfo");
-    let hardware_id = match hardware_id_from_clues(root, cpuinfo.as_deref()) {
+    let clues = host_clues(root, robot_type_override);
+    if let Some(d) = &clues.declared_type
+        && let Err(e) = d.trim().parse::<RobotType>()
+    {
+        tracing::warn!(declared = %d.trim(), error = %e, "ignoring the declared robot type");
+    }
+    let found = identity::identify_host(&clues);
+    let hardware_id = match found.hardware_id {
         Some(id) => id,
         None => HardwareId::Configured(load_or_generate_id(state_dir)?),
     };
-    let type_decision = identity::detect_robot_type(&type_clues(root, robot_type_override));
-    let model = identity::board_model(
-        root.read_bytes("proc/device-tree/model").as_deref(),
-        cpuinfo.as_deref(),
-    );
     let identity = Identity {
         robot_id: RobotId::from_hardware(&hardware_id),
         hardware_id,
-        hostname: hostname(root),
-        robot_type: type_decision.robot_type,
-        model,
-        os_version: root
-            .read_text("etc/os-release")
-            .and_then(|t| pretty_name(&t)),
+        hostname: found.hostname.unwrap_or_else(|| "localhost".to_string()),
+        robot_type: found.type_decision.robot_type,
+        model: found.model,
+        os_version: found.os_version,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         mac_addresses: mac_addresses(root),
         ip_addresses: live_ip_addresses(),
     };
     Ok(ProbedIdentity {
         identity,
-        type_decision,
+        type_decision: found.type_decision,
     })
 }
 
-fn hardware_id_from_clues(root: &SysRoot, cpuinfo: Option<&str>) -> Option<HardwareId> {
-    let dt_paths = [
-        "sys/firmware/devicetree/base/serial-number",
-        "proc/device-tree/serial-number",
-    ];
-    let dt_serials: Vec<Vec<u8>> = dt_paths.iter().filter_map(|p| root.read_bytes(p)).collect();
-    let dt = dt_serials
-        .iter()
-        .find(|raw| identity::pi_serial_from_device_tree(raw).is_some())
-        .or(dt_serials.first());
-    let machine_id = root.read_text("etc/machine-id");
-    identity::choose_hardware_id(cpuinfo, dt.map(Vec::as_slice), machine_id.as_deref())
+/// The identity clues under `root`, gathered by the shared
+/// [`HostClues::gather`] (the controller's SSH fallback gathers the same
+/// paths from a remote shell). A configured robot type stands in for the
+/// declared one; on the live system the kernel's host name backs up the
+/// files.
+pub fn host_clues(root: &SysRoot, robot_type_override: Option<RobotType>) -> HostClues {
+    let mut clues = HostClues::gather(|rel| root.read_bytes(rel), |rel| root.list(rel));
+    if let Some(t) = robot_type_override {
+        clues.declared_type = Some(t.as_str().to_string());
+    }
+    if clues.kernel_hostname.is_none() && root.is_live() {
+        clues.kernel_hostname = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok());
+    }
+    clues
 }
 
 /// The id generated once for a robot without hardware identity, kept in the
@@ -104,73 +101,6 @@ pub fn load_or_generate_id(state_dir: &Path) -> io::Result<String> {
         "no Pi serial or machine id found; generated a hardware id (keep the state directory to keep the robot's id)"
     );
     Ok(id)
-}
-
-/// Gathers what the robot-type rule looks at.
-pub fn type_clues(root: &SysRoot, robot_type_override: Option<RobotType>) -> TypeClues {
-    let declared = match robot_type_override {
-        Some(t) => Some(t.as_str().to_string()),
-        None => root
-            .read_text("etc/kiwi/robot-type")
-            .map(|t| t.trim().to_string())
-            .filter(|t| !t.is_empty()),
-    };
-    if let Some(d) = &declared
-        && let Err(e) = d.parse::<RobotType>()
-    {
-        tracing::warn!(declared = %d, error = %e, "ignoring the declared robot type");
-    }
-    TypeClues {
-        declared,
-        serial_devices: root
-            .list("dev")
-            .into_iter()
-            .filter(|n| n.starts_with("tty"))
-            .collect(),
-        realsense: has_realsense(root),
-        servo_count: None,
-    }
-}
-
-fn has_realsense(root: &SysRoot) -> bool {
-    let usb = root.list("sys/bus/usb/devices").into_iter().any(|dev| {
-        let read = |file: &str| {
-            root.read_text(&format!("sys/bus/usb/devices/{dev}/{file}"))
-                .map(|s| s.trim().to_ascii_lowercase())
-        };
-        read("idVendor").as_deref() == Some("8086")
-            && (read("product").is_some_and(|p| p.contains("realsense"))
-                || read("idProduct").is_some_and(|p| REALSENSE_PRODUCT_IDS.contains(&p.as_str())))
-    });
-    usb || root
-        .list("dev/v4l/by-id")
-        .iter()
-        .any(|n| n.to_ascii_lowercase().contains("realsense"))
-}
-
-fn hostname(root: &SysRoot) -> String {
-    let from_file = |rel: &str| {
-        root.read_text(rel)
-            .and_then(|t| t.lines().next().map(|l| l.trim().to_string()))
-            .filter(|h| !h.is_empty())
-    };
-    from_file("etc/hostname")
-        .or_else(|| from_file("proc/sys/kernel/hostname"))
-        .or_else(|| {
-            root.is_live()
-                .then(|| nix::unistd::gethostname().ok()?.into_string().ok())
-                .flatten()
-        })
-        .unwrap_or_else(|| "localhost".to_string())
-}
-
-/// `PRETTY_NAME` from os-release text, unquoted.
-pub fn pretty_name(os_release: &str) -> Option<String> {
-    os_release.lines().find_map(|line| {
-        let value = line.trim().strip_prefix("PRETTY_NAME=")?;
-        let v = value.trim().trim_matches('"').trim_matches('\'').trim();
-        (!v.is_empty()).then(|| v.to_string())
-    })
 }
 
 fn mac_addresses(root: &SysRoot) -> Vec<[u8; 6]> {
@@ -312,16 +242,17 @@ mod tests {
         assert_eq!(p.identity.hostname, "xle-1");
 
         // The camera found by its product id alone, or by its v4l name.
+        let realsense = || host_clues(&SysRoot::new(r), None).realsense();
         std::fs::remove_file(r.join("sys/bus/usb/devices/2-1/product")).unwrap();
-        assert!(has_realsense(&SysRoot::new(r)));
+        assert!(realsense());
         std::fs::remove_dir_all(r.join("sys/bus/usb")).unwrap();
-        assert!(!has_realsense(&SysRoot::new(r)));
+        assert!(!realsense());
         write(
             r,
             "dev/v4l/by-id/usb-Intel_R__RealSense_TM__Depth_Camera_435i-video-index0",
             "",
         );
-        assert!(has_realsense(&SysRoot::new(r)));
+        assert!(realsense());
 
         // The config override and the declared file win over the clues.
         let p = probe_identity(&SysRoot::new(r), state.path(), Some(RobotType::Lekiwi)).unwrap();

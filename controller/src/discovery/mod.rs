@@ -6,6 +6,13 @@
 //! connected to the agent endpoint (robots announce themselves by
 //! connecting). LAN sources (neighbour table, sweep, SSH) plug in here.
 
+pub mod announce;
+pub mod arp;
+pub mod lan;
+pub mod neighbours;
+pub mod ssh;
+pub mod sweep;
+
 use crate::domain::Input;
 use crate::domain::event::IdentityFacts;
 use crate::fleet::{Context, Fleet, truncate_micros};

@@ -8,8 +8,10 @@
 //! - [`event`]: the event types stored in the event log;
 //! - [`robot`]: the robot aggregate (the read model row) and how an event
 //!   changes it;
-//! - [`decide`]: what an operator action or an observation of a robot means.
+//! - [`decide`]: what an operator action or an observation of a robot means;
+//! - [`breaker`]: the circuit breaker (closed, open, half-open).
 
+pub mod breaker;
 pub mod decide;
 pub mod event;
 pub mod lifecycle;

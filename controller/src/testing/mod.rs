@@ -1,10 +1,13 @@
 //! Test support shared by this crate's tests, the cross-crate tests and the
-//! benchmark: a real PostgreSQL database of each test's own. Not used by
-//! the controller itself.
+//! benchmark: a real PostgreSQL database of each test's own, and ([`sshd`])
+//! a real OpenSSH server standing in for a robot without an agent. Not used
+//! by the controller itself.
 //!
 //! The server is `DATABASE_URL`, else [`DEFAULT_DATABASE_URL`];
 //! `scripts/services.sh` exports the former in CI. A server that does not
 //! answer fails the test with a message that says how to start one.
+
+pub mod sshd;
 
 use sqlx::postgres::PgConnection;
 use sqlx::{AssertSqlSafe, Connection};
