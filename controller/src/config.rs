@@ -52,6 +52,8 @@ pub const KEYS: &[&str] = &[
     "ssh_port",
     "ssh_sys_root",
     "ssh_known_hosts",
+    "ssh_connect_timeout",
+    "ssh_command_timeout",
 ];
 
 /// The original design's environment variables, honoured below the
@@ -150,6 +152,10 @@ pub struct DiscoveryConfig {
     pub ssh_sys_root: PathBuf,
     /// Host keys seen, checked on later visits (default: in `state_dir`).
     pub ssh_known_hosts: Option<PathBuf>,
+    /// The limit of connecting, the host-key check and the login.
+    pub ssh_connect_timeout: Duration,
+    /// The limit of running the identification script.
+    pub ssh_command_timeout: Duration,
 }
 
 impl Default for DiscoveryConfig {
@@ -170,6 +176,8 @@ impl Default for DiscoveryConfig {
             ssh_port: 22,
             ssh_sys_root: PathBuf::from("/"),
             ssh_known_hosts: None,
+            ssh_connect_timeout: Duration::from_secs(5),
+            ssh_command_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -397,6 +405,8 @@ fn discovery_from(r: &mut Reader<'_>, d: DiscoveryConfig) -> DiscoveryConfig {
             .raw("ssh_known_hosts")
             .filter(|k| !k.is_empty())
             .map(PathBuf::from),
+        ssh_connect_timeout: duration(r, "ssh_connect_timeout", d.ssh_connect_timeout),
+        ssh_command_timeout: duration(r, "ssh_command_timeout", d.ssh_command_timeout),
     }
 }
 

@@ -2,6 +2,7 @@
 //! one place with its name and help text. Counters are registered without
 //! the `_total` suffix, which the text encoder appends.
 
+use crate::discovery::announce::AnnounceStats;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -32,6 +33,8 @@ pub struct Metrics {
     pub robot_discovery_duration_seconds: Histogram,
     pub robots_discovered: Counter,
     pub ssh_host_key_mismatches: Counter,
+    /// The passive side of discovery (beacons, answers, mDNS).
+    pub announce: AnnounceStats,
     pub robot_state_transitions: Family<TransitionLabels, Counter>,
     pub active_robots: Gauge,
     pub failed_robots: Gauge,
@@ -63,6 +66,7 @@ impl Metrics {
             robot_discovery_duration_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             robots_discovered: Counter::default(),
             ssh_host_key_mismatches: Counter::default(),
+            announce: AnnounceStats::default(),
             robot_state_transitions: Family::default(),
             active_robots: Gauge::default(),
             failed_robots: Gauge::default(),
@@ -96,6 +100,40 @@ impl Metrics {
             "Hosts whose SSH host key differed from the one recorded (flagged, not trusted)",
             m.ssh_host_key_mismatches.clone(),
         );
+        for (name, help, counter) in [
+            (
+                "discovery_beacons",
+                "Agent beacons received",
+                &m.announce.beacons,
+            ),
+            (
+                "discovery_beacon_answers",
+                "Answers sent to agents' beacons",
+                &m.announce.answers,
+            ),
+            (
+                "discovery_beacon_answers_throttled",
+                "Beacon answers not sent because the source was answered moments ago",
+                &m.announce.answers_throttled,
+            ),
+            (
+                "discovery_bad_datagrams",
+                "Datagrams on the beacon port that were not a beacon",
+                &m.announce.bad_datagrams,
+            ),
+            (
+                "discovery_mdns_resolved",
+                "Agents resolved over mDNS",
+                &m.announce.mdns_resolved,
+            ),
+            (
+                "discovery_mdns_bad",
+                "mDNS services of agents whose record could not be used",
+                &m.announce.mdns_bad,
+            ),
+        ] {
+            registry.register(name, help, counter.clone());
+        }
         registry.register(
             "robot_state_transitions",
             "Lifecycle transitions stored, by from and to state",

@@ -147,7 +147,7 @@ impl Components {
                 fleet: fleet.clone(),
             }));
         }
-        let sightings = Sightings::new();
+        let sightings = Sightings::with_stats(metrics.announce.clone());
         let lan = &config.discovery;
         if lan.enable_mdns || lan.enable_udp_broadcast {
             sources.push(Box::new(AnnouncedAgents {
@@ -169,6 +169,8 @@ impl Components {
                 settings.user = lan.ssh_user.clone();
                 settings.port = lan.ssh_port;
                 settings.sys_root = lan.ssh_sys_root.clone();
+                settings.connect_timeout = lan.ssh_connect_timeout;
+                settings.command_timeout = lan.ssh_command_timeout;
                 Some(Arc::new(
                     SshProbe::new(settings).context("cannot set up the SSH fallback")?,
                 ))

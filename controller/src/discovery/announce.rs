@@ -23,9 +23,9 @@ use kiwi_protocol::beacon::{self, Answer, Beacon, ControllerTxt, Datagram};
 use kiwi_protocol::version::{self, ProtocolVersion};
 use kiwi_protocol::{RobotId, RobotType};
 use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent, ServiceInfo};
+use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
@@ -170,23 +170,24 @@ impl AgentSighting {
     }
 }
 
-/// Counters of the passive side, for metrics and tests.
-#[derive(Debug, Default)]
+/// Counters of the passive side: exported as metrics (the controller's
+/// `Metrics` registers these very counters), read by tests. Clones share.
+#[derive(Debug, Default, Clone)]
 pub struct AnnounceStats {
-    pub beacons: AtomicU64,
-    pub answers: AtomicU64,
+    pub beacons: Counter,
+    pub answers: Counter,
     /// Answers not sent because the source was answered moments ago.
-    pub answers_throttled: AtomicU64,
+    pub answers_throttled: Counter,
     /// Datagrams on the beacon port that were not a beacon.
-    pub bad_datagrams: AtomicU64,
-    pub mdns_resolved: AtomicU64,
+    pub bad_datagrams: Counter,
+    pub mdns_resolved: Counter,
     /// `_kiwi-agent._tcp` services whose record could not be used.
-    pub mdns_bad: AtomicU64,
+    pub mdns_bad: Counter,
 }
 
 impl AnnounceStats {
-    fn add(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+    fn add(counter: &Counter) {
+        counter.inc();
     }
 }
 
@@ -199,7 +200,7 @@ type SightingMap = HashMap<(RobotId, Method), (Instant, AgentSighting)>;
 pub struct Sightings {
     map: Arc<Mutex<SightingMap>>,
     events: broadcast::Sender<AgentSighting>,
-    stats: Arc<AnnounceStats>,
+    stats: AnnounceStats,
 }
 
 impl Default for Sightings {
@@ -210,10 +211,15 @@ impl Default for Sightings {
 
 impl Sightings {
     pub fn new() -> Self {
+        Self::with_stats(AnnounceStats::default())
+    }
+
+    /// Counting into `stats` (e.g. the counters the metrics export).
+    pub fn with_stats(stats: AnnounceStats) -> Self {
         Self {
             map: Arc::default(),
             events: broadcast::channel(1024).0,
-            stats: Arc::default(),
+            stats,
         }
     }
 
@@ -766,9 +772,9 @@ mod tests {
         }
         // In order: the answer means every earlier datagram was handled.
         let stats = sightings.stats();
-        assert_eq!(stats.bad_datagrams.load(Ordering::Relaxed), 2);
-        assert_eq!(stats.beacons.load(Ordering::Relaxed), 2);
-        assert_eq!(stats.answers.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.bad_datagrams.get(), 2);
+        assert_eq!(stats.beacons.get(), 2);
+        assert_eq!(stats.answers.get(), 1);
         let seen = sightings.snapshot(DEFAULT_SIGHTING_TTL);
         assert_eq!(seen.len(), 2);
         assert!(seen.iter().all(|s| s.ip == IpAddr::from([127, 0, 0, 1])));

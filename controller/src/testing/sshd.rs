@@ -201,6 +201,14 @@ impl SshdFixture {
         self.listen
     }
 
+    /// Makes sshd listen on `listen` instead (a robot whose address
+    /// changed): rewrites the configuration; a running sshd keeps the old
+    /// address until restarted.
+    pub fn set_listen(&mut self, listen: SocketAddr) -> anyhow::Result<()> {
+        self.listen = listen;
+        self.write_config()
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir().join("sshd_config")
     }
