@@ -363,8 +363,11 @@ impl Config {
                 "enable_ssh_fallback needs the private key the controller logs in with",
             );
         }
-        if !lan.ssh_sys_root.is_absolute() {
-            r.error("ssh_sys_root", "must be an absolute path");
+        if crate::discovery::ssh::validate_sys_root(&lan.ssh_sys_root).is_err() {
+            r.error(
+                "ssh_sys_root",
+                "must be an absolute path of letters, digits and . _ - + / only",
+            );
         }
         if !(1..=4096).contains(&lan.sweep_concurrency) {
             r.error("sweep_concurrency", "must be between 1 and 4096");
