@@ -33,6 +33,10 @@
 //! [`Lan::legacy_robot`] starts a real OpenSSH server in a robot namespace,
 //! posing as a robot without the kiwi agent (see [`LegacyRobot`]).
 //!
+//! Wi-Fi-like conditions: [`Lan::set_loss`] drops frames at the switch;
+//! [`Lan::set_delay`] delays a robot's packets through NFQUEUE and the
+//! `kiwi-netdelay` program (this kernel has no `tc netem`).
+//!
 //! Creating namespaces needs root; every LAN test starts with
 //! `if !lan_tests_enabled() { return; }` (see [`lan_tests_enabled`]).
 
@@ -271,6 +275,35 @@ impl Lan {
             .with_context(|| format!("cannot set the loss to {percent}%"))
     }
 
+    /// Gives the host in namespace `ns` (one of this LAN's robots) the
+    /// address `to` instead of `from`, as a new DHCP lease would: `eth0`
+    /// keeps its MAC, and programs bound to `from` stop working (restart
+    /// them). `to` must be a host address of 10.88.0.0/24 above those the
+    /// LAN's hosts start with (10.88.0.(robots + 2) and up), so that it is
+    /// unused unless a test already moved a host there.
+    pub fn change_address(&self, ns: &str, from: Ipv4Addr, to: Ipv4Addr) -> anyhow::Result<()> {
+        let [a, b, c, d] = to.octets();
+        ensure!(
+            [a, b, c] == [10, 88, 0] && usize::from(d) > self.robots + 1 && d < 255,
+            "{to} is not a free host address of this LAN (10.88.0.{}-254)",
+            self.robots + 2
+        );
+        let mut command = self.command(ns, "ip");
+        command.args(["-batch", "-"]);
+        // The old address goes first: deleting a primary address also
+        // deletes the secondaries of its subnet.
+        run_with_stdin(
+            command,
+            &format!(
+                "addr del {from}/24 dev eth0
+                 addr add {to}/24 brd + dev eth0
+                 route replace default dev eth0
+"
+            ),
+        )
+        .with_context(|| format!("cannot move {ns} from {from} to {to}"))
+    }
+
     /// Starts a legacy robot on host `i`: a real OpenSSH server on
     /// 10.88.0.(i+1):22 that lets `root` in with the key `authorized_key`
     /// (a public key line), with the robot's identifying files under
@@ -445,11 +478,181 @@ impl Lan {
     fn teardown(&self) {
         remove_namespaces(&self.namespaces());
     }
+
+    /// Delays robot `robot`'s traffic like a Wi-Fi link: every IPv4 packet
+    /// that leaves or enters its `eth0` is held for `delay` plus a uniform
+    /// jitter in `[-jitter, +jitter]`, so a round trip between the robot
+    /// and another host takes about twice `delay`. Packets of one flow
+    /// keep their order; different flows may be reordered. ARP is not
+    /// delayed. `jitter` must not exceed `delay`.
+    ///
+    /// The `kiwi-netdelay` program (found like the other binaries, see
+    /// [`crate::process::binary`]) binds NFQUEUE queue 0 in the robot's
+    /// namespace, then iptables rules in its OUTPUT and INPUT chains send
+    /// `eth0`'s packets there, with `--queue-bypass`: if the program dies,
+    /// packets pass undelayed. One delay per robot at a time (a second
+    /// cannot bind the queue); dropping the [`DelayGuard`] removes the
+    /// rules and stops the program.
+    pub fn set_delay(
+        &self,
+        robot: usize,
+        delay: Duration,
+        jitter: Duration,
+    ) -> anyhow::Result<DelayGuard> {
+        ensure!(
+            jitter <= delay,
+            "the jitter ({jitter:?}) must not exceed the delay ({delay:?})"
+        );
+        let ns = self.robot(robot);
+        let dir = tempfile::Builder::new()
+            .prefix("kiwi-netdelay-")
+            .tempdir()
+            .context("cannot make a directory for kiwi-netdelay's log")?;
+        let log = dir.path().join("kiwi-netdelay.log");
+        let millis = |d: Duration| format!("{}", d.as_secs_f64() * 1000.0);
+        let mut command = self.command(&ns, crate::process::binary("kiwi-netdelay"));
+        command
+            .args(["--queue", &DELAY_QUEUE.to_string()])
+            .args(["--delay", &millis(delay)])
+            .args(["--jitter", &millis(jitter)]);
+        let program = Proc::spawn(&format!("kiwi-netdelay in {ns}"), command, &log);
+        // From here on, a failure drops the guard, which undoes the rest.
+        let mut guard = DelayGuard {
+            ns,
+            rules: Vec::new(),
+            program: Some(program),
+            log,
+            _dir: dir,
+        };
+        guard.wait_until_bound()?;
+        for rule in delay_rules() {
+            iptables(&guard.ns, "-I", &rule)
+                .with_context(|| format!("cannot add the delay rule in {}", guard.ns))?;
+            guard.rules.push(rule);
+        }
+        Ok(guard)
+    }
 }
 
 impl Drop for Lan {
     fn drop(&mut self) {
         self.teardown();
+    }
+}
+
+/// The NFQUEUE queue number the delay uses (queues are per namespace).
+const DELAY_QUEUE: u16 = 0;
+
+/// How long `kiwi-netdelay` may take to bind its queue.
+const NETDELAY_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long `kiwi-netdelay` may take to release what it holds and exit.
+const NETDELAY_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The iptables rules (chain first) that send a robot's `eth0` traffic to
+/// the delay queue.
+fn delay_rules() -> [Vec<String>; 2] {
+    let rule = |chain: &str, direction: &str| {
+        [chain, direction, "eth0", "-j", "NFQUEUE", "--queue-num"]
+            .into_iter()
+            .map(str::to_string)
+            .chain([DELAY_QUEUE.to_string(), "--queue-bypass".to_string()])
+            .collect()
+    };
+    [rule("OUTPUT", "-o"), rule("INPUT", "-i")]
+}
+
+/// `iptables -w <op> <rule>` in namespace `ns` (iptables-nft or legacy,
+/// whichever `iptables` is here; both have NFQUEUE).
+fn iptables(ns: &str, op: &str, rule: &[String]) -> anyhow::Result<()> {
+    let output = Command::new("ip")
+        .args(["netns", "exec", ns, "iptables", "-w", op])
+        .args(rule)
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run iptables")?;
+    ensure!(
+        output.status.success(),
+        "iptables {op} {} failed ({}): {}",
+        rule.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(())
+}
+
+/// A robot's delay (see [`Lan::set_delay`]). Dropping it removes the
+/// iptables rules, then stops `kiwi-netdelay` with SIGTERM (it releases
+/// the packets it holds first), or SIGKILL if it does not exit in time.
+#[derive(Debug)]
+pub struct DelayGuard {
+    /// The robot's namespace.
+    ns: String,
+    /// The rules installed so far.
+    rules: Vec<Vec<String>>,
+    /// `None` once stopped.
+    program: Option<Proc>,
+    log: PathBuf,
+    /// Holds the log; removed on drop.
+    _dir: tempfile::TempDir,
+}
+
+impl DelayGuard {
+    /// What `kiwi-netdelay` logged so far.
+    pub fn log(&self) -> String {
+        log_tail(&self.log, usize::MAX)
+    }
+
+    /// Waits until `kiwi-netdelay` says it has bound its queue: only then
+    /// may the rules go in, or packets would bypass it.
+    fn wait_until_bound(&mut self) -> anyhow::Result<()> {
+        let ready = format!("kiwi-netdelay: queue {DELAY_QUEUE} bound");
+        let deadline = Instant::now() + NETDELAY_START_TIMEOUT;
+        let program = self.program.as_mut().expect("started");
+        loop {
+            if fs::read_to_string(&self.log).is_ok_and(|log| log.contains(&ready)) {
+                return Ok(());
+            }
+            if let Some(status) = program.exit_status() {
+                bail!(
+                    "kiwi-netdelay in {} exited ({status}):\n{}",
+                    self.ns,
+                    log_tail(&self.log, 20)
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "kiwi-netdelay in {} did not bind its queue within {NETDELAY_START_TIMEOUT:?}:\n{}",
+                    self.ns,
+                    log_tail(&self.log, 20)
+                );
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+}
+
+impl Drop for DelayGuard {
+    fn drop(&mut self) {
+        report_log_on_panic(&format!("kiwi-netdelay in {}", self.ns), &self.log);
+        // A LAN dropped first took the namespace, its rules and the
+        // program with it.
+        if netns_path(&self.ns).exists() {
+            for rule in std::mem::take(&mut self.rules) {
+                if let Err(e) = iptables(&self.ns, "-D", &rule) {
+                    eprintln!("kiwi-tests: {e:#}");
+                }
+            }
+        }
+        let Some(mut program) = self.program.take() else {
+            return;
+        };
+        program.signal(libc::SIGTERM);
+        let deadline = Instant::now() + NETDELAY_STOP_TIMEOUT;
+        while program.exit_status().is_none() && Instant::now() < deadline {
+            std::thread::sleep(POLL_INTERVAL);
+        }
+        // Dropping `program` kills it if it is still there.
     }
 }
 
@@ -516,6 +719,20 @@ impl LegacyRobot {
             .fixture
             .new_host_key()
             .context("cannot make a new host key")?;
+        self.start(lan)
+    }
+
+    /// Moves the robot to address `new_ip` (see [`Lan::change_address`]:
+    /// its DHCP lease changed) and restarts its sshd there, with the same
+    /// host key and files; returns once the new sshd accepts connections.
+    /// `ip` is updated.
+    pub fn move_to(&mut self, lan: &Lan, new_ip: Ipv4Addr) -> anyhow::Result<()> {
+        self.stop();
+        lan.change_address(&self.ns, self.ip, new_ip)?;
+        self.ip = new_ip;
+        self.fixture
+            .set_listen(SocketAddr::from((new_ip, 22)))
+            .context("cannot rewrite sshd's configuration")?;
         self.start(lan)
     }
 

@@ -1,8 +1,9 @@
 //! The simulated LAN itself: every robot is reachable from the controller
 //! namespace with the MAC it was given, broadcasts reach the robots, a full
 //! /24 builds and leaves nothing behind (also when a test panics), legacy
-//! robots accept SSH key logins, and loss rules cut a robot off and give it
-//! back. These tests need root (`KIWI_LAN_TESTS=skip` skips them).
+//! robots accept SSH key logins, loss rules cut a robot off and give it
+//! back, and a delay slows a robot down until its guard drops. These tests
+//! need root (`KIWI_LAN_TESTS=skip` skips them).
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -543,4 +544,85 @@ fn full_loss_cuts_a_robot_off_and_no_loss_restores_it() {
             Err(_) => {}
         }
     }
+}
+
+/// `samples` TCP connect round trips from the controller namespace to
+/// `listener` (on robot 1), each connection accepted and closed before
+/// the next; sorted.
+fn connect_round_trips(lan: &Lan, listener: &TcpListener, samples: usize) -> Vec<Duration> {
+    let addr = SocketAddr::from((Lan::robot_ip(1), PORT));
+    let mut round_trips = lan.in_namespace(lan.ctl(), || {
+        (0..samples)
+            .map(|_| {
+                let started = Instant::now();
+                let stream = connect(addr, secs(5))
+                    .unwrap_or_else(|e| panic!("robot 1 ({addr}) does not answer: {e}"));
+                let took = started.elapsed();
+                drop(accept_within(listener, secs(5)));
+                drop(stream);
+                took
+            })
+            .collect::<Vec<_>>()
+    });
+    round_trips.sort();
+    round_trips
+}
+
+#[test]
+fn a_delay_slows_a_robot_down_and_its_guard_restores_it() {
+    if !lan_tests_enabled() {
+        return;
+    }
+    const SAMPLES: usize = 21;
+    let delay = Duration::from_millis(50);
+    let jitter = Duration::from_millis(10);
+    let lan = Lan::build(2).expect("build the LAN");
+    let listener = listen_on_robot(&lan, 1);
+
+    let guard = lan
+        .set_delay(1, delay, jitter)
+        .expect("delay robot 1's traffic");
+    let mut iptables = lan.command(&lan.robot(1), "iptables");
+    iptables.arg("-S");
+    let rules = String::from_utf8(output_within(iptables, secs(10)).stdout).expect("utf-8");
+    assert_eq!(
+        rules.matches("-j NFQUEUE").count(),
+        2,
+        "one rule per direction:\n{rules}"
+    );
+    let delayed = connect_round_trips(&lan, &listener, SAMPLES);
+    let median = delayed[SAMPLES / 2];
+    eprintln!(
+        "connect round trips with {delay:?} ± {jitter:?} each way: min {:?}, median {median:?}, max {:?}",
+        delayed[0],
+        delayed[SAMPLES - 1]
+    );
+    assert!(
+        median >= Duration::from_millis(40),
+        "median round trip {median:?} with a {delay:?} delay: {delayed:?}"
+    );
+    // The SYN (in) and the SYN-ACK (out) are each held at least
+    // `delay - jitter`: a lower bound, whatever the machine's load.
+    assert!(
+        delayed[0] >= 2 * (delay - jitter),
+        "a round trip took {:?}, less than two one-way delays: {delayed:?}",
+        delayed[0]
+    );
+
+    drop(guard);
+    let mut iptables = lan.command(&lan.robot(1), "iptables");
+    iptables.arg("-S");
+    let rules = String::from_utf8(output_within(iptables, secs(10)).stdout).expect("utf-8");
+    assert!(!rules.contains("NFQUEUE"), "rules left behind:\n{rules}");
+    let restored = connect_round_trips(&lan, &listener, SAMPLES);
+    let median = restored[SAMPLES / 2];
+    eprintln!(
+        "connect round trips after the guard dropped: min {:?}, median {median:?}, max {:?}",
+        restored[0],
+        restored[SAMPLES - 1]
+    );
+    assert!(
+        median < Duration::from_millis(10),
+        "median round trip {median:?} after the delay was removed: {restored:?}"
+    );
 }

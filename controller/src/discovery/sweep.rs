@@ -31,6 +31,7 @@ use super::{Outcome, Sighting};
 use futures_util::StreamExt;
 pub use ipnet::Ipv4Net;
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -408,19 +409,24 @@ pub async fn sweep(settings: &SweepSettings) -> Result<SweepReport, SweepError> 
         .filter(|ip| agent.get(ip).is_none_or(|s| !s.proves_host()))
         .copied()
         .collect();
+    let probe_ports = |targets: &[Ipv4Addr], port: u16| {
+        let timeout = settings.connect_timeout;
+        with_second_chance(
+            targets.to_vec(),
+            settings.concurrency.div_ceil(2),
+            move |ip, again| {
+                let timeout = if again {
+                    timeout.max(SECOND_CHANCE_TIMEOUT)
+                } else {
+                    timeout
+                };
+                probe(ip, port, timeout)
+            },
+        )
+    };
     let (agent_probed, ssh) = tokio::join!(
-        connect_all(
-            &agent_unknown,
-            settings.agent_port,
-            settings.connect_timeout,
-            settings.concurrency.div_ceil(2),
-        ),
-        connect_all(
-            &hosts,
-            settings.ssh_port,
-            settings.connect_timeout,
-            settings.concurrency.div_ceil(2),
-        ),
+        probe_ports(&agent_unknown, settings.agent_port),
+        probe_ports(&hosts, settings.ssh_port),
     );
     agent.extend(agent_probed);
 
@@ -458,6 +464,51 @@ pub async fn connect_all(
         .buffer_unordered(concurrency.max(1))
         .collect()
         .await
+}
+
+/// How long the second chance of a port probe may take: past the kernel's
+/// first retransmit (1 s) of a lost ARP request (the sweep's own ARP does
+/// not fill the kernel's neighbour table, so the connect resolves the
+/// address again).
+pub const SECOND_CHANCE_TIMEOUT: Duration = Duration::from_millis(1200);
+
+/// Probes a port of every live host, `concurrency` at a time, and probes
+/// again, once, those that gave no answer (`probe(ip, true)`: the second
+/// time): the host is known to be there, so silence is most likely an ARP
+/// exchange, SYN or SYN-ACK lost on a lossy link (the kernel's own
+/// retransmits come only after 1 s, past the first probe's timeout), and a
+/// port missed this way would leave a robot unidentified for the whole
+/// round. An answer (open or refused) is final. Costs nothing when every
+/// live host answers.
+async fn with_second_chance<F, Fut>(
+    targets: Vec<Ipv4Addr>,
+    concurrency: usize,
+    probe: F,
+) -> BTreeMap<Ipv4Addr, PortState>
+where
+    F: Fn(Ipv4Addr, bool) -> Fut,
+    Fut: Future<Output = PortState>,
+{
+    let probe = &probe;
+    let probe_all = |targets: Vec<Ipv4Addr>, again: bool| {
+        futures_util::stream::iter(targets)
+            .map(move |ip| {
+                let fut = probe(ip, again);
+                async move { (ip, fut.await) }
+            })
+            .buffer_unordered(concurrency.max(1))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let mut states = probe_all(targets, false).await;
+    let silent: Vec<Ipv4Addr> = states
+        .iter()
+        .filter(|(_, s)| **s == PortState::Silent)
+        .map(|(ip, _)| *ip)
+        .collect();
+    if !silent.is_empty() {
+        states.extend(probe_all(silent, true).await);
+    }
+    states
 }
 
 /// One connect, closed at once.
@@ -652,6 +703,59 @@ mod tests {
         assert_eq!(s.mac_address.as_deref(), Some("02:88:00:00:00:02"));
         assert_eq!(s.outcome, Outcome::Live);
         assert!(s.robot_id.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_silent_port_gets_a_second_chance_and_an_answer_is_final() {
+        use std::sync::Mutex;
+        // .2 is lost once then open, .3 silent twice, .4 refused, .5 open.
+        let calls: Mutex<Vec<Ipv4Addr>> = Mutex::default();
+        let states = with_second_chance(
+            vec![
+                ip("10.88.0.2"),
+                ip("10.88.0.3"),
+                ip("10.88.0.4"),
+                ip("10.88.0.5"),
+            ],
+            2,
+            |target, again| {
+                let mut calls = calls.lock().unwrap();
+                calls.push(target);
+                let tries = calls.iter().filter(|c| **c == target).count();
+                assert_eq!(again, tries == 2, "the second probe is marked as such");
+                let state = match (target.octets()[3], tries) {
+                    (2, 1) | (3, _) => PortState::Silent,
+                    (4, _) => PortState::Closed,
+                    _ => PortState::Open,
+                };
+                async move { state }
+            },
+        )
+        .await;
+        assert_eq!(
+            states.into_iter().collect::<Vec<_>>(),
+            vec![
+                (ip("10.88.0.2"), PortState::Open),
+                (ip("10.88.0.3"), PortState::Silent),
+                (ip("10.88.0.4"), PortState::Closed),
+                (ip("10.88.0.5"), PortState::Open),
+            ]
+        );
+        let mut calls = calls.into_inner().unwrap();
+        calls.sort();
+        assert_eq!(
+            calls,
+            [
+                "10.88.0.2",
+                "10.88.0.2",
+                "10.88.0.3",
+                "10.88.0.3",
+                "10.88.0.4",
+                "10.88.0.5"
+            ]
+            .map(ip),
+            "only the silent ones are probed again, once"
+        );
     }
 
     #[tokio::test]

@@ -42,12 +42,27 @@
 //!    Redis hits. Baselines: a raw Redis `GET` of the same key and a
 //!    PostgreSQL primary-key read of the same row of `robot_states`.
 //!
+//! LAN discovery, on the simulated LAN of `kiwi_tests::lan` (network
+//! namespaces; needs root, else, or with `KIWI_LAN_TESTS=skip`, its rows
+//! say "not measured"), with the release binaries next to this executable
+//! (`kiwi_tests::process::binary`; `KIWI_TESTS_BIN_DIR` overrides):
+//!
+//! 8. A whole-/24 discovery round (40 agents, 10 legacy robots identified
+//!    over SSH, 203 empty addresses), its recorded `duration_ms`, each
+//!    round checked for completeness. Baselines, interleaved: `arp-scan`
+//!    in the controller namespace with its defaults and with
+//!    `-r 1 -t 100`. The neighbour table is flushed before each.
+//! 9. Agent start → robot seen by beacon and resolved by mDNS, by the
+//!    controller's passive discovery running in-process in the controller
+//!    namespace. Baseline: `kiwi-agent --version` in the robot namespace.
+//!
 //! `--quick` shrinks the sample counts (a smoke run for CI; figures from it
 //! are not meant to be kept). Every loop is bounded in count and in time.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::future::IntoFuture as _;
-use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdTcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
@@ -60,6 +75,7 @@ use axum::http::{Request, StatusCode};
 use futures_util::StreamExt as _;
 use kiwi_controller::cache::RobotCache;
 use kiwi_controller::config::Config;
+use kiwi_controller::discovery::announce::{self, AnnounceSettings, Method, Sightings};
 use kiwi_controller::domain::decide::CommandIntent;
 use kiwi_controller::domain::event::IdentityFacts;
 use kiwi_controller::domain::{
@@ -73,13 +89,17 @@ use kiwi_controller::serve::Components;
 use kiwi_controller::serve::redact;
 use kiwi_controller::store::postgres::{ACQUIRE_TIMEOUT, PostgresStore};
 use kiwi_controller::store::{Append, EventStore};
+use kiwi_controller::testing::sshd::ClientKey;
 use kiwi_protocol::message::{
     AgentHealth, HealthStatus, NetCounters, Report, Telemetry, WorkloadState,
 };
 use kiwi_protocol::{HardwareId, RobotId};
+use kiwi_tests::lan::{Lan, LegacyKind, LegacyRobot, OPT_OUT_VAR};
+use kiwi_tests::lan_fleet::{AGENT_URL, LanAgent, LanController};
 use kiwi_tests::services::{
     TestDatabase, database_server_url, pg_connect, redis_connect, redis_server_url,
 };
+use serde_json::Value;
 use sqlx::Connection as _;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use tokio::sync::mpsc;
@@ -156,6 +176,11 @@ struct Sizes {
     storage_robots: usize,
     /// Reads of each kind from the Redis-backed controller.
     cache_gets: usize,
+    /// Whole-/24 discovery rounds on the simulated LAN (and as many runs
+    /// of each `arp-scan` variant).
+    lan_rounds: usize,
+    /// Announcing agents started one at a time on the simulated LAN.
+    lan_announce_agents: usize,
     /// The most time one measurement loop may take.
     budget: Duration,
 }
@@ -174,6 +199,8 @@ impl Sizes {
                 group_rounds: 2,
                 storage_robots: 500,
                 cache_gets: 2_000,
+                lan_rounds: 2,
+                lan_announce_agents: 3,
                 budget: Duration::from_secs(10),
             }
         } else {
@@ -188,6 +215,8 @@ impl Sizes {
                 group_rounds: 5,
                 storage_robots: 1_000,
                 cache_gets: 20_000,
+                lan_rounds: 5,
+                lan_announce_agents: 10,
                 budget: Duration::from_secs(90),
             }
         }
@@ -269,15 +298,15 @@ async fn run(args: &Args) -> Result<()> {
 
     let (storage_rows, storage_info) = storage(&sizes, &services, work.path()).await?;
 
-    let md = markdown(
-        args,
-        &sizes,
-        &rows,
-        &storage_rows,
-        &storage_info,
-        created_in,
-        started.elapsed(),
-    );
+    let lan_rows = lan_discovery(sizes).await?;
+
+    let tables = Tables {
+        rows,
+        storage_rows,
+        storage_info,
+        lan_rows,
+    };
+    let md = markdown(args, &sizes, &tables, created_in, started.elapsed());
     std::fs::write(&args.out, &md)
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     print!("{md}");
@@ -2013,6 +2042,563 @@ async fn cached_get(
     })
 }
 
+// ------------------------------------------- LAN discovery (needs root)
+
+/// Hosts of the /24 that run `kiwi-agent` (1..=40) and legacy robots with
+/// only sshd (41..=50), as in `tests/tests/lan_discovery.rs`.
+const LAN_AGENTS: usize = 40;
+const LAN_LEGACY: usize = 10;
+/// Addresses a sweep of 10.88.0.0/24 decides: all but the network, the
+/// broadcast and the controller's own.
+const LAN_ADDRESSES: usize = 253;
+/// How long the LAN's setup steps (sshd, controller, agents connecting) and
+/// one round or one announce may take before the run is abandoned.
+const LAN_DEADLINE: Duration = Duration::from_secs(60);
+/// The poll interval of "is the round done yet" (API wall time, context).
+const ROUND_POLL: Duration = Duration::from_millis(5);
+
+const LAN_METRICS: [&str; 3] = [
+    "Discovery of a /24: 50 robots (10 legacy over SSH), 203 empty addresses",
+    "Agent start → robot seen by beacon",
+    "Agent start → robot resolved by mDNS",
+];
+
+/// Why the LAN section cannot run here, if it cannot: it builds network
+/// namespaces, which needs root; `KIWI_LAN_TESTS=skip` skips it too.
+fn lan_unavailable() -> Option<String> {
+    if std::env::var(OPT_OUT_VAR).is_ok_and(|v| v.trim() == "skip") {
+        return Some(format!("{OPT_OUT_VAR}=skip"));
+    }
+    (!nix::unistd::geteuid().is_root()).then(|| "not root".to_string())
+}
+
+/// The LAN rows, written as "not measured" when the section cannot run.
+fn lan_not_measured(why: &str) -> Vec<Row> {
+    LAN_METRICS
+        .iter()
+        .map(|metric| Row {
+            metric: (*metric).into(),
+            kiwi: "not measured: needs root".into(),
+            baseline: "—".into(),
+            ratio: "—".into(),
+            target: if metric.starts_with("Discovery") {
+                "p50 ≤ 1.0 s".into()
+            } else {
+                "—".into()
+            },
+            met: None,
+            note: format!(
+                "not measured in this run ({why}): the simulated LAN is built from network \
+                 namespaces, which needs root"
+            ),
+        })
+        .collect()
+}
+
+/// The LAN section: the simulated LAN of `kiwi_tests::lan` with the real
+/// (release) binaries found next to this executable. Blocking: run it on a
+/// blocking thread. A harness panic (a LAN that cannot be built, a
+/// controller that does not start) comes back as an error.
+async fn lan_discovery(sizes: Sizes) -> Result<Vec<Row>> {
+    if let Some(why) = lan_unavailable() {
+        progress(&format!(
+            "LAN discovery: SKIPPED ({why}): it needs root for network namespaces; \
+             its rows say \"not measured\""
+        ));
+        return Ok(lan_not_measured(&why));
+    }
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        progress(&format!(
+            "LAN 1/2 discovery of 10.88.0.0/24 vs arp-scan ({})",
+            lan_binary("kiwi-controller").display()
+        ));
+        let discovery = lan_full_discovery(&sizes)?;
+        progress("LAN 2/2 agent start -> seen by beacon and resolved by mDNS");
+        let announce = lan_announce(&sizes, &handle)?;
+        Ok(std::iter::once(discovery).chain(announce).collect())
+    })
+    .await
+    .map_err(|e| anyhow!("the LAN section panicked (see above): {e}"))?
+}
+
+/// `kiwi_tests::process::binary`, which the harness uses: next to this
+/// executable (the release build), unless `KIWI_TESTS_BIN_DIR` says
+/// otherwise.
+fn lan_binary(name: &str) -> PathBuf {
+    kiwi_tests::process::binary(name)
+}
+
+/// Empties the controller namespace's neighbour table, so that a sweep or
+/// an `arp-scan` starts with no cached address.
+fn flush_neighbours(ctl: &str) -> Result<()> {
+    let status = Command::new("ip")
+        .args(["-n", ctl, "neigh", "flush", "all"])
+        .stdin(Stdio::null())
+        .status()
+        .context("cannot run ip neigh flush")?;
+    ensure!(status.success(), "ip -n {ctl} neigh flush all: {status}");
+    Ok(())
+}
+
+/// One `arp-scan -I eth0 10.88.0.0/24 <extra>` in the controller namespace:
+/// its wall time (spawn → exit, `ip netns exec` included) and the
+/// addresses it found.
+fn arp_scan(lan: &Lan, extra: &[&str]) -> Result<(Duration, BTreeSet<Ipv4Addr>)> {
+    flush_neighbours(lan.ctl())?;
+    let mut command = lan.command(lan.ctl(), "arp-scan");
+    command
+        .args(["-I", "eth0"])
+        .args(extra)
+        .arg("10.88.0.0/24")
+        .stdin(Stdio::null());
+    let t0 = Instant::now();
+    let output = command
+        .output()
+        .context("cannot run arp-scan (Debian package `arp-scan`)")?;
+    let took = t0.elapsed();
+    ensure!(
+        output.status.success(),
+        "arp-scan {extra:?} failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    // Lines "10.88.0.2\t02:88:00:00:00:02\t(vendor)"; the rest is banner.
+    let found = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| l.split('\t').next()?.parse::<Ipv4Addr>().ok())
+        .collect();
+    Ok((took, found))
+}
+
+/// One discovery round through the API, in the controller namespace, the
+/// neighbour table flushed just before: the session and the API's wall
+/// time from the POST to seeing the round done.
+fn lan_round(lan: &Lan, controller: &LanController) -> Result<(Value, Duration)> {
+    let ctl = lan.ctl().to_string();
+    controller.with_api(lan, move |api| async move {
+        flush_neighbours(&ctl)?;
+        let t0 = Instant::now();
+        let resp = api
+            .http()
+            .post(api.url("/api/v2/discover"))
+            .send()
+            .await
+            .context("POST /api/v2/discover")?;
+        ensure!(
+            resp.status() == reqwest::StatusCode::ACCEPTED,
+            "POST /api/v2/discover answered {}",
+            resp.status()
+        );
+        let body: Value = resp.json().await?;
+        let id = body["session_id"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no session id in {body}"))?
+            .to_string();
+        let path = format!("/api/v2/discoveries/{id}");
+        loop {
+            let followed: Value = api.get_json(&path).await?;
+            if followed["status"] == "done" {
+                return Ok((followed["session"].clone(), t0.elapsed()));
+            }
+            ensure!(
+                t0.elapsed() < LAN_DEADLINE,
+                "round {id} not done within {LAN_DEADLINE:?}: {followed}"
+            );
+            tokio::time::sleep(ROUND_POLL).await;
+        }
+    })
+}
+
+/// Checks that a round found exactly the 50 hosts, identified every agent
+/// host and every legacy robot over SSH (type and MAC included); its
+/// `duration_ms`.
+fn check_round(session: &Value, agents: &[LanAgent], legacy: &[LegacyRobot]) -> Result<Duration> {
+    let mut by_ip: BTreeMap<&str, Vec<&Value>> = BTreeMap::new();
+    for r in session["results"]
+        .as_array()
+        .ok_or_else(|| anyhow!("a session without results: {session}"))?
+    {
+        let ip = r["ip_address"]
+            .as_str()
+            .ok_or_else(|| anyhow!("a result without an address: {r}"))?;
+        by_ip.entry(ip).or_default().push(r);
+    }
+    let hosts: BTreeSet<String> = (1..=LAN_AGENTS + LAN_LEGACY)
+        .map(|i| Lan::robot_ip(i).to_string())
+        .collect();
+    let seen: BTreeSet<String> = by_ip.keys().map(|ip| (*ip).to_string()).collect();
+    ensure!(
+        seen == hosts,
+        "the round did not report exactly the {} hosts: missing {:?}, phantoms {:?}",
+        hosts.len(),
+        hosts.difference(&seen).collect::<Vec<_>>(),
+        seen.difference(&hosts).collect::<Vec<_>>()
+    );
+    for a in agents {
+        let ip = Lan::robot_ip(a.index).to_string();
+        let id = a.robot_id.to_string();
+        ensure!(
+            by_ip[ip.as_str()]
+                .iter()
+                .any(|r| r["outcome"] == "identified" && r["robot_id"] == id.as_str()),
+            "agent host {ip} not identified as {id}: {:?}",
+            by_ip[ip.as_str()]
+        );
+    }
+    for l in legacy {
+        let ip = l.ip.to_string();
+        let id = kiwi_tests::robot_id_for_serial(&l.serial).to_string();
+        let kind = match l.kind {
+            LegacyKind::LeKiwi => "lekiwi",
+            LegacyKind::Xlerobot => "xlerobot",
+        };
+        ensure!(
+            by_ip[ip.as_str()].iter().any(|r| r["method"] == "ssh"
+                && r["outcome"] == "identified"
+                && r["robot_id"] == id.as_str()
+                && r["robot_type"] == kind
+                && r["mac_address"].is_string()),
+            "legacy robot {ip} not identified over SSH as a {kind} ({id}): {:?}",
+            by_ip[ip.as_str()]
+        );
+    }
+    let ms = session["duration_ms"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("a session without duration_ms: {session}"))?;
+    Ok(Duration::from_millis(ms))
+}
+
+/// Checks the controller's log line of sweep `n` (1-based): every address
+/// of the /24 decided, by the sweep's own ARP.
+fn check_sweep_log(log: &str, n: usize) -> Result<()> {
+    let line = log
+        .lines()
+        .filter(|l| l.contains("sweep done"))
+        .nth(n - 1)
+        .ok_or_else(|| anyhow!("no \"sweep done\" line for round {n} in the controller's log"))?;
+    ensure!(
+        line.contains(&format!("\"decided\":{LAN_ADDRESSES}")) && line.contains("\"arp\":true"),
+        "round {n} did not decide all {LAN_ADDRESSES} addresses by ARP: {line}"
+    );
+    Ok(())
+}
+
+/// Figure LAN 1: whole-/24 discovery rounds against `arp-scan`, interleaved.
+fn lan_full_discovery(sizes: &Sizes) -> Result<Row> {
+    let setup = Instant::now();
+    let lan = Lan::build(LAN_AGENTS + LAN_LEGACY)?;
+    let key = ClientKey::generate().context("cannot make an SSH client key")?;
+    let legacy: Vec<LegacyRobot> = (LAN_AGENTS + 1..=LAN_AGENTS + LAN_LEGACY)
+        .map(|i| {
+            let kind = if i % 2 == 1 {
+                LegacyKind::LeKiwi
+            } else {
+                LegacyKind::Xlerobot
+            };
+            lan.legacy_robot(i, kind, &key.public_key)
+                .with_context(|| format!("legacy robot {i}"))
+        })
+        .collect::<Result<_>>()?;
+    let key_path = key.private_key.display().to_string();
+    let controller = LanController::start(
+        &lan,
+        &[
+            ("DISCOVERY_NETWORKS", "10.88.0.0/24"),
+            ("DISCOVERY_INTERVAL", "0s"),
+            ("ENABLE_SSH_FALLBACK", "true"),
+            ("SSH_KEY", &key_path),
+            ("SSH_SYS_ROOT", "/run/kiwi-robot"),
+        ],
+        LAN_DEADLINE,
+    );
+    let mut agents: Vec<LanAgent> = (1..=LAN_AGENTS).map(LanAgent::new).collect();
+    for agent in &mut agents {
+        agent.start(&lan, AGENT_URL, &[]);
+    }
+    let ids: Vec<Uuid> = agents.iter().map(|a| a.robot_id).collect();
+    controller.with_api(&lan, move |api| async move {
+        for id in ids {
+            kiwi_tests::wait_ready_and_connected(&api, id, LAN_DEADLINE).await;
+        }
+    });
+    progress(&format!(
+        "  LAN up: {LAN_AGENTS} agents connected, {LAN_LEGACY} legacy sshd robots, in {}",
+        fmt_duration(setup.elapsed())
+    ));
+
+    let hosts: BTreeSet<Ipv4Addr> = (1..=LAN_AGENTS + LAN_LEGACY).map(Lan::robot_ip).collect();
+    let fast: [&str; 4] = ["-r", "1", "-t", "100"];
+    let mut kiwi = Vec::new();
+    let mut api_walls = Vec::new();
+    let mut scan_default = Vec::new();
+    let mut scan_fast = Vec::new();
+    for n in 1..=sizes.lan_rounds {
+        // Rotate which of the three goes first, so none is always right
+        // after another's traffic.
+        for step in 0..3 {
+            match (n + step) % 3 {
+                0 => {
+                    let (took, found) = arp_scan(&lan, &[])?;
+                    ensure!(
+                        found == hosts,
+                        "arp-scan (defaults) found {} addresses, not the {} hosts: {found:?}",
+                        found.len(),
+                        hosts.len()
+                    );
+                    scan_default.push(took);
+                }
+                1 => {
+                    let (took, found) = arp_scan(&lan, &fast)?;
+                    ensure!(
+                        found == hosts,
+                        "arp-scan -r 1 -t 100 found {} addresses, not the {} hosts: {found:?}",
+                        found.len(),
+                        hosts.len()
+                    );
+                    scan_fast.push(took);
+                }
+                _ => {
+                    let (session, wall) = lan_round(&lan, &controller)?;
+                    let took = check_round(&session, &agents, &legacy)
+                        .with_context(|| format!("discovery round {n}"))?;
+                    check_sweep_log(&controller.log_text(), n)?;
+                    progress(&format!(
+                        "  round {n}: duration_ms {} (API wall {}), all {} hosts, {} legacy over SSH",
+                        took.as_millis(),
+                        fmt_duration(wall),
+                        hosts.len(),
+                        legacy.len()
+                    ));
+                    kiwi.push(took);
+                    api_walls.push(wall);
+                }
+            }
+        }
+        progress(&format!(
+            "  arp-scan round {n}: defaults {}, -r 1 -t 100 {}",
+            fmt_duration(scan_default[n - 1]),
+            fmt_duration(scan_fast[n - 1])
+        ));
+    }
+    let first = kiwi[0];
+    let k = Stats::of(kiwi)?;
+    let api = Stats::of(api_walls)?;
+    let d = Stats::of(scan_default)?;
+    let f = Stats::of(scan_fast)?;
+    drop(agents);
+    drop(controller);
+    drop(legacy);
+    drop(lan);
+    Ok(Row {
+        metric: LAN_METRICS[0].into(),
+        kiwi: format!("round `duration_ms`: {}", k.show()),
+        baseline: format!(
+            "`arp-scan -I eth0 10.88.0.0/24`, defaults: {}; with `-r 1 -t 100`: {}",
+            d.show(),
+            f.show()
+        ),
+        ratio: format!(
+            "{} vs defaults · {} vs `-r 1 -t 100`",
+            ratio(k.p50, d.p50, "p50"),
+            ratio(k.p50, f.p50, "p50")
+        ),
+        target: "p50 ≤ 1.0 s".into(),
+        met: Some(k.p50 <= Duration::from_secs(1)),
+        note: format!(
+            "the simulated LAN of `kiwi_tests::lan` (network namespaces, one bridge): \
+             10.88.0.0/24 with {LAN_AGENTS} hosts running the release `kiwi-agent` (connected), \
+             {LAN_LEGACY} legacy robots running only OpenSSH (LeKiwi and XLERobot alternately) \
+             and 203 empty addresses; a release `kiwi-controller serve` in the controller \
+             namespace with `DISCOVERY_NETWORKS=10.88.0.0/24` and the SSH fallback, each round \
+             started with `POST /api/v2/discover`. The figure is the session's `duration_ms` \
+             (all discovery sources, the sweep and the SSH identifications included); each \
+             round is checked to report exactly the 50 hosts, every agent host identified, \
+             all {LAN_LEGACY} legacy robots identified over SSH (id, type and MAC), and the \
+             sweep to have decided all {LAN_ADDRESSES} addresses by ARP, else the run fails. \
+             The API's wall time from the POST to seeing the round done (polled every {} ms) \
+             was {}. Before every kiwi round and every `arp-scan` the controller namespace's \
+             neighbour table is flushed (`ip -n <ctl> neigh flush all`), so neither starts \
+             from a warm ARP cache; the agents' own traffic can refill it during a round. The \
+             controller's SSH known hosts are empty before round 1 (the 10 host keys are \
+             learnt and the 10 robots created then: {}) and warm after it. `arp-scan` runs in \
+             the controller namespace (`ip netns exec`, whose start is in its wall time), is \
+             checked to find exactly the 50 hosts each time, and only finds addresses: it \
+             identifies nothing. The three alternate, {} rounds each",
+            ROUND_POLL.as_millis(),
+            api.show(),
+            fmt_duration(first),
+            sizes.lan_rounds
+        ),
+    })
+}
+
+/// Figure LAN 2: `kiwi-agent run` with `KIWI_AGENT_ANNOUNCE=true`, one at
+/// a time, against the controller's passive discovery (beacon listener and
+/// mDNS browse) running in-process in the controller namespace.
+fn lan_announce(sizes: &Sizes, rt: &tokio::runtime::Handle) -> Result<Vec<Row>> {
+    let n = sizes.lan_announce_agents;
+    let lan = Lan::build(n)?;
+    let sightings = Sightings::new();
+    let shutdown = CancellationToken::new();
+    let mut settings = AnnounceSettings::new(SocketAddr::from((Lan::ctl_ip(), 8765)));
+    settings.mdns = true;
+    settings.beacon = true;
+    let (s, token) = (sightings.clone(), shutdown.clone());
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let passive = lan.spawn_in(lan.ctl(), move || async move {
+        match announce::start(settings, s, token).await {
+            Ok(announcer) => {
+                let _ = ready_tx.send(Ok(()));
+                announcer.run().await;
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(anyhow!("{e}")));
+            }
+        }
+    });
+    let outcome = ready
+        .recv_timeout(LAN_DEADLINE)
+        .context("the passive discovery did not start")
+        .and_then(|started| started.context("cannot start the passive discovery"))
+        .and_then(|()| announce_samples(&lan, n, &sightings, rt));
+    shutdown.cancel();
+    let _ = passive.join();
+    drop(lan);
+    let samples = outcome?;
+    let floor = Stats::of(samples.floors)?;
+    let b = Stats::of(samples.beacons)?;
+    let m = Stats::of(samples.mdns)?;
+    let baseline = format!(
+        "`kiwi-agent --version` spawn → exit in the robot namespace: {}",
+        floor.show()
+    );
+    let common = format!(
+        "{n} robots of the simulated LAN, one at a time: a release `kiwi-agent run` with \
+         `KIWI_AGENT_ANNOUNCE=true` (default beacon interval, a fixed controller address that \
+         is not answering: announcing does not wait for a connection) started in the robot's \
+         namespace with `ip netns exec`; the controller's passive discovery \
+         (`kiwi_controller::discovery::announce`, beacon listener and mDNS browse, as \
+         `ENABLE_UDP_BROADCAST` and `ENABLE_MDNS` run it) in-process in the controller \
+         namespace; from just before the spawn to the `seen_at` of the robot's first \
+         sighting by that method. Baseline: `ip netns exec <robot> kiwi-agent --version`, \
+         spawn → exit, before each agent"
+    );
+    Ok(vec![
+        Row {
+            metric: LAN_METRICS[1].into(),
+            kiwi: b.show(),
+            baseline: baseline.clone(),
+            ratio: ratio(b.p50, floor.p50, "p50"),
+            target: "—".into(),
+            met: None,
+            note: format!("{common}; the first beacon goes out as the announcer starts"),
+        },
+        Row {
+            metric: LAN_METRICS[2].into(),
+            kiwi: m.show(),
+            baseline,
+            ratio: ratio(m.p50, floor.p50, "p50"),
+            target: "—".into(),
+            met: None,
+            note: format!(
+                "{common}; the agent registers its service without RFC 6762 probing (its \
+                 instance and host names are unique per robot), so it is announced at once; \
+                 with probing it would come 0.75–1 s later"
+            ),
+        },
+    ])
+}
+
+/// Per agent: spawn → exit of `kiwi-agent --version` (the floor), and
+/// spawn → first sighting by beacon and by mDNS.
+#[derive(Debug, Default)]
+struct AnnounceSamples {
+    floors: Vec<Duration>,
+    beacons: Vec<Duration>,
+    mdns: Vec<Duration>,
+}
+
+/// Agents 1..=`n` started one at a time: for each, the version floor and
+/// the times from spawn to the first beacon and the first mDNS sighting.
+fn announce_samples(
+    lan: &Lan,
+    n: usize,
+    sightings: &Sightings,
+    rt: &tokio::runtime::Handle,
+) -> Result<AnnounceSamples> {
+    let mut samples = AnnounceSamples::default();
+    for i in 1..=n {
+        let floor = version_floor_in(lan, &lan.robot(i))?;
+        let mut agent = LanAgent::new(i);
+        let id = RobotId(agent.robot_id);
+        let mut events = sightings.subscribe();
+        let spawned = chrono::Utc::now();
+        // A fixed controller that is not there: announcing does not
+        // depend on being connected.
+        agent.start(lan, "ws://10.88.0.1:1", &[("KIWI_AGENT_ANNOUNCE", "true")]);
+        let seen = rt.block_on(async {
+            let mut seen: BTreeMap<&'static str, chrono::DateTime<chrono::Utc>> = BTreeMap::new();
+            let deadline = tokio::time::Instant::now() + LAN_DEADLINE;
+            while seen.len() < 2 {
+                match tokio::time::timeout_at(deadline, events.recv()).await {
+                    Ok(Ok(s)) if s.robot_id == id => {
+                        seen.entry(s.method.as_str()).or_insert(s.seen_at);
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => bail!("sightings: {e}"),
+                    Err(_) => bail!(
+                        "agent {i} not seen by both beacon and mDNS within \
+                         {LAN_DEADLINE:?} (seen by {:?}); its log:\n{}",
+                        seen.keys().collect::<Vec<_>>(),
+                        agent.log_text()
+                    ),
+                }
+            }
+            Ok(seen)
+        })?;
+        let since = |method: Method| -> Result<Duration> {
+            let at = seen[method.as_str()];
+            (at - spawned)
+                .to_std()
+                .map_err(|_| anyhow!("agent {i} seen by {} before it started", method.as_str()))
+        };
+        let (b, m) = (since(Method::Beacon)?, since(Method::Mdns)?);
+        progress(&format!(
+            "  agent {i}: beacon {}, mDNS {} (floor {})",
+            fmt_duration(b),
+            fmt_duration(m),
+            fmt_duration(floor)
+        ));
+        samples.floors.push(floor);
+        samples.beacons.push(b);
+        samples.mdns.push(m);
+        agent.stop();
+    }
+    Ok(samples)
+}
+
+/// Spawn → exit of `ip netns exec <ns> kiwi-agent --version`: the floor of
+/// starting the agent in a robot namespace at all.
+fn version_floor_in(lan: &Lan, ns: &str) -> Result<Duration> {
+    let mut command = lan.command(ns, lan_binary("kiwi-agent"));
+    command
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let t0 = Instant::now();
+    let status = command
+        .status()
+        .context("cannot run kiwi-agent --version")?;
+    let took = t0.elapsed();
+    ensure!(
+        status.success(),
+        "kiwi-agent --version exited with {status}"
+    );
+    Ok(took)
+}
+
 // ------------------------------------------------------------ report
 
 /// The machine the figures come from.
@@ -2088,15 +2674,30 @@ fn table(md: &mut String, rows: &[Row]) {
     }
 }
 
+/// The figures of a run, by section.
+#[derive(Debug)]
+struct Tables {
+    /// Loopback and in-process figures (1–4).
+    rows: Vec<Row>,
+    storage_rows: Vec<Row>,
+    storage_info: StorageInfo,
+    /// The simulated LAN (8–9), or "not measured" rows.
+    lan_rows: Vec<Row>,
+}
+
 fn markdown(
     args: &Args,
     sizes: &Sizes,
-    rows: &[Row],
-    storage_rows: &[Row],
-    storage: &StorageInfo,
+    tables: &Tables,
     created_in: Duration,
     total: Duration,
 ) -> String {
+    let Tables {
+        rows,
+        storage_rows,
+        storage_info: storage,
+        lan_rows,
+    } = tables;
     let mut md = String::new();
     let _ = writeln!(md, "# Benchmarks\n");
     let _ = writeln!(
@@ -2129,8 +2730,17 @@ fn markdown(
         storage.pool_size
     );
     table(&mut md, storage_rows);
+    let _ = writeln!(md, "\n## LAN discovery (simulated LAN)\n");
+    let _ = writeln!(
+        md,
+        "A robot LAN built from network namespaces on this machine (`kiwi_tests::lan`: one \
+         bridge, the controller at 10.88.0.1, robots at 10.88.0.2 and up, no loss), with the \
+         release `kiwi-controller` and `kiwi-agent` and real OpenSSH servers as legacy robots. \
+         Needs root; without it these rows say \"not measured\".\n"
+    );
+    table(&mut md, lan_rows);
     let _ = writeln!(md, "\n## How each figure is measured\n");
-    for r in rows.iter().chain(storage_rows) {
+    for r in rows.iter().chain(storage_rows).chain(lan_rows) {
         let _ = writeln!(md, "- **{}**: {}.", r.metric, r.note);
     }
     let _ = writeln!(
