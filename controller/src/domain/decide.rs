@@ -542,6 +542,47 @@ mod tests {
         );
     }
 
+    /// Two robots that swap addresses stay two robots: each is decided by
+    /// its own id, and each records its new address.
+    #[test]
+    fn robots_that_swap_addresses_keep_their_ids() {
+        let mut clock = 0;
+        let sighted = |host: &str, hw: &str, ip: &str| {
+            let mut f = facts(host);
+            f.hardware_id = hw.into();
+            f.ip_address = Some(ip.into());
+            Input::HostSighted {
+                facts: f,
+                method: "ssh".into(),
+            }
+        };
+        let a = apply_all(
+            None,
+            &decide(None, sighted("a", "pi-serial:a", "10.0.0.1"), AUTO).unwrap(),
+            &mut clock,
+        )
+        .unwrap();
+        let b = apply_all(
+            None,
+            &decide(None, sighted("b", "pi-serial:b", "10.0.0.2"), AUTO).unwrap(),
+            &mut clock,
+        )
+        .unwrap();
+        let d = decide(Some(&a), sighted("a", "pi-serial:a", "10.0.0.2"), AUTO).unwrap();
+        let a = apply_all(Some(a), &d, &mut clock).unwrap();
+        let d = decide(Some(&b), sighted("b", "pi-serial:b", "10.0.0.1"), AUTO).unwrap();
+        let b = apply_all(Some(b), &d, &mut clock).unwrap();
+        assert_eq!(
+            (a.hostname.as_str(), a.ip_address.as_deref()),
+            ("a", Some("10.0.0.2"))
+        );
+        assert_eq!(
+            (b.hostname.as_str(), b.ip_address.as_deref()),
+            ("b", Some("10.0.0.1"))
+        );
+        assert_eq!((a.version, b.version), (2, 2), "one identity change each");
+    }
+
     #[test]
     fn failed_provisioning_fails_the_robot() {
         let r = robot_in(Provisioning);
