@@ -7,8 +7,10 @@
 
 use crate::Api;
 use crate::agent::{prepare_lekiwi_sys_root, robot_id_for_serial, test_serial};
-use crate::lan::Lan;
+use crate::lan::{Lan, LegacyKind, LegacyRobot};
 use crate::process::{Proc, binary, log_tail};
+use anyhow::Context as _;
+use kiwi_controller::testing::sshd::ClientKey;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -217,5 +219,67 @@ impl LanAgent {
             .as_ref()
             .map(LanProcess::log_text)
             .unwrap_or_default()
+    }
+}
+
+/// The discovery LAN of the acceptance tests and the benchmark: hosts
+/// `1..=agents` run `kiwi-agent` (connected and ready when `start`
+/// returns), the next `legacy` hosts are legacy robots (odd host numbers a
+/// LeKiwi, even an XLERobot) that let the controller in with `key`, and the
+/// controller sweeps 10.88.0.0/24 and identifies legacy robots over SSH,
+/// with rounds on demand only. Processes stop before the LAN goes.
+#[derive(Debug)]
+pub struct DiscoveryLan {
+    pub agents: Vec<LanAgent>,
+    pub legacy: Vec<LegacyRobot>,
+    pub controller: LanController,
+    pub key: ClientKey,
+    pub lan: Lan,
+}
+
+impl DiscoveryLan {
+    pub fn start(agents: usize, legacy: usize, deadline: Duration) -> anyhow::Result<DiscoveryLan> {
+        let lan = Lan::build(agents + legacy)?;
+        let key = ClientKey::generate().context("cannot make an SSH client key")?;
+        let legacy: Vec<LegacyRobot> = (agents + 1..=agents + legacy)
+            .map(|i| {
+                let kind = if i % 2 == 1 {
+                    LegacyKind::LeKiwi
+                } else {
+                    LegacyKind::Xlerobot
+                };
+                lan.legacy_robot(i, kind, &key.public_key)
+                    .with_context(|| format!("legacy robot {i}"))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let key_path = key.private_key.display().to_string();
+        let controller = LanController::start(
+            &lan,
+            &[
+                ("DISCOVERY_NETWORKS", "10.88.0.0/24"),
+                ("DISCOVERY_INTERVAL", "0s"),
+                ("ENABLE_SSH_FALLBACK", "true"),
+                ("SSH_KEY", &key_path),
+                ("SSH_SYS_ROOT", "/run/kiwi-robot"),
+            ],
+            deadline,
+        );
+        let mut agents: Vec<LanAgent> = (1..=agents).map(LanAgent::new).collect();
+        for agent in &mut agents {
+            agent.start(&lan, AGENT_URL, &[]);
+        }
+        let ids: Vec<Uuid> = agents.iter().map(|a| a.robot_id).collect();
+        controller.with_api(&lan, move |api| async move {
+            for id in ids {
+                crate::wait_ready_and_connected(&api, id, deadline).await;
+            }
+        });
+        Ok(DiscoveryLan {
+            agents,
+            legacy,
+            controller,
+            key,
+            lan,
+        })
     }
 }

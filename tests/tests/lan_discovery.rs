@@ -9,7 +9,7 @@
 
 use kiwi_controller::testing::sshd::ClientKey;
 use kiwi_tests::lan::{Lan, LegacyKind, LegacyRobot, lan_tests_enabled};
-use kiwi_tests::lan_fleet::{AGENT_URL, LanAgent, LanController};
+use kiwi_tests::lan_fleet::{AGENT_URL, DiscoveryLan, LanAgent, LanController};
 use kiwi_tests::{
     Api, Event, Robot, State, robot_id_for_serial, wait_for_robot, wait_ready_and_connected,
     wait_until,
@@ -129,51 +129,16 @@ fn identified(session: &Value) -> BTreeMap<String, Uuid> {
     map
 }
 
-/// The LAN of the acceptance test: hosts 1..=40 with agents, 41..=50
-/// legacy (odd: LeKiwi, even: XLERobot), the controller sweeping the /24
-/// and identifying legacy robots over SSH.
+/// The LAN of the acceptance test (see [`DiscoveryLan`]): hosts 1..=40
+/// with agents, 41..=50 legacy.
 fn fleet() -> Fleet {
-    let lan = Lan::build(AGENTS + LEGACY).expect("build the LAN");
-    let key = ClientKey::generate().expect("a client key");
-    let legacy: Vec<LegacyRobot> = (AGENTS + 1..=AGENTS + LEGACY)
-        .map(|i| {
-            let kind = if i % 2 == 1 {
-                LegacyKind::LeKiwi
-            } else {
-                LegacyKind::Xlerobot
-            };
-            lan.legacy_robot(i, kind, &key.public_key)
-                .unwrap_or_else(|e| panic!("legacy robot {i}: {e:#}"))
-        })
-        .collect();
-    let key_path = key.private_key.display().to_string();
-    let controller = LanController::start(
-        &lan,
-        &[
-            ("DISCOVERY_NETWORKS", "10.88.0.0/24"),
-            ("DISCOVERY_INTERVAL", "0s"),
-            ("ENABLE_SSH_FALLBACK", "true"),
-            ("SSH_KEY", &key_path),
-            ("SSH_SYS_ROOT", "/run/kiwi-robot"),
-        ],
-        DEADLINE,
-    );
-    let mut agents: Vec<LanAgent> = (1..=AGENTS).map(LanAgent::new).collect();
-    for agent in &mut agents {
-        agent.start(&lan, AGENT_URL, &[]);
-    }
-    let ids: Vec<Uuid> = agents.iter().map(|a| a.robot_id).collect();
-    controller.with_api(&lan, move |api| async move {
-        for id in ids {
-            wait_ready_and_connected(&api, id, DEADLINE).await;
-        }
-    });
+    let d = DiscoveryLan::start(AGENTS, LEGACY, DEADLINE).expect("the discovery LAN");
     Fleet {
-        lan,
-        _key: key,
-        controller,
-        agents,
-        legacy,
+        lan: d.lan,
+        _key: d.key,
+        controller: d.controller,
+        agents: d.agents,
+        legacy: d.legacy,
     }
 }
 

@@ -89,13 +89,12 @@ use kiwi_controller::serve::Components;
 use kiwi_controller::serve::redact;
 use kiwi_controller::store::postgres::{ACQUIRE_TIMEOUT, PostgresStore};
 use kiwi_controller::store::{Append, EventStore};
-use kiwi_controller::testing::sshd::ClientKey;
 use kiwi_protocol::message::{
     AgentHealth, HealthStatus, NetCounters, Report, Telemetry, WorkloadState,
 };
 use kiwi_protocol::{HardwareId, RobotId};
 use kiwi_tests::lan::{Lan, LegacyKind, LegacyRobot, OPT_OUT_VAR};
-use kiwi_tests::lan_fleet::{AGENT_URL, LanAgent, LanController};
+use kiwi_tests::lan_fleet::{DiscoveryLan, LanAgent, LanController};
 use kiwi_tests::services::{
     TestDatabase, database_server_url, pg_connect, redis_connect, redis_server_url,
 };
@@ -2287,41 +2286,13 @@ fn check_sweep_log(log: &str, n: usize) -> Result<()> {
 /// Figure LAN 1: whole-/24 discovery rounds against `arp-scan`, interleaved.
 fn lan_full_discovery(sizes: &Sizes) -> Result<Row> {
     let setup = Instant::now();
-    let lan = Lan::build(LAN_AGENTS + LAN_LEGACY)?;
-    let key = ClientKey::generate().context("cannot make an SSH client key")?;
-    let legacy: Vec<LegacyRobot> = (LAN_AGENTS + 1..=LAN_AGENTS + LAN_LEGACY)
-        .map(|i| {
-            let kind = if i % 2 == 1 {
-                LegacyKind::LeKiwi
-            } else {
-                LegacyKind::Xlerobot
-            };
-            lan.legacy_robot(i, kind, &key.public_key)
-                .with_context(|| format!("legacy robot {i}"))
-        })
-        .collect::<Result<_>>()?;
-    let key_path = key.private_key.display().to_string();
-    let controller = LanController::start(
-        &lan,
-        &[
-            ("DISCOVERY_NETWORKS", "10.88.0.0/24"),
-            ("DISCOVERY_INTERVAL", "0s"),
-            ("ENABLE_SSH_FALLBACK", "true"),
-            ("SSH_KEY", &key_path),
-            ("SSH_SYS_ROOT", "/run/kiwi-robot"),
-        ],
-        LAN_DEADLINE,
-    );
-    let mut agents: Vec<LanAgent> = (1..=LAN_AGENTS).map(LanAgent::new).collect();
-    for agent in &mut agents {
-        agent.start(&lan, AGENT_URL, &[]);
-    }
-    let ids: Vec<Uuid> = agents.iter().map(|a| a.robot_id).collect();
-    controller.with_api(&lan, move |api| async move {
-        for id in ids {
-            kiwi_tests::wait_ready_and_connected(&api, id, LAN_DEADLINE).await;
-        }
-    });
+    let DiscoveryLan {
+        agents,
+        legacy,
+        controller,
+        key: _key,
+        lan,
+    } = DiscoveryLan::start(LAN_AGENTS, LAN_LEGACY, LAN_DEADLINE)?;
     progress(&format!(
         "  LAN up: {LAN_AGENTS} agents connected, {LAN_LEGACY} legacy sshd robots, in {}",
         fmt_duration(setup.elapsed())
