@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
+/// How often [`Api::discover`] asks whether its round is done.
+pub const DISCOVERY_POLL: Duration = Duration::from_millis(5);
+
 /// Any single API call must answer within this (the SSE stream excepted).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -314,6 +317,40 @@ impl Api {
         );
         serde_json::from_str(&raw.body)
             .with_context(|| format!("GET {path}: unexpected body {}", raw.body))
+    }
+
+    /// Starts a discovery round (`POST /api/v2/discover`, which must answer
+    /// 202) and follows it at `GET /api/v2/discoveries/{id}` (polled every
+    /// [`DISCOVERY_POLL`], for at most `deadline`) until it is recorded; the session.
+    pub async fn discover(&self, deadline: Duration) -> anyhow::Result<Value> {
+        let resp = self
+            .http
+            .post(self.url("/api/v2/discover"))
+            .send()
+            .await
+            .context("POST /api/v2/discover")?;
+        ensure!(
+            resp.status() == StatusCode::ACCEPTED,
+            "POST /api/v2/discover answered {}",
+            resp.status()
+        );
+        let body: Value = resp.json().await.context("body of POST /api/v2/discover")?;
+        let id = body["session_id"]
+            .as_str()
+            .with_context(|| format!("no session id in {body}"))?;
+        let path = format!("/api/v2/discoveries/{id}");
+        let started = std::time::Instant::now();
+        loop {
+            let followed: Value = self.get_json(&path).await?;
+            if followed["status"] == "done" {
+                return Ok(followed["session"].clone());
+            }
+            ensure!(
+                followed["status"] == "running" && started.elapsed() < deadline,
+                "round {id} not done within {deadline:?}: {followed}"
+            );
+            tokio::time::sleep(DISCOVERY_POLL).await;
+        }
     }
 
     /// One page of robots; `query` is the query string without `?`.

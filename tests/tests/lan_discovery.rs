@@ -12,7 +12,6 @@ use kiwi_tests::lan::{Lan, LegacyKind, LegacyRobot, lan_tests_enabled};
 use kiwi_tests::lan_fleet::{AGENT_URL, DiscoveryLan, LanAgent, LanController};
 use kiwi_tests::{
     Api, Event, Robot, State, robot_id_for_serial, wait_for_robot, wait_ready_and_connected,
-    wait_until,
 };
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -29,27 +28,9 @@ const LEGACY: usize = 10;
 /// Starts a discovery round through the API and follows it until it is
 /// recorded; the session.
 async fn discover(api: &Api) -> Value {
-    let resp = api
-        .http()
-        .post(api.url("/api/v2/discover"))
-        .send()
+    api.discover(DEADLINE)
         .await
-        .expect("POST /api/v2/discover");
-    assert_eq!(resp.status(), reqwest::StatusCode::ACCEPTED);
-    let body: Value = resp.json().await.expect("a JSON body");
-    let id = body["session_id"]
-        .as_str()
-        .expect("a session id")
-        .to_string();
-    wait_until(DEADLINE, || {
-        let path = format!("/api/v2/discoveries/{id}");
-        async move {
-            let followed: Value = api.get_json(&path).await?;
-            anyhow::ensure!(followed["status"] == "done", "{path}: {followed}");
-            Ok(followed["session"].clone())
-        }
-    })
-    .await
+        .expect("a recorded discovery round")
 }
 
 /// The results of a session, by address (several methods may report one

@@ -2053,9 +2053,6 @@ const LAN_ADDRESSES: usize = 253;
 /// How long the LAN's setup steps (sshd, controller, agents connecting) and
 /// one round or one announce may take before the run is abandoned.
 const LAN_DEADLINE: Duration = Duration::from_secs(60);
-/// The poll interval of "is the round done yet" (API wall time, context).
-const ROUND_POLL: Duration = Duration::from_millis(5);
-
 const LAN_METRICS: [&str; 3] = [
     "Discovery of a /24: 50 robots (10 legacy over SSH), 203 empty addresses",
     "Agent start → robot seen by beacon",
@@ -2178,34 +2175,8 @@ fn lan_round(lan: &Lan, controller: &LanController) -> Result<(Value, Duration)>
     controller.with_api(lan, move |api| async move {
         flush_neighbours(&ctl)?;
         let t0 = Instant::now();
-        let resp = api
-            .http()
-            .post(api.url("/api/v2/discover"))
-            .send()
-            .await
-            .context("POST /api/v2/discover")?;
-        ensure!(
-            resp.status() == reqwest::StatusCode::ACCEPTED,
-            "POST /api/v2/discover answered {}",
-            resp.status()
-        );
-        let body: Value = resp.json().await?;
-        let id = body["session_id"]
-            .as_str()
-            .ok_or_else(|| anyhow!("no session id in {body}"))?
-            .to_string();
-        let path = format!("/api/v2/discoveries/{id}");
-        loop {
-            let followed: Value = api.get_json(&path).await?;
-            if followed["status"] == "done" {
-                return Ok((followed["session"].clone(), t0.elapsed()));
-            }
-            ensure!(
-                t0.elapsed() < LAN_DEADLINE,
-                "round {id} not done within {LAN_DEADLINE:?}: {followed}"
-            );
-            tokio::time::sleep(ROUND_POLL).await;
-        }
+        let session = api.discover(LAN_DEADLINE).await?;
+        Ok((session, t0.elapsed()))
     })
 }
 
@@ -2396,7 +2367,7 @@ fn lan_full_discovery(sizes: &Sizes) -> Result<Row> {
              the controller namespace (`ip netns exec`, whose start is in its wall time), is \
              checked to find exactly the 50 hosts each time, and only finds addresses: it \
              identifies nothing. The three alternate, {} rounds each",
-            ROUND_POLL.as_millis(),
+            kiwi_tests::api::DISCOVERY_POLL.as_millis(),
             api.show(),
             fmt_duration(first),
             sizes.lan_rounds
