@@ -511,7 +511,7 @@ mod tests {
             "MemTotal: 1000 kB\nMemAvailable: 10 kB\n",
         );
         let cfg = crate::config::AgentConfig {
-            controller: "ws://127.0.0.1:1".parse().unwrap(),
+            controller: "127.0.0.1:1".parse().unwrap(),
             transport: crate::config::Transport::WebSocket,
             state_dir: state.path().to_path_buf(),
             sys_root: root.path().to_path_buf(),
@@ -522,6 +522,7 @@ mod tests {
             reconnect_base: Duration::from_millis(100),
             reconnect_cap: Duration::from_secs(1),
             announce: crate::config::AnnounceConfig::default(),
+            enroll_token: None,
         };
         let mut a = Agent::from_config(&cfg).unwrap();
         let r = a.observe(Instant::now()).await.unwrap();

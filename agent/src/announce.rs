@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// The file in the state directory that holds the last controller the
-/// agent was welcomed by (`ws://host:port/path`).
+/// agent was welcomed by (`wss://host:port/path`).
 pub const REMEMBERED_FILE: &str = "controller";
 
 /// The longest host name announced: keeps the TXT record's `host=` entry
@@ -84,8 +84,9 @@ pub struct AnnounceStats {
 // ---------------------------------------------------------------------
 // Pure parts.
 
-/// The beacon this agent sends (its `seq` and `seeking` change per send).
-pub fn beacon_template(identity: &Identity) -> Beacon {
+/// The beacon this agent sends (its `seq` and `seeking` change per send),
+/// with the fingerprint of the robot's key when it has one.
+pub fn beacon_template(identity: &Identity, key_fingerprint: Option<String>) -> Beacon {
     let mut hostname = identity.hostname.clone();
     if hostname.len() > MAX_ANNOUNCED_HOSTNAME {
         let mut end = MAX_ANNOUNCED_HOSTNAME;
@@ -100,7 +101,7 @@ pub fn beacon_template(identity: &Identity) -> Beacon {
         hostname,
         agent_version: identity.agent_version.chars().take(64).collect(),
         protocol_versions: version::SUPPORTED.to_vec(),
-        key_fingerprint: None,
+        key_fingerprint,
         listen_port: None,
         seq: 0,
         seeking: false,
@@ -208,7 +209,7 @@ pub fn found_from_service(
     let ip = sorted
         .first()
         .ok_or("the controller's service has no address")?;
-    let url = parse_controller(&format!("ws://{}:{port}{}", host_text(*ip), record.path))?;
+    let url = parse_controller(&format!("wss://{}:{port}{}", host_text(*ip), record.path))?;
     Ok(Found {
         url,
         via: Via::Mdns,
@@ -225,6 +226,30 @@ fn host_text(ip: IpAddr) -> String {
 
 /// The controller remembered in `state_dir`, if the file holds a valid
 /// address (a damaged file is ignored, with a warning).
+/// The controller to enroll with when `controller = "auto"`: the next one
+/// found on the LAN (a remembered one is not used: the robot has never
+/// been welcomed with its current credentials); `None` once `shutdown` is
+/// cancelled.
+pub async fn first_controller(
+    mut finds: watch::Receiver<Option<Found>>,
+    shutdown: &CancellationToken,
+) -> Option<ControllerUrl> {
+    tracing::info!("looking for a controller on the LAN to enroll with");
+    loop {
+        if let Some(found) = finds.borrow_and_update().as_ref() {
+            return Some(found.url.clone());
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            changed = finds.changed() => if changed.is_err() {
+                // Nothing will ever be found (announcing is off).
+                shutdown.cancelled().await;
+                return None;
+            },
+        }
+    }
+}
+
 pub fn read_remembered(state_dir: &Path) -> Option<ControllerUrl> {
     let path = state_dir.join(REMEMBERED_FILE);
     let text = match std::fs::read_to_string(&path) {
@@ -512,6 +537,7 @@ impl Lan {
 pub async fn start(
     announce: &AnnounceConfig,
     identity: &Identity,
+    key_fingerprint: Option<String>,
     seek: bool,
     connected: watch::Receiver<bool>,
     shutdown: CancellationToken,
@@ -520,7 +546,7 @@ pub async fn start(
     let stats = Arc::new(AnnounceStats::default());
     let mut tasks = JoinSet::new();
     if announce.enabled {
-        let template = beacon_template(identity);
+        let template = beacon_template(identity, key_fingerprint);
         let found = seek.then(|| found_tx.clone());
         tasks.spawn(run_mdns(template.clone(), found.clone(), shutdown.clone()));
         match beacon_socket().await {
@@ -601,7 +627,7 @@ fn seeking_signal(
 pub struct AutoConnector<C> {
     state_dir: PathBuf,
     finds: watch::Receiver<Option<Found>>,
-    make: fn(String) -> C,
+    make: Box<dyn Fn(&ControllerUrl) -> C + Send + Sync>,
     /// Tried first; cleared when it does not answer, set again after a
     /// welcome.
     remembered: Mutex<Option<ControllerUrl>>,
@@ -635,7 +661,7 @@ impl<C: Connector> AutoConnector<C> {
     pub fn new(
         state_dir: &Path,
         finds: watch::Receiver<Option<Found>>,
-        make: fn(String) -> C,
+        make: impl Fn(&ControllerUrl) -> C + Send + Sync + 'static,
     ) -> Self {
         let remembered = read_remembered(state_dir);
         if let Some(url) = &remembered {
@@ -644,7 +670,7 @@ impl<C: Connector> AutoConnector<C> {
         Self {
             state_dir: state_dir.to_path_buf(),
             finds,
-            make,
+            make: Box::new(make),
             remembered: Mutex::new(remembered),
             current: Mutex::new(None),
             find_timeout: Duration::from_secs(5),
@@ -700,7 +726,7 @@ impl<C: Connector> AutoConnector<C> {
     }
 
     async fn connect_to(&self, url: &ControllerUrl) -> Result<C::Conn, TransportError> {
-        let conn = (self.make)(url.endpoint()).connect().await?;
+        let conn = (self.make)(url).connect().await?;
         *lock(&self.current) = Some(url.clone());
         Ok(conn)
     }
@@ -859,15 +885,15 @@ mod tests {
         let id = Uuid::from_u128(7);
         let answer = Answer {
             controller_id: id,
-            agent_endpoint: "ws://10.88.0.1:8765/agent".into(),
+            agent_endpoint: "wss://10.88.0.1:8765/agent".into(),
             seq: 3,
         };
         let from: SocketAddr = "10.88.0.1:8766".parse().unwrap();
         let f = found_from_answer(&answer, from).unwrap();
-        assert_eq!(f.url.endpoint(), "ws://10.88.0.1:8765/agent");
+        assert_eq!(f.url.endpoint(), "wss://10.88.0.1:8765/agent");
         assert_eq!((f.via, f.controller_id), (Via::Beacon, Some(id)));
         let unspecified = Answer {
-            agent_endpoint: "ws://0.0.0.0:9000".into(),
+            agent_endpoint: "wss://0.0.0.0:9000".into(),
             ..answer.clone()
         };
         assert_eq!(
@@ -875,9 +901,9 @@ mod tests {
                 .unwrap()
                 .url
                 .endpoint(),
-            "ws://10.88.0.1:9000/agent"
+            "wss://10.88.0.1:9000/agent"
         );
-        for bad in ["auto", "http://x:1", "ws://h:0"] {
+        for bad in ["auto", "http://x:1", "wss://h:0"] {
             let a = Answer {
                 agent_endpoint: bad.into(),
                 ..answer.clone()
@@ -898,7 +924,7 @@ mod tests {
             "10.88.0.1".parse().unwrap(),
         ];
         let f = found_from_service(&addrs, 8765, get).unwrap();
-        assert_eq!(f.url.endpoint(), "ws://10.88.0.1:8765/agent");
+        assert_eq!(f.url.endpoint(), "wss://10.88.0.1:8765/agent");
         assert_eq!(f.via, Via::Mdns);
         assert!(found_from_service(&[], 8765, get).is_err());
         assert!(found_from_service(&addrs, 0, get).is_err());
@@ -906,7 +932,7 @@ mod tests {
         let v6: Vec<IpAddr> = vec!["fe80::1".parse().unwrap()];
         assert_eq!(
             found_from_service(&v6, 8765, get).unwrap().url.endpoint(),
-            "ws://[fe80::1]:8765/agent"
+            "wss://[fe80::1]:8765/agent"
         );
     }
 
@@ -914,7 +940,7 @@ mod tests {
     fn the_announcement_fits_its_limits() {
         let mut id = identity();
         id.hostname = "é".repeat(300);
-        let b = beacon_template(&id);
+        let b = beacon_template(&id, None);
         assert!(b.hostname.len() <= MAX_ANNOUNCED_HOSTNAME);
         beacon::encode(&Datagram::Beacon(b.clone())).unwrap();
         // Building the service info checks the TXT limits (and binds nothing).
@@ -930,7 +956,7 @@ mod tests {
     fn the_remembered_controller_survives_and_garbage_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(read_remembered(dir.path()), None);
-        let url = parse_controller("ws://10.88.0.1:8765/agent").unwrap();
+        let url = parse_controller("wss://10.88.0.1:8765/agent").unwrap();
         remember(dir.path(), &url).unwrap();
         assert_eq!(read_remembered(dir.path()), Some(url));
         std::fs::write(dir.path().join(REMEMBERED_FILE), "not a url").unwrap();
@@ -950,7 +976,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(run_beacon(
             socket,
-            beacon_template(&identity()),
+            beacon_template(&identity(), Some("sha256:ab".into())),
             BeaconOptions {
                 interval: Duration::from_secs(3600),
                 targets: Box::new(move || vec![target]),
@@ -974,7 +1000,7 @@ mod tests {
         controller.send_to(&buf[..len], agent).await.unwrap();
         let answer = Datagram::Answer(Answer {
             controller_id: Uuid::from_u128(9),
-            agent_endpoint: "ws://127.0.0.1:8765".into(),
+            agent_endpoint: "wss://127.0.0.1:8765".into(),
             seq: b.seq,
         });
         controller
@@ -987,7 +1013,7 @@ mod tests {
             .unwrap()
             .clone()
             .unwrap();
-        assert_eq!(f.url.endpoint(), "ws://127.0.0.1:8765/agent");
+        assert_eq!(f.url.endpoint(), "wss://127.0.0.1:8765/agent");
         assert_eq!(stats.bad_datagrams.load(Ordering::Relaxed), 2);
 
         // Connected: the next beacon (at once when seeking again) asks
@@ -1047,11 +1073,13 @@ mod tests {
     #[tokio::test]
     async fn auto_tries_the_remembered_controller_then_discovery() {
         let dir = tempfile::tempdir().unwrap();
-        let old = parse_controller("ws://10.0.0.1:1").unwrap();
-        let new = parse_controller("ws://10.0.0.2:2").unwrap();
+        let old = parse_controller("wss://10.0.0.1:1").unwrap();
+        let new = parse_controller("wss://10.0.0.2:2").unwrap();
         remember(dir.path(), &old).unwrap();
         let (found_tx, finds) = watch::channel(None);
-        let mut auto = AutoConnector::new(dir.path(), finds, |endpoint| FakeConnector { endpoint });
+        let mut auto = AutoConnector::new(dir.path(), finds, |url: &ControllerUrl| FakeConnector {
+            endpoint: url.endpoint(),
+        });
         auto.find_timeout = Duration::from_millis(50);
         *lock(&UP) = vec![old.endpoint()];
 
@@ -1080,7 +1108,9 @@ mod tests {
 
         // A restart starts from the remembered address.
         let (_tx, finds) = watch::channel(None);
-        let again = AutoConnector::new(dir.path(), finds, |endpoint| FakeConnector { endpoint });
+        let again = AutoConnector::new(dir.path(), finds, |url: &ControllerUrl| FakeConnector {
+            endpoint: url.endpoint(),
+        });
         lock(&TRIED).clear();
         again.connect().await.unwrap();
         assert_eq!(*lock(&TRIED), vec![new.endpoint()]);

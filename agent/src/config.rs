@@ -8,6 +8,7 @@
 
 use kiwi_protocol::RobotType;
 use kiwi_protocol::settings::{FieldError, FieldErrors, Layers, Origin, parse_duration};
+use kiwi_security::token::EnrollmentToken;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -48,6 +49,7 @@ pub const KEYS: &[&str] = &[
     "announce",
     "beacon_interval",
     "beacon_port",
+    "enroll_token",
 ];
 
 /// The flags of `kiwi-agent run`.
@@ -56,8 +58,8 @@ pub struct RunFlags {
     /// Config file (default /etc/kiwi/agent.toml, read only if it exists).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Controller address, ws://host:port[/path], or `auto` (find it on the
-    /// LAN by mDNS or the UDP beacon).
+    /// Controller address, host:port or wss://host:port[/path], or `auto`
+    /// (find it on the LAN by mDNS or the UDP beacon).
     #[arg(long, value_name = "URL")]
     pub controller: Option<String>,
     /// State directory (outbox, persisted flags).
@@ -68,7 +70,10 @@ pub struct RunFlags {
     pub sys_root: Option<PathBuf>,
 }
 
-/// The controller's WebSocket address, parsed from `ws://host[:port][/path]`.
+/// The controller's agent port, parsed from `host[:port]`,
+/// `wss://host[:port][/path]` or `quic://host[:port]`. Every link is TLS:
+/// the scheme only spells the address (the `transport` setting picks
+/// WebSocket or QUIC); `ws://` is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ControllerUrl {
     /// A host name or an IP address (IPv6 in brackets).
@@ -82,21 +87,42 @@ impl ControllerUrl {
     /// The path agents connect to when the address names none.
     pub const DEFAULT_PATH: &'static str = "/agent";
 
-    /// The URL the link connects to: the given path, or `/agent` when the
-    /// path is empty or `/`.
+    /// The agent port when an address names none (TCP and UDP).
+    pub const DEFAULT_PORT: u16 = 8765;
+
+    /// The WebSocket URL the link connects to: the given path, or `/agent`
+    /// when the path is empty or `/`.
     pub fn endpoint(&self) -> String {
         let path = if self.path.is_empty() || self.path == "/" {
             Self::DEFAULT_PATH
         } else {
             self.path.as_str()
         };
-        format!("ws://{}:{}{}", self.host, self.port, path)
+        format!("wss://{}:{}{}", self.host, self.port, path)
+    }
+
+    /// The enrollment URL on the same port.
+    pub fn enroll_endpoint(&self) -> String {
+        format!(
+            "https://{}:{}{}",
+            self.host,
+            self.port,
+            kiwi_security::enroll::ENROLL_PATH
+        )
+    }
+
+    /// The host without IPv6 brackets (for resolving and TLS).
+    pub fn bare_host(&self) -> &str {
+        self.host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(&self.host)
     }
 }
 
 impl fmt::Display for ControllerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ws://{}:{}{}", self.host, self.port, self.path)
+        write!(f, "wss://{}:{}{}", self.host, self.port, self.path)
     }
 }
 
@@ -156,38 +182,36 @@ pub fn parse_controller_setting(text: &str) -> Result<ControllerSetting, String>
     }
 }
 
-/// Parses a controller address, refusing with a clear message what this
-/// build cannot do yet (`wss://`, `quic://`) and `auto`, which only
+/// Parses a controller address (see [`ControllerUrl`]), refusing with a
+/// clear message `ws://` (links are always TLS) and `auto`, which only
 /// [`parse_controller_setting`] (`kiwi-agent run`) accepts.
 pub fn parse_controller(text: &str) -> Result<ControllerUrl, String> {
     let t = text.trim();
     if t.eq_ignore_ascii_case("auto") {
         return Err(
             "`auto` (LAN discovery of the controller) is only available to \
-             `kiwi-agent run`; give the controller's address as ws://host:port"
+             `kiwi-agent run`; give the controller's address as host:port"
                 .into(),
         );
     }
     let lower = t.to_ascii_lowercase();
-    if lower.starts_with("wss://") {
-        return Err(
-            "wss:// (WebSocket over TLS) is not supported by this build yet; \
-                    use ws://host:port"
-                .into(),
-        );
-    }
-    if lower.starts_with("quic://") {
-        return Err(
-            "quic:// (the QUIC transport) is not supported by this build yet; use ws://host:port"
-                .into(),
-        );
-    }
-    let rest = if lower.starts_with("ws://") {
-        &t[5..]
-    } else {
+    if lower.starts_with("ws://") {
         return Err(format!(
-            "invalid controller address {t:?} (expected ws://host:port[/path])"
+            "plain ws:// is not accepted: every link to the controller is TLS; \
+             use wss://{} or host:port",
+            &t[5..]
         ));
+    }
+    let rest = if lower.starts_with("wss://") {
+        &t[6..]
+    } else if lower.starts_with("quic://") {
+        &t[7..]
+    } else if lower.contains("://") {
+        return Err(format!(
+            "invalid controller address {t:?} (expected host:port or wss://host:port[/path])"
+        ));
+    } else {
+        t
     };
     let (authority, path) = match rest.find('/') {
         Some(i) => rest.split_at(i),
@@ -198,7 +222,7 @@ pub fn parse_controller(text: &str) -> Result<ControllerUrl, String> {
     }
     if authority.contains('@') || t.chars().any(char::is_whitespace) {
         return Err(format!(
-            "invalid controller address {t:?} (expected ws://host:port[/path])"
+            "invalid controller address {t:?} (expected host:port or wss://host:port[/path])"
         ));
     }
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
@@ -223,7 +247,7 @@ pub fn parse_controller(text: &str) -> Result<ControllerUrl, String> {
         return Err(format!("controller address {t:?} has no valid host"));
     }
     let port = match port {
-        None => 80,
+        None => ControllerUrl::DEFAULT_PORT,
         Some(p) => match p.parse::<u16>() {
             Ok(0) | Err(_) => return Err(format!("invalid port {p:?} in {t:?}")),
             Ok(port) => port,
@@ -236,26 +260,35 @@ pub fn parse_controller(text: &str) -> Result<ControllerUrl, String> {
     })
 }
 
-/// How the agent talks to the controller.
+/// How the agent talks to the controller (always over TLS).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
+    /// WebSocket over TLS (TCP).
     WebSocket,
+    /// QUIC (UDP).
+    Quic,
+    /// QUIC, falling back to WebSocket within a second when UDP is blocked.
+    Auto,
 }
 
-/// Parses `transport`: only `websocket` for now.
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "websocket",
+            Transport::Quic => "quic",
+            Transport::Auto => "auto",
+        }
+    }
+}
+
+/// Parses `transport`: `auto` (the default), `quic` or `websocket`.
 pub fn parse_transport(text: &str) -> Result<Transport, String> {
     match text.trim().to_ascii_lowercase().as_str() {
-        "websocket" | "ws" => Ok(Transport::WebSocket),
-        "quic" => {
-            Err("the QUIC transport is not supported by this build yet; use `websocket`".into())
-        }
-        "auto" => Err(
-            "transport `auto` needs the QUIC transport, which this build does not have yet; \
-             use `websocket`"
-                .into(),
-        ),
+        "websocket" | "ws" | "wss" => Ok(Transport::WebSocket),
+        "quic" => Ok(Transport::Quic),
+        "auto" => Ok(Transport::Auto),
         other => Err(format!(
-            "unknown transport {other:?} (expected `websocket`)"
+            "unknown transport {other:?} (expected `auto`, `quic` or `websocket`)"
         )),
     }
 }
@@ -318,6 +351,9 @@ pub struct AgentConfig {
     pub reconnect_base: Duration,
     pub reconnect_cap: Duration,
     pub announce: AnnounceConfig,
+    /// An enrollment token to enroll with when the robot has no
+    /// certificate yet (kept out of logs).
+    pub enroll_token: Option<EnrollmentToken>,
 }
 
 /// Why the configuration cannot be used. Every variant makes the process
@@ -385,7 +421,7 @@ pub fn from_layers(layers: &Layers) -> Result<AgentConfig, ConfigError> {
     let controller_missing = r.raw("controller").is_none();
     let transport = r
         .parse_with("transport", parse_transport)
-        .unwrap_or(Transport::WebSocket);
+        .unwrap_or(Transport::Auto);
     let state_dir = r
         .parse_with("state_dir", parse_dir)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
@@ -417,7 +453,7 @@ pub fn from_layers(layers: &Layers) -> Result<AgentConfig, ConfigError> {
     if controller_missing {
         r.error(
             "controller",
-            "required: the controller's address, ws://host:port, or `auto` \
+            "required: the controller's address, host:port, or `auto` \
              (set it in the file, with KIWI_AGENT_CONTROLLER or --controller)",
         );
     }
@@ -441,6 +477,16 @@ pub fn from_layers(layers: &Layers) -> Result<AgentConfig, ConfigError> {
             Err(e) => Err(format!("invalid port {s:?}: {e}")),
         })
         .unwrap_or(defaults.beacon_port);
+    let enroll_token = r
+        .parse_with("enroll_token", |t| {
+            if t.trim().is_empty() {
+                return Ok(None);
+            }
+            t.parse::<EnrollmentToken>()
+                .map(Some)
+                .map_err(|e| e.to_string())
+        })
+        .flatten();
     r.finish()?;
     // `finish` has already refused a missing or invalid controller; this
     // only keeps the types honest.
@@ -467,6 +513,7 @@ pub fn from_layers(layers: &Layers) -> Result<AgentConfig, ConfigError> {
             beacon_interval,
             beacon_port,
         },
+        enroll_token,
     })
 }
 
@@ -528,14 +575,14 @@ mod tests {
     #[test]
     fn file_env_and_flags_layer_in_order() {
         let (_f, mut flags) = flags_with_file(
-            "controller = \"ws://10.0.0.1:7000\"\nstate_dir = \"/from/file\"\n\
+            "controller = \"10.0.0.1:7000\"\nstate_dir = \"/from/file\"\n\
              report_interval = \"5s\"\nworkload_unit = \"lerobot-host.service\"\n",
         );
         flags.state_dir = Some("/from/flag".into());
         let cfg = load(
             &flags,
             env(&[
-                ("KIWI_AGENT_CONTROLLER", "ws://127.0.0.1:7100/x"),
+                ("KIWI_AGENT_CONTROLLER", "wss://127.0.0.1:7100/x"),
                 ("KIWI_AGENT_STATE_DIR", "/from/env"),
                 ("KIWI_AGENT_ROBOT_TYPE", "XLERobot"),
                 ("UNRELATED", "1"),
@@ -544,7 +591,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             cfg.controller.url().map(ControllerUrl::endpoint).as_deref(),
-            Some("ws://127.0.0.1:7100/x")
+            Some("wss://127.0.0.1:7100/x")
         );
         assert_eq!(cfg.state_dir, PathBuf::from("/from/flag"));
         assert_eq!(cfg.robot_type, Some(RobotType::Xlerobot));
@@ -554,7 +601,8 @@ mod tests {
         assert_eq!(cfg.outbox_capacity, DEFAULT_OUTBOX_CAPACITY);
         assert_eq!(cfg.reconnect_base, DEFAULT_RECONNECT_BASE);
         assert_eq!(cfg.reconnect_cap, DEFAULT_RECONNECT_CAP);
-        assert_eq!(cfg.transport, Transport::WebSocket);
+        assert_eq!(cfg.transport, Transport::Auto);
+        assert_eq!(cfg.enroll_token, None);
         // Nothing goes to the LAN unless configured.
         assert_eq!(cfg.announce, AnnounceConfig::default());
         assert!(!cfg.announce.enabled);
@@ -563,7 +611,7 @@ mod tests {
     #[test]
     fn every_bad_field_is_reported_at_once() {
         let (_f, flags) = flags_with_file(
-            "transport = \"quic\"\noutbox_capacity = 0\nreport_interval = \"soon\"\n\
+            "transport = \"udp\"\noutbox_capacity = 0\nreport_interval = \"soon\"\n\
              reconnect_base = \"10s\"\nreconnect_cap = \"1s\"\nbogus = 1\n",
         );
         let err = load(&flags, env(&[("KIWI_AGENT_ROBOT_TYPE", "tank")])).unwrap_err();
@@ -582,7 +630,10 @@ mod tests {
                 "transport"
             ]
         );
-        assert!(text.contains("QUIC transport is not supported"), "{text}");
+        assert!(
+            text.contains("expected `auto`, `quic` or `websocket`"),
+            "{text}"
+        );
         assert!(text.contains("KIWI_AGENT_ROBOT_TYPE"), "{text}");
     }
 
@@ -590,7 +641,7 @@ mod tests {
     fn missing_explicit_file_is_an_error_but_default_is_optional() {
         let flags = RunFlags {
             config: Some("/nonexistent/kiwi/agent.toml".into()),
-            controller: Some("ws://127.0.0.1:1".into()),
+            controller: Some("127.0.0.1:1".into()),
             ..Default::default()
         };
         let err = load(&flags, Vec::new()).unwrap_err();
@@ -600,14 +651,20 @@ mod tests {
 
     #[test]
     fn controller_addresses() {
-        let u = parse_controller("ws://127.0.0.1:8080").unwrap();
-        assert_eq!(u.endpoint(), "ws://127.0.0.1:8080/agent");
-        let u = parse_controller("ws://ctl.lan:8080/").unwrap();
-        assert_eq!(u.endpoint(), "ws://ctl.lan:8080/agent");
-        let u = parse_controller("ws://ctl.lan/v2/agents").unwrap();
-        assert_eq!(u.endpoint(), "ws://ctl.lan:80/v2/agents");
-        let u = parse_controller("ws://[::1]:9000").unwrap();
-        assert_eq!(u.endpoint(), "ws://[::1]:9000/agent");
+        let u = parse_controller("127.0.0.1:8080").unwrap();
+        assert_eq!(u.endpoint(), "wss://127.0.0.1:8080/agent");
+        assert_eq!(u.enroll_endpoint(), "https://127.0.0.1:8080/enroll");
+        let u = parse_controller("wss://ctl.lan:8080/").unwrap();
+        assert_eq!(u.endpoint(), "wss://ctl.lan:8080/agent");
+        let u = parse_controller("wss://ctl.lan/v2/agents").unwrap();
+        assert_eq!(u.endpoint(), "wss://ctl.lan:8765/v2/agents");
+        let u = parse_controller("quic://ctl.lan").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("ctl.lan", 8765));
+        let u = parse_controller("[::1]:9000").unwrap();
+        assert_eq!(u.endpoint(), "wss://[::1]:9000/agent");
+        assert_eq!(u.bare_host(), "::1");
+        let u = parse_controller("ctl.lan").unwrap();
+        assert_eq!(u.port, ControllerUrl::DEFAULT_PORT);
 
         // `auto` is a setting of `run`, not an address (`simulate` needs one).
         let auto = parse_controller("auto").unwrap_err();
@@ -618,28 +675,24 @@ mod tests {
             Ok(ControllerSetting::Auto)
         );
         assert_eq!(
-            "ws://h:1".parse::<ControllerSetting>().unwrap().to_string(),
-            "ws://h:1"
+            "h:1".parse::<ControllerSetting>().unwrap().to_string(),
+            "wss://h:1"
         );
+        // Plain WebSocket is refused, saying what to write instead.
+        let plain = parse_controller("ws://h:1").unwrap_err();
         assert!(
-            parse_controller("wss://h:1")
-                .unwrap_err()
-                .contains("not supported")
-        );
-        assert!(
-            parse_controller("quic://h:1")
-                .unwrap_err()
-                .contains("not supported")
+            plain.contains("TLS") && plain.contains("wss://h:1"),
+            "{plain}"
         );
         for bad in [
             "http://h:1",
-            "ws://",
-            "ws://h:0",
-            "ws://h:port",
-            "ws://u@h:1",
-            "h:1",
-            "ws://[::1",
-            "ws://::1:80",
+            "wss://",
+            "wss://h:0",
+            "wss://h:port",
+            "wss://u@h:1",
+            "h:0",
+            "[::1",
+            "::1:80",
         ] {
             assert!(parse_controller(bad).is_err(), "{bad} accepted");
         }
@@ -648,16 +701,52 @@ mod tests {
     #[test]
     fn transports_and_units() {
         assert_eq!(parse_transport("WebSocket"), Ok(Transport::WebSocket));
-        assert!(
-            parse_transport("auto")
-                .unwrap_err()
-                .contains("does not have")
-        );
+        assert_eq!(parse_transport("quic"), Ok(Transport::Quic));
+        assert_eq!(parse_transport(" auto"), Ok(Transport::Auto));
         assert!(parse_transport("carrier-pigeon").is_err());
         assert!(parse_unit("robot@1.service").is_ok());
         assert!(parse_unit("-x").is_err());
         assert!(parse_unit("a b").is_err());
         assert!(parse_unit("").is_err());
+    }
+
+    #[test]
+    fn enroll_tokens_are_checked_and_may_be_empty() {
+        let token = EnrollmentToken::generate(kiwi_security::Sha256Name::of(b"ca"));
+        let mut layers = Layers::new();
+        layers.add_env(
+            ENV_PREFIX,
+            KEYS,
+            env(&[
+                ("KIWI_AGENT_CONTROLLER", "127.0.0.1:1"),
+                ("KIWI_AGENT_ENROLL_TOKEN", &token.to_string()),
+            ]),
+        );
+        assert_eq!(from_layers(&layers).unwrap().enroll_token, Some(token));
+        let mut layers = Layers::new();
+        layers.add_env(
+            ENV_PREFIX,
+            KEYS,
+            env(&[
+                ("KIWI_AGENT_CONTROLLER", "127.0.0.1:1"),
+                ("KIWI_AGENT_ENROLL_TOKEN", ""),
+            ]),
+        );
+        assert_eq!(from_layers(&layers).unwrap().enroll_token, None);
+        let mut layers = Layers::new();
+        layers.add_env(
+            ENV_PREFIX,
+            KEYS,
+            env(&[
+                ("KIWI_AGENT_CONTROLLER", "127.0.0.1:1"),
+                ("KIWI_AGENT_ENROLL_TOKEN", "kiwi-api.v1.x"),
+            ]),
+        );
+        let err = from_layers(&layers).unwrap_err().to_string();
+        assert!(
+            err.contains("enroll_token") && !err.contains("kiwi-api.v1.x."),
+            "{err}"
+        );
     }
 
     #[test]
@@ -674,7 +763,7 @@ mod tests {
     #[test]
     fn announce_settings() {
         let (_f, flags) = flags_with_file(
-            "controller = \"ws://10.0.0.1:7000\"\nannounce = true\nbeacon_interval = \"250ms\"\n",
+            "controller = \"10.0.0.1:7000\"\nannounce = true\nbeacon_interval = \"250ms\"\n",
         );
         let cfg = load(&flags, env(&[("KIWI_AGENT_BEACON_PORT", "9766")])).unwrap();
         assert_eq!(

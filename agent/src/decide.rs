@@ -141,6 +141,9 @@ pub fn classify_handshake(message: ControllerMessage) -> Handshake {
         },
         ControllerMessage::Ack(_) => Handshake::Violation("Ack before Welcome".into()),
         ControllerMessage::Command(_) => Handshake::Violation("Command before Welcome".into()),
+        ControllerMessage::Certificate(_) | ControllerMessage::RenewRefused(_) => {
+            Handshake::Violation("certificate renewal before Welcome".into())
+        }
     }
 }
 

@@ -27,7 +27,9 @@
 pub mod agent;
 pub mod announce;
 pub mod config;
+pub mod credentials;
 pub mod decide;
+pub mod enroll;
 pub mod link;
 pub mod outbox;
 pub mod probe;
@@ -42,15 +44,41 @@ pub use link::LinkOptions;
 pub use transport::WebSocketConnector;
 
 use anyhow::Context;
-use config::{ControllerSetting, Transport};
+use config::{ControllerSetting, ControllerUrl, Transport};
+use credentials::Credentials;
 use kiwi_protocol::backoff::Backoff;
+use kiwi_security::verify::{ALPN_HTTP1, ALPN_QUIC};
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
+use transport::choose::ChosenConnector;
+use transport::quic::QuicConnector;
+
+/// The connector of one controller address over `transport`, presenting
+/// `credentials`.
+pub fn connector_for(
+    url: &ControllerUrl,
+    transport: Transport,
+    credentials: &Arc<Credentials>,
+) -> ChosenConnector {
+    ChosenConnector::new(
+        transport,
+        WebSocketConnector::new(url, credentials.client_config(ALPN_HTTP1)),
+        QuicConnector::new(
+            url.bare_host().to_string(),
+            url.port,
+            credentials.client_config(ALPN_QUIC),
+        ),
+    )
+}
 
 /// `kiwi-agent run` once its configuration is valid: identifies the robot,
-/// opens its state and runs the link until `shutdown` is cancelled.
+/// enrolls it if it has no certificate yet, opens its state and runs the
+/// link until `shutdown` is cancelled.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    kiwi_security::install_crypto_provider();
     tracing::info!(
         controller = %cfg.controller,
+        transport = cfg.transport.as_str(),
         state_dir = %cfg.state_dir.display(),
         sys_root = %cfg.sys_root.display(),
         workload_unit = cfg.workload_unit.as_deref().unwrap_or("-"),
@@ -64,23 +92,67 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         tokio::task::spawn_blocking(move || Agent::from_config(&cfg).map(|agent| (agent, cfg)))
             .await
             .context("agent set-up task failed")??;
+    let stored = {
+        let dir = cfg.state_dir.clone();
+        tokio::task::spawn_blocking(move || Credentials::load(&dir))
+            .await
+            .context("credentials task failed")??
+    };
+    // The key exists before the robot enrolls: its fingerprint is
+    // announced so that an operator can match a pending enrollment.
+    let fingerprint = {
+        let dir = cfg.state_dir.clone();
+        tokio::task::spawn_blocking(move || credentials::load_or_create_key(&dir))
+            .await
+            .context("key task failed")??
+    };
+    let fingerprint = kiwi_security::pki::key_fingerprint(&fingerprint).to_string();
     let lan_shutdown = shutdown.child_token();
     let lan = announce::start(
         &cfg.announce,
         agent.identity(),
+        Some(fingerprint),
         cfg.controller.is_auto(),
         connected_rx.clone(),
         lan_shutdown.clone(),
     )
     .await;
-    match (&cfg.controller, cfg.transport) {
-        (ControllerSetting::Url(url), Transport::WebSocket) => {
-            let connector = WebSocketConnector::new(url.endpoint());
+    let credentials = match stored {
+        Some(c) => Arc::new(c),
+        None => match enroll_first(&cfg, &agent, &lan, &shutdown).await {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                lan_shutdown.cancel();
+                lan.stopped().await;
+                if shutdown.is_cancelled() {
+                    tracing::info!(error = format!("{e:#}"), "stopped before enrolling");
+                    return Ok(());
+                }
+                return Err(e);
+            }
+        },
+    };
+    if credentials.robot_id() != Some(agent.identity().robot_id.0) {
+        anyhow::bail!(
+            "the stored certificate names robot {} but this robot is {}: remove {} and enroll again",
+            credentials
+                .robot_id()
+                .map_or_else(|| "-".into(), |r| r.to_string()),
+            agent.identity().robot_id,
+            cfg.state_dir.join(credentials::TLS_DIR).display()
+        );
+    }
+    opts.credentials = Some(credentials.clone());
+    match &cfg.controller {
+        ControllerSetting::Url(url) => {
+            let connector = connector_for(url, cfg.transport, &credentials);
             link::run(&mut agent, &connector, &opts, &shutdown).await;
         }
-        (ControllerSetting::Auto, Transport::WebSocket) => {
-            let connector =
-                announce::AutoConnector::new(&cfg.state_dir, lan.finds(), WebSocketConnector::new);
+        ControllerSetting::Auto => {
+            let (transport, creds) = (cfg.transport, credentials.clone());
+            let connector = announce::AutoConnector::new(&cfg.state_dir, lan.finds(), move |url| {
+                connector_for(url, transport, &creds)
+            });
             let mut connected = connected_rx;
             let remember = async {
                 while connected.changed().await.is_ok() {
@@ -99,4 +171,46 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     lan.stopped().await;
     tracing::info!("kiwi-agent stopped");
     Ok(())
+}
+
+/// Enrolls a robot that has no certificate: with its fixed controller, or
+/// with the controllers found on the LAN one after the other
+/// (`controller = "auto"`).
+async fn enroll_first(
+    cfg: &AgentConfig,
+    agent: &Agent,
+    lan: &announce::Lan,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Credentials> {
+    let token = cfg.enroll_token.as_ref();
+    if let ControllerSetting::Url(url) = &cfg.controller {
+        return enroll::enroll(&cfg.state_dir, agent.identity(), url, token, None, shutdown).await;
+    }
+    loop {
+        let Some(url) = announce::first_controller(lan.finds(), shutdown).await else {
+            anyhow::bail!("stopped while looking for a controller");
+        };
+        match enroll::enroll(
+            &cfg.state_dir,
+            agent.identity(),
+            &url,
+            token,
+            Some(3),
+            shutdown,
+        )
+        .await
+        {
+            Ok(c) => return Ok(c),
+            Err(e) if shutdown.is_cancelled() => return Err(e),
+            Err(e) => tracing::warn!(
+                controller = %url,
+                error = format!("{e:#}"),
+                "cannot enroll with this controller; looking for another"
+            ),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => anyhow::bail!("stopped while enrolling"),
+            () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+        }
+    }
 }

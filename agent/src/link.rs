@@ -10,13 +10,14 @@
 //! [`crate::agent`].
 
 use crate::agent::{Agent, Execution, unix_ms};
+use crate::credentials::Credentials;
 use crate::decide::{self, Handshake, Reconnect, SessionEnd};
 use crate::transport::{Close, Connection, Connector, Incoming, TransportError};
 use kiwi_protocol::backoff::Backoff;
 use kiwi_protocol::frame::{self, DEFAULT_MAX_FRAME};
 use kiwi_protocol::message::{
     AgentMessage, Command, CommandOutcome, CommandResult, ControllerMessage, Goodbye, Heartbeat,
-    Hello, Report,
+    Hello, RenewCertificate, Report,
 };
 use kiwi_protocol::version::{self, ProtocolVersion};
 use std::collections::VecDeque;
@@ -44,6 +45,9 @@ pub struct LinkOptions {
     /// Told `true` once the controller welcomed the agent and `false` when
     /// that session ends (LAN discovery stops and resumes on it).
     pub connected: Option<tokio::sync::watch::Sender<bool>>,
+    /// The robot's certificate, renewed over the link before it expires
+    /// (with a controller that speaks protocol 1.1).
+    pub credentials: Option<std::sync::Arc<Credentials>>,
 }
 
 impl LinkOptions {
@@ -55,6 +59,7 @@ impl LinkOptions {
             close_timeout: Duration::from_secs(1),
             max_frame: DEFAULT_MAX_FRAME,
             connected: None,
+            credentials: None,
         }
     }
 }
@@ -169,12 +174,25 @@ async fn session<C: Connector>(
     shutdown: &CancellationToken,
 ) -> SessionEnd {
     let lost = |welcomed, reason: String| SessionEnd::Lost { welcomed, reason };
-    let mut conn = tokio::select! {
-        () = shutdown.cancelled() => return SessionEnd::Shutdown,
-        r = connector.connect() => match r {
-            Err(e) => return lost(false, e.to_string()),
-            Ok(conn) => conn,
-        },
+    // Connecting can take a while (a QUIC attempt that gets no answer, a
+    // slow TLS handshake): the robot keeps being sampled meanwhile, so no
+    // change goes unreported.
+    let every = sample_every(agent, opts);
+    let mut sample = tokio::time::interval_at(Instant::now() + every, every);
+    sample.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let connect = connector.connect();
+    tokio::pin!(connect);
+    let mut conn = loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return SessionEnd::Shutdown,
+            r = &mut connect => match r {
+                Err(e) => return lost(false, e.to_string()),
+                Ok(conn) => break conn,
+            },
+            _ = sample.tick() => {
+                agent.observe(std::time::Instant::now()).await;
+            }
+        }
     };
 
     let hello = AgentMessage::Hello(Hello {
@@ -246,6 +264,8 @@ async fn session<C: Connector>(
         last_read: Instant::now(),
         job: None,
         queued: VecDeque::new(),
+        renewal: Renewal::default(),
+        credentials: opts.credentials.clone(),
     };
     // Reconciling may stop or start the workload: that runs as a job beside
     // the heartbeats, like a command's.
@@ -309,7 +329,22 @@ struct Connected<C> {
     /// meanwhile wait in `queued`, in order.
     job: Option<InFlight>,
     queued: VecDeque<Command>,
+    renewal: Renewal,
+    credentials: Option<std::sync::Arc<Credentials>>,
 }
+
+/// Certificate renewal over this connection.
+#[derive(Debug, Default)]
+struct Renewal {
+    /// When the last request was sent (one at a time).
+    asked: Option<Instant>,
+    /// Not before this (after a refusal).
+    not_before: Option<Instant>,
+}
+
+/// How long a renewal request may stay unanswered before it is sent again,
+/// and how long to wait after the controller could not renew.
+const RENEWAL_RETRY: Duration = Duration::from_secs(60);
 
 /// The outcome of the job in flight; never ready without one.
 async fn job_outcome(job: &mut Option<InFlight>) -> CommandOutcome {
@@ -390,6 +425,7 @@ impl<C: Connection> Connected<C> {
                 }
                 _ = heartbeat.tick() => {
                     self.send(&AgentMessage::Heartbeat(Heartbeat { time_ms: unix_ms() })).await?;
+                    self.renew_if_due().await?;
                     // A controller only answers reports and commands; a
                     // transport-level ping gets an answer from any healthy
                     // peer and so keeps the read side from idling out.
@@ -427,10 +463,70 @@ impl<C: Connection> Connected<C> {
             }
             ControllerMessage::Command(command) => self.begin(agent, command).await,
             ControllerMessage::Reject(r) => Err(End::Rejected(r)),
+            ControllerMessage::Certificate(issued) => {
+                self.renewal.asked = None;
+                let Some(creds) = self.credentials.clone() else {
+                    return Ok(());
+                };
+                let cert = rustls_pki_types::CertificateDer::from(issued.cert_der);
+                match tokio::task::spawn_blocking(move || creds.install(cert)).await {
+                    Ok(Ok(())) => {
+                        tracing::info!(not_after_ms = issued.not_after_ms, "certificate renewed")
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(
+                            error = format!("{e:#}"),
+                            "the renewed certificate is not usable; keeping the current one"
+                        );
+                        self.renewal.not_before = Some(Instant::now() + RENEWAL_RETRY);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "installing the renewed certificate failed")
+                    }
+                }
+                Ok(())
+            }
+            ControllerMessage::RenewRefused(r) => {
+                tracing::warn!(reason = r.reason, retry_in = ?RENEWAL_RETRY, "the controller could not renew the certificate");
+                self.renewal.asked = None;
+                self.renewal.not_before = Some(Instant::now() + RENEWAL_RETRY);
+                Ok(())
+            }
             ControllerMessage::Welcome(_) => {
                 Err(End::Lost("protocol violation: a second Welcome".into()))
             }
         }
+    }
+
+    /// Asks for a new certificate when the current one is due for renewal
+    /// (one request at a time; the controller must speak 1.1).
+    async fn renew_if_due(&mut self) -> Result<(), Lost> {
+        let Some(creds) = &self.credentials else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let waiting = self.renewal.asked.is_some_and(|t| now < t + RENEWAL_RETRY)
+            || self.renewal.not_before.is_some_and(|t| now < t);
+        if self.version < version::RENEWAL
+            || waiting
+            || !creds.renewal_due(std::time::SystemTime::now())
+        {
+            return Ok(());
+        }
+        let csr_der = match creds.renewal_request() {
+            Ok(csr) => csr,
+            Err(e) => {
+                tracing::warn!(error = format!("{e:#}"), "cannot make a renewal request");
+                self.renewal.not_before = Some(now + RENEWAL_RETRY);
+                return Ok(());
+            }
+        };
+        tracing::info!(not_after = ?creds.not_after(), "asking the controller to renew the certificate");
+        self.renewal.asked = Some(now);
+        self.send(&AgentMessage::RenewCertificate(RenewCertificate {
+            csr_der,
+        }))
+        .await
     }
 
     /// Starts a command: answered at once, or once its job ends.

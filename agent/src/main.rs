@@ -23,6 +23,21 @@ enum Command {
     Run(RunFlags),
     /// Run N virtual agents against a controller (load generator).
     Simulate(SimulateArgs),
+    /// Enroll this robot with a controller: make its key (kept on the
+    /// robot), get its client certificate, store both in the state
+    /// directory. Without a token, waits until an operator approves it.
+    Enroll(EnrollArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct EnrollArgs {
+    /// The enrollment token from `kiwi-controller token create` (it pins
+    /// the controller's CA); without one the robot waits for an operator's
+    /// approval.
+    #[arg(value_name = "TOKEN")]
+    token: Option<kiwi_security::token::EnrollmentToken>,
+    #[command(flatten)]
+    run: RunFlags,
 }
 
 fn main() -> ExitCode {
@@ -45,6 +60,48 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             }
+        }
+        Command::Enroll(args) => {
+            let env = std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+            let cfg = match config::load(&args.run, env) {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    tracing::error!(error = %e, "invalid configuration");
+                    return ExitCode::from(2);
+                }
+            };
+            let Some(url) = cfg.controller.url().cloned() else {
+                tracing::error!("enroll needs the controller's address (--controller host:port)");
+                return ExitCode::from(2);
+            };
+            runtime(false).and_then(|rt| {
+                rt.block_on(async {
+                    let shutdown = shutdown_on_signals()?;
+                    kiwi_security::install_crypto_provider();
+                    let token = args.token.or(cfg.enroll_token.clone());
+                    let agent = tokio::task::spawn_blocking(move || {
+                        kiwi_agent::Agent::from_config(&cfg).map(|a| (a, cfg))
+                    })
+                    .await??;
+                    let (agent, cfg) = agent;
+                    let creds = kiwi_agent::enroll::enroll(
+                        &cfg.state_dir,
+                        agent.identity(),
+                        &url,
+                        token.as_ref(),
+                        Some(5),
+                        &shutdown,
+                    )
+                    .await?;
+                    println!(
+                        "enrolled robot {} (certificate valid until {:?})",
+                        agent.identity().robot_id,
+                        creds.not_after()
+                    );
+                    anyhow::Ok(())
+                })
+            })
         }
         Command::Simulate(args) => runtime(true).and_then(|rt| {
             rt.block_on(async {

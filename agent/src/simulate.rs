@@ -6,17 +6,19 @@
 
 use crate::agent::Agent;
 use crate::config::{
-    ControllerUrl, DEFAULT_RECONNECT_BASE, DEFAULT_RECONNECT_CAP, parse_controller,
-    parse_positive_duration,
+    ControllerUrl, DEFAULT_RECONNECT_BASE, DEFAULT_RECONNECT_CAP, Transport, parse_controller,
+    parse_positive_duration, parse_transport,
 };
+use crate::credentials::Credentials;
 use crate::link::{self, LinkOptions};
-use crate::transport::WebSocketConnector;
 use anyhow::Context;
 use kiwi_protocol::backoff::Backoff;
 use kiwi_protocol::message::{NetCounters, Telemetry};
+use kiwi_security::token::EnrollmentToken;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -32,9 +34,21 @@ pub struct SimulateArgs {
     /// How many virtual agents to run.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub count: u32,
-    /// Controller address, ws://host:port[/path].
+    /// Controller address, host:port or wss://host:port[/path].
     #[arg(long, value_name = "URL", value_parser = parse_controller)]
     pub controller: ControllerUrl,
+    /// `auto`, `quic` or `websocket`.
+    #[arg(long, value_name = "TRANSPORT", default_value = "auto", value_parser = parse_transport)]
+    pub transport: Transport,
+    /// The enrollment token agents without a certificate enroll with (it
+    /// needs a use per agent: `token create --uses N`).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "KIWI_AGENT_ENROLL_TOKEN",
+        hide_env_values = true
+    )]
+    pub enroll_token: Option<EnrollmentToken>,
     /// Where the agents keep their state (default: a temporary directory
     /// removed on exit).
     #[arg(long, value_name = "DIR")]
@@ -93,18 +107,23 @@ pub async fn simulate(args: SimulateArgs, shutdown: CancellationToken) -> anyhow
             temp.path().to_path_buf()
         }
     };
-    let connector = WebSocketConnector::new(args.controller.endpoint());
+    kiwi_security::install_crypto_provider();
     let opts = LinkOptions::new(Backoff::new(DEFAULT_RECONNECT_BASE, DEFAULT_RECONNECT_CAP));
     tracing::info!(
         count = args.count,
-        controller = %connector.endpoint,
+        controller = %args.controller,
+        transport = args.transport.as_str(),
         state_dir = %state_root.display(),
         "starting simulated agents"
     );
     let mut tasks = JoinSet::new();
     for index in 0..args.count {
-        let opts = opts.clone();
-        let connector = connector.clone();
+        let mut opts = opts.clone();
+        let (url, transport, token) = (
+            args.controller.clone(),
+            args.transport,
+            args.enroll_token.clone(),
+        );
         let shutdown = shutdown.clone();
         let prefix = args.id_prefix.clone();
         let root = state_root.clone();
@@ -118,11 +137,37 @@ pub async fn simulate(args: SimulateArgs, shutdown: CancellationToken) -> anyhow
                     () = shutdown.cancelled() => return Ok(()),
                     () = tokio::time::sleep(offset) => {}
                 }
+                let dir = root.join(format!("{prefix}-{index}"));
                 let mut agent = tokio::task::spawn_blocking(move || {
                     Agent::simulated(index, &prefix, &root, interval, capacity)
                 })
                 .await
                 .context("agent set-up task failed")??;
+                let stored = {
+                    let dir = dir.clone();
+                    tokio::task::spawn_blocking(move || Credentials::load(&dir))
+                        .await
+                        .context("credentials task failed")??
+                };
+                let credentials = match stored {
+                    Some(c) => Arc::new(c),
+                    None => match crate::enroll::enroll(
+                        &dir,
+                        agent.identity(),
+                        &url,
+                        token.as_ref(),
+                        None,
+                        &shutdown,
+                    )
+                    .await
+                    {
+                        Ok(c) => Arc::new(c),
+                        Err(_) if shutdown.is_cancelled() => return Ok(()),
+                        Err(e) => return Err(e),
+                    },
+                };
+                let connector = crate::connector_for(&url, transport, &credentials);
+                opts.credentials = Some(credentials);
                 link::run(&mut agent, &connector, &opts, &shutdown).await;
                 anyhow::Ok(())
             }

@@ -6,6 +6,7 @@
 
 use futures_util::{SinkExt, StreamExt};
 use kiwi_agent::Agent;
+use kiwi_agent::config::ControllerUrl;
 use kiwi_agent::link::{self, LinkOptions};
 use kiwi_agent::transport::WebSocketConnector;
 use kiwi_agent::workload::Workload;
@@ -16,10 +17,14 @@ use kiwi_protocol::message::{
     Hello, Reject, RejectReason, Report, Welcome, WorkloadState,
 };
 use kiwi_protocol::version::{self, CURRENT, ProtocolVersion};
-use std::time::Duration;
+use kiwi_security::pki::{Authority, Validity};
+use kiwi_security::verify::{self, ControllerTrust, ControllerVerifier};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
@@ -28,19 +33,61 @@ use uuid::Uuid;
 const WAIT: Duration = Duration::from_secs(5);
 const HEARTBEAT_MS: u32 = 100;
 
+/// A controller stand-in over TLS, with its own CA and server certificate
+/// (it does not ask for the agent's).
 struct FakeController {
     listener: TcpListener,
+    ca: Authority,
+    acceptor: TlsAcceptor,
+}
+
+/// Where the agent connects, and the TLS settings that trust the fake.
+#[derive(Clone)]
+struct Endpoint {
+    url: ControllerUrl,
+    tls: Arc<rustls::ClientConfig>,
 }
 
 impl FakeController {
     async fn start() -> Self {
+        kiwi_security::install_crypto_provider();
+        let now = SystemTime::now();
+        let ca =
+            Authority::create("fake", Validity::starting(now, Duration::from_secs(3600))).unwrap();
+        let server = ca
+            .issue_server(
+                &[],
+                &["127.0.0.1".parse().unwrap()],
+                Validity::starting(now, Duration::from_secs(3600)),
+            )
+            .unwrap();
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![server.cert.der.clone(), ca.cert_der().clone()],
+                kiwi_security::pki::private_key_from_pem(&server.key_pem).unwrap(),
+            )
+            .unwrap();
         Self {
             listener: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            ca,
+            acceptor: TlsAcceptor::from(Arc::new(config)),
         }
     }
 
-    fn endpoint(&self) -> String {
-        format!("ws://{}/agent", self.listener.local_addr().unwrap())
+    fn endpoint(&self) -> Endpoint {
+        let url = self
+            .listener
+            .local_addr()
+            .unwrap()
+            .to_string()
+            .parse()
+            .unwrap();
+        let verifier = ControllerVerifier::new(ControllerTrust::Ca(self.ca.cert_der().clone()));
+        Endpoint {
+            url,
+            tls: Arc::new(verify::client_config(verifier, None, verify::ALPN_HTTP1).unwrap()),
+        }
     }
 
     async fn accept(&self) -> Conn {
@@ -48,13 +95,14 @@ impl FakeController {
             .await
             .expect("agent did not connect in time")
             .unwrap();
-        let ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        let tls = self.acceptor.accept(tcp).await.unwrap();
+        let ws = tokio_tungstenite::accept_async(tls).await.unwrap();
         Conn { ws }
     }
 }
 
 struct Conn {
-    ws: WebSocketStream<TcpStream>,
+    ws: WebSocketStream<tokio_rustls::server::TlsStream<TcpStream>>,
 }
 
 impl Conn {
@@ -150,12 +198,12 @@ struct Running {
     _state: tempfile::TempDir,
 }
 
-fn start_agent(endpoint: String) -> Running {
+fn start_agent(endpoint: Endpoint) -> Running {
     start_agent_with(endpoint, Duration::ZERO)
 }
 
 /// An agent whose workload actions take `action_delay`.
-fn start_agent_with(endpoint: String, action_delay: Duration) -> Running {
+fn start_agent_with(endpoint: Endpoint, action_delay: Duration) -> Running {
     let state = tempfile::tempdir().unwrap();
     let mut agent = Agent::simulated(0, "t", state.path(), Duration::from_secs(600), 100)
         .unwrap()
@@ -163,7 +211,7 @@ fn start_agent_with(endpoint: String, action_delay: Duration) -> Running {
             state: WorkloadState::Running,
             action_delay,
         });
-    let connector = WebSocketConnector::new(endpoint);
+    let connector = WebSocketConnector::new(&endpoint.url, endpoint.tls);
     let mut opts = LinkOptions::new(Backoff::new(
         Duration::from_millis(20),
         Duration::from_millis(100),

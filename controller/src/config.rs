@@ -54,6 +54,13 @@ pub const KEYS: &[&str] = &[
     "ssh_known_hosts",
     "ssh_connect_timeout",
     "ssh_command_timeout",
+    "tls_names",
+    "enable_quic",
+    "client_cert_ttl",
+    "enroll_per_minute",
+    "auth_failures_per_minute",
+    "max_connections_per_address",
+    "metrics_require_token",
 ];
 
 /// The original design's environment variables, honoured below the
@@ -115,6 +122,51 @@ pub struct Config {
     /// LAN discovery (off by default: the built-in defaults stay on
     /// loopback).
     pub discovery: DiscoveryConfig,
+    /// TLS, enrollment, tokens and abuse limits.
+    pub security: SecurityConfig,
+}
+
+/// Who may connect, and how hard they may try.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecurityConfig {
+    /// Extra DNS names and addresses of the server certificate (it always
+    /// lists `localhost` and the loopback addresses).
+    pub tls_names: Vec<String>,
+    /// Serve QUIC on the agent port's UDP side too.
+    pub enable_quic: bool,
+    /// How long a robot's client certificate is valid (agents renew it
+    /// over their link when a third is left).
+    pub client_cert_ttl: Duration,
+    pub enroll_per_minute: u32,
+    pub auth_failures_per_minute: u32,
+    pub max_connections_per_address: usize,
+    /// Ask for a (viewer) API token on `/metrics` too.
+    pub metrics_require_token: bool,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        let limits = crate::security::LimitSettings::default();
+        SecurityConfig {
+            tls_names: Vec::new(),
+            enable_quic: true,
+            client_cert_ttl: Duration::from_secs(7 * 86_400),
+            enroll_per_minute: limits.enroll_per_minute,
+            auth_failures_per_minute: limits.auth_failures_per_minute,
+            max_connections_per_address: limits.connections_per_address,
+            metrics_require_token: false,
+        }
+    }
+}
+
+impl SecurityConfig {
+    pub fn limits(&self) -> crate::security::LimitSettings {
+        crate::security::LimitSettings {
+            enroll_per_minute: self.enroll_per_minute,
+            auth_failures_per_minute: self.auth_failures_per_minute,
+            connections_per_address: self.max_connections_per_address,
+        }
+    }
 }
 
 /// What discovery rounds and the passive listeners do. Everything that
@@ -222,6 +274,7 @@ impl Default for Config {
             cache_static_ttl: Duration::from_secs(3600),
             cache_dynamic_ttl: Duration::from_secs(300),
             discovery: DiscoveryConfig::default(),
+            security: SecurityConfig::default(),
         }
     }
 }
@@ -313,6 +366,7 @@ impl Config {
             cache_static_ttl: duration(&mut r, "cache_static_ttl", d.cache_static_ttl),
             cache_dynamic_ttl: duration(&mut r, "cache_dynamic_ttl", d.cache_dynamic_ttl),
             discovery: discovery_from(&mut r, d.discovery),
+            security: security_from(&mut r, d.security),
         };
         if let Some(u) = &c.database_url
             && !(u.starts_with("postgres://") || u.starts_with("postgresql://"))
@@ -356,6 +410,19 @@ impl Config {
         if c.api_listen == c.agent_listen {
             r.error("agent_listen", "must differ from api_listen");
         }
+        let sec = &c.security;
+        if sec.client_cert_ttl < Duration::from_secs(10) {
+            r.error("client_cert_ttl", "must be at least 10s");
+        }
+        if sec.enroll_per_minute == 0 || sec.auth_failures_per_minute == 0 {
+            r.error(
+                "enroll_per_minute",
+                "enroll_per_minute and auth_failures_per_minute must be at least 1",
+            );
+        }
+        if sec.max_connections_per_address == 0 {
+            r.error("max_connections_per_address", "must be at least 1");
+        }
         let lan = &c.discovery;
         if lan.enable_ssh_fallback && lan.ssh_key.is_none() {
             r.error(
@@ -379,6 +446,25 @@ impl Config {
             );
         }
         r.finish().map(|()| c)
+    }
+}
+
+fn security_from(r: &mut Reader<'_>, d: SecurityConfig) -> SecurityConfig {
+    SecurityConfig {
+        tls_names: r.raw("tls_names").map_or(d.tls_names, |t| {
+            t.split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(str::to_string)
+                .collect()
+        }),
+        enable_quic: r.get_or("enable_quic", d.enable_quic),
+        client_cert_ttl: duration(r, "client_cert_ttl", d.client_cert_ttl),
+        enroll_per_minute: r.get_or("enroll_per_minute", d.enroll_per_minute),
+        auth_failures_per_minute: r.get_or("auth_failures_per_minute", d.auth_failures_per_minute),
+        max_connections_per_address: r
+            .get_or("max_connections_per_address", d.max_connections_per_address),
+        metrics_require_token: r.get_or("metrics_require_token", d.metrics_require_token),
     }
 }
 

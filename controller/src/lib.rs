@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod ops;
 pub mod redis;
 pub mod replay;
+pub mod security;
 pub mod serve;
 pub mod shared_cache;
 pub mod store;

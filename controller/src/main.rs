@@ -2,11 +2,19 @@
 //! and hands over to the library. Exit codes: 0 after a clean stop, 1 on a
 //! runtime error, 2 on an invalid configuration.
 
+use chrono::Utc;
 use clap::{Args, Parser, Subcommand};
 use kiwi_controller::config::{Config, Flags};
+use kiwi_controller::security::ControllerPki;
+use kiwi_controller::security::tokens::{
+    self, DEFAULT_ENROLLMENT_TTL, DEFAULT_ENROLLMENT_USES, api_token_status,
+    enrollment_token_status,
+};
+use kiwi_controller::store::auth::Role;
 use kiwi_controller::{ops, serve};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
@@ -37,6 +45,60 @@ enum Command {
     /// Fold events older than a time into per-robot snapshots and delete
     /// them (replay still gives the same read model).
     Prune(PruneArgs),
+    /// Make, list or revoke tokens: enrollment tokens for robots, API
+    /// tokens for operators.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Make a token and print it (only the token on stdout, once). Without
+    /// --role an enrollment token (it pins this controller's CA, creating
+    /// the CA in the state directory if needed); with --role an API token.
+    Create(TokenCreateArgs),
+    /// List every token (never their secrets).
+    List(ServeArgs),
+    /// Revoke an API or enrollment token by its id.
+    Revoke(TokenRevokeArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+struct TokenCreateArgs {
+    /// Make an API token with this role.
+    #[arg(long, value_name = "viewer|operator|admin", value_parser = parse_role)]
+    role: Option<Role>,
+    /// A label of the API token (who or what uses it).
+    #[arg(long, value_name = "TEXT")]
+    name: Option<String>,
+    /// How long the token is valid (`30m`, `24h`): an enrollment token 1h
+    /// unless told, an API token forever unless told.
+    #[arg(long, value_name = "DURATION", value_parser = parse_ttl)]
+    ttl: Option<Duration>,
+    /// How many robots an enrollment token admits (default 1).
+    #[arg(long, value_name = "N")]
+    uses: Option<u32>,
+    #[command(flatten)]
+    store: ServeArgs,
+}
+
+#[derive(Debug, Args, Clone)]
+struct TokenRevokeArgs {
+    /// The token's id (the part after `kiwi-api.v1.` or `kiwi-enroll.v1.`).
+    #[arg(value_name = "ID")]
+    id: String,
+    #[command(flatten)]
+    store: ServeArgs,
+}
+
+fn parse_role(text: &str) -> Result<Role, String> {
+    Role::parse(text).ok_or_else(|| format!("{text:?} is not a role (viewer, operator or admin)"))
+}
+
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = kiwi_protocol::settings::parse_duration(text)?;
+    tokens::check_ttl(ttl)?;
+    Ok(ttl)
 }
 
 #[derive(Debug, Args, Clone)]
@@ -76,10 +138,12 @@ impl ServeArgs {
     }
 }
 
-fn init_logging() {
+/// Logs as JSON on stderr; `default` is the filter unless `KIWI_LOG` or
+/// `RUST_LOG` says otherwise.
+fn init_logging(default: &str) {
     let filter = std::env::var("KIWI_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| "info".into());
+        .unwrap_or_else(|_| default.into());
     tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
@@ -103,6 +167,74 @@ enum Task {
     Migrate,
     Replay,
     Prune(String),
+    Token(TokenTask),
+}
+
+/// A `token` command, its arguments checked.
+enum TokenTask {
+    CreateApi {
+        role: Role,
+        name: String,
+        ttl: Option<Duration>,
+    },
+    CreateEnrollment {
+        ttl: Duration,
+        uses: u32,
+    },
+    List,
+    Revoke(String),
+}
+
+impl TokenCommand {
+    /// The store arguments and the checked task, or what is wrong with
+    /// the arguments.
+    fn check(self) -> Result<(ServeArgs, TokenTask), String> {
+        match self {
+            TokenCommand::Create(a) => {
+                let task = match a.role {
+                    Some(role) => {
+                        if a.uses.is_some() {
+                            return Err("--uses applies to enrollment tokens (no --role); \
+                                 API tokens are not counted"
+                                .into());
+                        }
+                        let name = a.name.unwrap_or_default();
+                        tokens::check_name(&name).map_err(|e| format!("--name: {e}"))?;
+                        TokenTask::CreateApi {
+                            role,
+                            name,
+                            ttl: a.ttl,
+                        }
+                    }
+                    None => {
+                        if a.name.is_some() {
+                            return Err("--name applies to API tokens (with --role)".into());
+                        }
+                        let uses = a.uses.unwrap_or(DEFAULT_ENROLLMENT_USES);
+                        tokens::check_uses(uses).map_err(|e| format!("--uses: {e}"))?;
+                        TokenTask::CreateEnrollment {
+                            ttl: a.ttl.unwrap_or(DEFAULT_ENROLLMENT_TTL),
+                            uses,
+                        }
+                    }
+                };
+                Ok((a.store, task))
+            }
+            TokenCommand::List(store) => Ok((store, TokenTask::List)),
+            TokenCommand::Revoke(a) => {
+                let id = a.id.trim().to_string();
+                if id.len() != kiwi_security::token::ID_HEX
+                    || !id.bytes().all(|b| b.is_ascii_hexdigit())
+                {
+                    return Err(format!(
+                        "{id:?} is not a token id ({} hex digits)",
+                        kiwi_security::token::ID_HEX
+                    ));
+                }
+                Ok((a.store, TokenTask::Revoke(id.to_ascii_lowercase())))
+            }
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -113,6 +245,13 @@ fn main() -> ExitCode {
         Some(Command::Migrate(a)) => (a, Some(Task::Migrate)),
         Some(Command::Replay(a)) => (a, Some(Task::Replay)),
         Some(Command::Prune(p)) => (p.store, Some(Task::Prune(p.before))),
+        Some(Command::Token(t)) => match t.check() {
+            Ok((a, task)) => (a, Some(Task::Token(task))),
+            Err(e) => {
+                eprintln!("kiwi-controller: {e}");
+                return ExitCode::from(2);
+            }
+        },
         None => (cli.serve, Some(Task::Serve)),
     };
     let config = match load(&args) {
@@ -123,7 +262,12 @@ fn main() -> ExitCode {
         println!("configuration is valid");
         return ExitCode::SUCCESS;
     };
-    init_logging();
+    // The token commands talk to a person: only warnings go to the log.
+    init_logging(if matches!(task, Task::Token(_)) {
+        "warn"
+    } else {
+        "info"
+    });
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -146,6 +290,7 @@ fn main() -> ExitCode {
             }),
             Task::Replay => replay(&config).await,
             Task::Prune(before) => prune(&config, &before).await,
+            Task::Token(task) => token(&config, task).await,
         };
         outcome.unwrap_or_else(|e| {
             tracing::error!(error = format!("{e:#}"), "kiwi-controller stopped");
@@ -197,4 +342,154 @@ async fn prune(config: &Config, before: &str) -> anyhow::Result<ExitCode> {
         outcome.reports_removed
     );
     Ok(ExitCode::SUCCESS)
+}
+
+async fn token(config: &Config, task: TokenTask) -> anyhow::Result<ExitCode> {
+    use anyhow::Context as _;
+    let store = serve::open_store(config).await?;
+    let auth = store.auth();
+    match task {
+        TokenTask::CreateApi { role, name, ttl } => {
+            let (token, record) = tokens::create_api_token(auth.as_ref(), role, &name, ttl)
+                .await
+                .context("cannot store the token")?;
+            println!("{token}");
+            let expires = record.expires_at.map_or_else(
+                || "never expires".to_string(),
+                |t| {
+                    format!(
+                        "expires {}",
+                        t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                    )
+                },
+            );
+            eprintln!(
+                "API token {} ({} role{}), {expires}. It is shown only now; send it as \
+                 `Authorization: Bearer <token>`.",
+                record.id,
+                role.as_str(),
+                if name.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {name:?}")
+                },
+            );
+        }
+        TokenTask::CreateEnrollment { ttl, uses } => {
+            let dir = config.state_dir.clone();
+            let ca = tokio::task::spawn_blocking(move || {
+                ControllerPki::load_or_create_ca_only(&dir, std::time::SystemTime::now())
+            })
+            .await
+            .context("the CA task failed")?
+            .context("cannot load or create the controller's CA")?;
+            let (token, record) =
+                tokens::create_enrollment_token(auth.as_ref(), ca.pin(), ttl, uses)
+                    .await
+                    .context("cannot store the token")?;
+            println!("{token}");
+            let agent = config.agent_listen;
+            let controller = if agent.ip().is_unspecified() {
+                format!("<this controller's address>:{}", agent.port())
+            } else {
+                agent.to_string()
+            };
+            eprintln!(
+                "Enrollment token {} for {uses} robot(s), expires {}. It pins CA {}. \
+                 On the robot: kiwi-agent enroll <token> --controller {controller}",
+                record.id,
+                record
+                    .expires_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                ca.pin(),
+            );
+        }
+        TokenTask::List => {
+            let now = Utc::now();
+            let rows: Vec<[String; 8]> = auth
+                .api_tokens()
+                .await?
+                .iter()
+                .map(|t| {
+                    [
+                        "api".into(),
+                        t.id.clone(),
+                        t.role.as_str().into(),
+                        t.name.clone(),
+                        t.created_at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                        t.expires_at.map_or_else(
+                            || "never".into(),
+                            |e| e.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                        ),
+                        "-".into(),
+                        api_token_status(t, now).into(),
+                    ]
+                })
+                .chain(auth.enrollment_tokens().await?.iter().map(|t| {
+                    [
+                        "enrollment".into(),
+                        t.id.clone(),
+                        "-".into(),
+                        String::new(),
+                        t.created_at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                        t.expires_at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                        format!("{}/{}", t.uses_left, t.uses_total),
+                        enrollment_token_status(t, now).into(),
+                    ]
+                }))
+                .collect();
+            print!(
+                "{}",
+                table(
+                    [
+                        "KIND",
+                        "ID",
+                        "ROLE",
+                        "NAME",
+                        "CREATED",
+                        "EXPIRES",
+                        "USES LEFT",
+                        "STATUS"
+                    ],
+                    &rows,
+                )
+            );
+        }
+        TokenTask::Revoke(id) => {
+            let now = Utc::now();
+            if auth.revoke_api_token(&id, now).await? {
+                println!("revoked API token {id}");
+            } else if auth.revoke_enrollment_token(&id, now).await? {
+                println!("revoked enrollment token {id}");
+            } else {
+                eprintln!("kiwi-controller: no token {id}");
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Rows under a header, in columns as wide as their widest cell.
+fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut text = String::new();
+        for (cell, w) in cells.zip(widths) {
+            text.push_str(&format!("{cell:<w$}  "));
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for row in rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    out
 }

@@ -21,6 +21,32 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// A refused authentication: where (`agent`, `api`, `enroll`) and why.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthFailureLabels {
+    pub surface: String,
+    pub reason: String,
+}
+
+/// An abuse limit that refused something (`enroll_rate`, `auth_failures`,
+/// `connections_per_address`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub limit: String,
+}
+
+/// An agent connection's transport (`websocket`, `quic`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabels {
+    pub transport: String,
+}
+
+/// How an enrollment request ended (`issued`, `pending`, `refused`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
     pub state: String,
@@ -51,6 +77,12 @@ pub struct Metrics {
     pub agent_reports: Counter,
     pub agent_reports_duplicate: Counter,
     pub watch_clients: Gauge,
+    pub auth_failures: Family<AuthFailureLabels, Counter>,
+    pub rate_limited: Family<LimitLabels, Counter>,
+    pub agent_handshakes: Family<TransportLabels, Counter>,
+    pub enrollments: Family<ResultLabels, Counter>,
+    pub certificates_issued: Counter,
+    pub certificates_revoked: Counter,
 }
 
 impl Default for Metrics {
@@ -83,6 +115,12 @@ impl Metrics {
             agent_reports: Counter::default(),
             agent_reports_duplicate: Counter::default(),
             watch_clients: Gauge::default(),
+            auth_failures: Family::default(),
+            rate_limited: Family::default(),
+            agent_handshakes: Family::default(),
+            enrollments: Family::default(),
+            certificates_issued: Counter::default(),
+            certificates_revoked: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -214,6 +252,36 @@ impl Metrics {
             "Watch stream clients connected",
             m.watch_clients.clone(),
         );
+        registry.register(
+            "auth_failures",
+            "Authentications refused, by surface (agent, api, enroll) and reason",
+            m.auth_failures.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests or connections refused by an abuse limit, by limit",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "agent_handshakes",
+            "Agent connections authenticated, by transport",
+            m.agent_handshakes.clone(),
+        );
+        registry.register(
+            "enrollments",
+            "Enrollment requests answered, by result (issued, pending, refused)",
+            m.enrollments.clone(),
+        );
+        registry.register(
+            "certificates_issued",
+            "Robot client certificates issued (enrollment and renewal)",
+            m.certificates_issued.clone(),
+        );
+        registry.register(
+            "certificates_revoked",
+            "Robot client certificates revoked",
+            m.certificates_revoked.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -222,6 +290,25 @@ impl Metrics {
         self.agent_frames_rejected
             .get_or_create(&ReasonLabels {
                 reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts an authentication refused on `surface` for `reason`.
+    pub fn auth_failed(&self, surface: &str, reason: &str) {
+        self.auth_failures
+            .get_or_create(&AuthFailureLabels {
+                surface: surface.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts something refused by the abuse limit `limit`.
+    pub fn limited(&self, limit: &str) {
+        self.rate_limited
+            .get_or_create(&LimitLabels {
+                limit: limit.to_string(),
             })
             .inc();
     }

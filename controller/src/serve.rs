@@ -18,6 +18,7 @@ use crate::link::{self, LinkConfig, LinkState};
 use crate::liveness::{self, LivenessConfig};
 use crate::metrics::Metrics;
 use crate::redis::{CacheTtls, RedisCache};
+use crate::security::{AbuseLimits, AgentAuth, ControllerPki, ServerNames};
 use crate::shared_cache::SharedCache;
 use crate::store::EventStore;
 use crate::store::postgres::PostgresStore;
@@ -98,6 +99,10 @@ pub struct Components {
     pub discovery: Discovery,
     /// Agents heard announcing themselves (mDNS, beacons).
     pub sightings: Sightings,
+    /// The CA and server certificate.
+    pub pki: Arc<ControllerPki>,
+    pub limits: Arc<AbuseLimits>,
+    pub agent_auth: Arc<AgentAuth>,
     pub shutdown: CancellationToken,
 }
 
@@ -106,6 +111,21 @@ impl Components {
     pub async fn build(config: Config, shutdown: CancellationToken) -> anyhow::Result<Components> {
         let store = open_store(&config).await?;
         let metrics = Arc::new(Metrics::new());
+        let pki = {
+            let (dir, names) = (
+                config.state_dir.clone(),
+                ServerNames::from_config(&config.security.tls_names),
+            );
+            Arc::new(
+                tokio::task::spawn_blocking(move || {
+                    ControllerPki::load_or_create(&dir, names, std::time::SystemTime::now())
+                })
+                .await
+                .context("the CA set-up task failed")??,
+            )
+        };
+        let limits = Arc::new(AbuseLimits::new(config.security.limits(), metrics.clone()));
+        let agent_auth = Arc::new(AgentAuth::new(pki.clone(), limits.clone(), metrics.clone()));
         let cache = Arc::new(RobotCache::new(metrics.clone()));
         let sessions = Arc::new(SessionRegistry::default());
         let fleet = Fleet::new(
@@ -213,11 +233,15 @@ impl Components {
             hub: Hub::new(),
             discovery,
             sightings,
+            pki,
+            limits,
+            agent_auth,
             shutdown,
         })
     }
 
-    /// The REST API router.
+    /// The REST API router. It keeps its own cache of API tokens: build
+    /// it once per server.
     pub fn api_router(&self) -> axum::Router {
         api::router(AppState {
             fleet: self.fleet.clone(),
@@ -227,6 +251,13 @@ impl Components {
             started: Instant::now(),
             body_limit: self.config.api_body_limit,
             shutdown: self.shutdown.clone(),
+            api_auth: Arc::new(crate::security::ApiAuth::new(
+                self.store.auth(),
+                self.limits.clone(),
+            )),
+            pki: self.pki.clone(),
+            agent_auth: self.agent_auth.clone(),
+            metrics_require_token: self.config.security.metrics_require_token,
         })
     }
 
@@ -234,6 +265,14 @@ impl Components {
     pub fn link_state(&self) -> Arc<LinkState> {
         Arc::new(LinkState {
             fleet: self.fleet.clone(),
+            auth: self.agent_auth.clone(),
+            enroller: Arc::new(crate::security::Enroller {
+                store: self.store.auth(),
+                pki: self.pki.clone(),
+                limits: self.limits.clone(),
+                metrics: self.metrics.clone(),
+                cert_ttl: self.config.security.client_cert_ttl,
+            }),
             metrics: self.metrics.clone(),
             config: LinkConfig {
                 heartbeat_interval: self.config.heartbeat_interval,
@@ -267,6 +306,14 @@ impl Components {
                 .clone()
                 .run(self.config.discovery_interval, self.shutdown.clone()),
         );
+        tasks.spawn(crate::security::upkeep::run(
+            self.store.auth(),
+            self.agent_auth.clone(),
+            self.sessions.clone(),
+            self.pki.clone(),
+            self.limits.clone(),
+            self.shutdown.clone(),
+        ));
     }
 }
 
@@ -300,11 +347,36 @@ pub async fn serve(
         tasks.spawn(announcer.run());
     }
     let api_server = tokio::spawn(
-        axum::serve(api_listener, c.api_router())
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .into_future(),
+        axum::serve(
+            api_listener,
+            c.api_router()
+                .into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .into_future(),
     );
-    let agent_server = tokio::spawn(link::serve(agent_listener, c.link_state()));
+    let link_state = c.link_state();
+    // QUIC on the same port number, UDP side.
+    let quic_server = if c.config.security.enable_quic {
+        let settings = link::quic::QuicSettings {
+            keep_alive: c.config.heartbeat_interval,
+            idle_timeout: c.config.liveness_timeout,
+            max_frame: kiwi_protocol::DEFAULT_MAX_FRAME,
+        };
+        let endpoint = link::quic::endpoint(
+            bound.agent,
+            c.pki.server_config(kiwi_security::verify::ALPN_QUIC),
+            &settings,
+        )?;
+        Some(tokio::spawn(link::quic::serve(
+            endpoint,
+            link_state.clone(),
+        )))
+    } else {
+        None
+    };
+    let tls = Arc::new(c.pki.server_config(kiwi_security::verify::ALPN_HTTP1));
+    let agent_server = tokio::spawn(link::serve(agent_listener, link_state, tls));
     tracing::info!(api = %bound.api, agent = %bound.agent, "kiwi-controller listening");
     on_bound(bound);
 
@@ -315,6 +387,9 @@ pub async fn serve(
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         let _ = api_server.await;
         let _ = agent_server.await;
+        if let Some(quic) = quic_server {
+            let _ = quic.await;
+        }
         tasks.wait().await;
     })
     .await;

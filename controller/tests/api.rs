@@ -9,7 +9,9 @@ use kiwi_controller::domain::decide::CommandIntent;
 use kiwi_controller::domain::event::IdentityFacts;
 use kiwi_controller::domain::{Action, Input};
 use kiwi_controller::fleet::Context;
+use kiwi_controller::security::tokens::create_api_token;
 use kiwi_controller::serve::Components;
+use kiwi_controller::store::auth::Role;
 use kiwi_controller::watch::{self, Start};
 use kiwi_protocol::{HardwareId, RobotId};
 use serde_json::{Value, json};
@@ -21,6 +23,8 @@ struct App {
     c: Components,
     _dir: tempfile::TempDir,
     tasks: TaskTracker,
+    /// `Bearer <admin token>`, sent with every request.
+    authorization: String,
 }
 
 impl Drop for App {
@@ -43,10 +47,14 @@ async fn app() -> App {
         .unwrap();
     let tasks = TaskTracker::new();
     c.spawn_background(&tasks);
+    let (token, _) = create_api_token(c.store.auth().as_ref(), Role::Admin, "api tests", None)
+        .await
+        .unwrap();
     App {
         c,
         _dir: dir,
         tasks,
+        authorization: format!("Bearer {token}"),
     }
 }
 
@@ -96,7 +104,9 @@ impl App {
         .await;
     }
 
-    async fn call(&self, req: Request<Body>) -> (StatusCode, String, Value) {
+    async fn call(&self, mut req: Request<Body>) -> (StatusCode, String, Value) {
+        req.headers_mut()
+            .insert(header::AUTHORIZATION, self.authorization.parse().unwrap());
         let resp = self.c.api_router().oneshot(req).await.unwrap();
         let status = resp.status();
         let ctype = resp

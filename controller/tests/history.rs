@@ -3,7 +3,7 @@
 //! at a past instant, and fencing tokens.
 
 use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::{Request, StatusCode, header};
 use chrono::Utc;
 use http_body_util::BodyExt;
 use kiwi_controller::config::Config;
@@ -12,7 +12,9 @@ use kiwi_controller::domain::event::IdentityFacts;
 use kiwi_controller::domain::{Action, Input};
 use kiwi_controller::fleet::{Context, Fleet};
 use kiwi_controller::ops;
+use kiwi_controller::security::tokens::create_api_token;
 use kiwi_controller::serve::Components;
+use kiwi_controller::store::auth::Role;
 use kiwi_controller::store::{DiscoverySession, Fence, StoreError};
 use kiwi_controller::testing::TestDatabase;
 use kiwi_protocol::message::{AgentHealth, HealthStatus, Report, Telemetry, WorkloadState};
@@ -102,10 +104,19 @@ async fn report(fleet: &Fleet, n: u32, seq: u64, degraded: bool) {
         .unwrap();
 }
 
+/// A GET with a (new) viewer token.
 async fn get(c: &Components, uri: &str) -> (StatusCode, Value) {
+    let (token, _) = create_api_token(c.store.auth().as_ref(), Role::Viewer, "history", None)
+        .await
+        .unwrap();
     let resp = c
         .api_router()
-        .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+        .oneshot(
+            Request::get(uri)
+                .header(header::AUTHORIZATION, format!("Bearer {token}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
     let status = resp.status();

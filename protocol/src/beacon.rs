@@ -71,7 +71,7 @@ pub struct Beacon {
 pub struct Answer {
     /// The answering controller's id (stable for one controller process).
     pub controller_id: Uuid,
-    /// Where agents connect: `ws://ip:port/path`.
+    /// Where agents connect: `wss://ip:port/path`.
     pub agent_endpoint: String,
     /// The `seq` of the beacon answered.
     pub seq: u32,
@@ -381,7 +381,7 @@ mod tests {
     fn answer() -> Answer {
         Answer {
             controller_id: Uuid::from_u128(0xa0a1_a2a3_a4a5_a6a7_a8a9_aaab_acad_aeaf),
-            agent_endpoint: "ws://10.88.0.1:8765/agent".into(),
+            agent_endpoint: "wss://10.88.0.1:8765/agent".into(),
             seq: 300,
         }
     }
@@ -434,7 +434,7 @@ mod tests {
             &[1],                                   // Datagram::Answer
             &[16, 0xa0, 0xa1, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7,
               0xa8, 0xa9, 0xaa, 0xab, 0xac, 0xad, 0xae, 0xaf],
-            &[25], b"ws://10.88.0.1:8765/agent",
+            &[26], b"wss://10.88.0.1:8765/agent",
             &[0xac, 0x02],                          // seq 300 (varint)
         ]
         .concat();

@@ -186,6 +186,108 @@ impl StreamDecoder {
     }
 }
 
+// ------------------------------------------------ stream records (QUIC)
+
+/// Stream transports (QUIC) carry records: a big-endian `u32` length, then
+/// that many bytes, a protocol frame. A record of length 0 is a liveness
+/// marker, never a frame (a frame has at least its header).
+///
+/// A record's length prefix.
+pub const RECORD_HEADER: usize = 4;
+
+/// The liveness marker: a record of length 0.
+pub const LIVENESS: [u8; RECORD_HEADER] = [0; RECORD_HEADER];
+
+/// One record read off the stream.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Record {
+    /// A record of length 0.
+    Alive,
+    Frame(Vec<u8>),
+}
+
+/// Buffers above this are let go once empty, so that one large frame does
+/// not keep its memory for the life of the connection.
+pub const KEEP_BUFFER: usize = 4 * 1024;
+
+/// The records of one stream, split as its bytes arrive (the splitting is
+/// [`StreamDecoder`]'s, which checks each declared length against the cap
+/// before buffering the record).
+#[derive(Debug)]
+pub struct Records {
+    max_frame: usize,
+    decoder: StreamDecoder,
+    /// Bytes pushed and not yet taken as records.
+    buffered: usize,
+    /// The most bytes buffered since the decoder was last replaced.
+    high_water: usize,
+}
+
+impl Records {
+    pub fn new(max_frame: usize) -> Self {
+        Records {
+            max_frame,
+            decoder: StreamDecoder::new(max_frame),
+            buffered: 0,
+            high_water: 0,
+        }
+    }
+
+    /// Appends bytes read off the stream; fails (for good) when a record
+    /// declares a length over the cap.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<(), FrameError> {
+        self.buffered += bytes.len();
+        self.high_water = self.high_water.max(self.buffered);
+        self.decoder.push(bytes)
+    }
+
+    /// The next whole record, if one has arrived.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> Result<Option<Record>, FrameError> {
+        let Some(frame) = self.decoder.next_frame()? else {
+            return Ok(None);
+        };
+        self.buffered -= RECORD_HEADER + frame.len();
+        if self.buffered == 0 && self.high_water > KEEP_BUFFER {
+            self.decoder = StreamDecoder::new(self.max_frame);
+            self.high_water = 0;
+        }
+        Ok(Some(if frame.is_empty() {
+            Record::Alive
+        } else {
+            Record::Frame(frame)
+        }))
+    }
+}
+
+/// The length prefix of a record of `len` bytes (`None` beyond what a
+/// `u32` says).
+pub fn record_header(len: usize) -> Option<[u8; RECORD_HEADER]> {
+    u32::try_from(len).ok().map(u32::to_be_bytes)
+}
+
+/// A whole record: the prefix, then `frame`.
+pub fn encode_record(frame: &[u8]) -> Vec<u8> {
+    let mut record = Vec::with_capacity(RECORD_HEADER + frame.len());
+    record.extend_from_slice(&record_header(frame.len()).unwrap_or([0xff; RECORD_HEADER]));
+    record.extend_from_slice(frame);
+    record
+}
+
+/// QUIC application close codes, both sides.
+pub mod close {
+    /// A normal close.
+    pub const CLOSE_NORMAL: u32 = 0x00;
+    /// The peer broke the protocol; the close reason says how.
+    pub const CLOSE_VIOLATION: u32 = 0x01;
+    /// The controller is shutting down.
+    pub const CLOSE_SHUTDOWN: u32 = 0x02;
+    /// The controller refused the robot's certificate; the close reason is
+    /// `<reason>: <sentence>` (e.g. `revoked: the robot's certificate was
+    /// revoked`).
+    pub const CLOSE_REFUSED: u32 = 0x10;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,7 +320,7 @@ mod tests {
         assert_eq!(
             decode_frame::<AgentMessage>(&bad_version, DEFAULT_MAX_FRAME).unwrap_err(),
             FrameError::UnsupportedVersion {
-                found: ProtocolVersion::new(9, 0)
+                found: ProtocolVersion::new(9, CURRENT.minor)
             }
         );
 
@@ -283,5 +385,76 @@ mod tests {
             dec.push(&(1_000_000u32).to_be_bytes()),
             Err(FrameError::TooLarge { len: 1_000_000, .. })
         ));
+    }
+
+    #[test]
+    fn records_split_across_reads_come_out_whole() {
+        let mut stream = encode_record(b"first frame");
+        stream.extend(encode_record(b""));
+        stream.extend(encode_record(&[7; 300]));
+        let mut records = Records::new(1024);
+        let mut out = Vec::new();
+        // Byte by byte, as the slowest network would deliver them.
+        for byte in &stream {
+            records.push(std::slice::from_ref(byte)).unwrap();
+            while let Some(r) = records.next().unwrap() {
+                out.push(r);
+            }
+        }
+        assert_eq!(
+            out,
+            [
+                Record::Frame(b"first frame".to_vec()),
+                Record::Alive,
+                Record::Frame(vec![7; 300]),
+            ]
+        );
+        assert_eq!(records.buffered, 0);
+
+        // All at once.
+        let mut records = Records::new(1024);
+        records.push(&stream).unwrap();
+        assert_eq!(
+            records.next().unwrap(),
+            Some(Record::Frame(b"first frame".to_vec()))
+        );
+        assert_eq!(records.next().unwrap(), Some(Record::Alive));
+        assert!(matches!(records.next().unwrap(), Some(Record::Frame(_))));
+        assert_eq!(records.next().unwrap(), None);
+    }
+
+    #[test]
+    fn an_oversized_record_is_refused_from_its_length() {
+        let mut records = Records::new(1024);
+        records.push(&encode_record(b"ok")).unwrap();
+        // Only the length has arrived: refused before any of it is read.
+        assert!(
+            records.push(&1025u32.to_be_bytes()).is_ok(),
+            "first record still pending"
+        );
+        assert_eq!(records.next().unwrap(), Some(Record::Frame(b"ok".to_vec())));
+        assert!(matches!(
+            records.next(),
+            Err(FrameError::TooLarge {
+                len: 1025,
+                max: 1024
+            })
+        ));
+        // For good: the stream cannot be resynchronised.
+        assert!(records.next().is_err());
+
+        let mut records = Records::new(1024);
+        assert!(matches!(
+            records.push(&u32::MAX.to_be_bytes()),
+            Err(FrameError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn a_large_frame_does_not_keep_its_buffer() {
+        let mut records = Records::new(64 * 1024);
+        records.push(&encode_record(&[1; 60_000])).unwrap();
+        assert!(matches!(records.next().unwrap(), Some(Record::Frame(_))));
+        assert_eq!((records.buffered, records.high_water), (0, 0));
     }
 }

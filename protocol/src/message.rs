@@ -17,6 +17,9 @@ pub enum AgentMessage {
     Heartbeat(Heartbeat),
     CommandResult(CommandResult),
     Goodbye(Goodbye),
+    /// Since 1.1: asks for a new client certificate before the current one
+    /// expires.
+    RenewCertificate(RenewCertificate),
 }
 
 /// Controller → agent.
@@ -26,6 +29,11 @@ pub enum ControllerMessage {
     Ack(Ack),
     Command(Command),
     Reject(Reject),
+    /// Since 1.1: the answer to `RenewCertificate`.
+    Certificate(IssuedCertificate),
+    /// Since 1.1: `RenewCertificate` could not be answered now; the agent
+    /// asks again later.
+    RenewRefused(RenewRefused),
 }
 
 /// The agent's first message on every connection.
@@ -160,6 +168,26 @@ pub struct Goodbye {
     pub back_in_s: Option<u32>,
 }
 
+/// A certificate request (DER, PKCS#10) for the robot's key; the controller
+/// issues the certificate for the robot of the connection's current one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewCertificate {
+    pub csr_der: Vec<u8>,
+}
+
+/// A renewed client certificate (DER).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedCertificate {
+    pub cert_der: Vec<u8>,
+    /// When it expires (Unix time, milliseconds).
+    pub not_after_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewRefused {
+    pub reason: String,
+}
+
 /// The controller's answer to a valid `Hello`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Welcome {
@@ -264,7 +292,11 @@ mod tests {
     use super::*;
     use crate::frame::{DEFAULT_MAX_FRAME, decode_frame, encode_frame};
     use crate::identity::{HardwareId, RobotId, RobotType};
-    use crate::version::CURRENT;
+    use crate::version::{CURRENT, ProtocolVersion};
+
+    /// The version the first goldens were written at: their bytes must
+    /// never change.
+    const V1_0: ProtocolVersion = ProtocolVersion::new(1, 0);
     use std::net::{IpAddr, Ipv4Addr};
 
     fn hex(bytes: &[u8]) -> String {
@@ -275,7 +307,14 @@ mod tests {
     where
         T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
     {
-        let bytes = encode_frame(CURRENT, msg, DEFAULT_MAX_FRAME).unwrap();
+        golden_at(V1_0, msg, expected_hex);
+    }
+
+    fn golden_at<T>(version: ProtocolVersion, msg: &T, expected_hex: &str)
+    where
+        T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+    {
+        let bytes = encode_frame(version, msg, DEFAULT_MAX_FRAME).unwrap();
         assert_eq!(hex(&bytes), expected_hex, "encoding of {msg:?} changed");
         let (_, back): (_, T) = decode_frame(&bytes, DEFAULT_MAX_FRAME).unwrap();
         assert_eq!(&back, msg);
@@ -301,7 +340,7 @@ mod tests {
         golden(
             &AgentMessage::Hello(Hello {
                 identity: identity(),
-                versions: vec![CURRENT],
+                versions: vec![V1_0],
                 last_acked_seq: 300,
             }),
             "4b4957490100\
@@ -403,7 +442,7 @@ mod tests {
         golden(
             &ControllerMessage::Welcome(Welcome {
                 session_id: Uuid::from_u128(2),
-                version: CURRENT,
+                version: V1_0,
                 heartbeat_interval_ms: 250,
                 config: DesiredConfig {
                     maintenance: true,
@@ -431,7 +470,7 @@ mod tests {
         golden(
             &ControllerMessage::Reject(Reject {
                 reason: RejectReason::UnsupportedVersion {
-                    supported: vec![CURRENT],
+                    supported: vec![V1_0],
                 },
                 retry_after_ms: Some(1000),
             }),
@@ -439,6 +478,37 @@ mod tests {
              00\
              010100\
              01e807",
+        );
+    }
+
+    #[test]
+    fn golden_certificate_renewal() {
+        assert_eq!(CURRENT, ProtocolVersion::new(1, 1));
+        golden_at(
+            CURRENT,
+            &AgentMessage::RenewCertificate(RenewCertificate {
+                csr_der: vec![0x30, 0x01, 0x00],
+            }),
+            "4b495749010105\
+             03300100",
+        );
+        golden_at(
+            CURRENT,
+            &ControllerMessage::Certificate(IssuedCertificate {
+                cert_der: vec![0x30],
+                not_after_ms: 1,
+            }),
+            "4b495749010104\
+             0130\
+             02",
+        );
+        golden_at(
+            CURRENT,
+            &ControllerMessage::RenewRefused(RenewRefused {
+                reason: "busy".into(),
+            }),
+            "4b495749010105\
+             0462757379",
         );
     }
 }

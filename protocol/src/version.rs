@@ -30,8 +30,12 @@ impl fmt::Display for ProtocolVersion {
     }
 }
 
-/// The version this build speaks best.
-pub const CURRENT: ProtocolVersion = ProtocolVersion::new(1, 0);
+/// The version this build speaks best. 1.1 added certificate renewal
+/// (`RenewCertificate`, `Certificate`, `RenewRefused`).
+pub const CURRENT: ProtocolVersion = ProtocolVersion::new(1, 1);
+
+/// The first version with certificate renewal over the link.
+pub const RENEWAL: ProtocolVersion = ProtocolVersion::new(1, 1);
 
 /// The version stamped on handshake frames (`Hello`, `Welcome`, `Reject`).
 pub const HANDSHAKE: ProtocolVersion = ProtocolVersion::new(1, 0);

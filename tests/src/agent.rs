@@ -86,6 +86,9 @@ impl AgentOptions {
 pub struct Agent {
     opts: AgentOptions,
     controller_arg: String,
+    /// The controller's enrollment token, given to the agent unless the
+    /// options set `enroll_token` themselves.
+    enroll_token: String,
     robot_id: Uuid,
     proc: Option<Proc>,
     sys_root: PathBuf,
@@ -115,6 +118,7 @@ impl Agent {
         let mut agent = Agent {
             robot_id: robot_id_for_serial(&opts.serial),
             controller_arg: controller.agent_controller_arg(),
+            enroll_token: controller.enroll_token().to_string(),
             opts,
             proc: None,
             sys_root,
@@ -158,6 +162,26 @@ impl Agent {
     /// Whether the process is running.
     pub fn is_running(&mut self) -> bool {
         self.proc.as_mut().is_some_and(Proc::is_running)
+    }
+
+    /// Waits up to `timeout` for the agent to exit on its own; its status,
+    /// or `None` if it still runs.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let status = self
+            .proc
+            .as_mut()
+            .expect("the agent is not running")
+            .wait_exit(timeout)
+            .await;
+        if status.is_some() {
+            self.proc = None;
+        }
+        status
+    }
+
+    /// Everything the agent logged so far (all runs).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Kills the agent with SIGKILL: it cannot say goodbye.
@@ -212,6 +236,7 @@ impl Agent {
             .arg(&self.state_dir)
             .arg("--sys-root")
             .arg(&self.sys_root);
+        command.env("KIWI_AGENT_ENROLL_TOKEN", &self.enroll_token);
         command.envs(self.opts.env.iter().map(|(k, v)| (k, v)));
         self.proc = Some(Proc::spawn("kiwi-agent", command, &self.log));
     }
@@ -304,7 +329,8 @@ impl Simulator {
             .arg("--state-dir")
             .arg(&state_dir)
             .arg("--id-prefix")
-            .arg(prefix);
+            .arg(prefix)
+            .env("KIWI_AGENT_ENROLL_TOKEN", controller.enroll_token());
         let proc = Proc::spawn("kiwi-agent simulate", command, &log);
         Simulator {
             count,

@@ -241,20 +241,47 @@ impl RawResponse {
 pub struct Api {
     base: String,
     http: reqwest::Client,
+    /// The API token every request carries (`Authorization: Bearer`).
+    token: Option<String>,
 }
 
 impl Api {
-    /// A client of the API at `base` (`http://127.0.0.1:port`).
+    /// A client of the API at `base` (`http://127.0.0.1:port`) without a
+    /// token.
     pub fn new(base: &str) -> Api {
+        Api::with_token(base, None)
+    }
+
+    /// A client that sends `token` with every request.
+    pub fn with_token(base: &str, token: Option<&str>) -> Api {
+        let mut headers = header::HeaderMap::new();
+        if let Some(t) = token {
+            let mut value = header::HeaderValue::from_str(&format!("Bearer {t}"))
+                .expect("a token is a valid header value");
+            value.set_sensitive(true);
+            headers.insert(header::AUTHORIZATION, value);
+        }
         let http = reqwest::Client::builder()
             .no_proxy()
             .timeout(REQUEST_TIMEOUT)
+            .default_headers(headers)
             .build()
             .expect("a reqwest client");
         Api {
             base: base.trim_end_matches('/').to_string(),
             http,
+            token: token.map(str::to_string),
         }
+    }
+
+    /// The same API with another token (or none).
+    pub fn as_token(&self, token: Option<&str>) -> Api {
+        Api::with_token(&self.base, token)
+    }
+
+    /// The token this client sends.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
     }
 
     /// `http://127.0.0.1:port`.

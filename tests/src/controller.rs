@@ -45,7 +45,11 @@ impl Default for ControllerOptions {
         ] {
             opts = opts.setting(flag, "false");
         }
+        // Every test robot comes from 127.0.0.1: the per-address abuse
+        // limits would otherwise count them all as one host.
         opts.setting("discovery_networks", "")
+            .setting("enroll_per_minute", "1000000")
+            .setting("max_connections_per_address", "1000000")
     }
 }
 
@@ -97,6 +101,46 @@ impl ControllerOptions {
     }
 }
 
+/// Runs `kiwi-controller token create --state-dir <state_dir> <args>` with
+/// the controller's environment and returns the token it printed; its
+/// stderr goes to the controller's log.
+pub fn token_create(
+    opts: &ControllerOptions,
+    state_dir: &Path,
+    log: &Path,
+    args: &[&str],
+) -> String {
+    let output = Command::new(process::binary("kiwi-controller"))
+        .arg("token")
+        .arg("create")
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(args)
+        .envs(opts.env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("run kiwi-controller token create");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+    {
+        use std::io::Write as _;
+        let _ = f.write_all(stderr.as_bytes());
+    }
+    assert!(
+        output.status.success(),
+        "kiwi-controller token create {args:?} failed ({}): {stderr}",
+        output.status
+    );
+    let token = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    assert!(
+        !token.is_empty() && !token.contains('\n'),
+        "token create printed {token:?}"
+    );
+    token
+}
+
 /// Two distinct loopback addresses whose ports were free a moment ago (both
 /// probe sockets are held at once, so the ports differ).
 fn two_loopback_addrs() -> (SocketAddr, SocketAddr) {
@@ -121,6 +165,10 @@ pub struct Controller {
     api_addr: SocketAddr,
     agent_addr: SocketAddr,
     api: Api,
+    /// An admin API token (the client `api()` sends it).
+    admin_token: String,
+    /// An enrollment token with uses for every agent a test starts.
+    enroll_token: String,
     proc: Option<Proc>,
     log: PathBuf,
     state_dir: PathBuf,
@@ -143,11 +191,25 @@ impl Controller {
         // addresses. Another process may grab a port between our probe and
         // the controller's bind; then try again with new ones.
         let (api_addr, agent_addr) = two_loopback_addrs();
+        let admin_token = token_create(
+            &opts,
+            &state_dir,
+            &log,
+            &["--role", "admin", "--name", "tests"],
+        );
+        let enroll_token = token_create(
+            &opts,
+            &state_dir,
+            &log,
+            &["--ttl", "24h", "--uses", "1000000"],
+        );
         let mut controller = Controller {
             opts,
             api_addr,
             agent_addr,
-            api: Api::new(&format!("http://{api_addr}")),
+            api: Api::with_token(&format!("http://{api_addr}"), Some(&admin_token)),
+            admin_token,
+            enroll_token,
             proc: None,
             log,
             state_dir,
@@ -160,7 +222,10 @@ impl Controller {
                 Err(e) if attempt < ATTEMPTS && e.address_in_use => {
                     eprintln!("kiwi-tests: {}; trying new ports", e.message);
                     (controller.api_addr, controller.agent_addr) = two_loopback_addrs();
-                    controller.api = Api::new(&format!("http://{}", controller.api_addr));
+                    controller.api = Api::with_token(
+                        &format!("http://{}", controller.api_addr),
+                        Some(&controller.admin_token),
+                    );
                 }
                 Err(e) => panic!("{}", e.message),
             }
@@ -215,9 +280,37 @@ impl Controller {
         }
     }
 
-    /// The REST client of this controller.
+    /// The REST client of this controller, with an admin token.
     pub fn api(&self) -> &Api {
         &self.api
+    }
+
+    /// The admin API token of [`api`](Self::api).
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
+    /// An enrollment token good for every agent of a test.
+    pub fn enroll_token(&self) -> &str {
+        &self.enroll_token
+    }
+
+    /// Runs `kiwi-controller token create <args>` on this controller's
+    /// state (and database) and returns the token it printed.
+    pub fn create_token(&self, args: &[&str]) -> String {
+        token_create(&self.opts, &self.state_dir, &self.log, args)
+    }
+
+    /// The controller's CA (from its state directory), to issue test
+    /// certificates with.
+    pub fn ca(&self) -> kiwi_security::pki::Authority {
+        let dir = self.state_dir.join("tls");
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.join(f))
+                .unwrap_or_else(|e| panic!("read the controller's {f}: {e}"))
+        };
+        kiwi_security::pki::Authority::from_pem(&read("ca.pem"), &read("ca.key"))
+            .expect("the controller's CA")
     }
 
     /// The API address (`127.0.0.1:port`).
@@ -230,14 +323,14 @@ impl Controller {
         self.agent_addr
     }
 
-    /// What agents are given as `--controller`: `ws://127.0.0.1:port`.
+    /// What agents are given as `--controller`: `127.0.0.1:port`.
     pub fn agent_controller_arg(&self) -> String {
-        format!("ws://{}", self.agent_addr)
+        self.agent_addr.to_string()
     }
 
-    /// The agent WebSocket endpoint: `ws://127.0.0.1:port/agent`.
+    /// The agent WebSocket endpoint: `wss://127.0.0.1:port/agent`.
     pub fn agent_ws_url(&self) -> String {
-        format!("ws://{}/agent", self.agent_addr)
+        format!("wss://{}/agent", self.agent_addr)
     }
 
     /// The state directory (kept across restarts).

@@ -909,7 +909,7 @@ fn finish_ip_batch(child: std::process::Child) -> anyhow::Result<()> {
     finish(child, "ip -batch")
 }
 
-fn run_with_stdin(command: Command, input: &str) -> anyhow::Result<()> {
+pub fn run_with_stdin(command: Command, input: &str) -> anyhow::Result<()> {
     let what = format!("{:?}", command.get_program());
     finish(spawn_with_stdin(command, input)?, &what)
 }

@@ -21,7 +21,7 @@ use uuid::Uuid;
 /// The controller's agent endpoint, inside the controller namespace.
 pub const AGENT_LISTEN: &str = "10.88.0.1:8765";
 /// The controller's agent endpoint as agents are told it.
-pub const AGENT_URL: &str = "ws://10.88.0.1:8765";
+pub const AGENT_URL: &str = "10.88.0.1:8765";
 /// The controller's API, reachable only inside the controller namespace.
 pub const API_LISTEN: &str = "127.0.0.1:8080";
 
@@ -68,6 +68,10 @@ impl Drop for LanProcess {
 #[derive(Debug)]
 pub struct LanController {
     process: LanProcess,
+    /// An admin API token (what `with_api` clients send).
+    admin_token: String,
+    /// An enrollment token with uses for every agent of a test.
+    enroll_token: String,
     dir: TempDir,
 }
 
@@ -82,6 +86,51 @@ impl LanController {
             .expect("a temp dir");
         let state = dir.path().join("state");
         std::fs::create_dir_all(&state).expect("create the controller state dir");
+        let log = dir.path().join("controller.log");
+        let opts = settings.iter().fold(
+            crate::controller::ControllerOptions::new(),
+            |o, (key, value)| o.setting(key, value),
+        );
+        let admin_token =
+            crate::controller::token_create(&opts, &state, &log, &["--role", "admin"]);
+        let enroll_token = crate::controller::token_create(
+            &opts,
+            &state,
+            &log,
+            &["--ttl", "24h", "--uses", "100000"],
+        );
+        Self::spawn(lan, dir, admin_token, enroll_token, settings, deadline)
+    }
+
+    /// Stops this controller and starts it again with other `settings` on
+    /// the same state (its CA, tokens and robots), as an operator changing
+    /// its configuration would.
+    pub fn restart_with(
+        self,
+        lan: &Lan,
+        settings: &[(&str, &str)],
+        deadline: Duration,
+    ) -> LanController {
+        let LanController {
+            process,
+            admin_token,
+            enroll_token,
+            dir,
+        } = self;
+        drop(process);
+        Self::spawn(lan, dir, admin_token, enroll_token, settings, deadline)
+    }
+
+    fn spawn(
+        lan: &Lan,
+        dir: TempDir,
+        admin_token: String,
+        enroll_token: String,
+        settings: &[(&str, &str)],
+        deadline: Duration,
+    ) -> LanController {
+        let state = dir.path().join("state");
+        let log = dir.path().join("controller.log");
         let mut command = lan.command(lan.ctl(), binary("kiwi-controller"));
         command
             .arg("serve")
@@ -95,12 +144,13 @@ impl LanController {
         for (key, value) in settings {
             command.env(format!("KIWI_CONTROLLER_{key}"), value);
         }
-        let process = LanProcess::spawn(
-            "kiwi-controller",
-            command,
-            &dir.path().join("controller.log"),
-        );
-        let controller = LanController { process, dir };
+        let process = LanProcess::spawn("kiwi-controller", command, &log);
+        let controller = LanController {
+            process,
+            admin_token,
+            enroll_token,
+            dir,
+        };
         controller.with_api(lan, move |api| async move {
             crate::wait_until(deadline, || async {
                 let status = api.get("/readyz").await?.status();
@@ -120,8 +170,13 @@ impl LanController {
         Fut: Future<Output = T>,
         T: Send + 'static,
     {
+        let token = self.admin_token.clone();
         lan.spawn_in(lan.ctl(), move || async move {
-            f(Api::new(&format!("http://{API_LISTEN}"))).await
+            f(Api::with_token(
+                &format!("http://{API_LISTEN}"),
+                Some(&token),
+            ))
+            .await
         })
         .join()
         .unwrap_or_else(|e| std::panic::resume_unwind(e))
@@ -129,6 +184,11 @@ impl LanController {
 
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
+    }
+
+    /// An enrollment token for the agents of a test.
+    pub fn enroll_token(&self) -> &str {
+        &self.enroll_token
     }
 
     pub fn log_text(&self) -> String {
@@ -185,8 +245,15 @@ impl LanAgent {
     }
 
     /// Starts `kiwi-agent run --controller <controller>` in the robot's
-    /// namespace, with `env` added (e.g. `KIWI_AGENT_ANNOUNCE`).
-    pub fn start(&mut self, lan: &Lan, controller: &str, env: &[(&str, &str)]) {
+    /// namespace, enrolling with `token` if it has no certificate yet,
+    /// with `env` added (e.g. `KIWI_AGENT_ANNOUNCE`).
+    pub fn start(
+        &mut self,
+        lan: &Lan,
+        controller: &str,
+        token: Option<&str>,
+        env: &[(&str, &str)],
+    ) {
         self.runs += 1;
         let mut command = lan.command(&lan.robot(self.index), binary("kiwi-agent"));
         command
@@ -197,6 +264,9 @@ impl LanAgent {
             .arg(&self.state_dir)
             .arg("--sys-root")
             .arg(&self.sys_root);
+        if let Some(token) = token {
+            command.env("KIWI_AGENT_ENROLL_TOKEN", token);
+        }
         command.envs(env.iter().copied());
         let log = self.dir.path().join(format!("agent-{}.log", self.runs));
         self.process = Some(LanProcess::spawn(
@@ -266,7 +336,7 @@ impl DiscoveryLan {
         );
         let mut agents: Vec<LanAgent> = (1..=agents).map(LanAgent::new).collect();
         for agent in &mut agents {
-            agent.start(&lan, AGENT_URL, &[]);
+            agent.start(&lan, AGENT_URL, Some(controller.enroll_token()), &[]);
         }
         let ids: Vec<Uuid> = agents.iter().map(|a| a.robot_id).collect();
         controller.with_api(&lan, move |api| async move {

@@ -30,6 +30,7 @@
 //! assertion.
 
 pub mod agent;
+pub mod agent_port;
 pub mod api;
 pub mod controller;
 pub mod lan;

@@ -26,11 +26,13 @@ pub enum Framing {
 /// Sends `method path` with `body` to `addr` and returns the answer, read
 /// while the body is still being written. Errors writing the body (the
 /// server closed early) are ignored; only the answer counts.
+#[allow(clippy::too_many_arguments)]
 pub async fn send(
     addr: SocketAddr,
     method: &str,
     path: &str,
     content_type: &str,
+    token: Option<&str>,
     body: Vec<u8>,
     framing: Framing,
     timeout: Duration,
@@ -43,9 +45,11 @@ pub async fn send(
         Framing::ContentLength => format!("Content-Length: {}", body.len()),
         Framing::Chunked => "Transfer-Encoding: chunked".to_string(),
     };
+    let authorization =
+        token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\n\
-         {framing_header}\r\nConnection: close\r\n\r\n"
+         {authorization}{framing_header}\r\nConnection: close\r\n\r\n"
     );
     let writing = tokio::spawn(async move {
         writer.write_all(head.as_bytes()).await?;

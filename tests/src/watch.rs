@@ -157,6 +157,9 @@ impl Watch {
         if let Resume::LastEventId(p) = resume {
             req = req.header("Last-Event-ID", p.to_string());
         }
+        if let Some(token) = api.token() {
+            req = req.bearer_auth(token);
+        }
         let resp = tokio::time::timeout(Duration::from_secs(15), req.send())
             .await
             .context("GET /api/v2/watch: no answer within 15 s")?

@@ -14,6 +14,7 @@ use kiwi_protocol::version::{HANDSHAKE, SUPPORTED};
 use kiwi_protocol::{
     AgentMessage, ControllerMessage, HardwareId, Identity, ProtocolVersion, RobotId, RobotType,
 };
+use kiwi_tests::agent_port;
 use kiwi_tests::api::{PROBLEM_JSON, RawResponse};
 use kiwi_tests::raw_http::{self, Framing};
 use kiwi_tests::{
@@ -57,17 +58,20 @@ fn hello(name: &str, versions: Vec<ProtocolVersion>) -> AgentMessage {
     })
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+type Ws = kiwi_tests::agent_port::AgentWs;
 
-async fn connect(controller: &Controller) -> Ws {
-    let (ws, _) = within(
+/// A WebSocket to the agent endpoint with a valid certificate for the
+/// stranger robot `name` (bad input comes from enrolled robots too).
+async fn connect(controller: &Controller, name: &str) -> Ws {
+    let ca = controller.ca();
+    let cert = agent_port::robot_cert(&ca, stranger(name).robot_id.0, agent_port::hour());
+    within(
         PROMPTLY,
         "the WebSocket handshake",
-        tokio_tungstenite::connect_async(controller.agent_ws_url()),
+        agent_port::connect_ws(controller.agent_addr(), ca.cert_der(), Some(cert)),
     )
     .await
-    .expect("connect to the agent endpoint");
-    ws
+    .unwrap_or_else(|e| panic!("connect to the agent endpoint: {e:?}"))
 }
 
 /// Reads until the controller closes the connection, which it must do
@@ -187,7 +191,7 @@ impl Setup {
     /// else changed.
     async fn refuse_frame(&mut self, case: &str, bytes: Vec<u8>, reason: Option<&'static str>) {
         let before = rejected(self.controller.api(), reason).await;
-        let mut ws = connect(&self.controller).await;
+        let mut ws = connect(&self.controller, "frames").await;
         ws.send(Message::binary(bytes))
             .await
             .unwrap_or_else(|e| panic!("{case}: sending failed: {e}"));
@@ -318,7 +322,7 @@ async fn hello_in_unknown_versions_is_rejected_with_the_supported_ones() {
     let case = "hello offering only 9.0";
     let api = setup.controller.api().clone();
     let before = rejected(&api, None).await;
-    let mut ws = connect(&setup.controller).await;
+    let mut ws = connect(&setup.controller, "versions").await;
     let frame = encode_frame(
         HANDSHAKE,
         &hello("versions", vec![ProtocolVersion::new(9, 0)]),
@@ -421,6 +425,7 @@ async fn bad_requests_get_problem_json() {
             "POST",
             &fail,
             "application/json",
+            api.token(),
             big_json_body(10 * 1024 * 1024),
             framing,
             PROMPTLY,

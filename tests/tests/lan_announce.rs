@@ -191,7 +191,7 @@ async fn the_controller_sees_announcing_agents_by_beacon_and_mdns() {
         .iter_mut()
         .map(|r| {
             let at = Instant::now();
-            r.start(&lan, "ws://10.88.0.1:1", &env);
+            r.start(&lan, "10.88.0.1:1", None, &env);
             at
         })
         .collect();
@@ -231,10 +231,10 @@ async fn the_controller_sees_announcing_agents_by_beacon_and_mdns() {
 
 /// The acceptance test of `controller = "auto"`: with no address
 /// configured, an agent finds the real controller (here by its answer to a
-/// beacon, after the remembered address did not answer), connects, and
-/// remembers it; restarted against a controller that neither answers
-/// beacons nor announces itself, it connects by the remembered address
-/// alone.
+/// beacon, after the remembered address did not answer), enrolls,
+/// connects, and remembers it; restarted against the controller after it
+/// stopped answering beacons and announcing itself, it connects by the
+/// remembered address alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_auto_agent_finds_the_controller_by_beacon_and_remembers_it() {
     if !lan_tests_enabled() {
@@ -246,12 +246,12 @@ async fn an_auto_agent_finds_the_controller_by_beacon_and_remembers_it() {
     // A stale remembered controller that no longer answers.
     std::fs::write(
         robot.state_dir().join("controller"),
-        "ws://10.88.0.1:1/agent\n",
+        "wss://10.88.0.1:1/agent\n",
     )
     .expect("write a stale remembered controller");
 
     let started = Instant::now();
-    robot.start(&lan, "auto", &AGENT_ENV);
+    robot.start(&lan, "auto", Some(controller.enroll_token()), &AGENT_ENV);
     let took = wait_connected(&lan, &controller, vec![robot.robot_id], started);
     describe("auto agent start -> connected (beacon answer)", took);
     let log = robot.log_text();
@@ -259,14 +259,13 @@ async fn an_auto_agent_finds_the_controller_by_beacon_and_remembers_it() {
     assert!(log.contains("\"via\":\"beacon\""), "{log}");
     let remembered = std::fs::read_to_string(robot.state_dir().join("controller"))
         .expect("the agent remembers the controller");
-    assert_eq!(remembered.trim(), format!("{AGENT_URL}/agent"));
+    assert_eq!(remembered.trim(), format!("wss://{AGENT_URL}/agent"));
 
-    // Restart against a controller with LAN discovery off.
+    // Restart against the same controller with LAN discovery off.
     robot.stop();
-    drop(controller);
-    let controller = LanController::start(&lan, &[], DEADLINE);
+    let controller = controller.restart_with(&lan, &[], DEADLINE);
     let started = Instant::now();
-    robot.start(&lan, "auto", &AGENT_ENV);
+    robot.start(&lan, "auto", Some(controller.enroll_token()), &AGENT_ENV);
     let took = wait_connected(&lan, &controller, vec![robot.robot_id], started);
     let log = robot.log_text();
     assert!(log.contains("remembered controller"), "{log}");
@@ -288,7 +287,7 @@ async fn an_auto_agent_finds_the_controller_by_mdns() {
     let controller = LanController::start(&lan, &[("ENABLE_MDNS", "true")], DEADLINE);
     let mut robot = LanAgent::new(1);
     let started = Instant::now();
-    robot.start(&lan, "auto", &AGENT_ENV);
+    robot.start(&lan, "auto", Some(controller.enroll_token()), &AGENT_ENV);
     let took = wait_connected(&lan, &controller, vec![robot.robot_id], started);
     describe("auto agent start -> connected (mDNS)", took);
     let log = robot.log_text();

@@ -358,7 +358,7 @@ fn a_robot_whose_address_changes_keeps_its_id() {
         .change_address(&f.lan.robot(agent.index), old_ip, new_ip)
         .expect("move the agent's robot");
     let started = Instant::now();
-    agent.start(&f.lan, AGENT_URL, &[]);
+    agent.start(&f.lan, AGENT_URL, Some(f.controller.enroll_token()), &[]);
     let (old_ip, new_ip) = (old_ip.to_string(), new_ip.to_string());
     let at = new_ip.clone();
     f.controller.with_api(&f.lan, move |api| async move {
@@ -434,7 +434,7 @@ fn a_legacy_robot_that_starts_the_agent_keeps_its_id_and_history() {
     let mut agent = LanAgent::with_serial(index, &legacy.serial);
     assert_eq!(agent.robot_id, id, "the agent computes the same id");
     let started = Instant::now();
-    agent.start(&f.lan, AGENT_URL, &[]);
+    agent.start(&f.lan, AGENT_URL, Some(f.controller.enroll_token()), &[]);
     f.controller.with_api(&f.lan, move |api| async move {
         wait_ready_and_connected(&api, id, DEADLINE).await
     });

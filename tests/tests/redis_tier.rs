@@ -13,7 +13,9 @@ use kiwi_controller::domain::decide::CommandIntent;
 use kiwi_controller::domain::event::IdentityFacts;
 use kiwi_controller::domain::{Action, Input};
 use kiwi_controller::fleet::Context;
+use kiwi_controller::security::tokens::create_api_token;
 use kiwi_controller::serve::Components;
+use kiwi_controller::store::auth::Role;
 use kiwi_protocol::{HardwareId, RobotId};
 use kiwi_tests::RedisServer;
 use serde_json::Value;
@@ -21,10 +23,26 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+/// A viewer token of `c`, made in its store as `token create` would.
+async fn viewer_token(c: &Components) -> String {
+    let (token, _) = create_api_token(c.store.auth().as_ref(), Role::Viewer, "redis tier", None)
+        .await
+        .expect("a viewer token");
+    token.to_string()
+}
+
 async fn get(c: &Components, uri: &str) -> (StatusCode, Value) {
+    // A token per request: tests share no state, and making one is a
+    // store write that touches no robot.
+    let token = viewer_token(c).await;
     let resp = c
         .api_router()
-        .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+        .oneshot(
+            Request::get(uri)
+                .header("authorization", format!("Bearer {token}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
     let status = resp.status();

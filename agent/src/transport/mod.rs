@@ -4,12 +4,17 @@
 //! [`crate::link`] speaks the protocol over it and never sees a socket or a
 //! WebSocket type.
 //!
-//! [`websocket`] is the one transport today (`ws://`). Encoding, decoding and
-//! every timeout except connecting stay in the link, so that all transports
-//! behave alike.
+//! Two transports carry the frames: [`websocket`] (`wss://`, one frame per
+//! binary message) and [`quic`] (QUIC, length-prefixed frames on one
+//! bidirectional stream); [`choose`] picks one per the `transport` setting.
+//! Encoding, decoding and every timeout except connecting stay in the link,
+//! so that all transports behave alike.
 
+pub mod choose;
+pub mod quic;
 pub mod websocket;
 
+pub use quic::QuicConnector;
 pub use websocket::WebSocketConnector;
 
 use std::future::Future;

@@ -1,20 +1,27 @@
-//! The WebSocket transport (`ws://`, tokio-tungstenite): one protocol frame
-//! per binary message. Pings and pongs are liveness (tungstenite answers
-//! the controller's pings itself); a text message or one over the frame cap
-//! is a protocol violation.
+//! The WebSocket transport (`wss://`: tokio-tungstenite over tokio-rustls):
+//! one protocol frame per binary message. Pings and pongs are liveness
+//! (tungstenite answers the controller's pings itself); a text message or
+//! one over the frame cap is a protocol violation. A controller that
+//! refuses the robot's certificate answers the upgrade with 401/403 and a
+//! reason, which ends up in the connect error.
 //!
 //! This is the only module of the crate that knows WebSocket.
 
-use super::{Close, Connection, Connector, Incoming, TransportError};
+use super::{BoxError, Close, Connection, Connector, Incoming, TransportError};
 use futures_util::{SinkExt, StreamExt};
 use kiwi_protocol::frame::DEFAULT_MAX_FRAME;
+use kiwi_security::enroll::EnrollRefusal;
+use rustls_pki_types::ServerName;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// The WebSocket settings: messages and frames capped at the frame cap, and
 /// small buffers, since an agent sends little and a simulator holds many.
@@ -27,24 +34,65 @@ pub fn ws_config(max_frame: usize) -> WebSocketConfig {
         .max_frame_size(Some(max_frame))
 }
 
-/// Connects to a `ws://` endpoint. [`WebSocketConnector::new`] gives the
+/// Connects to a `wss://` endpoint. [`WebSocketConnector::new`] gives the
 /// production values.
 #[derive(Debug, Clone)]
 pub struct WebSocketConnector {
-    /// The `ws://` URL to connect to (see `ControllerUrl::endpoint`).
+    /// The host to connect to (no brackets), and its port.
+    pub host: String,
+    pub port: u16,
+    /// The `wss://` URL of the upgrade (see `ControllerUrl::endpoint`).
     pub endpoint: String,
+    /// Trust and the robot's certificate.
+    pub tls: Arc<rustls::ClientConfig>,
     /// The message cap, both ways; the link's `LinkOptions::max_frame`.
     pub max_frame: usize,
-    /// How long TCP connect and the WebSocket upgrade may take together.
+    /// How long TCP connect, TLS and the WebSocket upgrade may take
+    /// together.
     pub connect_timeout: Duration,
 }
 
 impl WebSocketConnector {
-    pub fn new(endpoint: impl Into<String>) -> Self {
+    pub fn new(url: &crate::config::ControllerUrl, tls: Arc<rustls::ClientConfig>) -> Self {
         Self {
-            endpoint: endpoint.into(),
+            host: url.bare_host().to_string(),
+            port: url.port,
+            endpoint: url.endpoint(),
+            tls,
             max_frame: DEFAULT_MAX_FRAME,
             connect_timeout: Duration::from_secs(10),
+        }
+    }
+
+    async fn open(&self) -> Result<WebSocketConnection, BoxError> {
+        let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(self.host.clone())?;
+        let stream = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await?;
+        let request = self.endpoint.as_str().into_client_request()?;
+        match tokio_tungstenite::client_async_with_config(
+            request,
+            stream,
+            Some(ws_config(self.max_frame)),
+        )
+        .await
+        {
+            Ok((ws, _response)) => Ok(WebSocketConnection { ws, closing: false }),
+            Err(WsError::Http(response)) => {
+                let status = response.status();
+                let why = response
+                    .body()
+                    .as_deref()
+                    .and_then(|b| serde_json::from_slice::<EnrollRefusal>(b).ok())
+                    .map_or_else(
+                        || format!("HTTP {status}"),
+                        |r| format!("{} ({})", r.detail, r.reason),
+                    );
+                Err(format!("the controller refused the connection: {why}").into())
+            }
+            Err(e) => Err(e.into()),
         }
     }
 }
@@ -53,20 +101,15 @@ impl Connector for WebSocketConnector {
     type Conn = WebSocketConnection;
 
     async fn connect(&self) -> Result<WebSocketConnection, TransportError> {
-        let connect = tokio_tungstenite::connect_async_with_config(
-            self.endpoint.as_str(),
-            Some(ws_config(self.max_frame)),
-            true,
-        );
-        match tokio::time::timeout(self.connect_timeout, connect).await {
+        match tokio::time::timeout(self.connect_timeout, self.open()).await {
             Err(_) => Err(TransportError::ConnectTimeout {
                 endpoint: self.endpoint.clone(),
             }),
-            Ok(Err(e)) => Err(TransportError::Connect {
+            Ok(Err(error)) => Err(TransportError::Connect {
                 endpoint: self.endpoint.clone(),
-                error: e.into(),
+                error,
             }),
-            Ok(Ok((ws, _response))) => Ok(WebSocketConnection { ws, closing: false }),
+            Ok(Ok(conn)) => Ok(conn),
         }
     }
 
@@ -80,7 +123,7 @@ impl Connector for WebSocketConnector {
 /// handshake) when it next reads or writes.
 #[derive(Debug)]
 pub struct WebSocketConnection {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    ws: WebSocketStream<TlsStream<TcpStream>>,
     /// Set once the agent sent its close: the controller's answering close
     /// is then not the end; the end is the controller dropping the TCP
     /// connection, as the server does first (RFC 6455, 7.1.1).

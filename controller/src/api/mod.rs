@@ -1,7 +1,10 @@
 //! The REST v2 API, the watch stream, health and metrics endpoints. Only
 //! this module knows HTTP; it reads through the fleet's cache and changes
-//! robots only through [`crate::fleet::Fleet::apply`].
+//! robots only through [`crate::fleet::Fleet::apply`]. Every route but the
+//! health and metrics endpoints needs an API token ([`auth`]).
 
+mod admin;
+pub mod auth;
 pub mod extract;
 pub mod problem;
 mod robots;
@@ -10,13 +13,15 @@ mod watch;
 use crate::discovery::Discovery;
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
+use crate::security::{AgentAuth, ApiAuth, ControllerPki};
+use crate::store::auth::Role;
 use crate::watch::Hub;
+use auth::{Access, RouteSpec, Routes};
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use problem::Problem;
 use std::sync::Arc;
 use std::time::Instant;
@@ -32,39 +37,87 @@ pub struct AppState {
     pub body_limit: usize,
     /// Cancelled at shutdown; ends long-lived streams so the server drains.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Checks API tokens; also makes and revokes them, so that the change
+    /// holds here at once.
+    pub api_auth: Arc<ApiAuth>,
+    /// The CA whose pin enrollment tokens carry.
+    pub pki: Arc<ControllerPki>,
+    /// Told about certificates revoked by decommissioning.
+    pub agent_auth: Arc<AgentAuth>,
+    /// `/metrics` asks for a viewer token.
+    pub metrics_require_token: bool,
+}
+
+/// Every route and who may call it: this registration is the role table.
+/// Reads need a viewer token, lifecycle actions and discovery an operator
+/// token, tokens, enrollments and decommissioning an admin token.
+fn routes(r: Routes) -> Routes {
+    use Role::{Admin, Operator, Viewer};
+    let metrics = if r.metrics_require_token {
+        Access::Role(Viewer)
+    } else {
+        Access::Open
+    };
+    r.get("/healthz", Access::Open, healthz)
+        .get("/readyz", Access::Open, readyz)
+        .get("/metrics", metrics, prometheus)
+        // Reads.
+        .get("/api/v2/robots", Viewer, robots::list)
+        .get("/api/v2/robots/healthy", Viewer, robots::healthy)
+        .get("/api/v2/robots/deployable", Viewer, robots::deployable)
+        .get("/api/v2/robots/{id}", Viewer, robots::get_one)
+        .get("/api/v2/robots/{id}/events", Viewer, robots::events)
+        .get("/api/v2/robots/{id}/reports", Viewer, robots::reports)
+        .get("/api/v2/discoveries/{id}", Viewer, robots::discovery)
+        .get("/api/v2/metrics", Viewer, robots::system_metrics)
+        .get("/api/v2/watch", Viewer, watch::watch)
+        // The lifecycle and discovery.
+        .post("/api/v2/robots/{id}/provision", Operator, robots::provision)
+        .post("/api/v2/robots/{id}/activate", Operator, robots::activate)
+        .post(
+            "/api/v2/robots/{id}/deactivate",
+            Operator,
+            robots::deactivate,
+        )
+        .post(
+            "/api/v2/robots/{id}/maintenance/start",
+            Operator,
+            robots::maintenance_start,
+        )
+        .post(
+            "/api/v2/robots/{id}/maintenance/end",
+            Operator,
+            robots::maintenance_end,
+        )
+        .post("/api/v2/robots/{id}/recover", Operator, robots::recover)
+        .post("/api/v2/robots/{id}/fail", Operator, robots::fail)
+        .post("/api/v2/discover", Operator, robots::discover)
+        // Who may connect.
+        .post(
+            "/api/v2/robots/{id}/decommission",
+            Admin,
+            robots::decommission,
+        )
+        .get("/api/v2/enrollments", Admin, admin::enrollments)
+        .post("/api/v2/enrollments/{id}/approve", Admin, admin::approve)
+        .post("/api/v2/enrollments/{id}/reject", Admin, admin::reject)
+        .get("/api/v2/tokens", Admin, admin::tokens)
+        .post("/api/v2/tokens", Admin, admin::create_token)
+        .delete("/api/v2/tokens/{id}", Admin, admin::revoke_token)
+}
+
+/// Every route the API serves and who may call it (as [`router`] registers
+/// them).
+pub fn route_table(metrics_require_token: bool) -> Vec<RouteSpec> {
+    routes(Routes::table_only(metrics_require_token))
+        .into_parts()
+        .1
 }
 
 pub fn router(state: AppState) -> Router {
     let limit = state.body_limit;
-    let api = Router::new()
-        .route("/robots", get(robots::list))
-        .route("/robots/healthy", get(robots::healthy))
-        .route("/robots/deployable", get(robots::deployable))
-        .route("/robots/{id}", get(robots::get_one))
-        .route("/robots/{id}/events", get(robots::events))
-        .route("/robots/{id}/reports", get(robots::reports))
-        .route("/robots/{id}/provision", post(robots::provision))
-        .route("/robots/{id}/activate", post(robots::activate))
-        .route("/robots/{id}/deactivate", post(robots::deactivate))
-        .route(
-            "/robots/{id}/maintenance/start",
-            post(robots::maintenance_start),
-        )
-        .route(
-            "/robots/{id}/maintenance/end",
-            post(robots::maintenance_end),
-        )
-        .route("/robots/{id}/recover", post(robots::recover))
-        .route("/robots/{id}/fail", post(robots::fail))
-        .route("/discover", post(robots::discover))
-        .route("/discoveries/{id}", get(robots::discovery))
-        .route("/metrics", get(robots::system_metrics))
-        .route("/watch", get(watch::watch));
-    Router::new()
-        .nest("/api/v2", api)
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(prometheus))
+    let (routes, _) = routes(Routes::new(state.clone())).into_parts();
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(limit, limit_body))

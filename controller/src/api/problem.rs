@@ -4,7 +4,9 @@
 
 use crate::domain::Refusal;
 use crate::fleet::FleetError;
+use crate::security::ApiRefusal;
 use crate::store::StoreError;
+use crate::store::auth::Role;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
@@ -21,6 +23,8 @@ pub struct Problem {
     /// Extension members.
     pub extra: Map<String, Value>,
     pub retry_after: Option<u32>,
+    /// The `WWW-Authenticate` challenge of a 401.
+    pub www_authenticate: Option<&'static str>,
 }
 
 impl Problem {
@@ -37,6 +41,7 @@ impl Problem {
             detail: detail.into(),
             extra: Map::new(),
             retry_after: None,
+            www_authenticate: None,
         }
     }
 
@@ -61,6 +66,23 @@ impl Problem {
 
     pub fn not_found(detail: impl Into<String>) -> Self {
         Problem::new(StatusCode::NOT_FOUND, "not-found", "Not found", detail)
+    }
+
+    /// 403: the token is good but its role is too weak.
+    pub fn forbidden_role(required: Role, held: Role) -> Self {
+        Problem::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "Forbidden",
+            format!(
+                "this needs a {} token; the token sent is {}",
+                required.as_str(),
+                held.as_str()
+            ),
+        )
+        .with("reason", json!("forbidden"))
+        .with("required_role", json!(required))
+        .with("role", json!(held))
     }
 
     pub fn unavailable(detail: impl Into<String>) -> Self {
@@ -93,6 +115,12 @@ impl IntoResponse for Problem {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        if let Some(challenge) = self.www_authenticate {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
+        }
         resp
     }
 }
@@ -113,6 +141,12 @@ impl From<StoreError> for Problem {
                 "Lease lost",
                 format!("{e}; another controller holds this work now"),
             ),
+            StoreError::InvalidTransition(_) => Problem::new(
+                StatusCode::CONFLICT,
+                "transition-not-allowed",
+                "Transition not allowed",
+                e.to_string(),
+            ),
             StoreError::Corrupt(_) | StoreError::Invalid(_) => {
                 tracing::error!(error = %e, "store error");
                 Problem::new(
@@ -124,6 +158,49 @@ impl From<StoreError> for Problem {
             }
         }
     }
+}
+
+impl From<ApiRefusal> for Problem {
+    fn from(refusal: ApiRefusal) -> Self {
+        match refusal {
+            ApiRefusal::Blocked { retry_after } => Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too-many-requests",
+                "Too many requests",
+                format!("{refusal}; try again later"),
+            )
+            .with("reason", json!(refusal.reason()))
+            .with_retry_after(whole_seconds(retry_after)),
+            ApiRefusal::Unavailable => {
+                Problem::unavailable(refusal.to_string()).with("reason", json!(refusal.reason()))
+            }
+            _ => {
+                let mut p = Problem::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "Unauthorized",
+                    format!(
+                        "{refusal}: send Authorization: Bearer <API token> \
+                         (kiwi-controller token create --role ...)"
+                    ),
+                )
+                .with("reason", json!(refusal.reason()));
+                // RFC 6750: no error code when no token was sent.
+                p.www_authenticate = Some(if refusal == ApiRefusal::Missing {
+                    "Bearer realm=\"kiwi\""
+                } else {
+                    "Bearer realm=\"kiwi\", error=\"invalid_token\""
+                });
+                p
+            }
+        }
+    }
+}
+
+/// A wait in whole seconds, rounded up, at least one (`Retry-After`).
+fn whole_seconds(wait: std::time::Duration) -> u32 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    u32::try_from(secs).unwrap_or(u32::MAX).max(1)
 }
 
 impl From<FleetError> for Problem {

@@ -6,8 +6,8 @@ use super::extract::{ApiQuery, JsonBody, RobotPath};
 use super::problem::Problem;
 use crate::cache::{Entry, Filter};
 use crate::domain::robot::health_status;
-use crate::domain::{Action, Input, LifecycleState, Robot};
-use crate::fleet::Context;
+use crate::domain::{Action, Input, LifecycleState, Refusal, Robot};
+use crate::fleet::{Applied, Context, FleetError};
 use crate::link::session::SessionRegistry;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -429,11 +429,16 @@ async fn act(
     name: &'static str,
 ) -> Result<Response, Problem> {
     let action = body.into_action(name)?;
-    let applied = s
-        .fleet
-        .apply(id, Input::Operator(action), &Context::new("operator"))
-        .await?;
+    let applied = operate(&s, id, action).await?;
     Ok(robot_response(&applied.robot, s.fleet.sessions()))
+}
+
+/// Applies an operator's action (the one path of every action route and
+/// of decommissioning).
+async fn operate(s: &AppState, id: RobotId, action: Action) -> Result<Applied, FleetError> {
+    s.fleet
+        .apply(id, Input::Operator(action), &Context::new("operator"))
+        .await
 }
 
 macro_rules! action_handler {
@@ -455,6 +460,64 @@ action_handler!(maintenance_start, "maintenance/start");
 action_handler!(maintenance_end, "maintenance/end");
 action_handler!(recover, "recover");
 action_handler!(fail, "fail");
+
+/// The reason recorded when a robot is decommissioned.
+const DECOMMISSIONED: &str = "decommissioned";
+
+/// `POST /api/v2/robots/{id}/decommission`: revokes every certificate of
+/// the robot (its agent is refused from now on, here at once and on other
+/// controllers within seconds), ends its session, and records it as
+/// failed ("decommissioned") unless it already is. Answers the robot and
+/// how many certificates were revoked. Doing it again is harmless.
+pub async fn decommission(
+    State(s): State<AppState>,
+    RobotPath(id): RobotPath,
+) -> Result<Response, Problem> {
+    let robot = s
+        .fleet
+        .robot(id)
+        .await?
+        .ok_or_else(|| Problem::not_found(format!("no robot {id}")))?;
+    let auth = s.fleet.store().auth();
+    let serials: Vec<String> = auth
+        .certificates(id)
+        .await?
+        .into_iter()
+        .map(|c| c.serial)
+        .collect();
+    let revoked = auth.revoke_certificates(id, Utc::now()).await?;
+    s.agent_auth.add_revoked(serials);
+    if let Some(session) = s.fleet.sessions().get(&id) {
+        session.close("robot decommissioned: certificate revoked");
+    }
+    s.metrics.certificates_revoked.inc_by(revoked);
+    let entry = if robot.robot.state == LifecycleState::Failed {
+        robot
+    } else {
+        let action = Action::Fail {
+            reason: DECOMMISSIONED.into(),
+        };
+        match operate(&s, id, action).await {
+            Ok(applied) => applied.robot,
+            // It failed meanwhile: that is what was asked.
+            Err(FleetError::Refused(Refusal::Forbidden {
+                from: LifecycleState::Failed,
+                ..
+            })) => s
+                .fleet
+                .robot(id)
+                .await?
+                .ok_or_else(|| Problem::not_found(format!("no robot {id}")))?,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    tracing::info!(robot_id = %id, certificates_revoked = revoked, "robot decommissioned");
+    let mut out = Vec::with_capacity(entry.json.len() + 96);
+    out.extend_from_slice(b"{\"robot\":");
+    write_robot(&mut out, &entry, s.fleet.sessions());
+    out.extend_from_slice(format!(",\"certificates_revoked\":{revoked}}}").as_bytes());
+    Ok(json_response(out))
+}
 
 /// `POST /api/v2/discover`: starts a round and answers 202 with its
 /// session id at once; `GET /api/v2/discoveries/{id}` follows it.

@@ -99,7 +99,7 @@ impl AnnounceSettings {
             IpAddr::V6(v6) => format!("[{v6}]"),
         };
         format!(
-            "ws://{host}:{}{}",
+            "wss://{host}:{}{}",
             self.agent_endpoint.port(),
             self.agent_path
         )
@@ -621,14 +621,14 @@ mod tests {
         assert!(!s.enabled());
         assert_eq!(
             s.endpoint_for("10.88.0.9".parse().unwrap()),
-            "ws://10.88.0.1:8765/agent"
+            "wss://10.88.0.1:8765/agent"
         );
         // Unspecified: the address towards the peer (loopback here; this
         // only asks the routing table).
         let any = AnnounceSettings::new("0.0.0.0:9000".parse().unwrap());
         assert_eq!(
             any.endpoint_for("127.0.0.1".parse().unwrap()),
-            "ws://127.0.0.1:9000/agent"
+            "wss://127.0.0.1:9000/agent"
         );
     }
 
@@ -765,7 +765,7 @@ mod tests {
         match beacon::decode(&buf[..len]).unwrap() {
             Datagram::Answer(a) => {
                 assert_eq!(a.controller_id, settings.controller_id);
-                assert_eq!(a.agent_endpoint, "ws://127.0.0.1:8765/agent");
+                assert_eq!(a.agent_endpoint, "wss://127.0.0.1:8765/agent");
                 assert_eq!(a.seq, 7);
             }
             other => panic!("expected an answer, got {other:?}"),

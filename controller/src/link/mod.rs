@@ -9,6 +9,7 @@
 //! Any bad frame closes only its own connection, with a logged reason and a
 //! count in `agent_frames_rejected_total`.
 
+pub mod quic;
 pub mod session;
 pub mod transport;
 pub mod websocket;
@@ -19,13 +20,16 @@ use crate::domain::Input;
 use crate::domain::event::IdentityFacts;
 use crate::fleet::{Context, Fleet, FleetError, storable};
 use crate::metrics::{Metrics, ReasonLabels};
+use crate::security::{AgentAuth, Principal};
 use kiwi_protocol::frame;
 use kiwi_protocol::identity::format_mac;
 use kiwi_protocol::message::{
-    Ack, AgentMessage, CommandOutcome, ControllerMessage, Hello, Reject, RejectReason, Welcome,
+    Ack, AgentMessage, CommandOutcome, ControllerMessage, Hello, IssuedCertificate, Reject,
+    RejectReason, RenewRefused, Welcome,
 };
 use kiwi_protocol::version::{self, ProtocolVersion};
 use kiwi_protocol::{Identity, RobotId};
+use kiwi_security::verify::CertRefusal;
 use session::{Session, now_ms};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -47,6 +51,10 @@ pub struct LinkConfig {
 #[derive(Debug)]
 pub struct LinkState {
     pub fleet: Fleet,
+    /// Admits agents by their client certificates (every transport).
+    pub auth: Arc<AgentAuth>,
+    /// Issues certificates: `POST /enroll`, and renewals over the link.
+    pub enroller: Arc<crate::security::Enroller>,
     pub metrics: Arc<Metrics>,
     pub config: LinkConfig,
     /// Cancelled at shutdown: connections close without recording robots
@@ -73,14 +81,18 @@ enum End {
 pub struct Connection<T> {
     state: Arc<LinkState>,
     peer: SocketAddr,
+    /// Whose certificate the agent presented (checked by the transport
+    /// with [`AgentAuth::admit`] before this connection was made).
+    principal: Principal,
     transport: T,
 }
 
 impl<T: AgentTransport> Connection<T> {
-    pub fn new(state: Arc<LinkState>, transport: T) -> Self {
+    pub fn new(state: Arc<LinkState>, transport: T, principal: Principal) -> Self {
         Connection {
             peer: transport.peer(),
             state,
+            principal,
             transport,
         }
     }
@@ -92,7 +104,8 @@ impl<T: AgentTransport> Connection<T> {
         };
         let robot_id = hello.identity.robot_id;
         let (tx, mut outbound) = mpsc::channel(OUTBOUND_QUEUE);
-        let session = Session::new(robot_id, self.peer, tx, self.state.shutdown.child_token());
+        let session = Session::new(robot_id, self.peer, tx, self.state.shutdown.child_token())
+            .with_cert_serial(self.principal.serial.clone());
         let sessions = self.state.fleet.sessions().clone();
         if let Some(old) = sessions.register(session.clone()) {
             old.close("replaced by a new connection from the same robot");
@@ -217,6 +230,23 @@ impl<T: AgentTransport> Connection<T> {
             .await;
             return None;
         };
+        if hello.identity.robot_id != self.principal.robot_id {
+            let refusal = CertRefusal::IdentityMismatch {
+                cert: self.principal.robot_id.0,
+                hello: hello.identity.robot_id.0,
+            };
+            self.state
+                .auth
+                .refused(self.peer, self.transport.name(), &refusal);
+            self.reject(
+                RejectReason::ProtocolViolation {
+                    detail: refusal.to_string(),
+                },
+                None,
+            )
+            .await;
+            return None;
+        }
         if let Err(detail) = check_identity(&hello.identity) {
             self.state.metrics.frame_rejected("bad_identity");
             tracing::warn!(peer = %self.peer, detail, "agent identity refused");
@@ -372,6 +402,24 @@ impl<T: AgentTransport> Connection<T> {
                     back_in_s: g.back_in_s,
                 }));
             }
+            AgentMessage::RenewCertificate(request) => {
+                let answer = match self
+                    .state
+                    .enroller
+                    .renew(&self.principal, &request.csr_der)
+                    .await
+                {
+                    Ok(issued) => ControllerMessage::Certificate(IssuedCertificate {
+                        cert_der: issued.der.to_vec(),
+                        not_after_ms: kiwi_security::pki::unix_ms(issued.info.not_after),
+                    }),
+                    Err(e) => {
+                        tracing::warn!(%robot_id, reason = e.reason, detail = %e.detail, "certificate renewal refused");
+                        ControllerMessage::RenewRefused(RenewRefused { reason: e.detail })
+                    }
+                };
+                self.send_frame(version, &answer).await?;
+            }
             AgentMessage::Hello(_) => {
                 self.state.metrics.frame_rejected("protocol_violation");
                 self.reject(
@@ -395,6 +443,7 @@ fn message_name(m: &AgentMessage) -> &'static str {
         AgentMessage::Heartbeat(_) => "Heartbeat",
         AgentMessage::CommandResult(_) => "CommandResult",
         AgentMessage::Goodbye(_) => "Goodbye",
+        AgentMessage::RenewCertificate(_) => "RenewCertificate",
     }
 }
 
@@ -403,7 +452,7 @@ const MAX_HOSTNAME: usize = 253;
 
 /// Checks what an agent says about itself: its id must be the one its
 /// hardware identity gives, and its strings must be sane.
-fn check_identity(id: &Identity) -> Result<(), String> {
+pub(crate) fn check_identity(id: &Identity) -> Result<(), String> {
     let expected = RobotId::from_hardware(&id.hardware_id);
     if id.robot_id != expected {
         return Err(format!(
@@ -445,10 +494,8 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::serve::Components;
-    use kiwi_protocol::message::{
-        AgentHealth, HealthStatus, Heartbeat, Report, Telemetry, WorkloadState,
-    };
-    use kiwi_protocol::{HardwareId, RobotType};
+    use kiwi_protocol::HardwareId;
+    use kiwi_protocol::message::{HealthStatus, Heartbeat};
 
     #[derive(Debug)]
     struct Channels {
@@ -472,6 +519,10 @@ mod tests {
         async fn close(&mut self) {}
         fn peer(&self) -> SocketAddr {
             SocketAddr::from(([127, 0, 0, 9], 4000))
+        }
+
+        fn name(&self) -> &'static str {
+            "channels"
         }
     }
 
@@ -508,7 +559,23 @@ mod tests {
             .unwrap()
     }
 
+    use crate::testing::messages::{hello, report};
+
+    /// The principal of an agent whose certificate names `name`'s robot.
+    fn principal(name: &str) -> Principal {
+        Principal {
+            robot_id: RobotId::from_hardware(&HardwareId::Configured(name.into())),
+            serial: "01".into(),
+            not_after: std::time::SystemTime::now() + Duration::from_secs(3600),
+            key_fingerprint: kiwi_security::KeyFingerprint::of(b"key"),
+        }
+    }
+
     fn connect(c: &Components) -> Peer {
+        connect_as(c, "link-test")
+    }
+
+    fn connect_as(c: &Components, name: &str) -> Peer {
         let (tx, from_agent) = mpsc::channel(16);
         let (to_agent, rx) = mpsc::channel(16);
         let conn = Connection::new(
@@ -517,45 +584,13 @@ mod tests {
                 from_agent,
                 to_agent,
             },
+            principal(name),
         );
         Peer {
             tx,
             rx,
             task: tokio::spawn(conn.run()),
         }
-    }
-
-    fn hello(name: &str) -> AgentMessage {
-        let hardware_id = HardwareId::Configured(name.into());
-        AgentMessage::Hello(Hello {
-            identity: Identity {
-                robot_id: RobotId::from_hardware(&hardware_id),
-                hardware_id,
-                hostname: name.into(),
-                robot_type: RobotType::Lekiwi,
-                model: None,
-                os_version: None,
-                agent_version: "test".into(),
-                mac_addresses: vec![],
-                ip_addresses: vec![],
-            },
-            versions: version::SUPPORTED.to_vec(),
-            last_acked_seq: 0,
-        })
-    }
-
-    fn report(seq: u64) -> AgentMessage {
-        AgentMessage::Report(Report {
-            seq,
-            time_ms: 1,
-            health: AgentHealth {
-                status: HealthStatus::Healthy,
-                reasons: vec![],
-            },
-            workload: WorkloadState::Running,
-            maintenance: false,
-            telemetry: Telemetry::default(),
-        })
     }
 
     #[tokio::test]

@@ -36,6 +36,8 @@ pub struct Session {
     pending: Arc<Mutex<HashMap<Uuid, CommandIntent>>>,
     /// Why the connection was ended from our side, if it was.
     close_reason: Arc<Mutex<Option<String>>>,
+    /// The serial of the client certificate the agent connected with.
+    pub cert_serial: Option<String>,
 }
 
 impl Session {
@@ -54,7 +56,14 @@ impl Session {
             last_seen_ms: Arc::new(AtomicI64::new(now_ms())),
             pending: Arc::default(),
             close_reason: Arc::default(),
+            cert_serial: None,
         }
+    }
+
+    /// The session of an agent that connected with this certificate.
+    pub fn with_cert_serial(mut self, serial: String) -> Session {
+        self.cert_serial = Some(serial);
+        self
     }
 
     /// Records that the agent was heard from.

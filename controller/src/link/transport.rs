@@ -50,4 +50,7 @@ pub trait AgentTransport: Send {
 
     /// The agent's address as this side sees it.
     fn peer(&self) -> SocketAddr;
+
+    /// The transport's name for logs and metrics (`websocket`, `quic`).
+    fn name(&self) -> &'static str;
 }

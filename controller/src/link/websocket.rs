@@ -1,20 +1,31 @@
-//! The WebSocket transport of the agent endpoint: `GET /agent` upgraded to a
-//! WebSocket, one protocol frame per binary message, served by hyper
-//! directly so that peers that do not even speak HTTP are noticed and
-//! counted like any other bad input.
+//! The WebSocket transport of the agent endpoint, over TLS: `GET /agent`
+//! upgraded to a WebSocket, one protocol frame per binary message, and
+//! `POST /enroll` (the one thing an agent without a certificate may do).
+//! Served by hyper directly so that peers that do not even speak TLS or
+//! HTTP are noticed and counted like any other bad input.
+//!
+//! Before TLS: an address over its failure budget or its connection cap is
+//! dropped. After TLS: the upgrade is refused (401/403 with the reason)
+//! unless [`AgentAuth::admit`](crate::security::AgentAuth::admit) accepts
+//! the client certificate.
 
 use super::transport::{AgentTransport, Incoming, TransportError};
 use super::{Connection, LinkState};
-use axum::Router;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, State};
-use axum::response::Response;
-use axum::routing::get;
+use axum::extract::{ConnectInfo, Extension, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use hyper_util::rt::TokioIo;
+use kiwi_security::enroll::{AGENT_PATH, ENROLL_PATH, EnrollRefusal, MAX_ENROLL_BODY};
+use kiwi_security::verify::CertRefusal;
+use rustls_pki_types::CertificateDer;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
@@ -25,14 +36,24 @@ const WS_BUFFER: usize = 4 * 1024;
 /// How long a new TCP connection may take to send its HTTP upgrade request.
 const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the TLS handshake of a new connection may take.
+const TLS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The client certificate chain a connection presented (empty: none).
+#[derive(Debug, Clone, Default)]
+pub struct PeerCertificates(pub Arc<Vec<CertificateDer<'static>>>);
+
 pub fn router(state: Arc<LinkState>) -> Router {
     Router::new()
-        .route("/agent", get(upgrade))
+        .route(AGENT_PATH, get(upgrade))
+        .route(ENROLL_PATH, post(enroll))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_ENROLL_BODY))
         .with_state(state)
 }
 
-/// Accepts agent connections until `state.shutdown`.
-pub async fn serve(listener: TcpListener, state: Arc<LinkState>) {
+/// Accepts agent connections over TLS until `state.shutdown`.
+pub async fn serve(listener: TcpListener, state: Arc<LinkState>, tls: Arc<rustls::ServerConfig>) {
+    let acceptor = TlsAcceptor::from(tls);
     let app = router(state.clone());
     let connections = TaskTracker::new();
     loop {
@@ -49,13 +70,46 @@ pub async fn serve(listener: TcpListener, state: Arc<LinkState>) {
                 }
             },
         };
+        let limits = state.auth.limits();
+        if limits.blocked(peer.ip()).is_some() {
+            tracing::debug!(%peer, "agent port: address over its failed-authentication budget");
+            continue;
+        }
+        let Some(slot) = limits.open_connection(peer.ip()) else {
+            tracing::warn!(%peer, "agent port: address holds too many connections; refused");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let metrics = state.metrics.clone();
+        let acceptor = acceptor.clone();
         connections.spawn(async move {
+            let _slot = slot;
+            let stream = match tokio::time::timeout(TLS_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    metrics.frame_rejected("tls_handshake");
+                    tracing::warn!(%peer, error = %e, "agent port: TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    metrics.frame_rejected("handshake_timeout");
+                    tracing::warn!(%peer, "agent port: TLS handshake timed out");
+                    return;
+                }
+            };
+            let certs = PeerCertificates(Arc::new(
+                stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                    .unwrap_or_default(),
+            ));
             let service = hyper::service::service_fn(
                 move |mut req: hyper::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(ConnectInfo(peer));
+                    req.extensions_mut().insert(certs.clone());
                     app.clone().oneshot(req)
                 },
             );
@@ -87,15 +141,77 @@ pub async fn serve(listener: TcpListener, state: Arc<LinkState>) {
 async fn upgrade(
     ws: WebSocketUpgrade,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(PeerCertificates(certs)): Extension<PeerCertificates>,
     State(state): State<Arc<LinkState>>,
 ) -> Response {
+    let principal = match state.auth.admit(peer, "websocket", Some(&certs)) {
+        Ok(p) => p,
+        Err(refusal) => return refused(&refusal),
+    };
     let max = state.config.max_frame;
     ws.max_message_size(max)
         .max_frame_size(max)
         .read_buffer_size(WS_BUFFER)
         .write_buffer_size(WS_BUFFER)
         .max_write_buffer_size(max + WS_BUFFER)
-        .on_upgrade(move |socket| Connection::new(state, WsTransport { socket, peer }).run())
+        .on_upgrade(move |socket| {
+            Connection::new(state, WsTransport { socket, peer }, principal).run()
+        })
+}
+
+/// The answer to an agent whose certificate was refused: 401 without a
+/// certificate, else 403; the body says why.
+fn refused(refusal: &CertRefusal) -> Response {
+    let status = match refusal {
+        CertRefusal::NoCertificate => StatusCode::UNAUTHORIZED,
+        _ => StatusCode::FORBIDDEN,
+    };
+    let body = EnrollRefusal {
+        reason: refusal.reason().to_string(),
+        detail: refusal.to_string(),
+    };
+    (status, Json(body)).into_response()
+}
+
+/// `POST /enroll`: see [`crate::security::enroll`].
+async fn enroll(
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    State(state): State<Arc<LinkState>>,
+    body: axum::body::Bytes,
+) -> Response {
+    use crate::security::EnrollErrorKind;
+    match state.enroller.enroll(peer, &body).await {
+        Ok(answer @ kiwi_security::enroll::EnrollResponse::Issued { .. }) => {
+            (StatusCode::OK, Json(answer)).into_response()
+        }
+        Ok(answer) => (StatusCode::ACCEPTED, Json(answer)).into_response(),
+        Err(e) => {
+            let status = match e.kind {
+                EnrollErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+                EnrollErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+                EnrollErrorKind::Forbidden => StatusCode::FORBIDDEN,
+                EnrollErrorKind::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
+                EnrollErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            let mut response = (
+                status,
+                Json(EnrollRefusal {
+                    reason: e.reason.to_string(),
+                    detail: e.detail,
+                }),
+            )
+                .into_response();
+            if let EnrollErrorKind::TooMany(wait) = e.kind {
+                let secs = wait.as_secs().max(1).to_string();
+                if let Ok(v) = axum::http::HeaderValue::from_str(&secs) {
+                    response
+                        .headers_mut()
+                        .insert(axum::http::header::RETRY_AFTER, v);
+                }
+            }
+            response
+        }
+    }
 }
 
 /// One agent's WebSocket.
@@ -166,5 +282,9 @@ impl AgentTransport for WsTransport {
 
     fn peer(&self) -> SocketAddr {
         self.peer
+    }
+
+    fn name(&self) -> &'static str {
+        "websocket"
     }
 }

@@ -9,11 +9,15 @@
 //! backend publishes what it committed, in log order, on [`EventStore::subscribe`];
 //! the watch stream and the cache follow that feed.
 
+pub mod auth;
 mod checks;
 pub mod postgres;
+pub mod postgres_auth;
 pub mod sqlite;
+pub mod sqlite_auth;
 
 use crate::domain::{EventRecord, Health, NewEvent, Robot};
+use auth::AuthStore;
 use chrono::{DateTime, Utc};
 use kiwi_protocol::RobotId;
 use serde::{Deserialize, Serialize};
@@ -165,6 +169,10 @@ pub enum StoreError {
         token: u64,
         current: u64,
     },
+    /// A move a record's state does not allow (e.g. approving an
+    /// enrollment that was rejected): refused, nothing changed.
+    #[error("invalid transition: {0}")]
+    InvalidTransition(String),
 }
 
 /// The event store. Implementations are cheap to share (`Arc<dyn EventStore>`).
@@ -234,4 +242,7 @@ pub trait EventStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// The feed of commits, in log order, from now on.
     fn subscribe(&self) -> broadcast::Receiver<Arc<Committed>>;
+
+    /// The security records kept in the same database.
+    fn auth(&self) -> Arc<dyn AuthStore>;
 }

@@ -80,7 +80,9 @@
 //! produces) is [`StoreError::Unavailable`]; stored data that does not
 //! decode is [`StoreError::Corrupt`], naming the robot or position.
 
+use super::auth::AuthStore;
 use super::checks::{check_against_log, check_shape, records_of};
+use super::postgres_auth::PostgresAuthStore;
 use super::{
     Append, Committed, DiscoveryResult, DiscoverySession, EventStore, Fence, History, PruneOutcome,
     Snapshot, StoreError, StoredReport,
@@ -241,6 +243,8 @@ pub struct PostgresStore {
     stop: CancellationToken,
     /// Stops the listener when the store is dropped without `close`.
     _stop_on_drop: DropGuard,
+    /// Security records, over the read pool.
+    auth: Arc<PostgresAuthStore>,
 }
 
 impl PostgresStore {
@@ -321,6 +325,7 @@ impl PostgresStore {
         };
         tokio::spawn(writer.run(queue));
         Ok(PostgresStore {
+            auth: Arc::new(PostgresAuthStore::new(pool.clone())),
             pool,
             listen_pool,
             options,
@@ -734,6 +739,10 @@ impl EventStore for PostgresStore {
 
     fn subscribe(&self) -> broadcast::Receiver<Arc<Committed>> {
         self.feed.subscribe()
+    }
+
+    fn auth(&self) -> Arc<dyn AuthStore> {
+        self.auth.clone()
     }
 }
 
@@ -2111,7 +2120,7 @@ fn key(row: &PgRow, name: &str) -> String {
     }
 }
 
-fn col<'r, T>(row: &'r PgRow, name: &str) -> Result<T, String>
+pub(super) fn col<'r, T>(row: &'r PgRow, name: &str) -> Result<T, String>
 where
     T: sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>,
 {
@@ -2153,7 +2162,7 @@ fn is_corruption(e: &sqlx::Error) -> bool {
 /// A read that failed: damaged data is corrupt; everything else (lost
 /// connection, pool timeout, server shutting down, statement timeout) is
 /// worth retrying.
-fn read_error(e: sqlx::Error) -> StoreError {
+pub(super) fn read_error(e: sqlx::Error) -> StoreError {
     if is_corruption(&e) || matches!(e, sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_)) {
         StoreError::Corrupt(e.to_string())
     } else {
@@ -2164,7 +2173,7 @@ fn read_error(e: sqlx::Error) -> StoreError {
 /// A write that failed: a constraint or a value PostgreSQL refuses (class
 /// 23 integrity violation, class 22 data exception) or that cannot be
 /// encoded is the caller's; the rest is the database's.
-fn write_error(e: sqlx::Error) -> StoreError {
+pub(super) fn write_error(e: sqlx::Error) -> StoreError {
     if let Some(db) = e.as_database_error()
         && let Some(code) = db.code()
         && (code.starts_with("23") || code.starts_with("22"))

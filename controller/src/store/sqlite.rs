@@ -30,7 +30,9 @@
 //! publishes one [`Committed`] per successful append, in log order, on a
 //! broadcast channel ([`EventStore::subscribe`]).
 
+use super::auth::AuthStore;
 use super::checks::{check_against_log, check_shape, records_of};
+use super::sqlite_auth::SqliteAuthStore;
 use super::{
     Append, Committed, DiscoveryResult, DiscoverySession, EventStore, Fence, History, PruneOutcome,
     Snapshot, StoreError, StoredReport,
@@ -98,12 +100,15 @@ enum WriteRequest {
 /// the writer task, which ends when the store is closed or dropped.
 /// Discovery sessions, rare and not part of the log, are written through
 /// the pool, waiting for the writer's lock under the busy timeout.
+/// Security records are written through a pool of their own
+/// ([`SqliteAuthStore`]).
 #[derive(Debug)]
 pub struct SqliteStore {
     reads: SqlitePool,
     writes: mpsc::Sender<WriteRequest>,
     feed: broadcast::Sender<Arc<Committed>>,
     batches: Arc<AtomicU64>,
+    auth: Arc<SqliteAuthStore>,
 }
 
 impl SqliteStore {
@@ -125,7 +130,7 @@ impl SqliteStore {
         let reads = SqlitePoolOptions::new()
             .max_connections(READ_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
         let (writes, queue) = mpsc::channel(WRITE_QUEUE);
@@ -137,11 +142,13 @@ impl SqliteStore {
             batches: batches.clone(),
         };
         tokio::spawn(writer.run(queue));
+        let auth = Arc::new(SqliteAuthStore::new(reads.clone(), options));
         Ok(SqliteStore {
             reads,
             writes,
             feed,
             batches,
+            auth,
         })
     }
 
@@ -153,6 +160,7 @@ impl SqliteStore {
             // An error means the writer is already gone: closed either way.
             let _ = closed.await;
         }
+        self.auth.close().await;
         self.reads.close().await;
     }
 
@@ -401,6 +409,10 @@ impl EventStore for SqliteStore {
 
     fn subscribe(&self) -> broadcast::Receiver<Arc<Committed>> {
         self.feed.subscribe()
+    }
+
+    fn auth(&self) -> Arc<dyn AuthStore> {
+        self.auth.clone()
     }
 }
 
@@ -923,11 +935,11 @@ async fn insert_report(
 
 /// RFC 3339 in UTC with nine fractional digits: lossless, and fixed-width
 /// so that text order is time order.
-fn timestamp(t: &DateTime<Utc>) -> String {
+pub(super) fn timestamp(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Nanos, true)
 }
 
-fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<String, StoreError> {
+pub(super) fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value)
         .map_err(|e| StoreError::Invalid(format!("cannot encode as JSON: {e}")))
 }
@@ -1013,7 +1025,7 @@ fn report_fields(row: &SqliteRow) -> Result<StoredReport, String> {
 }
 
 /// A key column as text, for error messages about the row.
-fn key(row: &SqliteRow, name: &str) -> String {
+pub(super) fn key(row: &SqliteRow, name: &str) -> String {
     if let Ok(text) = row.try_get::<String, _>(name) {
         text
     } else if let Ok(number) = row.try_get::<i64, _>(name) {
@@ -1023,14 +1035,14 @@ fn key(row: &SqliteRow, name: &str) -> String {
     }
 }
 
-fn col<'r, T>(row: &'r SqliteRow, name: &str) -> Result<T, String>
+pub(super) fn col<'r, T>(row: &'r SqliteRow, name: &str) -> Result<T, String>
 where
     T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>,
 {
     row.try_get(name).map_err(|e| format!("column {name}: {e}"))
 }
 
-fn json_col<T: DeserializeOwned>(row: &SqliteRow, name: &str) -> Result<T, String> {
+pub(super) fn json_col<T: DeserializeOwned>(row: &SqliteRow, name: &str) -> Result<T, String> {
     let text: String = col(row, name)?;
     serde_json::from_str(&text).map_err(|e| format!("column {name}: {e}"))
 }
@@ -1041,7 +1053,7 @@ fn opt_json_col<T: DeserializeOwned>(row: &SqliteRow, name: &str) -> Result<Opti
         .transpose()
 }
 
-fn uuid_col(row: &SqliteRow, name: &str) -> Result<Uuid, String> {
+pub(super) fn uuid_col(row: &SqliteRow, name: &str) -> Result<Uuid, String> {
     let text: String = col(row, name)?;
     Uuid::parse_str(&text).map_err(|e| format!("column {name}: {e}"))
 }
@@ -1057,12 +1069,12 @@ fn parse_time(text: &str, name: &str) -> Result<DateTime<Utc>, String> {
         .map_err(|e| format!("column {name}: {text:?}: {e}"))
 }
 
-fn time_col(row: &SqliteRow, name: &str) -> Result<DateTime<Utc>, String> {
+pub(super) fn time_col(row: &SqliteRow, name: &str) -> Result<DateTime<Utc>, String> {
     let text: String = col(row, name)?;
     parse_time(&text, name)
 }
 
-fn opt_time_col(row: &SqliteRow, name: &str) -> Result<Option<DateTime<Utc>>, String> {
+pub(super) fn opt_time_col(row: &SqliteRow, name: &str) -> Result<Option<DateTime<Utc>>, String> {
     let text: Option<String> = col(row, name)?;
     text.map(|t| parse_time(&t, name)).transpose()
 }
@@ -1080,7 +1092,7 @@ fn is_corruption(e: &sqlx::Error) -> bool {
         .is_some_and(|code| matches!(code & 0xff, SQLITE_CORRUPT | SQLITE_NOTADB))
 }
 
-fn read_error(e: sqlx::Error) -> StoreError {
+pub(super) fn read_error(e: sqlx::Error) -> StoreError {
     if is_corruption(&e) {
         StoreError::Corrupt(e.to_string())
     } else {
@@ -1090,7 +1102,7 @@ fn read_error(e: sqlx::Error) -> StoreError {
 
 /// An error inside one append. A constraint the checks above did not catch
 /// (a reused event id) is the caller's; the rest is the database's.
-fn write_error(e: sqlx::Error) -> StoreError {
+pub(super) fn write_error(e: sqlx::Error) -> StoreError {
     match e.as_database_error() {
         Some(db) if db.is_unique_violation() || db.is_check_violation() => {
             StoreError::Invalid(db.message().to_string())

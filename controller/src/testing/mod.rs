@@ -9,6 +9,54 @@
 
 pub mod sshd;
 
+/// Hand-made agent messages for tests that speak the protocol themselves.
+pub mod messages {
+    use kiwi_protocol::message::{
+        AgentHealth, AgentMessage, HealthStatus, Hello, Report, Telemetry, WorkloadState,
+    };
+    use kiwi_protocol::{HardwareId, Identity, RobotId, RobotType, version};
+
+    /// The robot id of the test robot `name` (a configured hardware id).
+    pub fn robot_id(name: &str) -> RobotId {
+        RobotId::from_hardware(&HardwareId::Configured(name.into()))
+    }
+
+    /// The `Hello` of the test robot `name`, offering every version.
+    pub fn hello(name: &str) -> AgentMessage {
+        let hardware_id = HardwareId::Configured(name.into());
+        AgentMessage::Hello(Hello {
+            identity: Identity {
+                robot_id: RobotId::from_hardware(&hardware_id),
+                hardware_id,
+                hostname: name.into(),
+                robot_type: RobotType::Lekiwi,
+                model: None,
+                os_version: None,
+                agent_version: "test".into(),
+                mac_addresses: vec![],
+                ip_addresses: vec![],
+            },
+            versions: version::SUPPORTED.to_vec(),
+            last_acked_seq: 0,
+        })
+    }
+
+    /// A healthy report with sequence number `seq`.
+    pub fn report(seq: u64) -> AgentMessage {
+        AgentMessage::Report(Report {
+            seq,
+            time_ms: 1,
+            health: AgentHealth {
+                status: HealthStatus::Healthy,
+                reasons: vec![],
+            },
+            workload: WorkloadState::Running,
+            maintenance: false,
+            telemetry: Telemetry::default(),
+        })
+    }
+}
+
 use sqlx::postgres::PgConnection;
 use sqlx::{AssertSqlSafe, Connection};
 use std::time::Duration;

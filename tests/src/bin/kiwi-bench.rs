@@ -290,7 +290,7 @@ async fn run(args: &Args) -> Result<()> {
     rows.push(list_all(&sizes, &ctl).await?);
 
     progress("4/7 change -> watch client");
-    rows.push(change_to_watch(&sizes, http, ids[0]).await?);
+    rows.push(change_to_watch(&sizes, http, &ctl.bearer, ids[0]).await?);
 
     ctl.stop().await;
     drop(ctl);
@@ -479,7 +479,29 @@ impl Drop for Killed {
 struct ControllerProcess {
     api: SocketAddr,
     agent: SocketAddr,
+    /// An admin API token.
+    admin: String,
+    /// An enrollment token with a use for every agent of the run.
+    enroll: String,
     _child: Killed,
+}
+
+/// `kiwi-controller token create --state-dir <state> <args>`: the token.
+fn cli_token(bin: &Path, state: &Path, args: &[&str]) -> Result<String> {
+    let out = clean_command(bin)
+        .arg("token")
+        .arg("create")
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .output()
+        .context("cannot run kiwi-controller token create")?;
+    ensure!(
+        out.status.success(),
+        "kiwi-controller token create {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
 
 fn free_port() -> Result<u16> {
@@ -497,7 +519,13 @@ impl ControllerProcess {
             let api = SocketAddr::from(([127, 0, 0, 1], free_port()?));
             let agent = SocketAddr::from(([127, 0, 0, 1], free_port()?));
             let state = dir.join(format!("state-{attempt}"));
+            let admin = cli_token(bin, &state, &["--role", "admin"])?;
+            let enroll = cli_token(bin, &state, &["--ttl", "2h", "--uses", "1000000"])?;
             let mut cmd = clean_command(bin);
+            // Every agent of the run comes from 127.0.0.1.
+            cmd.env("KIWI_CONTROLLER_ENROLL_PER_MINUTE", "1000000")
+                .env("KIWI_CONTROLLER_MAX_CONNECTIONS_PER_ADDRESS", "1000000")
+                .env("KIWI_CONTROLLER_AUTH_FAILURES_PER_MINUTE", "1000000");
             cmd.arg("serve")
                 .arg("--state-dir")
                 .arg(&state)
@@ -526,6 +554,8 @@ impl ControllerProcess {
                     return Ok(ControllerProcess {
                         api,
                         agent,
+                        admin,
+                        enroll,
                         _child: child,
                     });
                 }
@@ -612,10 +642,29 @@ async fn one_agent_start(
         ctl.api,
         robot_id_for_serial(&serial)
     );
+    // Enrolled first (once in a robot's life, not timed): the agent start
+    // measured is that of an enrolled robot.
+    let enrolled = clean_command(&bins.agent)
+        .arg("enroll")
+        .arg(&ctl.enroll)
+        .arg("--controller")
+        .arg(ctl.agent.to_string())
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--sys-root")
+        .arg(&root)
+        .stderr(std::fs::File::create(dir.join("enroll.log"))?)
+        .status()
+        .context("cannot run kiwi-agent enroll")?;
+    ensure!(
+        enrolled.success(),
+        "kiwi-agent enroll failed; log tail:\n{}",
+        log_tail(&dir.join("enroll.log"), 20)
+    );
     let mut cmd = clean_command(&bins.agent);
     cmd.arg("run")
         .arg("--controller")
-        .arg(format!("ws://{}", ctl.agent))
+        .arg(ctl.agent.to_string())
         .arg("--state-dir")
         .arg(&state)
         .arg("--sys-root")
@@ -627,6 +676,7 @@ async fn one_agent_start(
     loop {
         let resp = client
             .get(&url)
+            .bearer_auth(&ctl.admin)
             .send()
             .await
             .context("GET of the robot failed")?;
@@ -718,6 +768,9 @@ async fn agent_start(sizes: &Sizes, dir: &Path) -> Result<Row> {
 struct InProcess {
     fleet: Fleet,
     router: Router,
+    /// `Bearer <admin API token>`: every API request carries it, so the
+    /// figures include checking it, as for an operator.
+    bearer: String,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -738,9 +791,17 @@ impl InProcess {
         let c = Components::build(config, shutdown.clone()).await?;
         let tasks = TaskTracker::new();
         c.spawn_background(&tasks);
+        let (token, _) = kiwi_controller::security::tokens::create_api_token(
+            c.store.auth().as_ref(),
+            kiwi_controller::store::auth::Role::Admin,
+            "bench",
+            None,
+        )
+        .await?;
         Ok(InProcess {
             fleet: c.fleet.clone(),
             router: c.api_router(),
+            bearer: format!("Bearer {token}"),
             metrics: c.metrics.clone(),
             shutdown,
             tasks,
@@ -770,7 +831,10 @@ impl InProcess {
     /// One request through the router; the time covers routing, the
     /// handler and collecting the response body.
     async fn call(&self, uri: &str) -> Result<(Duration, StatusCode, usize)> {
-        let req = Request::builder().uri(uri).body(Body::empty())?;
+        let req = Request::builder()
+            .uri(uri)
+            .header("authorization", &self.bearer)
+            .body(Body::empty())?;
         let svc = self.router.clone();
         let t0 = Instant::now();
         let resp = match svc.oneshot(req).await {
@@ -782,6 +846,16 @@ impl InProcess {
         let took = t0.elapsed();
         Ok((took, status, body.len()))
     }
+}
+
+/// Default headers that send `bearer` as the `Authorization`.
+fn bearer_headers(bearer: &str) -> Result<reqwest::header::HeaderMap> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(bearer)?,
+    );
+    Ok(headers)
 }
 
 fn lekiwi_report(seq: u64) -> Report {
@@ -930,6 +1004,7 @@ async fn get_one(
     // The same over a real loopback connection, for context.
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(1)
+        .default_headers(bearer_headers(&ctl.bearer)?)
         .build()?;
     let get = |path: String| {
         let client = client.clone();
@@ -1000,7 +1075,10 @@ async fn list_all(sizes: &Sizes, ctl: &InProcess) -> Result<Row> {
     let count = sizes.fleet_robots;
     let uri = format!("/api/v2/robots?limit={count}");
     // Check once that the list is what it claims to be.
-    let req = Request::builder().uri(&uri).body(Body::empty())?;
+    let req = Request::builder()
+        .uri(&uri)
+        .header("authorization", &ctl.bearer)
+        .body(Body::empty())?;
     let resp = match ctl.router.clone().oneshot(req).await {
         Ok(r) => r,
         Err(never) => match never {},
@@ -1115,8 +1193,15 @@ async fn follow_watch(resp: reqwest::Response, tx: mpsc::UnboundedSender<Sse>) {
     }
 }
 
-async fn change_to_watch(sizes: &Sizes, http: SocketAddr, id: RobotId) -> Result<Row> {
-    let client = reqwest::Client::builder().build()?;
+async fn change_to_watch(
+    sizes: &Sizes,
+    http: SocketAddr,
+    bearer: &str,
+    id: RobotId,
+) -> Result<Row> {
+    let client = reqwest::Client::builder()
+        .default_headers(bearer_headers(bearer)?)
+        .build()?;
     let resp = client
         .get(format!("http://{http}/api/v2/watch"))
         .header("accept", "text/event-stream")
@@ -2478,7 +2563,7 @@ fn announce_samples(
         let spawned = chrono::Utc::now();
         // A fixed controller that is not there: announcing does not
         // depend on being connected.
-        agent.start(lan, "ws://10.88.0.1:1", &[("KIWI_AGENT_ANNOUNCE", "true")]);
+        agent.start(lan, "10.88.0.1:1", None, &[("KIWI_AGENT_ANNOUNCE", "true")]);
         let seen = rt.block_on(async {
             let mut seen: BTreeMap<&'static str, chrono::DateTime<chrono::Utc>> = BTreeMap::new();
             let deadline = tokio::time::Instant::now() + LAN_DEADLINE;

@@ -1,0 +1,511 @@
+//! The auth store on PostgreSQL (see [`super::auth`]), shared by every
+//! controller on the database.
+//!
+//! It uses the store's pool (with its statement and idle-in-transaction
+//! timeouts) and never the log's advisory lock: auth records are not part
+//! of the log. A change that depends on what is stored (a token use, an
+//! enrollment's move) locks the row first (`SELECT ... FOR UPDATE`),
+//! decides with the rules of [`super::auth`] and writes in the same
+//! transaction: a concurrent one, from this controller or another, waits
+//! for the lock and then reads the committed row, so of two uses of a
+//! token's last use exactly one is accepted. Upserts and revocations are
+//! single statements. Times are `TIMESTAMPTZ` (microseconds).
+
+use super::StoreError;
+use super::auth::{
+    ApiTokenRecord, AuthStore, CertificateRecord, EnrollmentRecord, EnrollmentStatus,
+    EnrollmentTokenRecord, Role, TokenUse, refused_move, uses,
+};
+use super::postgres::{col, read_error, write_error};
+use chrono::{DateTime, Utc};
+use kiwi_protocol::RobotId;
+use sqlx::postgres::{PgConnection, PgPool, PgRow};
+use sqlx::{Postgres, Row, Transaction};
+use uuid::Uuid;
+
+/// The columns of `api_tokens`, as [`decode_api_token`] reads them.
+macro_rules! api_token_columns {
+    () => {
+        "token_id, name, role, secret_hash, created_at, expires_at, revoked_at"
+    };
+}
+
+/// The columns of `enrollment_tokens`, as [`decode_enrollment_token`] reads them.
+macro_rules! enrollment_token_columns {
+    () => {
+        "token_id, secret_hash, created_at, expires_at, uses_total, uses_left, revoked_at"
+    };
+}
+
+/// The columns of `enrollments`, as [`decode_enrollment`] reads them.
+macro_rules! enrollment_columns {
+    () => {
+        "enrollment_id, robot_id, key_fingerprint, identity, source_addr, status, first_seen, \
+         last_seen, decided_at, decided_by"
+    };
+}
+
+/// The columns of `certificates`, as [`decode_certificate`] reads them.
+macro_rules! certificate_columns {
+    () => {
+        "serial, robot_id, key_fingerprint, not_before, not_after, issued_at, revoked_at"
+    };
+}
+
+/// The auth store of a [`super::postgres::PostgresStore`], over its pool.
+#[derive(Debug)]
+pub struct PostgresAuthStore {
+    pool: PgPool,
+}
+
+impl PostgresAuthStore {
+    pub(super) fn new(pool: PgPool) -> PostgresAuthStore {
+        PostgresAuthStore { pool }
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        self.pool.begin().await.map_err(write_error)
+    }
+}
+
+/// Commits after `result` succeeded, rolls back otherwise.
+async fn finish<T>(
+    tx: Transaction<'static, Postgres>,
+    result: Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    match result {
+        Ok(v) => {
+            tx.commit().await.map_err(write_error)?;
+            Ok(v)
+        }
+        Err(e) => {
+            // The error is the caller's answer; a failed rollback leaves
+            // nothing behind either (the server ends the transaction with
+            // the connection).
+            let _ = tx.rollback().await;
+            Err(e)
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl AuthStore for PostgresAuthStore {
+    async fn insert_api_token(&self, token: &ApiTokenRecord) -> Result<(), StoreError> {
+        sqlx::query(concat!(
+            "INSERT INTO api_tokens (",
+            api_token_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        ))
+        .bind(&token.id)
+        .bind(&token.name)
+        .bind(token.role.as_str())
+        .bind(&token.secret_hash)
+        .bind(token.created_at)
+        .bind(token.expires_at)
+        .bind(token.revoked_at)
+        .execute(&self.pool)
+        .await
+        .map_err(write_error)?;
+        Ok(())
+    }
+
+    async fn api_token(&self, id: &str) -> Result<Option<ApiTokenRecord>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            api_token_columns!(),
+            " FROM api_tokens WHERE token_id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(read_error)?
+        .as_ref()
+        .map(decode_api_token)
+        .transpose()
+    }
+
+    async fn api_tokens(&self) -> Result<Vec<ApiTokenRecord>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            api_token_columns!(),
+            " FROM api_tokens ORDER BY created_at, token_id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(read_error)?
+        .iter()
+        .map(decode_api_token)
+        .collect()
+    }
+
+    async fn revoke_api_token(&self, id: &str, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, $2) WHERE token_id = $1",
+        )
+        .bind(id)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(write_error)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn insert_enrollment_token(
+        &self,
+        token: &EnrollmentTokenRecord,
+    ) -> Result<(), StoreError> {
+        sqlx::query(concat!(
+            "INSERT INTO enrollment_tokens (",
+            enrollment_token_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        ))
+        .bind(&token.id)
+        .bind(&token.secret_hash)
+        .bind(token.created_at)
+        .bind(token.expires_at)
+        .bind(i64::from(token.uses_total))
+        .bind(i64::from(token.uses_left))
+        .bind(token.revoked_at)
+        .execute(&self.pool)
+        .await
+        .map_err(write_error)?;
+        Ok(())
+    }
+
+    async fn enrollment_tokens(&self) -> Result<Vec<EnrollmentTokenRecord>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            enrollment_token_columns!(),
+            " FROM enrollment_tokens ORDER BY created_at, token_id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(read_error)?
+        .iter()
+        .map(decode_enrollment_token)
+        .collect()
+    }
+
+    async fn revoke_enrollment_token(
+        &self,
+        id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE enrollment_tokens SET revoked_at = COALESCE(revoked_at, $2) \
+             WHERE token_id = $1",
+        )
+        .bind(id)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(write_error)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn use_enrollment_token(
+        &self,
+        id: &str,
+        secret_hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<TokenUse, StoreError> {
+        let mut tx = self.begin().await?;
+        let used = use_token_in(&mut tx, id, secret_hash, now).await;
+        finish(tx, used).await
+    }
+
+    async fn note_enrollment(
+        &self,
+        robot_id: RobotId,
+        key_fingerprint: &str,
+        identity: &serde_json::Value,
+        source_addr: &str,
+        now: DateTime<Utc>,
+    ) -> Result<EnrollmentRecord, StoreError> {
+        // One statement: of two controllers noting the same agent at once,
+        // one inserts and the other updates that row.
+        let row = sqlx::query(concat!(
+            "INSERT INTO enrollments (enrollment_id, robot_id, key_fingerprint, identity, \
+             source_addr, status, first_seen, last_seen) \
+             VALUES ($1, $2, $3, $4, $5, 'pending', $6, $6) \
+             ON CONFLICT (robot_id, key_fingerprint) DO UPDATE SET \
+             identity = EXCLUDED.identity, source_addr = EXCLUDED.source_addr, \
+             last_seen = EXCLUDED.last_seen RETURNING ",
+            enrollment_columns!()
+        ))
+        .bind(Uuid::new_v4())
+        .bind(robot_id.0)
+        .bind(key_fingerprint)
+        .bind(identity)
+        .bind(source_addr)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(write_error)?;
+        decode_enrollment(&row)
+    }
+
+    async fn enrollment(&self, id: Uuid) -> Result<Option<EnrollmentRecord>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            enrollment_columns!(),
+            " FROM enrollments WHERE enrollment_id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(read_error)?
+        .as_ref()
+        .map(decode_enrollment)
+        .transpose()
+    }
+
+    async fn enrollments(
+        &self,
+        status: Option<EnrollmentStatus>,
+    ) -> Result<Vec<EnrollmentRecord>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            enrollment_columns!(),
+            " FROM enrollments WHERE ($1::TEXT IS NULL OR status = $1) \
+             ORDER BY first_seen, enrollment_id"
+        ))
+        .bind(status.map(EnrollmentStatus::as_str))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(read_error)?
+        .iter()
+        .map(decode_enrollment)
+        .collect()
+    }
+
+    async fn decide_enrollment(
+        &self,
+        id: Uuid,
+        to: EnrollmentStatus,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<EnrollmentRecord>, StoreError> {
+        let mut tx = self.begin().await?;
+        let decided = decide_in(&mut tx, id, to, by, now).await;
+        finish(tx, decided).await
+    }
+
+    async fn insert_certificate(&self, cert: &CertificateRecord) -> Result<(), StoreError> {
+        sqlx::query(concat!(
+            "INSERT INTO certificates (",
+            certificate_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        ))
+        .bind(&cert.serial)
+        .bind(cert.robot_id.0)
+        .bind(&cert.key_fingerprint)
+        .bind(cert.not_before)
+        .bind(cert.not_after)
+        .bind(cert.issued_at)
+        .bind(cert.revoked_at)
+        .execute(&self.pool)
+        .await
+        .map_err(write_error)?;
+        Ok(())
+    }
+
+    async fn certificates(&self, robot_id: RobotId) -> Result<Vec<CertificateRecord>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            certificate_columns!(),
+            " FROM certificates WHERE robot_id = $1 ORDER BY issued_at, serial"
+        ))
+        .bind(robot_id.0)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(read_error)?
+        .iter()
+        .map(decode_certificate)
+        .collect()
+    }
+
+    async fn revoke_certificates(
+        &self,
+        robot_id: RobotId,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE certificates SET revoked_at = $2 WHERE robot_id = $1 AND revoked_at IS NULL",
+        )
+        .bind(robot_id.0)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(write_error)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn revoked_serials(&self, now: DateTime<Utc>) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT serial FROM certificates WHERE revoked_at IS NOT NULL AND not_after > $1 \
+             ORDER BY serial",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(read_error)
+    }
+}
+
+/// Checks a token use on the locked row and takes it, inside a transaction.
+async fn use_token_in(
+    conn: &mut PgConnection,
+    id: &str,
+    secret_hash: &str,
+    now: DateTime<Utc>,
+) -> Result<TokenUse, StoreError> {
+    let Some(row) = sqlx::query(concat!(
+        "SELECT ",
+        enrollment_token_columns!(),
+        " FROM enrollment_tokens WHERE token_id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(write_error)?
+    else {
+        return Ok(TokenUse::Unknown);
+    };
+    let outcome = decode_enrollment_token(&row)?.judge_use(secret_hash, now);
+    if let TokenUse::Accepted { uses_left } = outcome {
+        sqlx::query("UPDATE enrollment_tokens SET uses_left = $2 WHERE token_id = $1")
+            .bind(id)
+            .bind(i64::from(uses_left))
+            .execute(&mut *conn)
+            .await
+            .map_err(write_error)?;
+    }
+    Ok(outcome)
+}
+
+/// Moves an enrollment on its locked row, inside a transaction.
+async fn decide_in(
+    conn: &mut PgConnection,
+    id: Uuid,
+    to: EnrollmentStatus,
+    by: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<EnrollmentRecord>, StoreError> {
+    let Some(row) = sqlx::query(concat!(
+        "SELECT ",
+        enrollment_columns!(),
+        " FROM enrollments WHERE enrollment_id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(write_error)?
+    else {
+        return Ok(None);
+    };
+    let current = decode_enrollment(&row)?;
+    if !current.status.can_become(to) {
+        return Err(refused_move(id, current.status, to));
+    }
+    let (decided_at, decided_by) = if to == EnrollmentStatus::Issued {
+        (current.decided_at, current.decided_by)
+    } else {
+        (Some(now), Some(by.to_string()))
+    };
+    let row = sqlx::query(concat!(
+        "UPDATE enrollments SET status = $2, decided_at = $3, decided_by = $4 \
+         WHERE enrollment_id = $1 RETURNING ",
+        enrollment_columns!()
+    ))
+    .bind(id)
+    .bind(to.as_str())
+    .bind(decided_at)
+    .bind(decided_by)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(write_error)?;
+    decode_enrollment(&row).map(Some)
+}
+
+// ---------------------------------------------------------------------------
+// Decoding.
+
+/// A key column as text, for error messages about the row.
+fn key(row: &PgRow, name: &str) -> String {
+    if let Ok(text) = row.try_get::<String, _>(name) {
+        text
+    } else if let Ok(id) = row.try_get::<Uuid, _>(name) {
+        id.to_string()
+    } else {
+        format!("with an unreadable {name}")
+    }
+}
+
+fn decode_api_token(row: &PgRow) -> Result<ApiTokenRecord, StoreError> {
+    let fields = || -> Result<ApiTokenRecord, String> {
+        let role: String = col(row, "role")?;
+        Ok(ApiTokenRecord {
+            id: col(row, "token_id")?,
+            name: col(row, "name")?,
+            role: Role::parse(&role).ok_or_else(|| format!("column role: {role:?}"))?,
+            secret_hash: col(row, "secret_hash")?,
+            created_at: col(row, "created_at")?,
+            expires_at: col(row, "expires_at")?,
+            revoked_at: col(row, "revoked_at")?,
+        })
+    };
+    fields().map_err(|e| StoreError::Corrupt(format!("api token {}: {e}", key(row, "token_id"))))
+}
+
+fn decode_enrollment_token(row: &PgRow) -> Result<EnrollmentTokenRecord, StoreError> {
+    let fields = || -> Result<EnrollmentTokenRecord, String> {
+        Ok(EnrollmentTokenRecord {
+            id: col(row, "token_id")?,
+            secret_hash: col(row, "secret_hash")?,
+            created_at: col(row, "created_at")?,
+            expires_at: col(row, "expires_at")?,
+            uses_total: uses(col(row, "uses_total")?, "uses_total")?,
+            uses_left: uses(col(row, "uses_left")?, "uses_left")?,
+            revoked_at: col(row, "revoked_at")?,
+        })
+    };
+    fields()
+        .map_err(|e| StoreError::Corrupt(format!("enrollment token {}: {e}", key(row, "token_id"))))
+}
+
+fn decode_enrollment(row: &PgRow) -> Result<EnrollmentRecord, StoreError> {
+    let fields = || -> Result<EnrollmentRecord, String> {
+        let status: String = col(row, "status")?;
+        Ok(EnrollmentRecord {
+            id: col(row, "enrollment_id")?,
+            robot_id: RobotId(col(row, "robot_id")?),
+            key_fingerprint: col(row, "key_fingerprint")?,
+            identity: col(row, "identity")?,
+            source_addr: col(row, "source_addr")?,
+            status: EnrollmentStatus::parse(&status)
+                .ok_or_else(|| format!("column status: {status:?}"))?,
+            first_seen: col(row, "first_seen")?,
+            last_seen: col(row, "last_seen")?,
+            decided_at: col(row, "decided_at")?,
+            decided_by: col(row, "decided_by")?,
+        })
+    };
+    fields()
+        .map_err(|e| StoreError::Corrupt(format!("enrollment {}: {e}", key(row, "enrollment_id"))))
+}
+
+fn decode_certificate(row: &PgRow) -> Result<CertificateRecord, StoreError> {
+    let fields = || -> Result<CertificateRecord, String> {
+        Ok(CertificateRecord {
+            serial: col(row, "serial")?,
+            robot_id: RobotId(col(row, "robot_id")?),
+            key_fingerprint: col(row, "key_fingerprint")?,
+            not_before: col(row, "not_before")?,
+            not_after: col(row, "not_after")?,
+            issued_at: col(row, "issued_at")?,
+            revoked_at: col(row, "revoked_at")?,
+        })
+    };
+    fields().map_err(|e| StoreError::Corrupt(format!("certificate {}: {e}", key(row, "serial"))))
+}

@@ -1,0 +1,551 @@
+//! The auth store on the embedded SQLite database (see [`super::auth`]).
+//!
+//! **Writes** go through a pool of their own holding one connection,
+//! opened with the options of every connection of the store (WAL,
+//! `synchronous = FULL`, the busy timeout), so a committed auth write is as
+//! durable as an append. Each is one `BEGIN IMMEDIATE` transaction: it
+//! takes SQLite's write lock before it reads, so the check and the change
+//! of a token use see no other writer in between (and a deferred
+//! transaction cannot fail to upgrade when the writer commits meanwhile).
+//!
+//! Why a connection of their own rather than the read pool (as discovery
+//! sessions are written): a burst of auth writes (a batch of robots
+//! enrolling at once) would otherwise take every read connection while
+//! queueing for the write lock, and fight the event writer for it many at
+//! a time, each retrying on SQLite's busy handler, which is not fair (it
+//! sleeps up to 100 ms between tries, so a crowd can keep the writer
+//! waiting). With one connection, auth writes queue in the pool instead:
+//! at most one of them waits for or holds the lock beside the writer, for
+//! a few statements on local data, awaiting nothing but SQLite, so the
+//! writer waits at most that long. Why not through the writer task: its
+//! queue is for group-committed appends of the log and their feed; auth
+//! writes are rare and publish nothing. A transaction dropped half-way (a
+//! cancelled request) is rolled back by sqlx's `Transaction`, so it cannot
+//! keep the lock.
+//!
+//! **Reads** use the store's read pool; each is one statement, so it sees
+//! one committed state.
+
+use super::StoreError;
+use super::auth::{
+    ApiTokenRecord, AuthStore, CertificateRecord, EnrollmentRecord, EnrollmentStatus,
+    EnrollmentTokenRecord, Role, TokenUse, refused_move, uses,
+};
+use super::sqlite::{
+    col, json_col, key, opt_time_col, read_error, time_col, timestamp, to_json, uuid_col,
+    write_error,
+};
+use chrono::{DateTime, Utc};
+use kiwi_protocol::RobotId;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqlitePool, SqlitePoolOptions, SqliteRow,
+};
+use sqlx::{Sqlite, Transaction};
+use std::time::Duration;
+use uuid::Uuid;
+
+/// How long an auth write may wait for the write connection: behind the
+/// auth writes queued before it, each bounded by the busy timeout.
+const WRITE_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The columns of `api_tokens`, as [`decode_api_token`] reads them.
+macro_rules! api_token_columns {
+    () => {
+        "token_id, name, role, secret_hash, created_at, expires_at, revoked_at"
+    };
+}
+
+/// The columns of `enrollment_tokens`, as [`decode_enrollment_token`] reads them.
+macro_rules! enrollment_token_columns {
+    () => {
+        "token_id, secret_hash, created_at, expires_at, uses_total, uses_left, revoked_at"
+    };
+}
+
+/// The columns of `enrollments`, as [`decode_enrollment`] reads them.
+macro_rules! enrollment_columns {
+    () => {
+        "enrollment_id, robot_id, key_fingerprint, identity, source_addr, status, first_seen, \
+         last_seen, decided_at, decided_by"
+    };
+}
+
+/// The columns of `certificates`, as [`decode_certificate`] reads them.
+macro_rules! certificate_columns {
+    () => {
+        "serial, robot_id, key_fingerprint, not_before, not_after, issued_at, revoked_at"
+    };
+}
+
+/// The auth store of a [`super::sqlite::SqliteStore`]: its read pool, and
+/// a write pool of one connection (see the module doc).
+#[derive(Debug)]
+pub struct SqliteAuthStore {
+    reads: SqlitePool,
+    writes: SqlitePool,
+}
+
+impl SqliteAuthStore {
+    /// Over the store's read pool; the write connection is opened with
+    /// `options` when first needed.
+    pub(super) fn new(reads: SqlitePool, options: SqliteConnectOptions) -> SqliteAuthStore {
+        let writes = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(WRITE_ACQUIRE_TIMEOUT)
+            .connect_lazy_with(options);
+        SqliteAuthStore { reads, writes }
+    }
+
+    /// Closes the write connection (the read pool is the store's).
+    pub(super) async fn close(&self) {
+        self.writes.close().await;
+    }
+
+    /// A write transaction holding SQLite's write lock.
+    async fn write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        self.writes
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(write_error)
+    }
+}
+
+/// Commits after `result` succeeded, rolls back otherwise.
+async fn finish<T>(
+    tx: Transaction<'static, Sqlite>,
+    result: Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    match result {
+        Ok(v) => {
+            tx.commit().await.map_err(write_error)?;
+            Ok(v)
+        }
+        Err(e) => {
+            // The error is the caller's answer; a failed rollback leaves
+            // nothing behind either (the connection is then closed).
+            let _ = tx.rollback().await;
+            Err(e)
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl AuthStore for SqliteAuthStore {
+    async fn insert_api_token(&self, token: &ApiTokenRecord) -> Result<(), StoreError> {
+        let mut tx = self.write().await?;
+        let written = sqlx::query(concat!(
+            "INSERT INTO api_tokens (",
+            api_token_columns!(),
+            ") VALUES (?, ?, ?, ?, ?, ?, ?)"
+        ))
+        .bind(&token.id)
+        .bind(&token.name)
+        .bind(token.role.as_str())
+        .bind(&token.secret_hash)
+        .bind(timestamp(&token.created_at))
+        .bind(token.expires_at.as_ref().map(timestamp))
+        .bind(token.revoked_at.as_ref().map(timestamp))
+        .execute(&mut *tx)
+        .await
+        .map(drop)
+        .map_err(write_error);
+        finish(tx, written).await
+    }
+
+    async fn api_token(&self, id: &str) -> Result<Option<ApiTokenRecord>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            api_token_columns!(),
+            " FROM api_tokens WHERE token_id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(&self.reads)
+        .await
+        .map_err(read_error)?
+        .as_ref()
+        .map(decode_api_token)
+        .transpose()
+    }
+
+    async fn api_tokens(&self) -> Result<Vec<ApiTokenRecord>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            api_token_columns!(),
+            " FROM api_tokens ORDER BY created_at, token_id"
+        ))
+        .fetch_all(&self.reads)
+        .await
+        .map_err(read_error)?
+        .iter()
+        .map(decode_api_token)
+        .collect()
+    }
+
+    async fn revoke_api_token(&self, id: &str, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let mut tx = self.write().await?;
+        let found = sqlx::query(
+            "UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE token_id = ?",
+        )
+        .bind(timestamp(&now))
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map(|done| done.rows_affected() > 0)
+        .map_err(write_error);
+        finish(tx, found).await
+    }
+
+    async fn insert_enrollment_token(
+        &self,
+        token: &EnrollmentTokenRecord,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.write().await?;
+        let written = sqlx::query(concat!(
+            "INSERT INTO enrollment_tokens (",
+            enrollment_token_columns!(),
+            ") VALUES (?, ?, ?, ?, ?, ?, ?)"
+        ))
+        .bind(&token.id)
+        .bind(&token.secret_hash)
+        .bind(timestamp(&token.created_at))
+        .bind(timestamp(&token.expires_at))
+        .bind(i64::from(token.uses_total))
+        .bind(i64::from(token.uses_left))
+        .bind(token.revoked_at.as_ref().map(timestamp))
+        .execute(&mut *tx)
+        .await
+        .map(drop)
+        .map_err(write_error);
+        finish(tx, written).await
+    }
+
+    async fn enrollment_tokens(&self) -> Result<Vec<EnrollmentTokenRecord>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            enrollment_token_columns!(),
+            " FROM enrollment_tokens ORDER BY created_at, token_id"
+        ))
+        .fetch_all(&self.reads)
+        .await
+        .map_err(read_error)?
+        .iter()
+        .map(decode_enrollment_token)
+        .collect()
+    }
+
+    async fn revoke_enrollment_token(
+        &self,
+        id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.write().await?;
+        let found = sqlx::query(
+            "UPDATE enrollment_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE token_id = ?",
+        )
+        .bind(timestamp(&now))
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map(|done| done.rows_affected() > 0)
+        .map_err(write_error);
+        finish(tx, found).await
+    }
+
+    async fn use_enrollment_token(
+        &self,
+        id: &str,
+        secret_hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<TokenUse, StoreError> {
+        let mut tx = self.write().await?;
+        let used = use_token_in(&mut tx, id, secret_hash, now).await;
+        finish(tx, used).await
+    }
+
+    async fn note_enrollment(
+        &self,
+        robot_id: RobotId,
+        key_fingerprint: &str,
+        identity: &serde_json::Value,
+        source_addr: &str,
+        now: DateTime<Utc>,
+    ) -> Result<EnrollmentRecord, StoreError> {
+        let identity = to_json(identity)?;
+        let mut tx = self.write().await?;
+        let noted = sqlx::query(concat!(
+            "INSERT INTO enrollments (enrollment_id, robot_id, key_fingerprint, identity, \
+             source_addr, status, first_seen, last_seen) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?) \
+             ON CONFLICT (robot_id, key_fingerprint) DO UPDATE SET \
+             identity = excluded.identity, source_addr = excluded.source_addr, \
+             last_seen = excluded.last_seen RETURNING ",
+            enrollment_columns!()
+        ))
+        .bind(Uuid::new_v4().to_string())
+        .bind(robot_id.to_string())
+        .bind(key_fingerprint)
+        .bind(identity)
+        .bind(source_addr)
+        .bind(timestamp(&now))
+        .bind(timestamp(&now))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(write_error)
+        .and_then(|row| decode_enrollment(&row));
+        finish(tx, noted).await
+    }
+
+    async fn enrollment(&self, id: Uuid) -> Result<Option<EnrollmentRecord>, StoreError> {
+        let mut conn = self.reads.acquire().await.map_err(read_error)?;
+        load_enrollment(&mut conn, id).await
+    }
+
+    async fn enrollments(
+        &self,
+        status: Option<EnrollmentStatus>,
+    ) -> Result<Vec<EnrollmentRecord>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            enrollment_columns!(),
+            " FROM enrollments WHERE status = COALESCE(?, status) \
+             ORDER BY first_seen, enrollment_id"
+        ))
+        .bind(status.map(EnrollmentStatus::as_str))
+        .fetch_all(&self.reads)
+        .await
+        .map_err(read_error)?
+        .iter()
+        .map(decode_enrollment)
+        .collect()
+    }
+
+    async fn decide_enrollment(
+        &self,
+        id: Uuid,
+        to: EnrollmentStatus,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<EnrollmentRecord>, StoreError> {
+        let mut tx = self.write().await?;
+        let decided = decide_in(&mut tx, id, to, by, now).await;
+        finish(tx, decided).await
+    }
+
+    async fn insert_certificate(&self, cert: &CertificateRecord) -> Result<(), StoreError> {
+        let mut tx = self.write().await?;
+        let written = sqlx::query(concat!(
+            "INSERT INTO certificates (",
+            certificate_columns!(),
+            ") VALUES (?, ?, ?, ?, ?, ?, ?)"
+        ))
+        .bind(&cert.serial)
+        .bind(cert.robot_id.to_string())
+        .bind(&cert.key_fingerprint)
+        .bind(timestamp(&cert.not_before))
+        .bind(timestamp(&cert.not_after))
+        .bind(timestamp(&cert.issued_at))
+        .bind(cert.revoked_at.as_ref().map(timestamp))
+        .execute(&mut *tx)
+        .await
+        .map(drop)
+        .map_err(write_error);
+        finish(tx, written).await
+    }
+
+    async fn certificates(&self, robot_id: RobotId) -> Result<Vec<CertificateRecord>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            certificate_columns!(),
+            " FROM certificates WHERE robot_id = ? ORDER BY issued_at, serial"
+        ))
+        .bind(robot_id.to_string())
+        .fetch_all(&self.reads)
+        .await
+        .map_err(read_error)?
+        .iter()
+        .map(decode_certificate)
+        .collect()
+    }
+
+    async fn revoke_certificates(
+        &self,
+        robot_id: RobotId,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.write().await?;
+        let revoked = sqlx::query(
+            "UPDATE certificates SET revoked_at = ? WHERE robot_id = ? AND revoked_at IS NULL",
+        )
+        .bind(timestamp(&now))
+        .bind(robot_id.to_string())
+        .execute(&mut *tx)
+        .await
+        .map(|done| done.rows_affected())
+        .map_err(write_error);
+        finish(tx, revoked).await
+    }
+
+    async fn revoked_serials(&self, now: DateTime<Utc>) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT serial FROM certificates WHERE revoked_at IS NOT NULL AND not_after > ? \
+             ORDER BY serial",
+        )
+        .bind(timestamp(&now))
+        .fetch_all(&self.reads)
+        .await
+        .map_err(read_error)
+    }
+}
+
+/// Checks a token use and takes it, inside a write transaction.
+async fn use_token_in(
+    conn: &mut SqliteConnection,
+    id: &str,
+    secret_hash: &str,
+    now: DateTime<Utc>,
+) -> Result<TokenUse, StoreError> {
+    let Some(row) = sqlx::query(concat!(
+        "SELECT ",
+        enrollment_token_columns!(),
+        " FROM enrollment_tokens WHERE token_id = ?"
+    ))
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(write_error)?
+    else {
+        return Ok(TokenUse::Unknown);
+    };
+    let outcome = decode_enrollment_token(&row)?.judge_use(secret_hash, now);
+    if let TokenUse::Accepted { uses_left } = outcome {
+        sqlx::query("UPDATE enrollment_tokens SET uses_left = ? WHERE token_id = ?")
+            .bind(i64::from(uses_left))
+            .bind(id)
+            .execute(&mut *conn)
+            .await
+            .map_err(write_error)?;
+    }
+    Ok(outcome)
+}
+
+/// Moves an enrollment, inside a write transaction.
+async fn decide_in(
+    conn: &mut SqliteConnection,
+    id: Uuid,
+    to: EnrollmentStatus,
+    by: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<EnrollmentRecord>, StoreError> {
+    let Some(current) = load_enrollment(conn, id).await? else {
+        return Ok(None);
+    };
+    if !current.status.can_become(to) {
+        return Err(refused_move(id, current.status, to));
+    }
+    let (decided_at, decided_by) = if to == EnrollmentStatus::Issued {
+        (current.decided_at, current.decided_by.clone())
+    } else {
+        (Some(now), Some(by.to_string()))
+    };
+    let row = sqlx::query(concat!(
+        "UPDATE enrollments SET status = ?, decided_at = ?, decided_by = ? \
+         WHERE enrollment_id = ? RETURNING ",
+        enrollment_columns!()
+    ))
+    .bind(to.as_str())
+    .bind(decided_at.as_ref().map(timestamp))
+    .bind(decided_by)
+    .bind(id.to_string())
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(write_error)?;
+    decode_enrollment(&row).map(Some)
+}
+
+async fn load_enrollment(
+    conn: &mut SqliteConnection,
+    id: Uuid,
+) -> Result<Option<EnrollmentRecord>, StoreError> {
+    sqlx::query(concat!(
+        "SELECT ",
+        enrollment_columns!(),
+        " FROM enrollments WHERE enrollment_id = ?"
+    ))
+    .bind(id.to_string())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(read_error)?
+    .as_ref()
+    .map(decode_enrollment)
+    .transpose()
+}
+
+// ---------------------------------------------------------------------------
+// Decoding.
+
+fn decode_api_token(row: &SqliteRow) -> Result<ApiTokenRecord, StoreError> {
+    let fields = || -> Result<ApiTokenRecord, String> {
+        let role: String = col(row, "role")?;
+        Ok(ApiTokenRecord {
+            id: col(row, "token_id")?,
+            name: col(row, "name")?,
+            role: Role::parse(&role).ok_or_else(|| format!("column role: {role:?}"))?,
+            secret_hash: col(row, "secret_hash")?,
+            created_at: time_col(row, "created_at")?,
+            expires_at: opt_time_col(row, "expires_at")?,
+            revoked_at: opt_time_col(row, "revoked_at")?,
+        })
+    };
+    fields().map_err(|e| StoreError::Corrupt(format!("api token {}: {e}", key(row, "token_id"))))
+}
+
+fn decode_enrollment_token(row: &SqliteRow) -> Result<EnrollmentTokenRecord, StoreError> {
+    let fields = || -> Result<EnrollmentTokenRecord, String> {
+        Ok(EnrollmentTokenRecord {
+            id: col(row, "token_id")?,
+            secret_hash: col(row, "secret_hash")?,
+            created_at: time_col(row, "created_at")?,
+            expires_at: time_col(row, "expires_at")?,
+            uses_total: uses(col(row, "uses_total")?, "uses_total")?,
+            uses_left: uses(col(row, "uses_left")?, "uses_left")?,
+            revoked_at: opt_time_col(row, "revoked_at")?,
+        })
+    };
+    fields()
+        .map_err(|e| StoreError::Corrupt(format!("enrollment token {}: {e}", key(row, "token_id"))))
+}
+
+fn decode_enrollment(row: &SqliteRow) -> Result<EnrollmentRecord, StoreError> {
+    let fields = || -> Result<EnrollmentRecord, String> {
+        let status: String = col(row, "status")?;
+        Ok(EnrollmentRecord {
+            id: uuid_col(row, "enrollment_id")?,
+            robot_id: RobotId(uuid_col(row, "robot_id")?),
+            key_fingerprint: col(row, "key_fingerprint")?,
+            identity: json_col(row, "identity")?,
+            source_addr: col(row, "source_addr")?,
+            status: EnrollmentStatus::parse(&status)
+                .ok_or_else(|| format!("column status: {status:?}"))?,
+            first_seen: time_col(row, "first_seen")?,
+            last_seen: time_col(row, "last_seen")?,
+            decided_at: opt_time_col(row, "decided_at")?,
+            decided_by: col(row, "decided_by")?,
+        })
+    };
+    fields()
+        .map_err(|e| StoreError::Corrupt(format!("enrollment {}: {e}", key(row, "enrollment_id"))))
+}
+
+fn decode_certificate(row: &SqliteRow) -> Result<CertificateRecord, StoreError> {
+    let fields = || -> Result<CertificateRecord, String> {
+        Ok(CertificateRecord {
+            serial: col(row, "serial")?,
+            robot_id: RobotId(uuid_col(row, "robot_id")?),
+            key_fingerprint: col(row, "key_fingerprint")?,
+            not_before: time_col(row, "not_before")?,
+            not_after: time_col(row, "not_after")?,
+            issued_at: time_col(row, "issued_at")?,
+            revoked_at: opt_time_col(row, "revoked_at")?,
+        })
+    };
+    fields().map_err(|e| StoreError::Corrupt(format!("certificate {}: {e}", key(row, "serial"))))
+}
