@@ -425,3 +425,99 @@ async fn the_api_wants_a_token_with_a_strong_enough_role() {
             >= 3.0
     );
 }
+
+/// Sends a bare `POST /enroll` over TLS (no client certificate) and returns
+/// the status code of the answer.
+async fn enroll_status(controller: &Controller) -> u16 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let ca = controller.ca();
+    let mut tls = agent_port::connect_tls(
+        controller.agent_addr(),
+        agent_port::tls(ca.cert_der(), None, kiwi_security::verify::ALPN_HTTP1),
+    )
+    .await
+    .expect("TLS to the agent port");
+    tls.write_all(
+        b"POST /enroll HTTP/1.1\r\nHost: kiwi\r\nContent-Type: application/json\r\n\
+          Content-Length: 2\r\nConnection: close\r\n\r\n{}",
+    )
+    .await
+    .expect("send");
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer).await;
+    let text = String::from_utf8_lossy(&answer);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abuse_limits_hold_per_address_and_are_counted() {
+    let controller = ControllerOptions::new()
+        .setting("enroll_per_minute", "2")
+        .setting("max_connections_per_address", "2")
+        .setting("auth_failures_per_minute", "3")
+        .start()
+        .await;
+    let api = controller.api();
+    let limited = async |limit: &str| {
+        api.metric("rate_limited_total", &[("limit", limit)])
+            .await
+            .expect("metrics")
+    };
+
+    // Enrollment attempts: two a minute, then 429.
+    assert_eq!(enroll_status(&controller).await, 400, "a malformed request");
+    assert_eq!(enroll_status(&controller).await, 400);
+    assert_eq!(enroll_status(&controller).await, 429, "over the rate");
+    assert!(limited("enroll_rate").await >= 1.0);
+
+    // Connections held at once: two, then the third is dropped (WebSocket
+    // and QUIC alike).
+    let ca = controller.ca();
+    let cert = || Some(robot_cert(&ca, Uuid::new_v4(), hour()));
+    let tls = |cert| agent_port::tls(ca.cert_der(), cert, kiwi_security::verify::ALPN_HTTP1);
+    let first = agent_port::connect_tls(controller.agent_addr(), tls(cert()))
+        .await
+        .expect("first");
+    let second = agent_port::connect_tls(controller.agent_addr(), tls(cert()))
+        .await
+        .expect("second");
+    assert!(
+        agent_port::connect_tls(controller.agent_addr(), tls(cert()))
+            .await
+            .is_err(),
+        "a third connection from the address"
+    );
+    let quic = QuicConnector::new(
+        controller.agent_addr().ip().to_string(),
+        controller.agent_addr().port(),
+        agent_port::tls(ca.cert_der(), cert(), ALPN_QUIC),
+    );
+    assert!(
+        quic.connect().await.is_err(),
+        "a third connection over QUIC"
+    );
+    assert!(limited("connections_per_address").await >= 2.0);
+    drop((first, second));
+
+    // Failed authentications: three a minute, then the address is refused
+    // even with a good certificate.
+    // (The connections above give their slots back as the controller
+    // notices they closed: retry until four refusals were counted.)
+    wait_until(PROMPTLY, || async {
+        let _ = agent_port::connect_ws(controller.agent_addr(), ca.cert_der(), None).await;
+        let n = auth_failures(api, "agent", "no_certificate").await;
+        anyhow::ensure!(n >= 4.0, "{n} refusals counted");
+        Ok(())
+    })
+    .await;
+    wait_until(PROMPTLY, || async {
+        let refused = agent_port::connect_ws(controller.agent_addr(), ca.cert_der(), cert()).await;
+        anyhow::ensure!(refused.is_err(), "a blocked address got in");
+        anyhow::ensure!(limited("auth_failures").await >= 1.0, "not counted yet");
+        Ok(())
+    })
+    .await;
+}

@@ -23,6 +23,10 @@
 //!    the event arriving. Baseline: the POST's own response latency (the
 //!    durable append it waits for).
 //!
+//! Secure links (`secure.rs`): handshakes per second and controller
+//! memory per idle connected agent, for WebSocket over TLS and QUIC, each
+//! against a plain WebSocket server measured in the same run.
+//!
 //! Storage (PostgreSQL and Redis, which must be running: `DATABASE_URL`,
 //! else `postgres://postgres@127.0.0.1:5432/postgres`; `REDIS_URL`, else
 //! `redis://127.0.0.1:6379`; both are checked before anything else runs).
@@ -58,6 +62,8 @@
 //!
 //! `--quick` shrinks the sample counts (a smoke run for CI; figures from it
 //! are not meant to be kept). Every loop is bounded in count and in time.
+
+mod secure;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -223,6 +229,17 @@ impl Sizes {
 }
 
 fn main() -> ExitCode {
+    // The plain WebSocket server of the secure-links baseline runs as a
+    // process of its own: this executable, started by the benchmark.
+    if std::env::args().nth(1).as_deref() == Some("--plain-ws-server") {
+        return match secure::plain_ws_server() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("kiwi-bench --plain-ws-server: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let args = match parse_args() {
         Ok(Some(a)) => a,
         Ok(None) => {
@@ -295,12 +312,16 @@ async fn run(args: &Args) -> Result<()> {
     ctl.stop().await;
     drop(ctl);
 
+    progress("secure links: handshakes and memory per idle agent (real processes)");
+    let secure_rows = secure::secure_links(args.quick, &work.path().join("secure")).await?;
+
     let (storage_rows, storage_info) = storage(&sizes, &services, work.path()).await?;
 
     let lan_rows = lan_discovery(sizes).await?;
 
     let tables = Tables {
         rows,
+        secure_rows,
         storage_rows,
         storage_info,
         lan_rows,
@@ -494,6 +515,8 @@ fn cli_token(bin: &Path, state: &Path, args: &[&str]) -> Result<String> {
         .arg("--state-dir")
         .arg(state)
         .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .output()
         .context("cannot run kiwi-controller token create")?;
     ensure!(
@@ -2706,6 +2729,8 @@ fn table(md: &mut String, rows: &[Row]) {
 struct Tables {
     /// Loopback and in-process figures (1–4).
     rows: Vec<Row>,
+    /// TLS WebSocket and QUIC against plain WebSocket.
+    secure_rows: Vec<Row>,
     storage_rows: Vec<Row>,
     storage_info: StorageInfo,
     /// The simulated LAN (8–9), or "not measured" rows.
@@ -2721,6 +2746,7 @@ fn markdown(
 ) -> String {
     let Tables {
         rows,
+        secure_rows,
         storage_rows,
         storage_info: storage,
         lan_rows,
@@ -2742,6 +2768,16 @@ fn markdown(
         fmt_duration(total)
     );
     table(&mut md, rows);
+    let _ = writeln!(md, "\n## Secure links\n");
+    let _ = writeln!(
+        md,
+        "The release `kiwi-controller` as a process of its own (memory is its `VmRSS`), \
+         agents and clients on loopback; the baseline is a plain WebSocket server with the \
+         controller's WebSocket buffer sizes, also a process of its own (`kiwi-bench \
+         --plain-ws-server`): what holding a WebSocket costs without TLS, authentication or \
+         session state.\n"
+    );
+    table(&mut md, secure_rows);
     let _ = writeln!(md, "\n## Storage: PostgreSQL and Redis\n");
     let _ = writeln!(
         md,
@@ -2767,7 +2803,12 @@ fn markdown(
     );
     table(&mut md, lan_rows);
     let _ = writeln!(md, "\n## How each figure is measured\n");
-    for r in rows.iter().chain(storage_rows).chain(lan_rows) {
+    for r in rows
+        .iter()
+        .chain(secure_rows)
+        .chain(storage_rows)
+        .chain(lan_rows)
+    {
         let _ = writeln!(md, "- **{}**: {}.", r.metric, r.note);
     }
     let _ = writeln!(
