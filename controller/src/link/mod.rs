@@ -99,7 +99,7 @@ impl<T: AgentTransport> Connection<T> {
 
     /// Serves the connection until it ends.
     pub async fn run(mut self) {
-        let Some((hello, version)) = self.handshake().await else {
+        let Some((hello, version)) = Box::pin(self.handshake()).await else {
             return;
         };
         let robot_id = hello.identity.robot_id;
@@ -143,12 +143,9 @@ impl<T: AgentTransport> Connection<T> {
             End::Lost(reason) => session.close_reason().unwrap_or(reason),
         };
         tracing::info!(%robot_id, peer = %self.peer, reason, "agent connection ended");
-        if let Err(e) = self
-            .state
-            .fleet
-            .lose_if_absent(robot_id, reason, &ctx)
-            .await
-        {
+        // The store's futures are large and this one runs once: boxed, so
+        // that every idle connection's task does not carry room for it.
+        if let Err(e) = Box::pin(self.state.fleet.lose_if_absent(robot_id, reason, &ctx)).await {
             tracing::error!(%robot_id, error = %e, "could not record the robot as lost");
         }
     }
@@ -283,12 +280,11 @@ impl<T: AgentTransport> Connection<T> {
             causation_id: None,
         };
         let facts = facts(&hello.identity, self.peer);
-        let applied = match self
+        let arrival = self
             .state
             .fleet
-            .apply(robot_id, Input::AgentConnected { facts }, &ctx)
-            .await
-        {
+            .apply(robot_id, Input::AgentConnected { facts }, &ctx);
+        let applied = match Box::pin(arrival).await {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!(%robot_id, error = %e, "cannot record the agent's arrival");
@@ -340,7 +336,10 @@ impl<T: AgentTransport> Connection<T> {
                             return Ok(End::Lost(format!("bad frame: {e}")));
                         }
                     };
-                    if let Some(end) = self.handle(robot_id, version, session, &ctx, msg).await? {
+                    // Boxed: handling a message awaits the store, whose
+                    // futures are large; an idle connection holds none.
+                    let handled = Box::pin(self.handle(robot_id, version, session, &ctx, msg));
+                    if let Some(end) = handled.await? {
                         return Ok(end);
                     }
                 }

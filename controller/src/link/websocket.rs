@@ -30,8 +30,12 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 /// WebSocket buffers: explicit and small, so that thousands of idle agents
-/// cost little memory (tungstenite's defaults are 128 KiB each).
-const WS_BUFFER: usize = 4 * 1024;
+/// cost little memory (tungstenite's defaults are 128 KiB each). Agents
+/// send small frames: the read buffer grows for a larger one while it is
+/// read; frames are written as they are sent (no write buffering).
+pub const READ_BUFFER: usize = 1024;
+/// See [`READ_BUFFER`].
+pub const WRITE_BUFFER: usize = 0;
 
 /// How long a new TCP connection may take to send its HTTP upgrade request.
 const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -151,9 +155,9 @@ async fn upgrade(
     let max = state.config.max_frame;
     ws.max_message_size(max)
         .max_frame_size(max)
-        .read_buffer_size(WS_BUFFER)
-        .write_buffer_size(WS_BUFFER)
-        .max_write_buffer_size(max + WS_BUFFER)
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(max + 4 * 1024)
         .on_upgrade(move |socket| {
             Connection::new(state, WsTransport { socket, peer }, principal).run()
         })

@@ -46,7 +46,14 @@ const SETTLE: Duration = Duration::from_secs(2);
 
 /// The WebSocket settings of the plain baseline: the controller's.
 fn plain_ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
-    kiwi_agent::transport::websocket::ws_config(kiwi_protocol::frame::DEFAULT_MAX_FRAME)
+    use kiwi_controller::link::websocket::{READ_BUFFER, WRITE_BUFFER};
+    let max = kiwi_protocol::frame::DEFAULT_MAX_FRAME;
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(max + 4 * 1024)
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
 }
 
 /// `kiwi-bench --plain-ws-server`: accepts WebSockets on 127.0.0.1 and
