@@ -110,7 +110,9 @@ pub fn token_create(
     log: &Path,
     args: &[&str],
 ) -> String {
-    let output = Command::new(process::binary("kiwi-controller"))
+    let mut command = Command::new(process::binary("kiwi-controller"));
+    process::scrub_env(&mut command);
+    let output = command
         .arg("token")
         .arg("create")
         .arg("--state-dir")

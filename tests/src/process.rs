@@ -52,6 +52,24 @@ pub(crate) struct Proc {
     exited: Option<ExitStatus>,
 }
 
+/// Settings must come from the test alone: drops the caller's kiwi and
+/// database variables from `command`, so that a developer's shell (or the
+/// test script's own `DATABASE_URL`) cannot change what is tested or point
+/// a test at a real database.
+pub fn scrub_env(command: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("KIWI_") && !key.starts_with("KIWI_TESTS_")
+            || key.starts_with("DB_")
+            || key.starts_with("REDIS_")
+            || key == "DATABASE_URL"
+            || key == "DISCOVERY_NETWORK"
+        {
+            command.env_remove(key.as_ref());
+        }
+    }
+}
+
 impl Proc {
     /// Starts `command` with stdout and stderr appended to `log` (after a
     /// header line naming the start, so restarts stay apart in the file).
@@ -64,20 +82,7 @@ impl Proc {
         writeln!(file, "=== kiwi-tests: starting {name}: {command:?}")
             .expect("write the log header");
         let stderr = file.try_clone().expect("clone the log file handle");
-        // Settings must come from the test alone: drop the caller's kiwi and
-        // database variables so that a developer's shell cannot change what
-        // is tested (or point a test at a real database).
-        for (key, _) in std::env::vars_os() {
-            let key = key.to_string_lossy();
-            if key.starts_with("KIWI_") && !key.starts_with("KIWI_TESTS_")
-                || key.starts_with("DB_")
-                || key.starts_with("REDIS_")
-                || key == "DATABASE_URL"
-                || key == "DISCOVERY_NETWORK"
-            {
-                command.env_remove(key.as_ref());
-            }
-        }
+        scrub_env(&mut command);
         command
             .stdin(Stdio::null())
             .stdout(Stdio::from(file))

@@ -465,15 +465,12 @@ impl Binaries {
     }
 }
 
-/// A command without inherited kiwi settings, so the run does not depend on
-/// the caller's environment.
+/// A command without inherited kiwi or database settings, so the run does
+/// not depend on the caller's environment (the processes use the embedded
+/// store).
 fn clean_command(program: &Path) -> Command {
     let mut c = Command::new(program);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("KIWI_") {
-            c.env_remove(k);
-        }
-    }
+    kiwi_tests::process::scrub_env(&mut c);
     c.stdin(Stdio::null()).stdout(Stdio::null());
     c
 }
