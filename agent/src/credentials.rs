@@ -18,8 +18,6 @@ use rustls::SignatureScheme;
 use rustls::client::ResolvesClientCert;
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
@@ -36,9 +34,7 @@ pub const RENEW_FRACTION: f64 = 1.0 / 3.0;
 /// The directory of the TLS files, created with mode 0700.
 pub fn tls_dir(state_dir: &Path) -> anyhow::Result<PathBuf> {
     let dir = state_dir.join(TLS_DIR);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("cannot restrict {}", dir.display()))?;
+    kiwi_security::files::private_dir(&dir)?;
     Ok(dir)
 }
 
@@ -216,27 +212,16 @@ impl ResolvesClientCert for Resolver {
     }
 }
 
-/// Writes `text` to `path` with mode 0600 (a new file, synced, renamed).
-pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
-    file.write_all(text.as_bytes())
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move {} into place", path.display()))
+/// Writes a private file (see [`kiwi_security::files`]).
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    Ok(kiwi_security::files::write_private(path, text)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use kiwi_security::pki::{Authority, Validity};
+    use std::os::unix::fs::PermissionsExt as _;
     use std::time::Duration;
 
     #[test]

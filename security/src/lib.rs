@@ -7,12 +7,15 @@
 //! - [`verify`]: the TLS policies of both sides (optional client
 //!   certificates checked after the handshake; the agent's one trusted CA)
 //!   and their rustls configurations;
-//! - [`enroll`]: the JSON exchange of `POST /enroll`.
+//! - [`enroll`]: the JSON exchange of `POST /enroll`;
+//! - [`files`]: private files (0600 in a 0700 directory, written whole).
 //!
-//! No I/O and no clock: time is passed in.
+//! No network I/O and no clock (time is passed in); [`files`] is its only
+//! file operation.
 
 pub mod digest;
 pub mod enroll;
+pub mod files;
 pub mod pki;
 pub mod token;
 pub mod verify;

@@ -11,9 +11,7 @@ use kiwi_security::verify::{self, certified_key};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::CertificateDer;
-use std::io::Write as _;
 use std::net::IpAddr;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -91,10 +89,7 @@ impl ControllerPki {
     ) -> anyhow::Result<ControllerPki> {
         kiwi_security::install_crypto_provider();
         let dir = state_dir.join(TLS_DIR);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("cannot restrict {}", dir.display()))?;
+        kiwi_security::files::private_dir(&dir)?;
         let ca = Self::load_or_create_ca(&dir, now)?;
         let served = match Self::load_server(&dir) {
             Ok(Some((served, listed))) if listed == names && !due(&served.info, now) => served,
@@ -132,10 +127,7 @@ impl ControllerPki {
     /// else), creating it if missing.
     pub fn load_or_create_ca_only(state_dir: &Path, now: SystemTime) -> anyhow::Result<Authority> {
         let dir = state_dir.join(TLS_DIR);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("cannot restrict {}", dir.display()))?;
+        kiwi_security::files::private_dir(&dir)?;
         Self::load_or_create_ca(&dir, now)
     }
 
@@ -310,28 +302,15 @@ fn read(path: &Path) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
-/// Writes `text` to `path` with mode 0600: a new file beside it, synced,
-/// then renamed over it.
-pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
-    file.write_all(text.as_bytes())
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move {} into place", path.display()))?;
-    Ok(())
+/// Writes a private file (see [`kiwi_security::files`]).
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    Ok(kiwi_security::files::write_private(path, text)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
 
     fn mode(path: &Path) -> u32 {
         std::fs::metadata(path).unwrap().permissions().mode() & 0o777
