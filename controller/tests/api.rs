@@ -5,7 +5,6 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use http_body_util::BodyExt;
 use kiwi_controller::config::Config;
-use kiwi_controller::domain::decide::CommandIntent;
 use kiwi_controller::domain::event::IdentityFacts;
 use kiwi_controller::domain::{Action, Input};
 use kiwi_controller::fleet::Context;
@@ -91,17 +90,7 @@ impl App {
 
     /// A robot that went discovered → provisioning → ready.
     async fn ready_robot(&self, n: u32) {
-        self.input(n, Input::AgentConnected { facts: facts(n) })
-            .await;
-        self.input(n, Input::Operator(Action::Provision)).await;
-        self.input(
-            n,
-            Input::CommandAnswered {
-                command: CommandIntent::Provision,
-                error: None,
-            },
-        )
-        .await;
+        kiwi_controller::testing::robots::ready_robot(&self.c.fleet, robot_id(n), facts(n)).await;
     }
 
     async fn call(&self, mut req: Request<Body>) -> (StatusCode, String, Value) {

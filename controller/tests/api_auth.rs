@@ -12,9 +12,8 @@ use http_body_util::BodyExt;
 use kiwi_controller::api::auth::Access;
 use kiwi_controller::api::route_table;
 use kiwi_controller::config::{Config, SecurityConfig};
-use kiwi_controller::domain::decide::CommandIntent;
+use kiwi_controller::domain::Input;
 use kiwi_controller::domain::event::IdentityFacts;
-use kiwi_controller::domain::{Action, Input};
 use kiwi_controller::fleet::Context;
 use kiwi_controller::link::session::Session;
 use kiwi_controller::security::ControllerPki;
@@ -132,17 +131,7 @@ impl App {
 
     /// A robot that went discovered → provisioning → ready.
     async fn ready_robot(&self, n: u32) {
-        self.input(n, Input::AgentConnected { facts: facts(n) })
-            .await;
-        self.input(n, Input::Operator(Action::Provision)).await;
-        self.input(
-            n,
-            Input::CommandAnswered {
-                command: CommandIntent::Provision,
-                error: None,
-            },
-        )
-        .await;
+        kiwi_controller::testing::robots::ready_robot(&self.c.fleet, robot_id(n), facts(n)).await;
     }
 
     /// A token made in the store directly, as `kiwi-controller token

@@ -9,6 +9,34 @@
 
 pub mod sshd;
 
+/// Robots made through the fleet, as their agents would make them.
+pub mod robots {
+    use crate::domain::decide::CommandIntent;
+    use crate::domain::event::IdentityFacts;
+    use crate::domain::{Action, Input};
+    use crate::fleet::{Context, Fleet};
+    use kiwi_protocol::RobotId;
+
+    /// Takes robot `id` through discovered → provisioning → ready, as an
+    /// agent connecting and answering `Provision` would.
+    pub async fn ready_robot(fleet: &Fleet, id: RobotId, facts: IdentityFacts) {
+        let ctx = Context::new("test");
+        for input in [
+            Input::AgentConnected { facts },
+            Input::Operator(Action::Provision),
+            Input::CommandAnswered {
+                command: CommandIntent::Provision,
+                error: None,
+            },
+        ] {
+            fleet
+                .apply(id, input, &ctx)
+                .await
+                .expect("the fleet applies the input");
+        }
+    }
+}
+
 /// Hand-made agent messages for tests that speak the protocol themselves.
 pub mod messages {
     use kiwi_protocol::message::{
