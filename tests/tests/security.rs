@@ -378,6 +378,26 @@ async fn certificates_are_renewed_over_the_link_before_they_expire() {
             "{events:#?}"
         );
     }
+    // Restarted, each connects with its renewed certificate (the first one
+    // has expired and would be refused).
+    let expired_before = auth_failures(api, "agent", "expired").await;
+    for agent in &mut agents {
+        agent.kill();
+        agent.start_again();
+    }
+    for agent in &agents {
+        wait_until(secs(30), || async {
+            let log = agent.log_text();
+            anyhow::ensure!(
+                log.matches("connected to the controller").count() >= 2,
+                "not reconnected yet"
+            );
+            Ok(())
+        })
+        .await;
+        wait_ready_and_connected(api, agent.robot_id(), secs(30)).await;
+    }
+    assert_eq!(auth_failures(api, "agent", "expired").await, expired_before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
