@@ -210,6 +210,11 @@ pub fn server_config(
         .with_client_cert_verifier(Arc::new(OptionalClientCert::new(ca)))
         .with_cert_resolver(certs);
     config.alpn_protocols = vec![alpn.to_vec()];
+    // No session resumption: every agent connection is a full handshake
+    // with its certificate checked again (revocation, expiry), and the
+    // server keeps no ticket or session cache per connection.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     config
 }
 

@@ -85,6 +85,9 @@ pub async fn connect_tls(
     let tcp = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connect to {addr}"))?;
+    // As the agent does: small frames go out at once (without it, Nagle's
+    // algorithm holds the request behind TLS's Finished until it is acked).
+    tcp.set_nodelay(true).context("TCP_NODELAY")?;
     let name = ServerName::try_from(addr.ip().to_string()).expect("an IP is a server name");
     tokio_rustls::TlsConnector::from(tls)
         .connect(name, tcp)

@@ -24,8 +24,8 @@ use crate::security::{AgentAuth, Principal};
 use kiwi_protocol::frame;
 use kiwi_protocol::identity::format_mac;
 use kiwi_protocol::message::{
-    Ack, AgentMessage, CommandOutcome, ControllerMessage, Hello, IssuedCertificate, Reject,
-    RejectReason, RenewRefused, Welcome,
+    Ack, AgentMessage, Command, CommandOutcome, ControllerMessage, Hello, IssuedCertificate,
+    Reject, RejectReason, RenewRefused, Welcome,
 };
 use kiwi_protocol::version::{self, ProtocolVersion};
 use kiwi_protocol::{Identity, RobotId};
@@ -76,6 +76,16 @@ enum End {
     Lost(String),
 }
 
+/// The context of what an agent's session records: its session id is
+/// the correlation id.
+fn session_context(session: &Session) -> Context {
+    Context {
+        actor: "agent",
+        correlation_id: Some(session.session_id),
+        causation_id: None,
+    }
+}
+
 /// One agent connection, from `Hello` to its end.
 #[derive(Debug)]
 pub struct Connection<T> {
@@ -111,13 +121,15 @@ impl<T: AgentTransport> Connection<T> {
             old.close("replaced by a new connection from the same robot");
         }
         self.state.metrics.agent_connections.inc();
-        let end = match self
-            .established(&hello, version, &session, &mut outbound)
-            .await
-        {
-            Ok(end) => end,
-            Err(reason) => End::Lost(reason),
-        };
+        // Boxed: the Hello, the robot's row, its events and the store's
+        // future are needed only to welcome the agent; an idle
+        // connection's task keeps neither them nor room for them.
+        let welcomed = Box::pin(self.welcome(hello, version, &session)).await;
+        let end = match welcomed {
+            Ok(()) => self.serve_session(version, &session, &mut outbound).await,
+            Err(reason) => Err(reason),
+        }
+        .unwrap_or_else(End::Lost);
         self.state.metrics.agent_connections.dec();
         self.transport.close().await;
         if !sessions.remove_if_current(&robot_id, session.session_id)
@@ -125,11 +137,7 @@ impl<T: AgentTransport> Connection<T> {
         {
             return;
         }
-        let ctx = Context {
-            actor: "agent",
-            correlation_id: Some(session.session_id),
-            causation_id: None,
-        };
+        let ctx = session_context(&session);
         let reason = match end {
             End::Goodbye {
                 back_in_s: Some(secs),
@@ -266,25 +274,23 @@ impl<T: AgentTransport> Connection<T> {
         Some((hello, version))
     }
 
-    async fn established(
+    /// Records the agent's arrival and sends the `Welcome`.
+    async fn welcome(
         &mut self,
-        hello: &Hello,
+        hello: Hello,
         version: ProtocolVersion,
         session: &Session,
-        outbound: &mut mpsc::Receiver<ControllerMessage>,
-    ) -> Result<End, String> {
+    ) -> Result<(), String> {
         let robot_id = hello.identity.robot_id;
-        let ctx = Context {
-            actor: "agent",
-            correlation_id: Some(session.session_id),
-            causation_id: None,
-        };
+        let ctx = session_context(session);
         let facts = facts(&hello.identity, self.peer);
-        let arrival = self
+        drop(hello);
+        let applied = match self
             .state
             .fleet
-            .apply(robot_id, Input::AgentConnected { facts }, &ctx);
-        let applied = match Box::pin(arrival).await {
+            .apply(robot_id, Input::AgentConnected { facts }, &ctx)
+            .await
+        {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!(%robot_id, error = %e, "cannot record the agent's arrival");
@@ -293,6 +299,7 @@ impl<T: AgentTransport> Connection<T> {
                 return Err(format!("arrival not recorded: {e}"));
             }
         };
+        tracing::info!(%robot_id, peer = %self.peer, %version, state = %applied.robot.robot.state, "agent connected");
         let welcome = ControllerMessage::Welcome(Welcome {
             session_id: session.session_id,
             version,
@@ -300,9 +307,22 @@ impl<T: AgentTransport> Connection<T> {
                 .unwrap_or(u32::MAX),
             config: self.state.fleet.desired_config(&applied.robot.robot),
         });
-        self.send_frame(version::HANDSHAKE, &welcome).await?;
-        tracing::info!(%robot_id, peer = %self.peer, %version, state = %applied.robot.robot.state, "agent connected");
+        drop(applied);
+        self.send_frame(version::HANDSHAKE, &welcome).await
+    }
 
+    /// The established session: frames from the agent, commands for it and
+    /// keep-alives, until it ends. This loop is what an idle connection's
+    /// task holds, so everything rare (handling a message, refusing one,
+    /// sending a command) runs in a boxed future of its own.
+    async fn serve_session(
+        &mut self,
+        version: ProtocolVersion,
+        session: &Session,
+        outbound: &mut mpsc::Receiver<Box<Command>>,
+    ) -> Result<End, String> {
+        let robot_id = session.robot_id;
+        let ctx = session_context(session);
         let mut ping = tokio::time::interval(self.state.config.heartbeat_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -310,7 +330,10 @@ impl<T: AgentTransport> Connection<T> {
                 () = session.cancel.cancelled() => {
                     return Ok(End::Lost(session.close_reason().unwrap_or_else(|| "controller shutting down".into())));
                 }
-                Some(msg) = outbound.recv() => self.send_frame(version, &msg).await?,
+                Some(command) = outbound.recv() => {
+                    let msg = ControllerMessage::Command(*command);
+                    Box::pin(self.send_frame(version, &msg)).await?;
+                }
                 _ = ping.tick() => {
                     self.transport.keepalive().await.map_err(|e| e.to_string())?;
                 }
@@ -324,27 +347,41 @@ impl<T: AgentTransport> Connection<T> {
                         Ok(Incoming::Frame(b)) => b,
                         Err(TransportError::Failed(e)) => return Ok(End::Lost(format!("connection error: {e}"))),
                         Err(TransportError::Refused { reason, detail }) => {
-                            self.refuse(reason, &detail).await;
+                            Box::pin(self.refuse(reason, &detail)).await;
                             return Ok(End::Lost(format!("bad input: {detail}")));
                         }
                     };
                     session.touch(now_ms());
-                    let msg = match frame::decode_frame::<AgentMessage>(&bytes, self.state.config.max_frame) {
-                        Ok((_, m)) => m,
-                        Err(e) => {
-                            self.refuse(e.kind(), &e.to_string()).await;
-                            return Ok(End::Lost(format!("bad frame: {e}")));
-                        }
-                    };
                     // Boxed: handling a message awaits the store, whose
                     // futures are large; an idle connection holds none.
-                    let handled = Box::pin(self.handle(robot_id, version, session, &ctx, msg));
+                    let handled = Box::pin(self.handle_frame(robot_id, version, session, &ctx, bytes));
                     if let Some(end) = handled.await? {
                         return Ok(end);
                     }
                 }
             }
         }
+    }
+
+    /// Decodes and handles one frame of an established session; `Some`
+    /// ends it.
+    async fn handle_frame(
+        &mut self,
+        robot_id: RobotId,
+        version: ProtocolVersion,
+        session: &Session,
+        ctx: &Context,
+        bytes: Vec<u8>,
+    ) -> Result<Option<End>, String> {
+        let msg = match frame::decode_frame::<AgentMessage>(&bytes, self.state.config.max_frame) {
+            Ok((_, m)) => m,
+            Err(e) => {
+                self.refuse(e.kind(), &e.to_string()).await;
+                return Ok(Some(End::Lost(format!("bad frame: {e}"))));
+            }
+        };
+        drop(bytes);
+        self.handle(robot_id, version, session, ctx, msg).await
     }
 
     /// Handles one message of an established session; `Some` ends it.
@@ -574,7 +611,29 @@ mod tests {
         connect_as(c, "link-test")
     }
 
-    fn connect_as(c: &Components, name: &str) -> Peer {
+    /// An idle connection's task holds the `run` future: the rare, large
+    /// steps (the handshake, the welcome, handling a message) are boxed out
+    /// of it, so that thousands of idle agents cost little (BENCHMARKS.md,
+    /// "Secure links"). A step added inline would show here first.
+    #[tokio::test]
+    async fn an_idle_connection_holds_a_small_future() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = components(dir.path()).await;
+        let (conn, _tx, _rx) = channel_connection(&c, "size");
+        let size = std::mem::size_of_val(&conn.run());
+        assert!(size <= 1024, "Connection::run's future is {size} bytes");
+    }
+
+    /// A connection of `name`'s robot over channels: the connection, the
+    /// agent's sending side and its receiving side.
+    fn channel_connection(
+        c: &Components,
+        name: &str,
+    ) -> (
+        Connection<Channels>,
+        mpsc::Sender<Incoming>,
+        mpsc::Receiver<Vec<u8>>,
+    ) {
         let (tx, from_agent) = mpsc::channel(16);
         let (to_agent, rx) = mpsc::channel(16);
         let conn = Connection::new(
@@ -585,6 +644,11 @@ mod tests {
             },
             principal(name),
         );
+        (conn, tx, rx)
+    }
+
+    fn connect_as(c: &Components, name: &str) -> Peer {
+        let (conn, tx, rx) = channel_connection(c, name);
         Peer {
             tx,
             rx,

@@ -7,7 +7,7 @@
 use crate::domain::decide::CommandIntent;
 use chrono::Utc;
 use kiwi_protocol::RobotId;
-use kiwi_protocol::message::{Command, ControllerMessage};
+use kiwi_protocol::message::Command;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -27,8 +27,10 @@ pub struct Session {
     pub session_id: Uuid,
     pub robot_id: RobotId,
     pub peer: SocketAddr,
-    /// Messages for the agent; the connection task writes them in order.
-    pub outbound: mpsc::Sender<ControllerMessage>,
+    /// Commands for the agent; the connection task writes them in order.
+    /// Boxed: the queue's first block of slots is allocated with the
+    /// session, so a slot costs a pointer, not a whole command.
+    pub outbound: mpsc::Sender<Box<Command>>,
     /// Cancelling ends the connection (replaced, timed out, shutting down).
     pub cancel: CancellationToken,
     last_seen_ms: Arc<AtomicI64>,
@@ -44,7 +46,7 @@ impl Session {
     pub fn new(
         robot_id: RobotId,
         peer: SocketAddr,
-        outbound: mpsc::Sender<ControllerMessage>,
+        outbound: mpsc::Sender<Box<Command>>,
         cancel: CancellationToken,
     ) -> Session {
         Session {
@@ -108,12 +110,10 @@ impl Session {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, intent);
-        self.outbound
-            .try_send(ControllerMessage::Command(command))
-            .map_err(|e| {
-                self.answered(id);
-                format!("agent queue: {e}")
-            })
+        self.outbound.try_send(Box::new(command)).map_err(|e| {
+            self.answered(id);
+            format!("agent queue: {e}")
+        })
     }
 }
 

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo build --release -p kiwi-agent -p kiwi-controller -p kiwi-tests --bins
-//! cargo run --release -p kiwi-tests --bin kiwi-bench [-- --out FILE] [--quick]
+//! cargo run --release -p kiwi-tests --bin kiwi-bench [-- --out FILE] [--quick] [--only secure]
 //! ```
 //!
 //! 1. Agent start → robot visible in the API: real `kiwi-controller` and
@@ -113,9 +113,10 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 use uuid::Uuid;
 
-const USAGE: &str = "usage: kiwi-bench [--out FILE] [--quick]\n\
-    \n  --out FILE  where to write the Markdown table (default: BENCHMARKS.md at the workspace root)\
-    \n  --quick     few samples: checks the benchmark still works (CI smoke run)\n";
+const USAGE: &str = "usage: kiwi-bench [--out FILE] [--quick] [--only secure]\n\
+    \n  --out FILE     where to write the Markdown table (default: BENCHMARKS.md at the workspace root)\
+    \n  --quick        few samples: checks the benchmark still works (CI smoke run)\
+    \n  --only secure  runs only the secure-links section and prints its rows (writes no file)\n";
 
 /// How long one agent may take to appear before the run is abandoned.
 const AGENT_START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -132,15 +133,22 @@ const CREATE_CONCURRENCY: usize = 512;
 struct Args {
     out: PathBuf,
     quick: bool,
+    /// Only the secure-links section, printed instead of written.
+    secure_only: bool,
 }
 
 fn parse_args() -> Result<Option<Args>> {
     let mut out = None;
     let mut quick = false;
+    let mut secure_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => quick = true,
+            "--only" => match args.next().as_deref() {
+                Some("secure") => secure_only = true,
+                other => bail!("--only knows one section, secure (not {other:?})"),
+            },
             "--out" => {
                 out = Some(PathBuf::from(
                     args.next()
@@ -155,7 +163,11 @@ fn parse_args() -> Result<Option<Args>> {
         }
     }
     let out = out.unwrap_or_else(|| workspace_root().join("BENCHMARKS.md"));
-    Ok(Some(Args { out, quick }))
+    Ok(Some(Args {
+        out,
+        quick,
+        secure_only,
+    }))
 }
 
 /// The workspace this binary was built from.
@@ -277,6 +289,25 @@ async fn run(args: &Args) -> Result<()> {
         .prefix("kiwi-bench-")
         .tempdir()
         .context("cannot create a work directory")?;
+    if args.secure_only {
+        progress("secure links: handshakes and memory per idle agent (real processes)");
+        for row in secure::secure_links(args.quick, &work.path().join("secure")).await? {
+            println!(
+                "{}: {} (baseline {}, ratio {}, target {}){}",
+                row.metric,
+                row.kiwi,
+                row.baseline,
+                row.ratio,
+                row.target,
+                if row.note.is_empty() {
+                    String::new()
+                } else {
+                    format!("\n  {}", row.note)
+                }
+            );
+        }
+        return Ok(());
+    }
     let mut rows = Vec::new();
 
     // Fail now, not after the other figures, when a service is missing.
@@ -2770,8 +2801,8 @@ fn markdown(
         md,
         "The release `kiwi-controller` as a process of its own (memory is its `VmRSS`), \
          agents and clients on loopback; the baseline is a plain WebSocket server with the \
-         controller's WebSocket buffer sizes, also a process of its own (`kiwi-bench \
-         --plain-ws-server`): what holding a WebSocket costs without TLS, authentication or \
+         controller's WebSocket buffer sizes and malloc arenas, also a process of its own \
+         (`kiwi-bench --plain-ws-server`): what holding a WebSocket costs without TLS, authentication or \
          session state.\n"
     );
     table(&mut md, secure_rows);

@@ -252,6 +252,9 @@ fn start_plain_server() -> Result<(Killed, SocketAddr)> {
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
         .arg("--plain-ws-server")
+        // The allocator setting the controller gives itself (its
+        // `MALLOC_ARENAS`), so that both sides are measured alike.
+        .env("MALLOC_ARENA_MAX", "2")
         .stdout(std::process::Stdio::piped())
         .stdin(std::process::Stdio::null())
         .spawn()
