@@ -9,10 +9,14 @@
 //! - [`robot`]: the robot aggregate (the read model row) and how an event
 //!   changes it;
 //! - [`decide`]: what an operator action or an observation of a robot means;
-//! - [`breaker`]: the circuit breaker (closed, open, half-open).
+//! - [`breaker`]: the circuit breaker (closed, open, half-open);
+//! - [`detector`]: the failure detector of one robot (phi accrual);
+//! - [`damping`]: outage damping (many robots silent at once: the network).
 
 pub mod breaker;
+pub mod damping;
 pub mod decide;
+pub mod detector;
 pub mod event;
 pub mod lifecycle;
 pub mod robot;

@@ -1,0 +1,311 @@
+//! The failure detector of one robot: phi accrual (Hayashibara et al.),
+//! adaptive to the heartbeat arrivals it has seen.
+//!
+//! Instead of a fixed timeout it answers "how unlikely is this silence,
+//! given the intervals seen so far?" as φ = −log₁₀(P(a heartbeat arrives
+//! later than now)), with the intervals taken as normally distributed. φ = 1
+//! means a 10 % chance that the robot is fine and its heartbeat just late,
+//! φ = 8 one in a hundred million. On a jittery Wi-Fi link the intervals
+//! spread, the standard deviation grows and φ rises more slowly; on a quiet
+//! link it rises fast and a dead robot is noticed sooner.
+//!
+//! The interval distribution is kept as an exponentially weighted mean and
+//! variance (no sample window): a detector is a few numbers per robot and
+//! a heartbeat costs no allocation. Two settings keep it sane where the
+//! statistics alone would not: a floor under the standard deviation (a link
+//! that has been perfectly regular must not turn one late packet into a
+//! failure) and an acceptable pause added to the mean (one lost heartbeat on
+//! a lossy link is normal, not a sign of death).
+//!
+//! Time is milliseconds on any clock, passed in as `now_ms` (the session's
+//! wall clock in a running controller, a simulated one in tests).
+
+use std::time::Duration;
+
+/// How the detector judges silence.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DetectorSettings {
+    /// φ at or above which a silent robot is suspect (and probed).
+    pub suspect_phi: f64,
+    /// The least standard deviation assumed, as a share of the mean
+    /// interval (0.25: a quarter of it).
+    pub min_std_dev_share: f64,
+    /// Silence accepted on top of the mean interval before φ rises, as a
+    /// number of mean intervals (1.0: one lost heartbeat is normal).
+    pub acceptable_pause_intervals: f64,
+}
+
+impl Default for DetectorSettings {
+    fn default() -> Self {
+        DetectorSettings {
+            suspect_phi: 8.0,
+            min_std_dev_share: 0.25,
+            acceptable_pause_intervals: 1.0,
+        }
+    }
+}
+
+impl DetectorSettings {
+    /// Every field in range: φ threshold above 0, shares not negative and
+    /// finite.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.suspect_phi.is_finite() && self.suspect_phi > 0.0) {
+            return Err(format!(
+                "suspect_phi must be a number above 0 (is {})",
+                self.suspect_phi
+            ));
+        }
+        if !(self.min_std_dev_share.is_finite() && self.min_std_dev_share > 0.0) {
+            return Err(format!(
+                "min_std_dev_share must be a number above 0 (is {})",
+                self.min_std_dev_share
+            ));
+        }
+        if !(self.acceptable_pause_intervals.is_finite() && self.acceptable_pause_intervals >= 0.0)
+        {
+            return Err(format!(
+                "acceptable_pause_intervals must be 0 or more (is {})",
+                self.acceptable_pause_intervals
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Weight of a new interval in the running mean and variance: about the
+/// last 16 intervals count.
+const ALPHA: f64 = 1.0 / 16.0;
+
+/// One robot's detector.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Detector {
+    last_ms: i64,
+    mean_ms: f64,
+    var_ms2: f64,
+}
+
+impl Detector {
+    /// A detector started at `now_ms` for heartbeats expected every
+    /// `expected`: until heartbeats arrive, the mean is `expected` and the
+    /// spread its floor.
+    pub fn new(now_ms: i64, expected: Duration) -> Detector {
+        let mean = (expected.as_secs_f64() * 1000.0).max(1.0);
+        Detector {
+            last_ms: now_ms,
+            mean_ms: mean,
+            var_ms2: 0.0,
+        }
+    }
+
+    /// A heartbeat (or any frame) arrived at `now_ms`. Arrivals out of
+    /// order (a clock step backwards) only move the last arrival.
+    pub fn heartbeat(&mut self, now_ms: i64) {
+        let interval = now_ms - self.last_ms;
+        self.last_ms = self.last_ms.max(now_ms);
+        if interval <= 0 {
+            return;
+        }
+        // Frames between heartbeats (reports, results) are arrivals too;
+        // they shorten the intervals, which only makes the detector more
+        // careful (a longer silence is then more unusual).
+        let x = interval as f64;
+        let diff = x - self.mean_ms;
+        let incr = ALPHA * diff;
+        self.mean_ms += incr;
+        self.var_ms2 = (1.0 - ALPHA) * (self.var_ms2 + diff * incr);
+    }
+
+    /// When the robot was last heard from.
+    pub fn last_ms(&self) -> i64 {
+        self.last_ms
+    }
+
+    /// The mean interval between arrivals.
+    pub fn mean(&self) -> Duration {
+        Duration::from_secs_f64(self.mean_ms / 1000.0)
+    }
+
+    /// φ of the silence at `now_ms`: 0 right after an arrival, rising the
+    /// longer the robot stays silent.
+    pub fn phi(&self, now_ms: i64, settings: &DetectorSettings) -> f64 {
+        let silent = (now_ms - self.last_ms).max(0) as f64;
+        let mean = self.mean_ms * (1.0 + settings.acceptable_pause_intervals);
+        let std = self
+            .var_ms2
+            .sqrt()
+            .max(self.mean_ms * settings.min_std_dev_share)
+            .max(1.0);
+        phi(silent, mean, std)
+    }
+
+    /// Whether the silence at `now_ms` makes the robot suspect.
+    pub fn is_suspect(&self, now_ms: i64, settings: &DetectorSettings) -> bool {
+        self.phi(now_ms, settings) >= settings.suspect_phi
+    }
+}
+
+/// φ of a silence of `t` for intervals of `mean` and `std`: −log₁₀ of the
+/// probability that an interval is longer, with the logistic approximation
+/// of the normal distribution's tail (as Akka and Cassandra use), which
+/// stays finite far out in the tail.
+fn phi(t: f64, mean: f64, std: f64) -> f64 {
+    let y = (t - mean) / std;
+    let e = (-y * (1.5976 + 0.070566 * y * y)).exp();
+    let p_later = if t > mean {
+        e / (1.0 + e)
+    } else {
+        1.0 - 1.0 / (1.0 + e)
+    };
+    // e underflows to 0 far out in the tail: cap φ instead of infinity.
+    if p_later <= f64::MIN_POSITIVE {
+        return f64::MAX.log10();
+    }
+    -p_later.log10()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const S: DetectorSettings = DetectorSettings {
+        suspect_phi: 8.0,
+        min_std_dev_share: 0.25,
+        acceptable_pause_intervals: 1.0,
+    };
+
+    /// A detector fed `n` heartbeats every `every_ms` from 0; returns it
+    /// and the time of the last one.
+    fn regular(every_ms: i64, n: i64) -> (Detector, i64) {
+        let mut d = Detector::new(0, Duration::from_millis(every_ms as u64));
+        for i in 1..=n {
+            d.heartbeat(i * every_ms);
+        }
+        (d, n * every_ms)
+    }
+
+    /// How long after the last heartbeat the robot becomes suspect.
+    fn time_to_suspect(d: &Detector, last: i64) -> i64 {
+        (0..100_000)
+            .map(|ms| last + ms)
+            .find(|&t| d.is_suspect(t, &S))
+            .expect("suspect within 100 s")
+            - last
+    }
+
+    #[test]
+    fn phi_is_zero_just_after_a_heartbeat_and_rises_with_silence() {
+        let (d, last) = regular(250, 40);
+        let mut prev = d.phi(last, &S);
+        assert!(prev < 0.5, "{prev}");
+        for silent in (50..3000).step_by(50) {
+            let p = d.phi(last + silent, &S);
+            assert!(p >= prev, "φ fell from {prev} to {p} at {silent} ms");
+            prev = p;
+        }
+        assert!(prev > S.suspect_phi);
+    }
+
+    #[test]
+    fn one_or_two_lost_heartbeats_are_not_suspect_three_are() {
+        let (d, last) = regular(250, 40);
+        assert!(!d.is_suspect(last + 500, &S), "one lost heartbeat");
+        assert!(!d.is_suspect(last + 750, &S), "two lost heartbeats");
+        assert!(d.is_suspect(last + 1000, &S), "three lost heartbeats");
+    }
+
+    #[test]
+    fn a_silent_robot_at_250_ms_heartbeats_is_suspect_well_within_a_second() {
+        let (d, last) = regular(250, 40);
+        let t = time_to_suspect(&d, last);
+        assert!((600..=950).contains(&t), "suspect after {t} ms");
+    }
+
+    #[test]
+    fn a_jittery_link_is_given_more_time_than_a_quiet_one() {
+        let (quiet, quiet_last) = regular(250, 100);
+        let mut jittery = Detector::new(0, Duration::from_millis(250));
+        let mut t = 0;
+        for i in 0..100 {
+            // 150 ms or 350 ms apart, alternating: same mean, wide spread.
+            t += if i % 2 == 0 { 150 } else { 350 };
+            jittery.heartbeat(t);
+        }
+        let q = time_to_suspect(&quiet, quiet_last);
+        let j = time_to_suspect(&jittery, t);
+        assert!(j > q, "jittery {j} ms, quiet {q} ms");
+    }
+
+    #[test]
+    fn the_detector_adapts_to_a_slower_heartbeat() {
+        let (mut d, mut last) = regular(100, 50);
+        let fast = time_to_suspect(&d, last);
+        for _ in 0..100 {
+            last += 1000;
+            d.heartbeat(last);
+        }
+        let slow = time_to_suspect(&d, last);
+        assert!(slow > 5 * fast, "slow {slow} ms, fast {fast} ms");
+        assert!((900..1100).contains(&(d.mean().as_millis() as i64)));
+    }
+
+    #[test]
+    fn before_any_heartbeat_the_expected_interval_is_used() {
+        let d = Detector::new(10_000, Duration::from_secs(1));
+        assert!(!d.is_suspect(11_900, &S));
+        assert!(d.is_suspect(14_000, &S));
+    }
+
+    #[test]
+    fn a_clock_step_backwards_does_not_corrupt_the_statistics() {
+        let (mut d, last) = regular(250, 40);
+        let before = d;
+        d.heartbeat(last - 5_000);
+        assert_eq!(d.mean(), before.mean());
+        assert_eq!(d.last_ms(), last);
+    }
+
+    #[test]
+    fn settings_out_of_range_are_refused() {
+        assert!(DetectorSettings::default().validate().is_ok());
+        for bad in [
+            DetectorSettings {
+                suspect_phi: 0.0,
+                ..S
+            },
+            DetectorSettings {
+                suspect_phi: f64::NAN,
+                ..S
+            },
+            DetectorSettings {
+                min_std_dev_share: 0.0,
+                ..S
+            },
+            DetectorSettings {
+                acceptable_pause_intervals: -1.0,
+                ..S
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+    }
+
+    proptest! {
+        /// Whatever the arrivals (any order, any gaps), φ is a finite
+        /// number ≥ 0 that never falls as silence grows.
+        #[test]
+        fn phi_is_finite_and_monotone_in_silence(
+            arrivals in proptest::collection::vec(-1_000i64..10_000_000, 0..50),
+            probe in 0i64..100_000_000,
+        ) {
+            let mut d = Detector::new(0, Duration::from_millis(500));
+            for a in arrivals {
+                d.heartbeat(a);
+            }
+            let now = d.last_ms() + probe;
+            let p = d.phi(now, &S);
+            prop_assert!(p.is_finite() && p >= 0.0, "{}", p);
+            prop_assert!(d.phi(now + 1, &S) >= p);
+        }
+    }
+}
