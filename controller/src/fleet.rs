@@ -125,6 +125,10 @@ impl Fleet {
         &self.inner.cache
     }
 
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
     pub fn sessions(&self) -> &Arc<SessionRegistry> {
         &self.inner.sessions
     }

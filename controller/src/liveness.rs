@@ -1,15 +1,34 @@
-//! Liveness: notices robots that went silent. A connected agent that has
-//! not been heard from for `liveness_timeout` has its connection closed
-//! (which records it as lost); a robot away on planned downtime that is not
-//! back by its deadline is recorded as lost; and after start-up, robots that
-//! expect an agent but have none once the grace period is over are recorded
-//! as lost. Heartbeats never reach the store: the session registry holds
-//! them in memory.
+//! Liveness: notices robots that went silent.
 //!
-//! The decisions are plain functions of `now`; [`run`] is the timer.
+//! Every established session has a failure detector
+//! ([`crate::domain::detector`], phi accrual) fed by everything the agent
+//! sends. The sweep asks each one, several times per heartbeat interval:
+//!
+//! 1. a silence the detector finds unusual makes the robot `suspect`
+//!    (health, recorded) and sends it an active probe over its link (a
+//!    `Ping` command, which the agent answers);
+//! 2. anything heard from the agent clears the suspicion (recorded);
+//! 3. a probe unanswered for [`LivenessConfig::probe_timeout`] closes the
+//!    connection, which records the robot `offline`;
+//! 4. whatever the detector says, a silence of `timeout` (the
+//!    `liveness_timeout` setting) closes the connection: a ceiling for links
+//!    so erratic that the detector keeps waiting.
+//!
+//! A clean disconnect needs no sweep: the connection ends and records it at
+//! once. A robot away on planned downtime that is not back by its deadline
+//! is recorded as lost; and after start-up, robots that expect an agent but
+//! have none once the grace period is over are recorded as lost. Heartbeats
+//! never reach the store: the sessions hold them in memory.
+//!
+//! The decisions are plain functions of `now` ([`is_silent`],
+//! [`crate::domain::detector::Watch::assess`]); [`run`] is the timer.
 
+use crate::domain::Input;
+use crate::domain::detector::{DetectorSettings, Step};
 use crate::fleet::{Context, Fleet};
-use crate::link::session::now_ms;
+use crate::link::session::{Session, now_ms};
+use futures_util::StreamExt as _;
+use kiwi_protocol::message::{Command, CommandKind};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -18,18 +37,47 @@ pub fn is_silent(last_seen_ms: i64, now_ms: i64, timeout: Duration) -> bool {
     now_ms.saturating_sub(last_seen_ms) > i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// Records written at once by one sweep (suspicions, clearings).
+const SWEEP_WRITES: usize = 64;
+
 #[derive(Debug, Clone)]
 pub struct LivenessConfig {
+    /// The ceiling: a connected agent silent this long is lost.
     pub timeout: Duration,
     pub startup_grace: Duration,
+    /// The heartbeat interval agents were told to use.
+    pub heartbeat: Duration,
+    pub detector: DetectorSettings,
+}
+
+impl LivenessConfig {
+    /// How long a suspect robot has to answer the probe: one heartbeat
+    /// interval (an answer takes a round trip, milliseconds on a LAN), at
+    /// least 200 ms and at most 5 s.
+    pub fn probe_timeout(&self) -> Duration {
+        self.heartbeat
+            .clamp(Duration::from_millis(200), Duration::from_secs(5))
+    }
+
+    /// How often the sweep runs: four times per heartbeat interval, at
+    /// least every second.
+    pub fn period(&self) -> Duration {
+        (self.heartbeat / 4).clamp(Duration::from_millis(20), Duration::from_secs(1))
+    }
+}
+
+/// What one session's assessment asks the sweep to record.
+enum Record {
+    Suspect(Session, String),
+    Cleared(Session),
 }
 
 /// Runs the sweeps until `cancel`.
 pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken) {
     let started = now_ms();
-    let period = (config.timeout / 4).max(Duration::from_millis(20));
-    let mut tick = tokio::time::interval(period);
+    let mut tick = tokio::time::interval(config.period());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let probe_timeout = config.probe_timeout();
     let mut grace_over = false;
     loop {
         tokio::select! {
@@ -37,13 +85,43 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
             _ = tick.tick() => {}
         }
         let now = now_ms();
+        let mut records = Vec::new();
         for s in fleet.sessions().snapshot() {
+            let silent_ms = now.saturating_sub(s.last_seen_ms());
             if is_silent(s.last_seen_ms(), now, config.timeout) {
-                let silent_for =
-                    Duration::from_millis(u64::try_from(now - s.last_seen_ms()).unwrap_or(0));
-                s.close(format!("no heartbeat for {:.1}s", silent_for.as_secs_f64()));
+                s.abandon(format!(
+                    "no heartbeat for {:.1}s",
+                    silent_ms as f64 / 1000.0
+                ));
+                continue;
+            }
+            match s.assess(now, &config.detector, probe_timeout) {
+                Step::Nothing => {}
+                Step::Suspect { phi, silent_ms } => {
+                    probe(&fleet, &s);
+                    let reason = format!(
+                        "silent for {:.1}s (phi {phi:.1}); probing",
+                        silent_ms as f64 / 1000.0
+                    );
+                    tracing::info!(robot_id = %s.robot_id, reason, "agent suspect");
+                    fleet.metrics().liveness_suspected.inc();
+                    records.push(Record::Suspect(s, reason));
+                }
+                Step::Cleared => {
+                    tracing::info!(robot_id = %s.robot_id, "suspect agent answered");
+                    records.push(Record::Cleared(s));
+                }
+                Step::Lost { silent_ms } => {
+                    fleet.metrics().liveness_confirmed.inc();
+                    s.abandon(format!(
+                        "silent for {:.1}s and the probe went unanswered for {:.1}s",
+                        silent_ms as f64 / 1000.0,
+                        probe_timeout.as_secs_f64()
+                    ));
+                }
             }
         }
+        record_all(&fleet, records).await;
         for robot_id in fleet.sessions().take_overdue_absences(now) {
             if !fleet.sessions().is_connected(&robot_id) {
                 lose(
@@ -74,6 +152,42 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
     }
 }
 
+/// Sends a suspect session's agent a `Ping`: any answer (the result, a
+/// heartbeat, a report) clears the suspicion.
+fn probe(fleet: &Fleet, session: &Session) {
+    let command = Command {
+        command_id: uuid::Uuid::new_v4(),
+        kind: CommandKind::Ping,
+    };
+    if let Err(e) = session.send_command(crate::domain::decide::CommandIntent::Ping, command) {
+        // A full queue is itself a sign of trouble: the probe's timeout
+        // decides.
+        tracing::debug!(robot_id = %session.robot_id, error = e, "probe not sent");
+    }
+    fleet.metrics().liveness_probes.inc();
+}
+
+/// Records the sweep's suspicions and clearings, a bounded number at once
+/// (an outage can make hundreds of robots suspect in one sweep).
+async fn record_all(fleet: &Fleet, records: Vec<Record>) {
+    futures_util::stream::iter(records)
+        .for_each_concurrent(SWEEP_WRITES, |record| async move {
+            let (session, input) = match record {
+                Record::Suspect(s, reason) => (s, Input::AgentSilent { reason }),
+                Record::Cleared(s) => (s, Input::AgentHeardAgain),
+            };
+            let ctx = Context {
+                actor: "liveness",
+                correlation_id: Some(session.session_id),
+                causation_id: None,
+            };
+            if let Err(e) = Box::pin(fleet.apply(session.robot_id, input, &ctx)).await {
+                tracing::warn!(robot_id = %session.robot_id, error = %e, "could not record the agent's liveness");
+            }
+        })
+        .await;
+}
+
 async fn lose(fleet: &Fleet, robot_id: kiwi_protocol::RobotId, reason: String) {
     let ctx = Context::new("liveness");
     if let Err(e) = fleet.lose_if_absent(robot_id, reason, &ctx).await {
@@ -93,5 +207,53 @@ mod tests {
         assert!(is_silent(10_000, 11_001, t));
         // A clock that stepped back never counts as silence.
         assert!(!is_silent(10_000, 9_000, t));
+    }
+
+    fn config(heartbeat_ms: u64) -> LivenessConfig {
+        LivenessConfig {
+            timeout: Duration::from_secs(5),
+            startup_grace: Duration::from_secs(15),
+            heartbeat: Duration::from_millis(heartbeat_ms),
+            detector: DetectorSettings::default(),
+        }
+    }
+
+    #[test]
+    fn the_sweep_and_the_probe_follow_the_heartbeat_within_bounds() {
+        let c = config(250);
+        assert_eq!(
+            c.period(),
+            Duration::from_millis(62) + Duration::from_micros(500)
+        );
+        assert_eq!(c.probe_timeout(), Duration::from_millis(250));
+        assert_eq!(config(10).period(), Duration::from_millis(20));
+        assert_eq!(config(10).probe_timeout(), Duration::from_millis(200));
+        assert_eq!(config(60_000).period(), Duration::from_secs(1));
+        assert_eq!(config(60_000).probe_timeout(), Duration::from_secs(5));
+    }
+
+    /// At 250 ms heartbeats a robot that stops is suspect, probed and lost
+    /// well within two seconds of its last heartbeat, counting the sweep's
+    /// period, on a simulated clock.
+    #[test]
+    fn an_unplugged_robot_is_lost_within_two_seconds_at_250_ms_heartbeats() {
+        use crate::domain::detector::Watch;
+        let c = config(250);
+        let mut w = Watch::new(0, c.heartbeat);
+        for i in 1..=100 {
+            w.arrival(i * 250);
+        }
+        let last = 100 * 250;
+        let period = c.period().as_millis() as i64;
+        let lost_at = (1..)
+            .map(|k| last + k * period)
+            .find(|&now| {
+                matches!(
+                    w.assess(now, &c.detector, c.probe_timeout()),
+                    Step::Lost { .. }
+                )
+            })
+            .unwrap();
+        assert!(lost_at - last < 2_000, "lost after {} ms", lost_at - last);
     }
 }

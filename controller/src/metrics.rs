@@ -83,6 +83,12 @@ pub struct Metrics {
     pub enrollments: Family<ResultLabels, Counter>,
     pub certificates_issued: Counter,
     pub certificates_revoked: Counter,
+    /// Agents the failure detector found suspect (and probed).
+    pub liveness_suspected: Counter,
+    /// Active probes sent to suspect agents.
+    pub liveness_probes: Counter,
+    /// Suspect agents whose probe went unanswered (recorded offline).
+    pub liveness_confirmed: Counter,
 }
 
 impl Default for Metrics {
@@ -121,6 +127,9 @@ impl Metrics {
             enrollments: Family::default(),
             certificates_issued: Counter::default(),
             certificates_revoked: Counter::default(),
+            liveness_suspected: Counter::default(),
+            liveness_probes: Counter::default(),
+            liveness_confirmed: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -266,6 +275,21 @@ impl Metrics {
             "agent_handshakes",
             "Agent connections authenticated, by transport",
             m.agent_handshakes.clone(),
+        );
+        registry.register(
+            "liveness_suspected",
+            "Agents whose silence the failure detector found unusual (then probed)",
+            m.liveness_suspected.clone(),
+        );
+        registry.register(
+            "liveness_probes",
+            "Active probes sent to suspect agents over their link",
+            m.liveness_probes.clone(),
+        );
+        registry.register(
+            "liveness_confirmed",
+            "Suspect agents whose probe went unanswered, recorded offline",
+            m.liveness_confirmed.clone(),
         );
         registry.register(
             "enrollments",

@@ -298,6 +298,8 @@ impl Components {
             LivenessConfig {
                 timeout: self.config.liveness_timeout,
                 startup_grace: self.config.startup_grace,
+                heartbeat: self.config.heartbeat_interval,
+                detector: Default::default(),
             },
             self.shutdown.clone(),
         ));

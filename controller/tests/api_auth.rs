@@ -742,10 +742,16 @@ async fn decommissioning_revokes_certificates_ends_the_session_and_fails_the_rob
     let (tx, _rx) = tokio::sync::mpsc::channel(16);
     let cancel = CancellationToken::new();
     let peer: SocketAddr = "127.0.0.2:40000".parse().unwrap();
-    let _ = app
-        .c
-        .sessions
-        .register(Session::new(id, peer, tx, cancel.clone()).with_cert_serial("0a02".into()));
+    let _ = app.c.sessions.register(
+        Session::new(
+            id,
+            peer,
+            tx,
+            cancel.clone(),
+            std::time::Duration::from_secs(1),
+        )
+        .with_cert_serial("0a02".into()),
+    );
 
     let uri = format!("/api/v2/robots/{id}/decommission");
     let a = app.post(&uri, Some(&operator), Value::Null).await;

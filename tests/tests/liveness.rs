@@ -103,23 +103,83 @@ async fn killed_agent_goes_offline_and_comes_back_under_the_same_id() {
     );
 }
 
+/// Starts agent `serial`, waits until it is ready, stops it with SIGSTOP
+/// (its TCP connection stays open: only its silence can tell) and waits
+/// until its robot is offline, at most `within`.
+async fn hang_until_offline(
+    controller: &Controller,
+    serial: u32,
+    within: Duration,
+) -> (Agent, Uuid) {
+    let api = controller.api();
+    let mut agent = Agent::start(controller, &test_serial(serial));
+    let id = agent.robot_id();
+    wait_ready_and_connected(api, id, secs(30)).await;
+    let paused_at = Instant::now();
+    agent.pause();
+    wait_for_state(api, id, State::Offline, within).await;
+    eprintln!("offline {:?} after SIGSTOP", paused_at.elapsed());
+    (agent, id)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_agent_with_an_open_connection_goes_offline() {
     let controller = controller().await;
+    let (mut agent, id) = hang_until_offline(&controller, 3, LIVENESS_TIMEOUT + MARGIN).await;
     let api = controller.api();
-    let mut agent = Agent::start(&controller, &test_serial(3));
-    let id = agent.robot_id();
-    wait_ready_and_connected(api, id, secs(30)).await;
-
-    // SIGSTOP keeps the TCP connection open: only the missing heartbeats
-    // can tell the controller.
-    let paused_at = Instant::now();
-    agent.pause();
-    wait_for_state(api, id, State::Offline, LIVENESS_TIMEOUT + MARGIN).await;
-    eprintln!("offline {:?} after SIGSTOP", paused_at.elapsed());
-
     agent.resume();
     wait_ready_and_connected(api, id, secs(30)).await;
     assert_listed_once(&controller, &[id]).await;
+    assert_offline_then_ready(&transitions(&controller, id).await);
+}
+
+/// The failure detector's path, with the fixed ceiling far away: a hung
+/// agent at 250 ms heartbeats is recorded suspect, probed over its link,
+/// and offline once the probe goes unanswered, within two seconds of going
+/// silent (plus the margin); its events tell that story in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_agent_is_suspected_probed_then_offline() {
+    let controller = ControllerOptions::new()
+        .heartbeat_interval("250ms")
+        .liveness_timeout("60s")
+        .start()
+        .await;
+    let (mut agent, id) = hang_until_offline(&controller, 4, Duration::from_secs(2) + MARGIN).await;
+    let api = controller.api();
+
+    let events = api.events(id).await.expect("events");
+    let suspect = events
+        .iter()
+        .position(|e| {
+            e.kind == "robot_health_changed"
+                && e.data.pointer("/health/status").and_then(|s| s.as_str()) == Some("suspect")
+        })
+        .unwrap_or_else(|| panic!("no suspect health recorded: {events:#?}"));
+    let offline = events
+        .iter()
+        .position(|e| e.kind == "robot_offline")
+        .expect("robot_offline recorded");
+    assert!(suspect < offline, "suspect before offline: {events:#?}");
+    let reason = events[offline].data.to_string();
+    assert!(
+        reason.contains("probe went unanswered"),
+        "offline because the probe went unanswered: {reason}"
+    );
+    let metrics = api.metrics_text().await.expect("metrics");
+    for name in [
+        "liveness_suspected_total",
+        "liveness_probes_total",
+        "liveness_confirmed_total",
+    ] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with(name) && !l.ends_with(" 0")),
+            "{name} counted: {metrics}"
+        );
+    }
+
+    agent.resume();
+    wait_ready_and_connected(api, id, secs(30)).await;
     assert_offline_then_ready(&transitions(&controller, id).await);
 }

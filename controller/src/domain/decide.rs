@@ -89,6 +89,13 @@ pub enum Input {
     AgentLost {
         reason: String,
     },
+    /// The failure detector finds the connected agent's silence unusual:
+    /// the robot is suspect while an active probe confirms or clears it.
+    AgentSilent {
+        reason: String,
+    },
+    /// A suspect robot's agent was heard from again.
+    AgentHeardAgain,
     /// A report arrived with the agent's own view of its health.
     AgentReported {
         health: Health,
@@ -237,6 +244,27 @@ pub fn decide(robot: Option<&Robot>, input: Input, policy: Policy) -> Result<Dec
             } else if r.state != Offline && r.health.status != HealthStatus::Unreachable {
                 d.events.push(RobotEvent::RobotHealthChanged {
                     health: Health::unreachable(reason),
+                });
+            }
+        }
+        Input::AgentSilent { reason } => {
+            let r = robot.ok_or(Refusal::UnknownRobot)?;
+            let known = matches!(
+                r.health.status,
+                HealthStatus::Suspect | HealthStatus::Unreachable
+            );
+            if r.state != Offline && !known {
+                d.events.push(RobotEvent::RobotHealthChanged {
+                    health: Health::suspect(reason),
+                });
+            }
+        }
+        Input::AgentHeardAgain => {
+            let r = robot.ok_or(Refusal::UnknownRobot)?;
+            // Healthy until the agent's next report says otherwise.
+            if r.state != Offline && r.health.status == HealthStatus::Suspect {
+                d.events.push(RobotEvent::RobotHealthChanged {
+                    health: Health::healthy(),
                 });
             }
         }
@@ -490,6 +518,45 @@ mod tests {
         assert!(d.events.is_empty());
     }
 
+    /// A silent agent makes its robot suspect (once), hearing from it again
+    /// clears that, and an offline robot's health is not touched.
+    #[test]
+    fn silence_makes_a_robot_suspect_until_it_is_heard_again() {
+        let mut clock = 0;
+        let d = decide(None, Input::AgentConnected { facts: facts("a") }, AUTO).unwrap();
+        let r = apply_all(None, &d, &mut clock).unwrap();
+        let silent = || Input::AgentSilent {
+            reason: "silent for 0.9 s".into(),
+        };
+        let d = decide(Some(&r), silent(), AUTO).unwrap();
+        let r = apply_all(Some(r), &d, &mut clock).unwrap();
+        assert_eq!(r.health, Health::suspect("silent for 0.9 s"));
+        assert_eq!(
+            decide(Some(&r), silent(), AUTO).unwrap(),
+            Decision::default()
+        );
+        let d = decide(Some(&r), Input::AgentHeardAgain, AUTO).unwrap();
+        let r = apply_all(Some(r), &d, &mut clock).unwrap();
+        assert_eq!(r.health, Health::healthy());
+        assert_eq!(
+            decide(Some(&r), Input::AgentHeardAgain, AUTO).unwrap(),
+            Decision::default()
+        );
+        let lost = Input::AgentLost {
+            reason: "gone".into(),
+        };
+        let d = decide(Some(&r), lost, AUTO).unwrap();
+        let r = apply_all(Some(r), &d, &mut clock).unwrap();
+        assert_eq!(
+            decide(Some(&r), silent(), AUTO).unwrap(),
+            Decision::default()
+        );
+        assert_eq!(
+            decide(None, Input::AgentHeardAgain, AUTO),
+            Err(Refusal::UnknownRobot)
+        );
+    }
+
     /// A legacy robot found over SSH: discovered once, its address followed
     /// when it moves, what SSH cannot see kept, and its later agent is the
     /// same robot.
@@ -624,6 +691,10 @@ mod tests {
             Just(Input::AgentLost {
                 reason: "gone".into()
             }),
+            Just(Input::AgentSilent {
+                reason: "silent".into()
+            }),
+            Just(Input::AgentHeardAgain),
             Just(Input::AgentReported {
                 health: Health::healthy()
             }),

@@ -144,6 +144,85 @@ impl Detector {
     }
 }
 
+/// What the liveness sweep should do about one session.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Step {
+    /// Nothing: heard from recently enough, or a probe is still out.
+    Nothing,
+    /// The silence became unusual (φ given): record the robot suspect and
+    /// probe it actively now.
+    Suspect { phi: f64, silent_ms: i64 },
+    /// The robot answered after being suspect: record it healthy again.
+    Cleared,
+    /// The probe went unanswered for its whole timeout: the robot is lost.
+    Lost { silent_ms: i64 },
+}
+
+/// One session's liveness: its detector and the probe out, if any. The
+/// connection records arrivals; the liveness sweep asks [`Watch::assess`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Watch {
+    detector: Detector,
+    /// When the active probe went out, while the robot is suspect.
+    probed_at_ms: Option<i64>,
+}
+
+impl Watch {
+    pub fn new(now_ms: i64, expected: Duration) -> Watch {
+        Watch {
+            detector: Detector::new(now_ms, expected),
+            probed_at_ms: None,
+        }
+    }
+
+    /// Something arrived from the agent at `now_ms`.
+    pub fn arrival(&mut self, now_ms: i64) {
+        self.detector.heartbeat(now_ms);
+    }
+
+    pub fn detector(&self) -> &Detector {
+        &self.detector
+    }
+
+    pub fn is_suspect(&self) -> bool {
+        self.probed_at_ms.is_some()
+    }
+
+    /// The sweep's question at `now_ms`: what to do, given the detector's
+    /// `settings` and how long a probe may take to be answered.
+    pub fn assess(
+        &mut self,
+        now_ms: i64,
+        settings: &DetectorSettings,
+        probe_timeout: Duration,
+    ) -> Step {
+        let silent_ms = (now_ms - self.detector.last_ms()).max(0);
+        match self.probed_at_ms {
+            Some(at) if self.detector.last_ms() >= at => {
+                self.probed_at_ms = None;
+                Step::Cleared
+            }
+            Some(at) => {
+                let timeout = i64::try_from(probe_timeout.as_millis()).unwrap_or(i64::MAX);
+                if now_ms.saturating_sub(at) >= timeout {
+                    Step::Lost { silent_ms }
+                } else {
+                    Step::Nothing
+                }
+            }
+            None => {
+                let phi = self.detector.phi(now_ms, settings);
+                if phi >= settings.suspect_phi {
+                    self.probed_at_ms = Some(now_ms);
+                    Step::Suspect { phi, silent_ms }
+                } else {
+                    Step::Nothing
+                }
+            }
+        }
+    }
+}
+
 /// φ of a silence of `t` for intervals of `mean` and `std`: −log₁₀ of the
 /// probability that an interval is longer, with the logistic approximation
 /// of the normal distribution's tail (as Akka and Cassandra use), which
@@ -288,6 +367,47 @@ mod tests {
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
         }
+    }
+
+    const PROBE: Duration = Duration::from_millis(400);
+
+    /// A session heard from every 250 ms for ten seconds; the last arrival.
+    fn steady_watch() -> (Watch, i64) {
+        let mut w = Watch::new(0, Duration::from_millis(250));
+        for i in 1..=40 {
+            w.arrival(i * 250);
+        }
+        (w, 40 * 250)
+    }
+
+    #[test]
+    fn a_silent_robot_is_suspected_probed_then_lost() {
+        let (mut w, last) = steady_watch();
+        assert_eq!(w.assess(last + 500, &S, PROBE), Step::Nothing);
+        let Step::Suspect { phi, silent_ms } = w.assess(last + 900, &S, PROBE) else {
+            panic!("expected Suspect");
+        };
+        assert!(phi >= 8.0 && silent_ms == 900, "{phi} {silent_ms}");
+        assert!(w.is_suspect());
+        // Probing: nothing until the probe's timeout, then lost.
+        assert_eq!(w.assess(last + 1_100, &S, PROBE), Step::Nothing);
+        assert_eq!(
+            w.assess(last + 1_300, &S, PROBE),
+            Step::Lost { silent_ms: 1_300 }
+        );
+    }
+
+    #[test]
+    fn an_answer_to_the_probe_clears_the_suspicion() {
+        let (mut w, last) = steady_watch();
+        assert!(matches!(
+            w.assess(last + 900, &S, PROBE),
+            Step::Suspect { .. }
+        ));
+        w.arrival(last + 950);
+        assert_eq!(w.assess(last + 1_000, &S, PROBE), Step::Cleared);
+        assert!(!w.is_suspect());
+        assert_eq!(w.assess(last + 1_050, &S, PROBE), Step::Nothing);
     }
 
     proptest! {

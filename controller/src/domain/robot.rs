@@ -26,6 +26,13 @@ impl Health {
         }
     }
 
+    pub fn suspect(reason: impl Into<String>) -> Self {
+        Health {
+            status: HealthStatus::Suspect,
+            reasons: vec![reason.into()],
+        }
+    }
+
     pub fn unreachable(reason: impl Into<String>) -> Self {
         Health {
             status: HealthStatus::Unreachable,

@@ -114,8 +114,14 @@ impl<T: AgentTransport> Connection<T> {
         };
         let robot_id = hello.identity.robot_id;
         let (tx, mut outbound) = mpsc::channel(OUTBOUND_QUEUE);
-        let session = Session::new(robot_id, self.peer, tx, self.state.shutdown.child_token())
-            .with_cert_serial(self.principal.serial.clone());
+        let session = Session::new(
+            robot_id,
+            self.peer,
+            tx,
+            self.state.shutdown.child_token(),
+            self.state.config.heartbeat_interval,
+        )
+        .with_cert_serial(self.principal.serial.clone());
         let sessions = self.state.fleet.sessions().clone();
         if let Some(old) = sessions.register(session.clone()) {
             old.close("replaced by a new connection from the same robot");
@@ -131,7 +137,11 @@ impl<T: AgentTransport> Connection<T> {
         }
         .unwrap_or_else(End::Lost);
         self.state.metrics.agent_connections.dec();
-        self.transport.close().await;
+        if session.is_abandoned() {
+            self.transport.abandon();
+        } else {
+            self.transport.close().await;
+        }
         if !sessions.remove_if_current(&robot_id, session.session_id)
             || self.state.shutdown.is_cancelled()
         {

@@ -362,6 +362,10 @@ impl AgentTransport for QuicTransport {
         self.connection.close(VarInt::from_u32(CLOSE_NORMAL), b"");
     }
 
+    fn abandon(&mut self) {
+        self.connection.close(VarInt::from_u32(CLOSE_NORMAL), b"");
+    }
+
     fn peer(&self) -> SocketAddr {
         self.peer
     }

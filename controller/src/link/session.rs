@@ -5,13 +5,14 @@
 //! never touch the store.
 
 use crate::domain::decide::CommandIntent;
+use crate::domain::detector::{DetectorSettings, Step, Watch};
 use chrono::Utc;
 use kiwi_protocol::RobotId;
 use kiwi_protocol::message::Command;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -33,21 +34,24 @@ pub struct Session {
     pub outbound: mpsc::Sender<Box<Command>>,
     /// Cancelling ends the connection (replaced, timed out, shutting down).
     pub cancel: CancellationToken,
-    last_seen_ms: Arc<AtomicI64>,
+    /// Arrivals and the failure detector over them.
+    watch: Arc<Mutex<Watch>>,
     /// Commands sent and not yet answered.
     pending: Arc<Mutex<HashMap<Uuid, CommandIntent>>>,
     /// Why the connection was ended from our side, if it was.
-    close_reason: Arc<Mutex<Option<String>>>,
+    closing: Arc<Mutex<Option<Closing>>>,
     /// The serial of the client certificate the agent connected with.
     pub cert_serial: Option<String>,
 }
 
 impl Session {
+    /// A session whose agent was told to send heartbeats every `heartbeat`.
     pub fn new(
         robot_id: RobotId,
         peer: SocketAddr,
         outbound: mpsc::Sender<Box<Command>>,
         cancel: CancellationToken,
+        heartbeat: Duration,
     ) -> Session {
         Session {
             session_id: Uuid::new_v4(),
@@ -55,9 +59,9 @@ impl Session {
             peer,
             outbound,
             cancel,
-            last_seen_ms: Arc::new(AtomicI64::new(now_ms())),
+            watch: Arc::new(Mutex::new(Watch::new(now_ms(), heartbeat))),
             pending: Arc::default(),
-            close_reason: Arc::default(),
+            closing: Arc::default(),
             cert_serial: None,
         }
     }
@@ -68,30 +72,65 @@ impl Session {
         self
     }
 
+    fn watch(&self) -> std::sync::MutexGuard<'_, Watch> {
+        // A Watch is plain numbers, valid even if a holder panicked.
+        self.watch.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Records that the agent was heard from.
     pub fn touch(&self, now_ms: i64) {
-        self.last_seen_ms.store(now_ms, Ordering::Relaxed);
+        self.watch().arrival(now_ms);
     }
 
     pub fn last_seen_ms(&self) -> i64 {
-        self.last_seen_ms.load(Ordering::Relaxed)
+        self.watch().detector().last_ms()
+    }
+
+    /// The liveness sweep's question about this session at `now_ms`.
+    pub fn assess(
+        &self,
+        now_ms: i64,
+        settings: &DetectorSettings,
+        probe_timeout: Duration,
+    ) -> Step {
+        self.watch().assess(now_ms, settings, probe_timeout)
     }
 
     /// Ends the connection from our side, keeping the first reason given.
     pub fn close(&self, reason: impl Into<String>) {
-        let mut r = self.close_reason.lock().unwrap_or_else(|p| p.into_inner());
-        if r.is_none() {
-            *r = Some(reason.into());
+        self.end(reason.into(), false);
+    }
+
+    /// Ends the connection of an agent that stopped answering: the
+    /// connection is dropped without waiting for anything to be delivered.
+    pub fn abandon(&self, reason: impl Into<String>) {
+        self.end(reason.into(), true);
+    }
+
+    fn end(&self, reason: String, abandoned: bool) {
+        let mut c = self.closing.lock().unwrap_or_else(|p| p.into_inner());
+        if c.is_none() {
+            *c = Some(Closing { reason, abandoned });
         }
-        drop(r);
+        drop(c);
         self.cancel.cancel();
     }
 
-    pub fn close_reason(&self) -> Option<String> {
-        self.close_reason
+    fn closing(&self) -> Option<Closing> {
+        self.closing
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    pub fn close_reason(&self) -> Option<String> {
+        self.closing().map(|c| c.reason)
+    }
+
+    /// Whether the connection was ended because the agent stopped
+    /// answering ([`Session::abandon`]).
+    pub fn is_abandoned(&self) -> bool {
+        self.closing().is_some_and(|c| c.abandoned)
     }
 
     /// Takes the intent of an answered command.
@@ -115,6 +154,13 @@ impl Session {
             format!("agent queue: {e}")
         })
     }
+}
+
+/// Why a session was ended from the controller's side.
+#[derive(Debug, Clone)]
+struct Closing {
+    reason: String,
+    abandoned: bool,
 }
 
 /// Every established session, by robot, and the robots away on planned

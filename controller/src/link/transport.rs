@@ -45,8 +45,13 @@ pub trait AgentTransport: Send {
     /// (a WebSocket ping); called every heartbeat interval.
     fn keepalive(&mut self) -> impl Future<Output = Result<(), TransportError>> + Send;
 
-    /// Closes the connection (best effort).
+    /// Closes the connection (best effort), letting what was sent arrive
+    /// first where the transport can wait for that.
     fn close(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// Closes the connection of an agent that stopped answering: nothing
+    /// is waited for (there is nobody to deliver to).
+    fn abandon(&mut self) {}
 
     /// The agent's address as this side sees it.
     fn peer(&self) -> SocketAddr;
