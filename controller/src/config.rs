@@ -25,6 +25,8 @@ pub const KEYS: &[&str] = &[
     "heartbeat_interval",
     "liveness_timeout",
     "startup_grace",
+    "offline_fail_after",
+    "outage_share",
     "report_interval",
     "auto_provision",
     "discovery_interval",
@@ -95,6 +97,12 @@ pub struct Config {
     /// After start-up, how long robots that expect an agent have to
     /// reconnect before they are recorded offline.
     pub startup_grace: Duration,
+    /// An `offline` robot is recorded `failed` after this long (0: never
+    /// automatically), unless the network is degraded (outage damping).
+    pub offline_fail_after: Duration,
+    /// More than this share of the robots silent at once (within 10 s)
+    /// declares the network degraded.
+    pub outage_share: f64,
     /// How often agents send a report when nothing changed.
     pub report_interval: Duration,
     /// Provision robots whose agent connects without waiting for an operator.
@@ -261,6 +269,8 @@ impl Default for Config {
             heartbeat_interval: Duration::from_secs(1),
             liveness_timeout: Duration::from_secs(5),
             startup_grace: Duration::from_secs(45),
+            offline_fail_after: Duration::from_secs(600),
+            outage_share: 0.5,
             report_interval: Duration::from_secs(30),
             auto_provision: true,
             discovery_interval: Duration::from_secs(30),
@@ -347,6 +357,8 @@ impl Config {
             heartbeat_interval: duration(&mut r, "heartbeat_interval", d.heartbeat_interval),
             liveness_timeout: duration(&mut r, "liveness_timeout", d.liveness_timeout),
             startup_grace: duration(&mut r, "startup_grace", d.startup_grace),
+            offline_fail_after: duration(&mut r, "offline_fail_after", d.offline_fail_after),
+            outage_share: r.get_or("outage_share", d.outage_share),
             report_interval: duration(&mut r, "report_interval", d.report_interval),
             auto_provision: r.get_or("auto_provision", d.auto_provision),
             discovery_interval: duration(&mut r, "discovery_interval", d.discovery_interval),
@@ -388,6 +400,12 @@ impl Config {
             || c.heartbeat_interval > Duration::from_secs(3600)
         {
             r.error("heartbeat_interval", "must be between 50ms and 1h");
+        }
+        if !(c.outage_share.is_finite() && c.outage_share > 0.0 && c.outage_share < 1.0) {
+            r.error(
+                "outage_share",
+                format!("must be between 0 and 1, exclusive (is {})", c.outage_share),
+            );
         }
         if c.liveness_timeout <= c.heartbeat_interval {
             r.error(

@@ -23,8 +23,9 @@
 //! The decisions are plain functions of `now` ([`is_silent`],
 //! [`crate::domain::detector::Watch::assess`]); [`run`] is the timer.
 
-use crate::domain::Input;
+use crate::domain::damping::{Damping, DampingSettings, NetworkChange};
 use crate::domain::detector::{DetectorSettings, Step};
+use crate::domain::{Input, LifecycleState};
 use crate::fleet::{Context, Fleet};
 use crate::link::session::{Session, now_ms};
 use futures_util::StreamExt as _;
@@ -48,6 +49,9 @@ pub struct LivenessConfig {
     /// The heartbeat interval agents were told to use.
     pub heartbeat: Duration,
     pub detector: DetectorSettings,
+    /// `offline` this long becomes `failed` (zero: never automatically).
+    pub offline_fail_after: Duration,
+    pub damping: DampingSettings,
 }
 
 impl LivenessConfig {
@@ -79,6 +83,8 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let probe_timeout = config.probe_timeout();
     let mut grace_over = false;
+    let mut damping = Damping::new(config.damping);
+    let mut next_fail_check = started;
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
@@ -96,8 +102,13 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
                 continue;
             }
             match s.assess(now, &config.detector, probe_timeout) {
-                Step::Nothing => {}
+                Step::Nothing => {
+                    if !s.is_suspect() {
+                        damping.heard_from(&s.robot_id);
+                    }
+                }
                 Step::Suspect { phi, silent_ms } => {
+                    damping.went_silent(s.robot_id, now);
                     probe(&fleet, &s);
                     let reason = format!(
                         "silent for {:.1}s (phi {phi:.1}); probing",
@@ -108,6 +119,7 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
                     records.push(Record::Suspect(s, reason));
                 }
                 Step::Cleared => {
+                    damping.heard_from(&s.robot_id);
                     tracing::info!(robot_id = %s.robot_id, "suspect agent answered");
                     records.push(Record::Cleared(s));
                 }
@@ -122,6 +134,11 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
             }
         }
         record_all(&fleet, records).await;
+        judge_network(&fleet, &mut damping, now);
+        if now >= next_fail_check {
+            next_fail_check = now + 1000;
+            fail_long_offline(&fleet, &config, now).await;
+        }
         for robot_id in fleet.sessions().take_overdue_absences(now) {
             if !fleet.sessions().is_connected(&robot_id) {
                 lose(
@@ -148,6 +165,56 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
                     .await;
                 }
             }
+        }
+    }
+}
+
+/// Outage damping: the robots watched are the connected ones and those
+/// silent without a connection; a change is logged, counted and published
+/// (the API's `GET /api/v2/network`, the `network_degraded` gauge).
+fn judge_network(fleet: &Fleet, damping: &mut Damping, now: i64) {
+    let sessions = fleet.sessions();
+    let watched = sessions.len() + damping.silent();
+    match damping.assess(now, watched) {
+        Some(NetworkChange::Degraded { silent, watched }) => {
+            tracing::warn!(
+                silent,
+                watched,
+                "network degraded: most robots went silent at once; holding automatic offline -> failed until they are back"
+            );
+            fleet.metrics().network_degraded.set(1);
+        }
+        Some(NetworkChange::Recovered { silent, watched }) => {
+            tracing::info!(silent, watched, "network recovered");
+            fleet.metrics().network_degraded.set(0);
+        }
+        None => return,
+    }
+    sessions.set_network(damping.state());
+}
+
+/// Records `failed` the robots `offline` for longer than
+/// `offline_fail_after`, unless the network is degraded (then they wait:
+/// an access point rebooting does not fail the fleet).
+async fn fail_long_offline(fleet: &Fleet, config: &LivenessConfig, now: i64) {
+    if config.offline_fail_after.is_zero() || fleet.sessions().network().is_degraded() {
+        return;
+    }
+    let limit = i64::try_from(config.offline_fail_after.as_millis()).unwrap_or(i64::MAX);
+    for robot in fleet.cache().all() {
+        let offline_ms = now - robot.last_state_change.timestamp_millis();
+        if robot.state != LifecycleState::Offline || offline_ms <= limit {
+            continue;
+        }
+        let reason = format!(
+            "offline for {:.0}s (offline_fail_after is {:?})",
+            offline_ms as f64 / 1000.0,
+            config.offline_fail_after
+        );
+        let ctx = Context::new("liveness");
+        let input = Input::OfflineTooLong { reason };
+        if let Err(e) = Box::pin(fleet.apply(robot.robot_id, input, &ctx)).await {
+            tracing::warn!(robot_id = %robot.robot_id, error = %e, "could not record a long-offline robot as failed");
         }
     }
 }
@@ -215,6 +282,8 @@ mod tests {
             startup_grace: Duration::from_secs(15),
             heartbeat: Duration::from_millis(heartbeat_ms),
             detector: DetectorSettings::default(),
+            offline_fail_after: Duration::from_secs(600),
+            damping: DampingSettings::default(),
         }
     }
 

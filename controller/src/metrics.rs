@@ -89,6 +89,8 @@ pub struct Metrics {
     pub liveness_probes: Counter,
     /// Suspect agents whose probe went unanswered (recorded offline).
     pub liveness_confirmed: Counter,
+    /// 1 while outage damping holds the network degraded.
+    pub network_degraded: Gauge,
 }
 
 impl Default for Metrics {
@@ -130,6 +132,7 @@ impl Metrics {
             liveness_suspected: Counter::default(),
             liveness_probes: Counter::default(),
             liveness_confirmed: Counter::default(),
+            network_degraded: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -290,6 +293,11 @@ impl Metrics {
             "liveness_confirmed",
             "Suspect agents whose probe went unanswered, recorded offline",
             m.liveness_confirmed.clone(),
+        );
+        registry.register(
+            "network_degraded",
+            "1 while most robots went silent at once (outage damping holds offline -> failed)",
+            m.network_degraded.clone(),
         );
         registry.register(
             "enrollments",

@@ -300,6 +300,11 @@ impl Components {
                 startup_grace: self.config.startup_grace,
                 heartbeat: self.config.heartbeat_interval,
                 detector: Default::default(),
+                offline_fail_after: self.config.offline_fail_after,
+                damping: crate::domain::damping::DampingSettings {
+                    share: self.config.outage_share,
+                    ..Default::default()
+                },
             },
             self.shutdown.clone(),
         ));

@@ -183,3 +183,127 @@ async fn a_hung_agent_is_suspected_probed_then_offline() {
     wait_ready_and_connected(api, id, secs(30)).await;
     assert_offline_then_ready(&transitions(&controller, id).await);
 }
+
+/// A controller that fails robots offline for more than a second, with
+/// heartbeats every 250 ms.
+async fn failing_controller() -> Controller {
+    ControllerOptions::new()
+        .heartbeat_interval("250ms")
+        .liveness_timeout("60s")
+        .setting("offline_fail_after", "1s")
+        .start()
+        .await
+}
+
+/// Starts `n` agents (serials from `first`) and waits until each is ready.
+async fn ready_agents(controller: &Controller, first: u32, n: u32) -> Vec<Agent> {
+    let mut agents = Vec::new();
+    for serial in first..first + n {
+        agents.push(Agent::start(controller, &test_serial(serial)));
+    }
+    for a in &agents {
+        wait_ready_and_connected(controller.api(), a.robot_id(), secs(30)).await;
+    }
+    agents
+}
+
+/// The network as `GET /api/v2/network` reports it.
+async fn network_state(controller: &Controller) -> String {
+    let v: serde_json::Value = controller
+        .api()
+        .get_json("/api/v2/network")
+        .await
+        .expect("network");
+    v["state"].as_str().unwrap_or_default().to_string()
+}
+
+/// Waits (bounded) until the network is in `state`.
+async fn wait_network(controller: &Controller, state: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let now = network_state(controller).await;
+        if now == state {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "network still {now}, not {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_robot_offline_longer_than_offline_fail_after_is_failed() {
+    let controller = failing_controller().await;
+    let api = controller.api();
+    let mut agents = ready_agents(&controller, 10, 4).await;
+    let victim = agents[0].robot_id();
+    agents[0].kill();
+    wait_for_state(api, victim, State::Offline, MARGIN).await;
+    wait_for_state(api, victim, State::Failed, Duration::from_secs(2) + MARGIN).await;
+    let events = api.events(victim).await.expect("events");
+    let failed = events
+        .iter()
+        .find(|e| e.kind == "robot_failed")
+        .expect("robot_failed recorded");
+    assert!(
+        failed.data.to_string().contains("offline for"),
+        "failed for being offline: {}",
+        failed.data
+    );
+    for a in &agents[1..] {
+        let r = api.robot_required(a.robot_id()).await.expect("robot");
+        assert_eq!(r.state, State::Ready, "the others are untouched");
+    }
+    assert_eq!(network_state(&controller).await, "normal");
+}
+
+/// Four robots of six going silent at once look like the network, not the
+/// robots: the network is declared degraded, the silent robots go offline
+/// but none is failed while it lasts, and when they come back every robot
+/// is ready again and the network normal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn most_robots_silent_at_once_degrade_the_network_and_none_is_failed() {
+    let controller = failing_controller().await;
+    let api = controller.api();
+    let mut agents = ready_agents(&controller, 20, 6).await;
+    for a in &mut agents[..4] {
+        a.pause();
+    }
+    for a in &agents[..4] {
+        wait_for_state(
+            api,
+            a.robot_id(),
+            State::Offline,
+            Duration::from_secs(2) + MARGIN,
+        )
+        .await;
+    }
+    wait_network(&controller, "degraded", MARGIN).await;
+    assert_eq!(
+        api.metric("network_degraded", &[]).await.expect("metric"),
+        1.0
+    );
+    // Three times offline_fail_after: nobody is failed while degraded.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for a in &agents {
+        let r = api.robot_required(a.robot_id()).await.expect("robot");
+        assert_ne!(
+            r.state,
+            State::Failed,
+            "{} failed during the outage",
+            r.robot_id
+        );
+    }
+    for a in &mut agents[..4] {
+        a.resume();
+    }
+    for a in &agents {
+        wait_ready_and_connected(api, a.robot_id(), secs(30)).await;
+    }
+    wait_network(&controller, "normal", MARGIN).await;
+    for a in &agents[..4] {
+        assert_offline_then_ready(&transitions(&controller, a.robot_id()).await);
+    }
+}

@@ -70,6 +70,7 @@ fn routes(r: Routes) -> Routes {
         .get("/api/v2/robots/{id}/reports", Viewer, robots::reports)
         .get("/api/v2/discoveries/{id}", Viewer, robots::discovery)
         .get("/api/v2/metrics", Viewer, robots::system_metrics)
+        .get("/api/v2/network", Viewer, robots::network)
         .get("/api/v2/watch", Viewer, watch::watch)
         // The lifecycle and discovery.
         .post("/api/v2/robots/{id}/provision", Operator, robots::provision)

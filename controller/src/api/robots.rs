@@ -5,6 +5,7 @@ use super::AppState;
 use super::extract::{ApiQuery, JsonBody, RobotPath};
 use super::problem::Problem;
 use crate::cache::{Entry, Filter};
+use crate::domain::damping::NetworkState;
 use crate::domain::robot::health_status;
 use crate::domain::{Action, Input, LifecycleState, Refusal, Robot};
 use crate::fleet::{Applied, Context, FleetError};
@@ -597,11 +598,35 @@ pub async fn system_metrics(State(s): State<AppState>) -> Result<Response, Probl
         "by_health": by_health,
         "by_type": by_type,
         "connected_agents": s.fleet.sessions().len(),
+        "network": network_json(s.fleet.sessions().network()),
         "watch_clients": s.hub.receivers(),
         "event_log_head": head,
         "uptime_seconds": s.started.elapsed().as_secs(),
     }))
     .into_response())
+}
+
+/// `GET /api/v2/network`: the network as outage damping judges it:
+/// `normal`, or `degraded` (most robots went silent at once; automatic
+/// `offline → failed` is held) with since when and how many robots.
+pub async fn network(State(s): State<AppState>) -> Response {
+    axum::Json(network_json(s.fleet.sessions().network())).into_response()
+}
+
+fn network_json(state: NetworkState) -> serde_json::Value {
+    match state {
+        NetworkState::Normal => json!({ "state": "normal" }),
+        NetworkState::Degraded {
+            since_ms,
+            silent,
+            watched,
+        } => json!({
+            "state": "degraded",
+            "since": chrono::DateTime::from_timestamp_millis(since_ms),
+            "silent_robots": silent,
+            "watched_robots": watched,
+        }),
+    }
 }
 
 #[cfg(test)]

@@ -59,8 +59,9 @@ impl DampingSettings {
 }
 
 /// The network as damping sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum NetworkState {
+    #[default]
     Normal,
     /// Declared at `since_ms`, when `silent` of `watched` robots were silent.
     Degraded {

@@ -96,6 +96,10 @@ pub enum Input {
     },
     /// A suspect robot's agent was heard from again.
     AgentHeardAgain,
+    /// The robot has been `offline` longer than the controller waits.
+    OfflineTooLong {
+        reason: String,
+    },
     /// A report arrived with the agent's own view of its health.
     AgentReported {
         health: Health,
@@ -265,6 +269,16 @@ pub fn decide(robot: Option<&Robot>, input: Input, policy: Policy) -> Result<Dec
             if r.state != Offline && r.health.status == HealthStatus::Suspect {
                 d.events.push(RobotEvent::RobotHealthChanged {
                     health: Health::healthy(),
+                });
+            }
+        }
+        Input::OfflineTooLong { reason } => {
+            let r = robot.ok_or(Refusal::UnknownRobot)?;
+            // A robot back in the meantime is not failed.
+            if r.state == Offline {
+                d.events.push(RobotEvent::RobotFailed {
+                    transition: transition(Offline, Failed),
+                    reason,
                 });
             }
         }
@@ -695,6 +709,9 @@ mod tests {
                 reason: "silent".into()
             }),
             Just(Input::AgentHeardAgain),
+            Just(Input::OfflineTooLong {
+                reason: "offline for 10m".into()
+            }),
             Just(Input::AgentReported {
                 health: Health::healthy()
             }),

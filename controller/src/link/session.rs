@@ -4,6 +4,7 @@
 //! Liveness data lives here, in memory: heartbeats are never events and
 //! never touch the store.
 
+use crate::domain::damping::NetworkState;
 use crate::domain::decide::CommandIntent;
 use crate::domain::detector::{DetectorSettings, Step, Watch};
 use chrono::Utc;
@@ -84,6 +85,11 @@ impl Session {
 
     pub fn last_seen_ms(&self) -> i64 {
         self.watch().detector().last_ms()
+    }
+
+    /// Whether the failure detector holds the agent suspect (a probe out).
+    pub fn is_suspect(&self) -> bool {
+        self.watch().is_suspect()
     }
 
     /// The liveness sweep's question about this session at `now_ms`.
@@ -169,6 +175,9 @@ struct Closing {
 pub struct SessionRegistry {
     sessions: Mutex<HashMap<RobotId, Session>>,
     planned: Mutex<HashMap<RobotId, i64>>,
+    /// The network as outage damping last judged it (the liveness sweep
+    /// writes it; the API and the offline → failed rule read it).
+    network: Mutex<NetworkState>,
 }
 
 impl SessionRegistry {
@@ -231,6 +240,14 @@ impl SessionRegistry {
     /// When the robot's agent was last heard from, if it is connected.
     pub fn last_seen_ms(&self, robot_id: &RobotId) -> Option<i64> {
         self.map().get(robot_id).map(Session::last_seen_ms)
+    }
+
+    pub fn network(&self) -> NetworkState {
+        *self.network.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_network(&self, state: NetworkState) {
+        *self.network.lock().unwrap_or_else(|p| p.into_inner()) = state;
     }
 
     pub fn is_connected(&self, robot_id: &RobotId) -> bool {
