@@ -55,12 +55,11 @@ pub struct LivenessConfig {
 }
 
 impl LivenessConfig {
-    /// How long a suspect robot has to answer the probe: one heartbeat
-    /// interval (an answer takes a round trip, milliseconds on a LAN), at
-    /// least 200 ms and at most 5 s.
+    /// How long a suspect robot has to answer the probe: two heartbeat
+    /// intervals, at least 500 ms (room for a TCP retransmission, whose
+    /// timeout is at least 200 ms on Linux) and at most 5 s.
     pub fn probe_timeout(&self) -> Duration {
-        self.heartbeat
-            .clamp(Duration::from_millis(200), Duration::from_secs(5))
+        (2 * self.heartbeat).clamp(Duration::from_millis(500), Duration::from_secs(5))
     }
 
     /// How often the sweep runs: four times per heartbeat interval, at
@@ -281,7 +280,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             startup_grace: Duration::from_secs(15),
             heartbeat: Duration::from_millis(heartbeat_ms),
-            detector: DetectorSettings::default(),
+            detector: DetectorSettings::for_heartbeat(Duration::from_millis(heartbeat_ms)),
             offline_fail_after: Duration::from_secs(600),
             damping: DampingSettings::default(),
         }
@@ -294,9 +293,9 @@ mod tests {
             c.period(),
             Duration::from_millis(62) + Duration::from_micros(500)
         );
-        assert_eq!(c.probe_timeout(), Duration::from_millis(250));
+        assert_eq!(c.probe_timeout(), Duration::from_millis(500));
         assert_eq!(config(10).period(), Duration::from_millis(20));
-        assert_eq!(config(10).probe_timeout(), Duration::from_millis(200));
+        assert_eq!(config(10).probe_timeout(), Duration::from_millis(500));
         assert_eq!(config(60_000).period(), Duration::from_secs(1));
         assert_eq!(config(60_000).probe_timeout(), Duration::from_secs(5));
     }

@@ -299,7 +299,9 @@ impl Components {
                 timeout: self.config.liveness_timeout,
                 startup_grace: self.config.startup_grace,
                 heartbeat: self.config.heartbeat_interval,
-                detector: Default::default(),
+                detector: crate::domain::detector::DetectorSettings::for_heartbeat(
+                    self.config.heartbeat_interval,
+                ),
                 offline_fail_after: self.config.offline_fail_after,
                 damping: crate::domain::damping::DampingSettings {
                     share: self.config.outage_share,

@@ -11,11 +11,12 @@
 //!
 //! The interval distribution is kept as an exponentially weighted mean and
 //! variance (no sample window): a detector is a few numbers per robot and
-//! a heartbeat costs no allocation. Two settings keep it sane where the
-//! statistics alone would not: a floor under the standard deviation (a link
-//! that has been perfectly regular must not turn one late packet into a
-//! failure) and an acceptable pause added to the mean (one lost heartbeat on
-//! a lossy link is normal, not a sign of death).
+//! a heartbeat costs no allocation. Two settings, derived from the
+//! heartbeat interval, keep it sane where the statistics alone would not: a
+//! floor under the standard deviation (a link that has been perfectly
+//! regular must not turn one late packet into a failure) and an acceptable
+//! pause added to the mean (one lost heartbeat on a lossy link is normal,
+//! not a sign of death).
 //!
 //! Time is milliseconds on any clock, passed in as `now_ms` (the session's
 //! wall clock in a running controller, a simulated one in tests).
@@ -27,27 +28,31 @@ use std::time::Duration;
 pub struct DetectorSettings {
     /// φ at or above which a silent robot is suspect (and probed).
     pub suspect_phi: f64,
-    /// The least standard deviation assumed, as a share of the mean
-    /// interval (0.25: a quarter of it).
-    pub min_std_dev_share: f64,
-    /// Silence accepted on top of the mean interval before φ rises, as a
-    /// number of mean intervals (1.0: one lost heartbeat is normal).
-    pub acceptable_pause_intervals: f64,
-}
-
-impl Default for DetectorSettings {
-    fn default() -> Self {
-        DetectorSettings {
-            suspect_phi: 8.0,
-            min_std_dev_share: 0.25,
-            acceptable_pause_intervals: 1.0,
-        }
-    }
+    /// The least standard deviation assumed: a link that has been
+    /// perfectly regular must not turn one late packet into a failure.
+    pub min_std_dev: Duration,
+    /// Silence accepted on top of the mean interval before φ rises: one
+    /// lost heartbeat on a lossy link (or one TCP retransmission) is
+    /// normal, not a sign of death.
+    pub acceptable_pause: Duration,
 }
 
 impl DetectorSettings {
-    /// Every field in range: φ threshold above 0, shares not negative and
-    /// finite.
+    /// The settings for agents told to send a heartbeat every `heartbeat`:
+    /// φ 8, one heartbeat interval of acceptable pause, a quarter of it as
+    /// the least standard deviation. Absolute, not relative to the mean
+    /// arrival interval: everything the agent sends is an arrival (pongs,
+    /// reports), so arrivals come more often than heartbeats do.
+    pub fn for_heartbeat(heartbeat: Duration) -> DetectorSettings {
+        DetectorSettings {
+            suspect_phi: 8.0,
+            min_std_dev: heartbeat / 4,
+            acceptable_pause: heartbeat,
+        }
+    }
+
+    /// Every field in range: φ threshold above 0, a standard deviation
+    /// above zero.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.suspect_phi.is_finite() && self.suspect_phi > 0.0) {
             return Err(format!(
@@ -55,18 +60,8 @@ impl DetectorSettings {
                 self.suspect_phi
             ));
         }
-        if !(self.min_std_dev_share.is_finite() && self.min_std_dev_share > 0.0) {
-            return Err(format!(
-                "min_std_dev_share must be a number above 0 (is {})",
-                self.min_std_dev_share
-            ));
-        }
-        if !(self.acceptable_pause_intervals.is_finite() && self.acceptable_pause_intervals >= 0.0)
-        {
-            return Err(format!(
-                "acceptable_pause_intervals must be 0 or more (is {})",
-                self.acceptable_pause_intervals
-            ));
+        if self.min_std_dev.is_zero() {
+            return Err("min_std_dev must be longer than 0".into());
         }
         Ok(())
     }
@@ -129,11 +124,11 @@ impl Detector {
     /// longer the robot stays silent.
     pub fn phi(&self, now_ms: i64, settings: &DetectorSettings) -> f64 {
         let silent = (now_ms - self.last_ms).max(0) as f64;
-        let mean = self.mean_ms * (1.0 + settings.acceptable_pause_intervals);
+        let mean = self.mean_ms + settings.acceptable_pause.as_secs_f64() * 1000.0;
         let std = self
             .var_ms2
             .sqrt()
-            .max(self.mean_ms * settings.min_std_dev_share)
+            .max(settings.min_std_dev.as_secs_f64() * 1000.0)
             .max(1.0);
         phi(silent, mean, std)
     }
@@ -247,10 +242,11 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// The settings for 250 ms heartbeats.
     const S: DetectorSettings = DetectorSettings {
         suspect_phi: 8.0,
-        min_std_dev_share: 0.25,
-        acceptable_pause_intervals: 1.0,
+        min_std_dev: Duration::from_micros(62_500),
+        acceptable_pause: Duration::from_millis(250),
     };
 
     /// A detector fed `n` heartbeats every `every_ms` from 0; returns it
@@ -316,7 +312,7 @@ mod tests {
     }
 
     #[test]
-    fn the_detector_adapts_to_a_slower_heartbeat() {
+    fn the_detector_adapts_to_slower_arrivals() {
         let (mut d, mut last) = regular(100, 50);
         let fast = time_to_suspect(&d, last);
         for _ in 0..100 {
@@ -324,15 +320,24 @@ mod tests {
             d.heartbeat(last);
         }
         let slow = time_to_suspect(&d, last);
-        assert!(slow > 5 * fast, "slow {slow} ms, fast {fast} ms");
+        assert!(slow > fast + 800, "slow {slow} ms, fast {fast} ms");
         assert!((900..1100).contains(&(d.mean().as_millis() as i64)));
     }
 
     #[test]
+    fn arrivals_more_frequent_than_heartbeats_still_allow_a_lost_heartbeat() {
+        // Pongs and reports between heartbeats: arrivals every 125 ms.
+        let (d, last) = regular(125, 80);
+        assert!(!d.is_suspect(last + 450, &S), "one TCP retransmission");
+        assert!(d.is_suspect(last + 1_000, &S));
+    }
+
+    #[test]
     fn before_any_heartbeat_the_expected_interval_is_used() {
+        let s = DetectorSettings::for_heartbeat(Duration::from_secs(1));
         let d = Detector::new(10_000, Duration::from_secs(1));
-        assert!(!d.is_suspect(11_900, &S));
-        assert!(d.is_suspect(14_000, &S));
+        assert!(!d.is_suspect(11_900, &s));
+        assert!(d.is_suspect(14_000, &s));
     }
 
     #[test]
@@ -346,7 +351,11 @@ mod tests {
 
     #[test]
     fn settings_out_of_range_are_refused() {
-        assert!(DetectorSettings::default().validate().is_ok());
+        assert_eq!(
+            DetectorSettings::for_heartbeat(Duration::from_millis(250)),
+            S
+        );
+        assert!(S.validate().is_ok());
         for bad in [
             DetectorSettings {
                 suspect_phi: 0.0,
@@ -357,11 +366,7 @@ mod tests {
                 ..S
             },
             DetectorSettings {
-                min_std_dev_share: 0.0,
-                ..S
-            },
-            DetectorSettings {
-                acceptable_pause_intervals: -1.0,
+                min_std_dev: Duration::ZERO,
                 ..S
             },
         ] {
