@@ -27,6 +27,11 @@ pub const KEYS: &[&str] = &[
     "startup_grace",
     "offline_fail_after",
     "outage_share",
+    "circuit_failure_threshold",
+    "circuit_success_threshold",
+    "circuit_open_timeout",
+    "circuit_half_open_timeout",
+    "circuit_reset_after",
     "report_interval",
     "auto_provision",
     "discovery_interval",
@@ -103,6 +108,9 @@ pub struct Config {
     /// More than this share of the robots silent at once (within 10 s)
     /// declares the network degraded.
     pub outage_share: f64,
+    /// Each robot's circuit breaker (the original design's 5, 3, 30 s,
+    /// 60 s, 300 s).
+    pub circuit: crate::breakers::CircuitSettings,
     /// How often agents send a report when nothing changed.
     pub report_interval: Duration,
     /// Provision robots whose agent connects without waiting for an operator.
@@ -271,6 +279,7 @@ impl Default for Config {
             startup_grace: Duration::from_secs(45),
             offline_fail_after: Duration::from_secs(600),
             outage_share: 0.5,
+            circuit: crate::breakers::CircuitSettings::default(),
             report_interval: Duration::from_secs(30),
             auto_provision: true,
             discovery_interval: Duration::from_secs(30),
@@ -359,6 +368,29 @@ impl Config {
             startup_grace: duration(&mut r, "startup_grace", d.startup_grace),
             offline_fail_after: duration(&mut r, "offline_fail_after", d.offline_fail_after),
             outage_share: r.get_or("outage_share", d.outage_share),
+            circuit: crate::breakers::CircuitSettings {
+                breaker: crate::domain::breaker::BreakerSettings {
+                    failure_threshold: r.get_or(
+                        "circuit_failure_threshold",
+                        d.circuit.breaker.failure_threshold,
+                    ),
+                    success_threshold: r.get_or(
+                        "circuit_success_threshold",
+                        d.circuit.breaker.success_threshold,
+                    ),
+                    open_timeout: duration(
+                        &mut r,
+                        "circuit_open_timeout",
+                        d.circuit.breaker.open_timeout,
+                    ),
+                    half_open_timeout: duration(
+                        &mut r,
+                        "circuit_half_open_timeout",
+                        d.circuit.breaker.half_open_timeout,
+                    ),
+                },
+                reset_after: duration(&mut r, "circuit_reset_after", d.circuit.reset_after),
+            },
             report_interval: duration(&mut r, "report_interval", d.report_interval),
             auto_provision: r.get_or("auto_provision", d.auto_provision),
             discovery_interval: duration(&mut r, "discovery_interval", d.discovery_interval),
@@ -400,6 +432,12 @@ impl Config {
             || c.heartbeat_interval > Duration::from_secs(3600)
         {
             r.error("heartbeat_interval", "must be between 50ms and 1h");
+        }
+        if c.circuit.breaker.failure_threshold == 0 {
+            r.error("circuit_failure_threshold", "must be 1 or more");
+        }
+        if c.circuit.breaker.success_threshold == 0 {
+            r.error("circuit_success_threshold", "must be 1 or more");
         }
         if !(c.outage_share.is_finite() && c.outage_share > 0.0 && c.outage_share < 1.0) {
             r.error(

@@ -7,6 +7,7 @@
 //! Inputs for one robot are serialised by a per-robot lock; inputs for
 //! different robots run concurrently and meet in the store's group commit.
 
+use crate::breakers::{Breakers, CircuitSettings, Outcome};
 use crate::cache::{Entry, RobotCache};
 use crate::domain::decide::CommandIntent;
 use crate::domain::{
@@ -69,6 +70,7 @@ struct Inner {
     /// Redis in front of the store, when configured; set once, after the
     /// read model is loaded (Redis is refilled from it).
     shared: std::sync::OnceLock<SharedCache>,
+    breakers: Breakers,
     locks: Mutex<HashMap<RobotId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -90,7 +92,9 @@ impl Fleet {
         metrics: Arc<Metrics>,
         policy: Policy,
         report_interval: Duration,
+        circuit: CircuitSettings,
     ) -> Fleet {
+        let breakers = Breakers::new(circuit, store.clone(), metrics.clone());
         Fleet {
             inner: Arc::new(Inner {
                 store,
@@ -100,6 +104,7 @@ impl Fleet {
                 policy,
                 report_interval,
                 shared: std::sync::OnceLock::new(),
+                breakers,
                 locks: Mutex::default(),
             }),
         }
@@ -125,6 +130,11 @@ impl Fleet {
         &self.inner.cache
     }
 
+    /// Every robot's circuit breaker.
+    pub fn breakers(&self) -> &Breakers {
+        &self.inner.breakers
+    }
+
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
     }
@@ -133,8 +143,10 @@ impl Fleet {
         &self.inner.sessions
     }
 
-    /// Fills the cache from the store's read model (start-up).
+    /// Fills the cache from the store's read model and the circuit
+    /// breakers from theirs (start-up).
     pub async fn load(&self) -> Result<usize, StoreError> {
+        self.inner.breakers.load().await?;
         let robots = self.inner.store.robots().await?;
         let n = robots.len();
         for r in robots {
@@ -205,7 +217,7 @@ impl Fleet {
         let lock = self.lock_for(id);
         let _guard = lock.lock().await;
         let (applied, commands) = self.apply_locked(id, input, None, ctx).await?;
-        self.dispatch(&applied.robot.robot, &commands);
+        self.dispatch(&applied.robot.robot, &commands).await;
         Ok(applied)
     }
 
@@ -227,7 +239,7 @@ impl Fleet {
         let (applied, commands) = self
             .apply_locked(id, Input::AgentLost { reason }, None, ctx)
             .await?;
-        self.dispatch(&applied.robot.robot, &commands);
+        self.dispatch(&applied.robot.robot, &commands).await;
         Ok(Some(applied))
     }
 
@@ -272,7 +284,7 @@ impl Fleet {
             .apply_locked(id, Input::AgentReported { health }, Some(stored), ctx)
             .await?;
         self.inner.metrics.agent_reports.inc();
-        self.dispatch(&applied.robot.robot, &commands);
+        self.dispatch(&applied.robot.robot, &commands).await;
         Ok(applied.robot.robot.last_report_seq.max(seq))
     }
 
@@ -429,7 +441,7 @@ impl Fleet {
     /// Sends commands to the robot's agent if it is connected. A command
     /// that cannot be sent now is not lost: the desired state is stored, and
     /// the agent is reconciled when it next connects.
-    fn dispatch(&self, robot: &Robot, commands: &[CommandIntent]) {
+    async fn dispatch(&self, robot: &Robot, commands: &[CommandIntent]) {
         if commands.is_empty() {
             return;
         }
@@ -437,6 +449,17 @@ impl Fleet {
             tracing::debug!(robot_id = %robot.robot_id, ?commands, "agent not connected; commands wait for its return");
             return;
         };
+        if let Err(refused) = self
+            .inner
+            .breakers
+            .allow(robot.robot_id, chrono::Utc::now())
+            .await
+        {
+            // What was decided is stored: the agent is brought to it when
+            // it reconnects, or when the circuit lets calls through again.
+            tracing::info!(robot_id = %robot.robot_id, ?commands, retry_at = %refused.retry_at, "circuit open; commands not sent");
+            return;
+        }
         for &intent in commands {
             let kind = match intent {
                 CommandIntent::Provision => CommandKind::Provision {
@@ -453,6 +476,10 @@ impl Fleet {
             };
             if let Err(e) = session.send_command(intent, command) {
                 tracing::warn!(robot_id = %robot.robot_id, ?intent, error = %e, "command not sent; reconciled on reconnect");
+                self.inner
+                    .breakers
+                    .record(robot.robot_id, Outcome::Failure, chrono::Utc::now())
+                    .await;
             }
         }
     }

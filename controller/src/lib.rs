@@ -5,6 +5,7 @@
 //! around it; [`serve`] wires them together.
 
 pub mod api;
+pub mod breakers;
 pub mod cache;
 pub mod config;
 pub mod discovery;

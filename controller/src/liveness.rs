@@ -23,6 +23,7 @@
 //! The decisions are plain functions of `now` ([`is_silent`],
 //! [`crate::domain::detector::Watch::assess`]); [`run`] is the timer.
 
+use crate::breakers::Outcome;
 use crate::domain::damping::{Damping, DampingSettings, NetworkChange};
 use crate::domain::detector::{DetectorSettings, Step};
 use crate::domain::{Input, LifecycleState};
@@ -108,7 +109,7 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
                 }
                 Step::Suspect { phi, silent_ms } => {
                     damping.went_silent(s.robot_id, now);
-                    probe(&fleet, &s);
+                    probe(&fleet, &s).await;
                     let reason = format!(
                         "silent for {:.1}s (phi {phi:.1}); probing",
                         silent_ms as f64 / 1000.0
@@ -118,12 +119,18 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
                     records.push(Record::Suspect(s, reason));
                 }
                 Step::Cleared => {
+                    // The probe's own result (a command result) is what
+                    // the circuit breaker counts as a success.
                     damping.heard_from(&s.robot_id);
                     tracing::info!(robot_id = %s.robot_id, "suspect agent answered");
                     records.push(Record::Cleared(s));
                 }
                 Step::Lost { silent_ms } => {
                     fleet.metrics().liveness_confirmed.inc();
+                    fleet
+                        .breakers()
+                        .record(s.robot_id, Outcome::Failure, chrono::Utc::now())
+                        .await;
                     s.abandon(format!(
                         "silent for {:.1}s and the probe went unanswered for {:.1}s",
                         silent_ms as f64 / 1000.0,
@@ -219,8 +226,17 @@ async fn fail_long_offline(fleet: &Fleet, config: &LivenessConfig, now: i64) {
 }
 
 /// Sends a suspect session's agent a `Ping`: any answer (the result, a
-/// heartbeat, a report) clears the suspicion.
-fn probe(fleet: &Fleet, session: &Session) {
+/// heartbeat, a report) clears the suspicion. Not sent while the robot's
+/// circuit is open (the probe's timeout then decides).
+async fn probe(fleet: &Fleet, session: &Session) {
+    if let Err(refused) = fleet
+        .breakers()
+        .allow(session.robot_id, chrono::Utc::now())
+        .await
+    {
+        tracing::info!(robot_id = %session.robot_id, retry_at = %refused.retry_at, "circuit open; probe not sent");
+        return;
+    }
     let command = Command {
         command_id: uuid::Uuid::new_v4(),
         kind: CommandKind::Ping,

@@ -91,6 +91,8 @@ pub struct Metrics {
     pub liveness_confirmed: Counter,
     /// 1 while outage damping holds the network degraded.
     pub network_degraded: Gauge,
+    /// Robots whose circuit breaker is `open` or `half_open`, by state.
+    pub circuit_breakers: Family<StateLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -133,6 +135,7 @@ impl Metrics {
             liveness_probes: Counter::default(),
             liveness_confirmed: Counter::default(),
             network_degraded: Gauge::default(),
+            circuit_breakers: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -293,6 +296,11 @@ impl Metrics {
             "liveness_confirmed",
             "Suspect agents whose probe went unanswered, recorded offline",
             m.liveness_confirmed.clone(),
+        );
+        registry.register(
+            "circuit_breakers",
+            "Robots whose circuit breaker is open or half-open, by state",
+            m.circuit_breakers.clone(),
         );
         registry.register(
             "network_degraded",

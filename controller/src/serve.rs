@@ -137,6 +137,7 @@ impl Components {
                 auto_provision: config.auto_provision,
             },
             config.report_interval,
+            config.circuit,
         );
         let robots = fleet.load().await.context("cannot load the read model")?;
         tracing::info!(robots, "read model loaded");

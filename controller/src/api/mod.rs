@@ -92,6 +92,11 @@ fn routes(r: Routes) -> Routes {
         )
         .post("/api/v2/robots/{id}/recover", Operator, robots::recover)
         .post("/api/v2/robots/{id}/fail", Operator, robots::fail)
+        .post(
+            "/api/v2/robots/{id}/circuit/reset",
+            Operator,
+            robots::circuit_reset,
+        )
         .post("/api/v2/discover", Operator, robots::discover)
         // Who may connect.
         .post(

@@ -4,6 +4,7 @@
 use super::AppState;
 use super::extract::{ApiQuery, JsonBody, RobotPath};
 use super::problem::Problem;
+use crate::breakers::CircuitView;
 use crate::cache::{Entry, Filter};
 use crate::domain::damping::NetworkState;
 use crate::domain::robot::health_status;
@@ -170,7 +171,30 @@ pub async fn get_one(
         .read(id)
         .await?
         .ok_or_else(|| Problem::not_found(format!("no robot {id}")))?;
-    Ok(robot_response(&entry, s.fleet.sessions()))
+    // The robot with its circuit breaker spliced in front.
+    let mut out = Vec::with_capacity(entry.json.len() + 192);
+    out.extend_from_slice(b"{\"circuit\":");
+    let _ = serde_json::to_writer(&mut out, &s.fleet.breakers().view(&id));
+    out.push(b',');
+    let mut row = Vec::with_capacity(entry.json.len() + 64);
+    write_robot(&mut row, &entry, s.fleet.sessions());
+    out.extend_from_slice(&row[1..]);
+    Ok(json_response(out))
+}
+
+/// `POST /api/v2/robots/{id}/circuit/reset`: an operator closes the
+/// robot's circuit breaker (failures forgotten); the answer is the
+/// breaker as it is now.
+pub async fn circuit_reset(
+    State(s): State<AppState>,
+    RobotPath(id): RobotPath,
+) -> Result<Response, Problem> {
+    require_robot(&s, id).await?;
+    let breakers = s.fleet.breakers();
+    let before = breakers.view(&id);
+    breakers.reset(id, Utc::now()).await?;
+    tracing::info!(robot_id = %id, was = before.state, "circuit breaker reset by an operator");
+    Ok(axum::Json(json!({ "circuit": breakers.view(&id) })).into_response())
 }
 
 /// The robot as it was at an instant, rebuilt from its history.
@@ -234,8 +258,19 @@ pub async fn healthy(State(s): State<AppState>) -> Response {
 }
 
 /// Why a robot cannot take a deployment now (empty: it can).
-pub fn exclusion_reasons(r: &Robot, connected: bool) -> Vec<String> {
+pub fn exclusion_reasons(r: &Robot, connected: bool, circuit: &CircuitView) -> Vec<String> {
     let mut reasons = Vec::new();
+    match (circuit.state, circuit.retry_at) {
+        ("open", Some(at)) => reasons.push(format!(
+            "circuit open after repeated failures (next trial at {})",
+            at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        )),
+        ("half_open", _) => reasons.push(format!(
+            "circuit half-open: {} of {} trial calls succeeded so far",
+            circuit.successes, circuit.success_threshold
+        )),
+        _ => {}
+    }
     if !matches!(r.state, LifecycleState::Ready | LifecycleState::Active) {
         reasons.push(format!(
             "state is {} (deployable robots are ready or active)",
@@ -271,7 +306,11 @@ pub async fn deployable(State(s): State<AppState>) -> Response {
     let mut excluded = Vec::new();
     let mut first = true;
     for e in &all {
-        let reasons = exclusion_reasons(&e.robot, sessions.is_connected(&e.robot.robot_id));
+        let reasons = exclusion_reasons(
+            &e.robot,
+            sessions.is_connected(&e.robot.robot_id),
+            &s.fleet.breakers().view(&e.robot.robot_id),
+        );
         if reasons.is_empty() {
             if !first {
                 out.push(b',');

@@ -16,6 +16,7 @@ pub mod websocket;
 
 pub use websocket::serve;
 
+use crate::breakers::Outcome;
 use crate::domain::Input;
 use crate::domain::event::IdentityFacts;
 use crate::fleet::{Context, Fleet, FleetError, storable};
@@ -426,6 +427,16 @@ impl<T: AgentTransport> Connection<T> {
                     CommandOutcome::Done => None,
                     CommandOutcome::Failed { error } => Some(storable(&error)),
                 };
+                let outcome = if error.is_some() {
+                    Outcome::Failure
+                } else {
+                    Outcome::Success
+                };
+                self.state
+                    .fleet
+                    .breakers()
+                    .record(robot_id, outcome, chrono::Utc::now())
+                    .await;
                 match session.answered(result.command_id) {
                     Some(command) => {
                         if let Some(e) = &error {

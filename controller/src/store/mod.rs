@@ -16,6 +16,7 @@ pub mod postgres_auth;
 pub mod sqlite;
 pub mod sqlite_auth;
 
+use crate::domain::breaker::BreakerState;
 use crate::domain::{EventRecord, Health, NewEvent, Robot};
 use auth::AuthStore;
 use chrono::{DateTime, Utc};
@@ -123,6 +124,69 @@ pub struct History {
     /// The report with the highest sequence number received at or before
     /// the instant.
     pub last_report: Option<StoredReport>,
+}
+
+/// One robot's circuit breaker as persisted (`circuit_breakers`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBreaker {
+    pub robot_id: RobotId,
+    pub state: BreakerState<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A `circuit_breakers` row's columns, as both backends store them:
+/// `state`, `failure_count`, `success_count`, `opened_at` (a half-open
+/// breaker's `since` is kept in `opened_at`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BreakerColumns {
+    pub state: &'static str,
+    pub failure_count: i64,
+    pub success_count: i64,
+    pub opened_at: Option<DateTime<Utc>>,
+}
+
+impl BreakerColumns {
+    pub fn of(state: &BreakerState<DateTime<Utc>>) -> BreakerColumns {
+        let (failure_count, success_count, opened_at) = match *state {
+            BreakerState::Closed { failures } => (i64::from(failures), 0, None),
+            BreakerState::Open { opened_at } => (0, 0, Some(opened_at)),
+            BreakerState::HalfOpen { since, successes } => (0, i64::from(successes), Some(since)),
+        };
+        BreakerColumns {
+            state: state.as_str(),
+            failure_count,
+            success_count,
+            opened_at,
+        }
+    }
+
+    /// The state a row describes; a row that contradicts itself (an open
+    /// breaker with no `opened_at`, an unknown state, a negative count) is
+    /// an error naming what is wrong.
+    pub fn decode(
+        state: &str,
+        failure_count: i64,
+        success_count: i64,
+        opened_at: Option<DateTime<Utc>>,
+    ) -> Result<BreakerState<DateTime<Utc>>, String> {
+        let count = |name: &str, n: i64| {
+            u32::try_from(n).map_err(|_| format!("{name} {n} is out of range"))
+        };
+        let since = || opened_at.ok_or_else(|| format!("a {state} breaker has no opened_at"));
+        match state {
+            "closed" => Ok(BreakerState::Closed {
+                failures: count("failure_count", failure_count)?,
+            }),
+            "open" => Ok(BreakerState::Open {
+                opened_at: since()?,
+            }),
+            "half_open" => Ok(BreakerState::HalfOpen {
+                since: since()?,
+                successes: count("success_count", success_count)?,
+            }),
+            other => Err(format!("unknown breaker state {other:?}")),
+        }
+    }
 }
 
 /// What a prune removed.
@@ -237,6 +301,12 @@ pub trait EventStore: Send + Sync + std::fmt::Debug + 'static {
     /// each robot's latest. Replaying afterwards gives the same rows.
     async fn prune(&self, before: DateTime<Utc>) -> Result<PruneOutcome, StoreError>;
 
+    /// Every persisted circuit breaker.
+    async fn breakers(&self) -> Result<Vec<StoredBreaker>, StoreError>;
+
+    /// Writes `breaker`'s state, replacing the robot's previous one.
+    async fn save_breaker(&self, breaker: &StoredBreaker) -> Result<(), StoreError>;
+
     /// Whether the database answers (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
 
@@ -245,4 +315,91 @@ pub trait EventStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// The security records kept in the same database.
     fn auth(&self) -> Arc<dyn AuthStore>;
+}
+
+/// Checks every backend runs against its own database.
+#[cfg(test)]
+pub(crate) mod conformance {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        // Microseconds: what PostgreSQL keeps.
+        Utc.timestamp_opt(1_800_000_000 + secs, 123_456_000)
+            .unwrap()
+    }
+
+    /// Saving a breaker replaces the robot's previous one; every state
+    /// reads back exactly, in robot order.
+    pub(crate) async fn breakers_round_trip(store: &dyn EventStore) {
+        let (a, b) = (RobotId(Uuid::from_u128(1)), RobotId(Uuid::from_u128(2)));
+        assert_eq!(store.breakers().await.unwrap(), []);
+        let saved = [
+            (a, BreakerState::Closed { failures: 4 }),
+            (b, BreakerState::Open { opened_at: at(1) }),
+            (
+                a,
+                BreakerState::HalfOpen {
+                    since: at(2),
+                    successes: 2,
+                },
+            ),
+        ];
+        for (i, (robot_id, state)) in saved.into_iter().enumerate() {
+            let stored = StoredBreaker {
+                robot_id,
+                state,
+                updated_at: at(i as i64),
+            };
+            store.save_breaker(&stored).await.unwrap();
+        }
+        let read = store.breakers().await.unwrap();
+        assert_eq!(
+            read,
+            [
+                StoredBreaker {
+                    robot_id: a,
+                    state: BreakerState::HalfOpen {
+                        since: at(2),
+                        successes: 2
+                    },
+                    updated_at: at(2),
+                },
+                StoredBreaker {
+                    robot_id: b,
+                    state: BreakerState::Open { opened_at: at(1) },
+                    updated_at: at(1),
+                },
+            ]
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn breaker_rows_that_contradict_themselves_are_refused() {
+        let now = Utc::now();
+        for state in [
+            BreakerState::Closed { failures: 3 },
+            BreakerState::Open { opened_at: now },
+            BreakerState::HalfOpen {
+                since: now,
+                successes: 1,
+            },
+        ] {
+            let c = BreakerColumns::of(&state);
+            let back =
+                BreakerColumns::decode(c.state, c.failure_count, c.success_count, c.opened_at);
+            assert_eq!(back, Ok(state));
+        }
+        let err = BreakerColumns::decode("open", 0, 0, None).unwrap_err();
+        assert!(err.contains("no opened_at"), "{err}");
+        let err = BreakerColumns::decode("ajar", 0, 0, None).unwrap_err();
+        assert!(err.contains("ajar"), "{err}");
+        let err = BreakerColumns::decode("closed", -1, 0, None).unwrap_err();
+        assert!(err.contains("failure_count -1"), "{err}");
+    }
 }

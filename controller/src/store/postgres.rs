@@ -84,8 +84,8 @@ use super::auth::AuthStore;
 use super::checks::{check_against_log, check_shape, records_of};
 use super::postgres_auth::PostgresAuthStore;
 use super::{
-    Append, Committed, DiscoveryResult, DiscoverySession, EventStore, Fence, History, PruneOutcome,
-    Snapshot, StoreError, StoredReport,
+    Append, BreakerColumns, Committed, DiscoveryResult, DiscoverySession, EventStore, Fence,
+    History, PruneOutcome, Snapshot, StoreError, StoredBreaker, StoredReport,
 };
 use crate::domain::robot::LastReport;
 use crate::domain::{EventMetadata, EventRecord, Head, Health, LifecycleState, Robot, RobotEvent};
@@ -727,6 +727,67 @@ impl EventStore for PostgresStore {
         .map_err(write_error)?
         .rows_affected();
         Ok(outcome)
+    }
+
+    async fn breakers(&self) -> Result<Vec<StoredBreaker>, StoreError> {
+        sqlx::query(
+            "SELECT robot_id, state, failure_count, success_count, opened_at, updated_at \
+             FROM circuit_breakers ORDER BY robot_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(read_error)?
+        .iter()
+        .map(|row| {
+            let decoded = (|| {
+                let state: String = col(row, "state")?;
+                let failures: i32 = col(row, "failure_count")?;
+                let successes: i32 = col(row, "success_count")?;
+                Ok::<_, String>(StoredBreaker {
+                    robot_id: RobotId(col(row, "robot_id")?),
+                    state: BreakerColumns::decode(
+                        &state,
+                        i64::from(failures),
+                        i64::from(successes),
+                        col(row, "opened_at")?,
+                    )?,
+                    updated_at: col(row, "updated_at")?,
+                })
+            })();
+            decoded.map_err(|e| {
+                StoreError::Corrupt(format!(
+                    "circuit breaker of robot {}: {e}",
+                    key(row, "robot_id")
+                ))
+            })
+        })
+        .collect()
+    }
+
+    async fn save_breaker(&self, breaker: &StoredBreaker) -> Result<(), StoreError> {
+        let c = BreakerColumns::of(&breaker.state);
+        let count = |n: i64| {
+            i32::try_from(n)
+                .map_err(|_| StoreError::Invalid(format!("breaker count {n} too large")))
+        };
+        sqlx::query(
+            "INSERT INTO circuit_breakers \
+             (robot_id, state, failure_count, success_count, opened_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (robot_id) DO UPDATE SET state = EXCLUDED.state, \
+             failure_count = EXCLUDED.failure_count, success_count = EXCLUDED.success_count, \
+             opened_at = EXCLUDED.opened_at, updated_at = EXCLUDED.updated_at",
+        )
+        .bind(breaker.robot_id.0)
+        .bind(c.state)
+        .bind(count(c.failure_count)?)
+        .bind(count(c.success_count)?)
+        .bind(c.opened_at)
+        .bind(breaker.updated_at)
+        .execute(&self.pool)
+        .await
+        .map_err(write_error)?;
+        Ok(())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -2850,6 +2911,23 @@ mod tests {
             .map(|r| r.robot_id)
             .collect();
         assert_eq!(ids, [id, robot_id(7)]);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn circuit_breakers_are_kept_and_a_corrupt_one_is_reported() {
+        let db = TestDatabase::create().await;
+        let store = store_on(&db).await;
+        crate::store::conformance::breakers_round_trip(&store).await;
+        sqlx::query("UPDATE circuit_breakers SET opened_at = NULL WHERE state = 'open'")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let err = store.breakers().await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Corrupt(m) if m.contains("no opened_at")),
+            "{err:?}"
+        );
         store.close().await;
     }
 

@@ -34,8 +34,8 @@ use super::auth::AuthStore;
 use super::checks::{check_against_log, check_shape, records_of};
 use super::sqlite_auth::SqliteAuthStore;
 use super::{
-    Append, Committed, DiscoveryResult, DiscoverySession, EventStore, Fence, History, PruneOutcome,
-    Snapshot, StoreError, StoredReport,
+    Append, BreakerColumns, Committed, DiscoveryResult, DiscoverySession, EventStore, Fence,
+    History, PruneOutcome, Snapshot, StoreError, StoredBreaker, StoredReport,
 };
 use crate::domain::robot::LastReport;
 use crate::domain::{EventMetadata, EventRecord, Health, LifecycleState, Robot, RobotEvent};
@@ -397,6 +397,61 @@ impl EventStore for SqliteStore {
         .map_err(write_error);
         outcome.reports_removed = finish(&mut conn, reports).await?;
         Ok(outcome)
+    }
+
+    async fn breakers(&self) -> Result<Vec<StoredBreaker>, StoreError> {
+        sqlx::query(
+            "SELECT robot_id, state, failure_count, success_count, opened_at, updated_at \
+             FROM circuit_breakers ORDER BY robot_id",
+        )
+        .fetch_all(&self.reads)
+        .await
+        .map_err(read_error)?
+        .iter()
+        .map(|row| {
+            let decoded = (|| {
+                let state: String = col(row, "state")?;
+                Ok::<_, String>(StoredBreaker {
+                    robot_id: RobotId(uuid_col(row, "robot_id")?),
+                    state: BreakerColumns::decode(
+                        &state,
+                        col(row, "failure_count")?,
+                        col(row, "success_count")?,
+                        opt_time_col(row, "opened_at")?,
+                    )?,
+                    updated_at: time_col(row, "updated_at")?,
+                })
+            })();
+            decoded.map_err(|e| {
+                let id = row.try_get::<String, _>("robot_id").unwrap_or_default();
+                StoreError::Corrupt(format!("circuit breaker of robot {id}: {e}"))
+            })
+        })
+        .collect()
+    }
+
+    async fn save_breaker(&self, breaker: &StoredBreaker) -> Result<(), StoreError> {
+        let c = BreakerColumns::of(&breaker.state);
+        // One statement: atomic on its own, waiting for the writer's lock
+        // within the busy timeout.
+        sqlx::query(
+            "INSERT INTO circuit_breakers \
+             (robot_id, state, failure_count, success_count, opened_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (robot_id) DO UPDATE SET state = excluded.state, \
+             failure_count = excluded.failure_count, success_count = excluded.success_count, \
+             opened_at = excluded.opened_at, updated_at = excluded.updated_at",
+        )
+        .bind(breaker.robot_id.to_string())
+        .bind(c.state)
+        .bind(c.failure_count)
+        .bind(c.success_count)
+        .bind(c.opened_at.as_ref().map(timestamp))
+        .bind(timestamp(&breaker.updated_at))
+        .execute(&self.reads)
+        .await
+        .map_err(write_error)?;
+        Ok(())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -1753,6 +1808,21 @@ mod tests {
             store.events_after(0, 10).await,
             Err(StoreError::Corrupt(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn circuit_breakers_are_kept_and_a_corrupt_one_is_reported() {
+        let (_dir, _path, store) = open_temp().await;
+        crate::store::conformance::breakers_round_trip(&store).await;
+        sqlx::query("UPDATE circuit_breakers SET opened_at = NULL WHERE state = 'open'")
+            .execute(&store.reads)
+            .await
+            .unwrap();
+        let err = store.breakers().await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Corrupt(m) if m.contains("no opened_at")),
+            "{err:?}"
+        );
     }
 
     #[tokio::test]

@@ -1686,6 +1686,7 @@ async fn storage(
             auto_provision: true,
         },
         Config::default().report_interval,
+        Config::default().circuit,
     );
     let mut rows = Vec::new();
     progress("5/7 durable single append (PostgreSQL)");
