@@ -8,6 +8,7 @@
 use crate::discovery::sweep;
 use kiwi_protocol::settings::{FieldErrors, Layers, Origin, Reader, parse_duration};
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -37,6 +38,9 @@ pub const KEYS: &[&str] = &[
     "discovery_interval",
     "api_body_limit",
     "max_agents",
+    "max_arrivals",
+    "agent_report_rate",
+    "agent_report_burst",
     "database_url",
     "db_pool_size",
     "redis_url",
@@ -121,6 +125,12 @@ pub struct Config {
     pub api_body_limit: usize,
     /// Most agent connections held at once; more are refused with retry-after.
     pub max_agents: usize,
+    /// Agent arrivals recorded at once; more are told to retry later.
+    pub max_arrivals: usize,
+    /// Reports per second one agent may send (burst: `agent_report_burst`);
+    /// faster ones are paced.
+    pub agent_report_rate: NonZeroU32,
+    pub agent_report_burst: NonZeroU32,
     /// PostgreSQL connection URL; `None`: the embedded SQLite store.
     pub database_url: Option<String>,
     /// Connections in the PostgreSQL pool.
@@ -285,6 +295,9 @@ impl Default for Config {
             discovery_interval: Duration::from_secs(30),
             api_body_limit: 64 * 1024,
             max_agents: 20_000,
+            max_arrivals: 256,
+            agent_report_rate: NonZeroU32::new(50).unwrap_or(NonZeroU32::MIN),
+            agent_report_burst: NonZeroU32::new(500).unwrap_or(NonZeroU32::MIN),
             database_url: None,
             db_pool_size: 10,
             redis_url: None,
@@ -396,6 +409,9 @@ impl Config {
             discovery_interval: duration(&mut r, "discovery_interval", d.discovery_interval),
             api_body_limit: r.get_or("api_body_limit", d.api_body_limit),
             max_agents: r.get_or("max_agents", d.max_agents),
+            max_arrivals: r.get_or("max_arrivals", d.max_arrivals),
+            agent_report_rate: r.get_or("agent_report_rate", d.agent_report_rate),
+            agent_report_burst: r.get_or("agent_report_burst", d.agent_report_burst),
             database_url: r
                 .raw("database_url")
                 .map(str::to_string)
@@ -459,6 +475,9 @@ impl Config {
         }
         if c.api_body_limit < 1024 {
             r.error("api_body_limit", "must be at least 1024 bytes");
+        }
+        if c.max_arrivals == 0 {
+            r.error("max_arrivals", "must be at least 1");
         }
         if c.max_agents == 0 {
             r.error("max_agents", "must be at least 1");

@@ -77,6 +77,8 @@ pub struct Metrics {
     pub agent_reports: Counter,
     pub agent_reports_duplicate: Counter,
     pub watch_clients: Gauge,
+    /// Watch clients disconnected for being too slow.
+    pub watch_clients_lagged: Counter,
     pub auth_failures: Family<AuthFailureLabels, Counter>,
     pub rate_limited: Family<LimitLabels, Counter>,
     pub agent_handshakes: Family<TransportLabels, Counter>,
@@ -125,6 +127,7 @@ impl Metrics {
             agent_reports: Counter::default(),
             agent_reports_duplicate: Counter::default(),
             watch_clients: Gauge::default(),
+            watch_clients_lagged: Counter::default(),
             auth_failures: Family::default(),
             rate_limited: Family::default(),
             agent_handshakes: Family::default(),
@@ -266,6 +269,11 @@ impl Metrics {
             "watch_clients",
             "Watch stream clients connected",
             m.watch_clients.clone(),
+        );
+        registry.register(
+            "watch_clients_lagged",
+            "Watch clients disconnected because they fell too far behind (told where to resume)",
+            m.watch_clients_lagged.clone(),
         );
         registry.register(
             "auth_failures",

@@ -280,7 +280,11 @@ impl Components {
                 handshake_timeout: Duration::from_secs(10),
                 max_frame: kiwi_protocol::DEFAULT_MAX_FRAME,
                 max_agents: self.config.max_agents,
+                max_arrivals: self.config.max_arrivals,
+                report_rate: self.config.agent_report_rate,
+                report_burst: self.config.agent_report_burst,
             },
+            arrivals: Arc::new(tokio::sync::Semaphore::new(self.config.max_arrivals)),
             shutdown: self.shutdown.clone(),
         })
     }

@@ -11,7 +11,7 @@ use crate::cache::RobotCache;
 use crate::domain::EventRecord;
 use crate::store::{Committed, EventStore, StoreError};
 use bytes::Bytes;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -126,27 +126,66 @@ pub enum Start {
     Now,
 }
 
-/// Streams events after `from` into a bounded channel, in position order,
-/// without gaps or duplicates. Ends when the receiver is dropped, when the
-/// client is too slow to keep `queue` events buffered, or on a store error.
-pub fn subscribe(
-    store: Arc<dyn EventStore>,
-    hub: &Hub,
-    from: Start,
-    queue: usize,
-) -> mpsc::Receiver<Result<Arc<WatchItem>, StoreError>> {
+/// A watch client's events, in position order, without gaps or
+/// duplicates; then, if the client fell too far behind, where it should
+/// resume.
+#[derive(Debug)]
+pub struct Subscription {
+    pub events: mpsc::Receiver<Result<Arc<WatchItem>, StoreError>>,
+    lagged: Arc<OnceLock<i64>>,
+}
+
+impl Subscription {
+    /// Once `events` has ended: the position to resume after when the
+    /// subscription was ended because the client did not keep up (the
+    /// last event it was given), `None` otherwise.
+    pub fn lagged(&self) -> Option<i64> {
+        self.lagged.get().copied()
+    }
+
+    /// The events, and what [`Subscription::lagged`] answers once they
+    /// have ended.
+    #[allow(clippy::type_complexity)]
+    pub fn split(
+        self,
+    ) -> (
+        mpsc::Receiver<Result<Arc<WatchItem>, StoreError>>,
+        impl FnOnce() -> Option<i64> + Send + 'static,
+    ) {
+        let lagged = self.lagged;
+        (self.events, move || lagged.get().copied())
+    }
+}
+
+/// Streams events after `from` into a bounded channel. Ends when the
+/// receiver is dropped, when the client is too slow to keep `queue` events
+/// buffered (it is given everything queued, then told where to resume:
+/// nobody else waits for it), or on a store error.
+pub fn subscribe(store: Arc<dyn EventStore>, hub: &Hub, from: Start, queue: usize) -> Subscription {
     let (tx, rx) = mpsc::channel(queue);
+    let lagged = Arc::new(OnceLock::new());
     let hub = hub.clone();
+    let mark = lagged.clone();
     tokio::spawn(async move {
-        if let Err(e) = follow(store, hub, from, &tx).await {
-            let _ = tx.send(Err(e)).await;
+        match follow(store, hub, from, &tx).await {
+            Ok(Stop::ClientGone) => {}
+            Ok(Stop::TooSlow { resume_after }) => {
+                let _ = mark.set(resume_after);
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+            }
         }
     });
-    rx
+    Subscription { events: rx, lagged }
 }
 
 enum Stop {
     ClientGone,
+    /// The client's queue was full; it has everything up to `resume_after`.
+    TooSlow {
+        resume_after: i64,
+    },
 }
 
 async fn follow(
@@ -154,7 +193,7 @@ async fn follow(
     hub: Hub,
     from: Start,
     tx: &mpsc::Sender<Result<Arc<WatchItem>, StoreError>>,
-) -> Result<(), StoreError> {
+) -> Result<Stop, StoreError> {
     // Subscribe before reading the log: whatever commits after this point
     // is in `rx`, whatever committed before is in the store.
     let mut rx = hub.tx.subscribe();
@@ -163,14 +202,13 @@ async fn follow(
         Start::Now => store.head().await?,
     };
     loop {
-        match catch_up(&store, &mut last, tx).await? {
-            Ok(()) => {}
-            Err(Stop::ClientGone) => return Ok(()),
+        if catch_up(&store, &mut last, tx).await?.is_err() {
+            return Ok(Stop::ClientGone);
         }
         // Follow the hub until it says we missed something.
         loop {
             let msg = tokio::select! {
-                () = tx.closed() => return Ok(()),
+                () = tx.closed() => return Ok(Stop::ClientGone),
                 m = rx.recv() => m,
             };
             match msg {
@@ -178,35 +216,35 @@ async fn follow(
                     if item.position <= last {
                         continue;
                     }
-                    last = item.position;
-                    if send(tx, Ok(item)).is_err() {
-                        return Ok(());
+                    // Without waiting: a client whose queue is full is too
+                    // slow; it is given what is queued and told where to
+                    // resume, rather than held here while the hub moves on.
+                    let position = item.position;
+                    match tx.try_send(Ok(item)) {
+                        Ok(()) => last = position,
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            return Ok(Stop::TooSlow { resume_after: last });
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            return Ok(Stop::ClientGone);
+                        }
                     }
                 }
                 Ok(HubMessage::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
                     rx = hub.tx.subscribe();
                     break;
                 }
-                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                Err(broadcast::error::RecvError::Closed) => return Ok(Stop::ClientGone),
             }
         }
     }
-}
-
-/// Sends without waiting: a client whose queue is full is too slow and is
-/// dropped (it resumes from its last event id).
-fn send(
-    tx: &mpsc::Sender<Result<Arc<WatchItem>, StoreError>>,
-    item: Result<Arc<WatchItem>, StoreError>,
-) -> Result<(), Stop> {
-    tx.try_send(item).map_err(|_| Stop::ClientGone)
 }
 
 async fn catch_up(
     store: &Arc<dyn EventStore>,
     last: &mut i64,
     tx: &mpsc::Sender<Result<Arc<WatchItem>, StoreError>>,
-) -> Result<Result<(), Stop>, StoreError> {
+) -> Result<Result<(), ()>, StoreError> {
     loop {
         let page = store.events_after(*last, CATCH_UP_PAGE).await?;
         if page.is_empty() {
@@ -215,9 +253,63 @@ async fn catch_up(
         for rec in &page {
             // Catching up may wait for the client: it is reading history.
             if tx.send(Ok(Arc::new(WatchItem::new(rec)))).await.is_err() {
-                return Ok(Err(Stop::ClientGone));
+                return Ok(Err(()));
             }
             *last = rec.position;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+
+    fn item(position: i64) -> HubMessage {
+        HubMessage::Event(Arc::new(WatchItem {
+            position,
+            event_type: "robot_discovered",
+            json: Bytes::from_static(b"{}"),
+        }))
+    }
+
+    async fn empty_store(dir: &std::path::Path) -> Arc<dyn EventStore> {
+        Arc::new(SqliteStore::open(&dir.join("kiwi.db")).await.unwrap())
+    }
+
+    /// Waits until the subscription's task follows the hub.
+    async fn following(hub: &Hub, n: usize) {
+        for _ in 0..200 {
+            if hub.receivers() >= n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        panic!("the subscription never followed the hub");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_keep_up_gets_its_queue_and_where_to_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = Hub::new();
+        let store = empty_store(dir.path()).await;
+        let mut slow = subscribe(store.clone(), &hub, Start::After(0), 4);
+        let mut fast = subscribe(store, &hub, Start::After(0), 4);
+        following(&hub, 2).await;
+        let mut fast_got = Vec::new();
+        for p in 1..=20 {
+            hub.tx.send(item(p)).unwrap();
+            // The fast client reads as events come; the slow one never.
+            let got = fast.events.recv().await.unwrap().unwrap();
+            fast_got.push(got.position);
+        }
+        assert_eq!(fast_got, (1..=20).collect::<Vec<_>>());
+        let mut slow_got = Vec::new();
+        while let Some(got) = slow.events.recv().await {
+            slow_got.push(got.unwrap().position);
+        }
+        assert_eq!(slow_got, [1, 2, 3, 4], "everything queued, in order");
+        assert_eq!(slow.lagged(), Some(4), "resume after the last one given");
+        assert_eq!(fast.lagged(), None);
     }
 }

@@ -414,9 +414,9 @@ async fn watch_resumes_without_gaps_or_duplicates() {
     let store = app.c.store.clone();
 
     // From the start: the three stored events, then live ones.
-    let mut all = watch::subscribe(store.clone(), &app.c.hub, Start::After(0), 64);
-    let mut from_two = watch::subscribe(store.clone(), &app.c.hub, Start::After(2), 64);
-    let mut now = watch::subscribe(store.clone(), &app.c.hub, Start::Now, 64);
+    let mut all = watch::subscribe(store.clone(), &app.c.hub, Start::After(0), 64).events;
+    let mut from_two = watch::subscribe(store.clone(), &app.c.hub, Start::After(2), 64).events;
+    let mut now = watch::subscribe(store.clone(), &app.c.hub, Start::Now, 64).events;
     // Let the `Now` subscriber read the head before new events arrive.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     app.input(

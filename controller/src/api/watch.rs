@@ -11,6 +11,7 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures_util::Stream;
 use serde::Deserialize;
+use serde_json::json;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,22 +62,49 @@ pub async fn watch(
         Some(p) => Start::After(p),
         None => Start::Now,
     };
-    let rx = subscribe(s.fleet.store().clone(), &s.hub, start, CLIENT_QUEUE);
+    let subscription = subscribe(s.fleet.store().clone(), &s.hub, start, CLIENT_QUEUE);
     s.metrics.watch_clients.inc();
     let guard = Watching(s.metrics.clone());
-    let stream = ReceiverStream::new(rx).map_while(move |item| {
-        let _alive = &guard;
-        match item {
-            Ok(item) => Some(Ok(Event::default()
-                .id(item.position.to_string())
-                .event(item.event_type)
-                .data(String::from_utf8_lossy(&item.json)))),
-            Err(e) => {
-                tracing::warn!(error = %e, "watch stream ended by a store error");
-                None
-            }
-        }
+    let (events, lagged) = subscription.split();
+    let metrics = s.metrics.clone();
+    // After the last event: if the client fell behind, one `lagged` event
+    // saying where to resume (its last event id), then the end.
+    let notice = futures_util::stream::once(async move {
+        let resume_after = lagged()?;
+        metrics.watch_clients_lagged.inc();
+        tracing::info!(
+            resume_after,
+            "watch client too slow; disconnected with its resume position"
+        );
+        Some(
+            Event::default().event("lagged").data(
+                json!({
+                    "resume_after": resume_after,
+                    "detail": "this client fell too far behind and was disconnected; \
+                               reconnect with Last-Event-ID to resume",
+                })
+                .to_string(),
+            ),
+        )
     });
+    let stream = ReceiverStream::new(events)
+        .map_while(move |item| {
+            let _alive = &guard;
+            match item {
+                Ok(item) => Some(Some(
+                    Event::default()
+                        .id(item.position.to_string())
+                        .event(item.event_type)
+                        .data(String::from_utf8_lossy(&item.json)),
+                )),
+                Err(e) => {
+                    tracing::warn!(error = %e, "watch stream ended by a store error");
+                    None
+                }
+            }
+        })
+        .chain(notice)
+        .filter_map(|e| e.map(Ok::<_, Infallible>));
     let stream = futures_util::StreamExt::take_until(stream, s.shutdown.clone().cancelled_owned());
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }

@@ -22,6 +22,7 @@ use crate::domain::event::IdentityFacts;
 use crate::fleet::{Context, Fleet, FleetError, storable};
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::security::{AgentAuth, Principal};
+use governor::Quota;
 use kiwi_protocol::frame;
 use kiwi_protocol::identity::format_mac;
 use kiwi_protocol::message::{
@@ -33,9 +34,10 @@ use kiwi_protocol::{Identity, RobotId};
 use kiwi_security::verify::CertRefusal;
 use session::{Session, now_ms};
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use transport::{AgentTransport, Incoming, TransportError};
 
@@ -47,6 +49,13 @@ pub struct LinkConfig {
     pub handshake_timeout: Duration,
     pub max_frame: usize,
     pub max_agents: usize,
+    /// Arrivals (a `Hello` being recorded) at once; more are shed with a
+    /// `Reject { Overloaded, retry_after }`.
+    pub max_arrivals: usize,
+    /// Reports per second one agent may send, and its burst; faster ones
+    /// are paced (its connection is not read until the next is due).
+    pub report_rate: NonZeroU32,
+    pub report_burst: NonZeroU32,
 }
 
 #[derive(Debug)]
@@ -58,10 +67,19 @@ pub struct LinkState {
     pub enroller: Arc<crate::security::Enroller>,
     pub metrics: Arc<Metrics>,
     pub config: LinkConfig,
+    /// Permits for arrivals being recorded (`config.max_arrivals`).
+    pub arrivals: Arc<Semaphore>,
     /// Cancelled at shutdown: connections close without recording robots
     /// as lost (the controller is leaving, not the robots).
     pub shutdown: CancellationToken,
 }
+
+/// What a shed agent is told to wait before it tries again (it adds its
+/// own jitter, so the shed ones do not return together).
+const SHED_RETRY_AFTER: Duration = Duration::from_secs(2);
+
+/// One agent's report pace.
+type ReportPace = governor::DefaultDirectRateLimiter;
 
 /// Outbound messages queued per agent before commands are refused.
 const OUTBOUND_QUEUE: usize = 64;
@@ -114,6 +132,21 @@ impl<T: AgentTransport> Connection<T> {
             return;
         };
         let robot_id = hello.identity.robot_id;
+        // Shed load rather than fall over: when too many arrivals are
+        // being recorded at once (a controller restart with a large
+        // fleet, a slow store), later ones are told to come back.
+        let Ok(arriving) = self.state.arrivals.clone().try_acquire_owned() else {
+            self.state
+                .metrics
+                .agent_connections_refused
+                .get_or_create(&ReasonLabels {
+                    reason: "overloaded".into(),
+                })
+                .inc();
+            tracing::info!(%robot_id, peer = %self.peer, "too many arrivals at once; agent told to retry");
+            Box::pin(self.reject(RejectReason::Overloaded, Some(SHED_RETRY_AFTER))).await;
+            return;
+        };
         let (tx, mut outbound) = mpsc::channel(OUTBOUND_QUEUE);
         let session = Session::new(
             robot_id,
@@ -132,6 +165,7 @@ impl<T: AgentTransport> Connection<T> {
         // future are needed only to welcome the agent; an idle
         // connection's task keeps neither them nor room for them.
         let welcomed = Box::pin(self.welcome(hello, version, &session)).await;
+        drop(arriving);
         let end = match welcomed {
             Ok(()) => self.serve_session(version, &session, &mut outbound).await,
             Err(reason) => Err(reason),
@@ -336,6 +370,10 @@ impl<T: AgentTransport> Connection<T> {
         let ctx = session_context(session);
         let mut ping = tokio::time::interval(self.state.config.heartbeat_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let pace = ReportPace::direct(
+            Quota::per_second(self.state.config.report_rate)
+                .allow_burst(self.state.config.report_burst),
+        );
         loop {
             tokio::select! {
                 () = session.cancel.cancelled() => {
@@ -365,7 +403,7 @@ impl<T: AgentTransport> Connection<T> {
                     session.touch(now_ms());
                     // Boxed: handling a message awaits the store, whose
                     // futures are large; an idle connection holds none.
-                    let handled = Box::pin(self.handle_frame(robot_id, version, session, &ctx, bytes));
+                    let handled = Box::pin(self.handle_frame(robot_id, version, session, &ctx, &pace, bytes));
                     if let Some(end) = handled.await? {
                         return Ok(end);
                     }
@@ -382,6 +420,7 @@ impl<T: AgentTransport> Connection<T> {
         version: ProtocolVersion,
         session: &Session,
         ctx: &Context,
+        pace: &ReportPace,
         bytes: Vec<u8>,
     ) -> Result<Option<End>, String> {
         let msg = match frame::decode_frame::<AgentMessage>(&bytes, self.state.config.max_frame) {
@@ -392,7 +431,8 @@ impl<T: AgentTransport> Connection<T> {
             }
         };
         drop(bytes);
-        self.handle(robot_id, version, session, ctx, msg).await
+        self.handle(robot_id, version, session, ctx, pace, msg)
+            .await
     }
 
     /// Handles one message of an established session; `Some` ends it.
@@ -402,11 +442,19 @@ impl<T: AgentTransport> Connection<T> {
         version: ProtocolVersion,
         session: &Session,
         ctx: &Context,
+        pace: &ReportPace,
         msg: AgentMessage,
     ) -> Result<Option<End>, String> {
         match msg {
             AgentMessage::Heartbeat(_) => {}
             AgentMessage::Report(report) => {
+                if pace.check().is_err() {
+                    // Too fast: this connection is not read until the
+                    // report is due; the agent keeps the rest in its
+                    // outbox (TCP and QUIC flow control push back).
+                    self.state.metrics.limited("agent_reports");
+                    pace.until_ready().await;
+                }
                 match self.state.fleet.report(robot_id, &report, ctx).await {
                     Ok(seq) => {
                         let ack = ControllerMessage::Ack(Ack {
@@ -416,7 +464,10 @@ impl<T: AgentTransport> Connection<T> {
                     }
                     Err(FleetError::Store(e)) => {
                         // Unacknowledged reports stay in the agent's outbox and
-                        // are resent after it reconnects.
+                        // are resent after it reconnects, which it is told
+                        // to do after a while, not at once.
+                        self.reject(RejectReason::Overloaded, Some(SHED_RETRY_AFTER))
+                            .await;
                         return Err(format!("report not stored: {e}"));
                     }
                     Err(FleetError::Refused(r)) => return Err(format!("report refused: {r}")),
@@ -606,11 +657,19 @@ mod tests {
     }
 
     async fn components(dir: &std::path::Path) -> Components {
-        let config = Config {
+        components_with(dir, |_| {}).await
+    }
+
+    async fn components_with(
+        dir: &std::path::Path,
+        change: impl FnOnce(&mut Config),
+    ) -> Components {
+        let mut config = Config {
             state_dir: dir.to_path_buf(),
             auto_provision: false,
             ..Config::default()
         };
+        change(&mut config);
         Components::build(config, CancellationToken::new())
             .await
             .unwrap()
@@ -675,6 +734,87 @@ mod tests {
             rx,
             task: tokio::spawn(conn.run()),
         }
+    }
+
+    /// Too many arrivals at once: the agent is told to come back later,
+    /// and nothing reaches the state machine.
+    #[tokio::test]
+    async fn arrivals_beyond_the_limit_are_shed_with_a_retry_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = components(dir.path()).await;
+        let state = c.link_state();
+        // Every permit taken, as if that many arrivals were being recorded.
+        let _busy = state
+            .arrivals
+            .clone()
+            .try_acquire_many_owned(u32::try_from(c.config.max_arrivals).unwrap())
+            .unwrap();
+        let (tx, from_agent) = mpsc::channel(16);
+        let (to_agent, rx) = mpsc::channel(16);
+        let channels = Channels {
+            from_agent,
+            to_agent,
+        };
+        let task = tokio::spawn(Connection::new(state, channels, principal("shed")).run());
+        let mut peer = Peer { tx, rx, task };
+        peer.send(&hello("shed")).await;
+        assert_eq!(
+            peer.next().await,
+            ControllerMessage::Reject(Reject {
+                reason: RejectReason::Overloaded,
+                retry_after_ms: Some(2000),
+            })
+        );
+        peer.task.await.unwrap();
+        let id = RobotId::from_hardware(&HardwareId::Configured("shed".into()));
+        assert!(!c.sessions.is_connected(&id));
+        assert!(
+            c.fleet.robot(id).await.unwrap().is_none(),
+            "nothing recorded"
+        );
+        let text = c.metrics.encode();
+        assert!(
+            text.contains("agent_connections_refused_total{reason=\"overloaded\"} 1"),
+            "{text}"
+        );
+    }
+
+    /// An agent reporting faster than its rate is paced, not refused:
+    /// every report is stored and acknowledged, none sooner than its rate
+    /// allows, and the pacing is counted.
+    #[tokio::test]
+    async fn reports_faster_than_the_rate_are_paced() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = components_with(dir.path(), |config| {
+            config.agent_report_rate = NonZeroU32::new(10).unwrap();
+            config.agent_report_burst = NonZeroU32::new(2).unwrap();
+        })
+        .await;
+        let mut peer = connect(&c);
+        peer.send(&hello("link-test")).await;
+        assert!(matches!(peer.next().await, ControllerMessage::Welcome(_)));
+        let started = std::time::Instant::now();
+        for seq in 1..=8 {
+            peer.send(&report(seq)).await;
+        }
+        for seq in 1..=8 {
+            assert_eq!(peer.next().await, ControllerMessage::Ack(Ack { seq }));
+        }
+        // Two at once, then one per 100 ms: six intervals at least.
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(590), "paced: took {took:?}");
+        let id = RobotId::from_hardware(&HardwareId::Configured("link-test".into()));
+        assert_eq!(c.store.reports(id, 0, 10).await.unwrap().len(), 8);
+        // Each report that had to wait is counted (six when the store
+        // keeps up; fewer when it is slower than the pace itself).
+        let paced = c
+            .metrics
+            .rate_limited
+            .get_or_create(&crate::metrics::LimitLabels {
+                limit: "agent_reports".into(),
+            })
+            .get();
+        assert!((1..=6).contains(&paced), "{paced} reports paced");
     }
 
     #[tokio::test]
