@@ -145,6 +145,15 @@ impl Breakers {
         matches!(self.state(robot), BreakerState::Open { .. })
     }
 
+    /// The robots whose breaker is open or half-open.
+    pub fn tripped(&self) -> Vec<RobotId> {
+        self.entries()
+            .iter()
+            .filter(|(_, t)| !matches!(t.breaker.state(), BreakerState::Closed { .. }))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// `robot`'s breaker for the API.
     pub fn view(&self, robot: &RobotId) -> CircuitView {
         let state = self.state(robot);

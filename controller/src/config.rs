@@ -28,6 +28,9 @@ pub const KEYS: &[&str] = &[
     "startup_grace",
     "offline_fail_after",
     "outage_share",
+    "recovery_probe_interval",
+    "recovery_probe_port",
+    "offline_fail_probes",
     "circuit_failure_threshold",
     "circuit_success_threshold",
     "circuit_open_timeout",
@@ -112,6 +115,11 @@ pub struct Config {
     /// More than this share of the robots silent at once (within 10 s)
     /// declares the network degraded.
     pub outage_share: f64,
+    /// Recovery probes of offline robots: how often, and how many failures
+    /// in a row make one `failed`.
+    pub recovery: crate::domain::recovery::RecoverySettings,
+    /// The TCP port the recovery probe connects to (the robots' SSH).
+    pub recovery_probe_port: u16,
     /// Each robot's circuit breaker (the original design's 5, 3, 30 s,
     /// 60 s, 300 s).
     pub circuit: crate::breakers::CircuitSettings,
@@ -289,6 +297,8 @@ impl Default for Config {
             startup_grace: Duration::from_secs(45),
             offline_fail_after: Duration::from_secs(600),
             outage_share: 0.5,
+            recovery: crate::domain::recovery::RecoverySettings::default(),
+            recovery_probe_port: 22,
             circuit: crate::breakers::CircuitSettings::default(),
             report_interval: Duration::from_secs(30),
             auto_provision: true,
@@ -381,6 +391,11 @@ impl Config {
             startup_grace: duration(&mut r, "startup_grace", d.startup_grace),
             offline_fail_after: duration(&mut r, "offline_fail_after", d.offline_fail_after),
             outage_share: r.get_or("outage_share", d.outage_share),
+            recovery: crate::domain::recovery::RecoverySettings {
+                interval: duration(&mut r, "recovery_probe_interval", d.recovery.interval),
+                fail_after: r.get_or("offline_fail_probes", d.recovery.fail_after),
+            },
+            recovery_probe_port: r.get_or("recovery_probe_port", d.recovery_probe_port),
             circuit: crate::breakers::CircuitSettings {
                 breaker: crate::domain::breaker::BreakerSettings {
                     failure_threshold: r.get_or(

@@ -15,6 +15,7 @@ pub mod link;
 pub mod liveness;
 pub mod metrics;
 pub mod ops;
+pub mod recovery;
 pub mod redis;
 pub mod replay;
 pub mod security;

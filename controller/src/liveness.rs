@@ -140,6 +140,7 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
             }
         }
         record_all(&fleet, records).await;
+        trial_probes(&fleet).await;
         judge_network(&fleet, &mut damping, now);
         if now >= next_fail_check {
             next_fail_check = now + 1000;
@@ -234,7 +235,7 @@ async fn probe(fleet: &Fleet, session: &Session) {
         .allow(session.robot_id, chrono::Utc::now())
         .await
     {
-        tracing::info!(robot_id = %session.robot_id, retry_at = %refused.retry_at, "circuit open; probe not sent");
+        tracing::debug!(robot_id = %session.robot_id, retry_at = %refused.retry_at, "circuit open; probe not sent");
         return;
     }
     let command = Command {
@@ -247,6 +248,21 @@ async fn probe(fleet: &Fleet, session: &Session) {
         tracing::debug!(robot_id = %session.robot_id, error = e, "probe not sent");
     }
     fleet.metrics().liveness_probes.inc();
+}
+
+/// Robots whose circuit is open but whose agent is connected (it came
+/// back, or its commands failed) are probed once the open timeout has
+/// passed: one `Ping` at a time, each answer a success of the half-open
+/// breaker, until enough close it.
+async fn trial_probes(fleet: &Fleet) {
+    for id in fleet.breakers().tripped() {
+        let Some(session) = fleet.sessions().get(&id) else {
+            continue;
+        };
+        if !session.is_suspect() && !session.awaits(crate::domain::decide::CommandIntent::Ping) {
+            probe(fleet, &session).await;
+        }
+    }
 }
 
 /// Records the sweep's suspicions and clearings, a bounded number at once

@@ -91,6 +91,9 @@ pub struct Metrics {
     pub liveness_probes: Counter,
     /// Suspect agents whose probe went unanswered (recorded offline).
     pub liveness_confirmed: Counter,
+    /// Recovery probes of offline robots by result (`reachable`,
+    /// `unreachable`, `skipped`: the circuit was open).
+    pub recovery_probes: Family<ResultLabels, Counter>,
     /// 1 while outage damping holds the network degraded.
     pub network_degraded: Gauge,
     /// Robots whose circuit breaker is `open` or `half_open`, by state.
@@ -137,6 +140,7 @@ impl Metrics {
             liveness_suspected: Counter::default(),
             liveness_probes: Counter::default(),
             liveness_confirmed: Counter::default(),
+            recovery_probes: Family::default(),
             network_degraded: Gauge::default(),
             circuit_breakers: Family::default(),
             registry: Registry::default(),
@@ -299,6 +303,11 @@ impl Metrics {
             "liveness_probes",
             "Active probes sent to suspect agents over their link",
             m.liveness_probes.clone(),
+        );
+        registry.register(
+            "recovery_probes",
+            "Recovery probes of offline robots' hosts, by result (reachable, unreachable, skipped by an open circuit)",
+            m.recovery_probes.clone(),
         );
         registry.register(
             "liveness_confirmed",

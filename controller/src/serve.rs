@@ -298,6 +298,12 @@ impl Components {
             self.hub.clone(),
             self.shutdown.clone(),
         ));
+        tasks.spawn(crate::recovery::run(
+            self.fleet.clone(),
+            self.config.recovery,
+            self.config.recovery_probe_port,
+            self.shutdown.clone(),
+        ));
         tasks.spawn(liveness::run(
             self.fleet.clone(),
             LivenessConfig {

@@ -127,3 +127,48 @@ async fn an_unanswered_probe_opens_the_circuit_which_survives_a_restart_until_re
         .unwrap();
     assert_eq!(unknown.status, StatusCode::NOT_FOUND, "{}", unknown.body);
 }
+
+/// The acceptance end to end: a failed probe opens the circuit (threshold
+/// 1 here); once the agent is back and the open timeout has passed, trial
+/// probes go through one at a time and three answered ones close it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_open_timeout_trial_probes_close_the_circuit_of_a_robot_that_came_back() {
+    let controller = ControllerOptions::new()
+        .heartbeat_interval("250ms")
+        .liveness_timeout("60s")
+        .setting("circuit_failure_threshold", "1")
+        .setting("circuit_open_timeout", "2s")
+        .start()
+        .await;
+    let mut agent = Agent::start(&controller, &test_serial(62));
+    let id = agent.robot_id();
+    let api = controller.api().clone();
+    wait_ready_and_connected(&api, id, secs(30)).await;
+    agent.pause();
+    wait_for_state(&api, id, State::Offline, secs(10)).await;
+    let open = wait_until(secs(10), || async {
+        let c = circuit(&api, id).await;
+        anyhow::ensure!(c["state"] == "open", "circuit {c}");
+        Ok(c)
+    })
+    .await;
+    let probes_before = api.metric("liveness_probes_total", &[]).await.unwrap();
+    agent.resume();
+    wait_ready_and_connected(&api, id, secs(30)).await;
+    let closed = wait_until(secs(20), || async {
+        let c = circuit(&api, id).await;
+        anyhow::ensure!(c["state"] == "closed", "circuit {c}");
+        Ok(c)
+    })
+    .await;
+    assert_eq!(closed["failures"], 0, "{closed}");
+    let trials = api.metric("liveness_probes_total", &[]).await.unwrap() - probes_before;
+    assert!(
+        trials >= 3.0,
+        "three answered trials close it ({trials} probes sent; opened {open})"
+    );
+    assert!(
+        exclusion(&api, id).await.is_empty(),
+        "deployable again once closed"
+    );
+}

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use kiwi_tests::lan::{Lan, lan_tests_enabled};
 use kiwi_tests::lan_fleet::{AGENT_URL, LanAgent, LanController};
-use kiwi_tests::{State, wait_for_state, wait_ready_and_connected};
+use kiwi_tests::{State, wait_for_state, wait_ready_and_connected, wait_until};
 use uuid::Uuid;
 
 /// How long anything in these tests may take (a debug build on a busy
@@ -39,6 +39,17 @@ fn offline_events(lan: &Lan, controller: &LanController, ids: &[Uuid]) -> Vec<St
         }
         out
     })
+}
+
+/// Plugs robot `i`'s link in or out.
+fn set_link(lan: &Lan, i: usize, up: bool) {
+    let state = if up { "up" } else { "down" };
+    let status = lan
+        .command(&lan.robot(i), "ip")
+        .args(["link", "set", "eth0", state])
+        .status()
+        .expect("run ip");
+    assert!(status.success(), "ip link set eth0 {state}: {status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -76,12 +87,7 @@ async fn wifi_loss_makes_no_robot_offline_and_an_unplugged_one_is_offline_within
 
     // Unplug robot 1: its link goes down, nothing more arrives from it.
     let unplugged = Instant::now();
-    let status = lan
-        .command(&lan.robot(1), "ip")
-        .args(["link", "set", "eth0", "down"])
-        .status()
-        .expect("run ip");
-    assert!(status.success(), "ip link set eth0 down: {status}");
+    set_link(&lan, 1, false);
     let gone = ids[0];
     controller.with_api(&lan, move |api| async move {
         wait_for_state(&api, gone, State::Offline, Duration::from_secs(2) + MARGIN).await;
@@ -101,4 +107,154 @@ async fn wifi_loss_makes_no_robot_offline_and_an_unplugged_one_is_offline_within
         states.iter().all(|s| *s == State::Ready),
         "the others stay ready: {states:?}"
     );
+}
+
+/// The lifecycle transitions of `id`, oldest first, as `from->to`.
+async fn transitions(api: &kiwi_tests::Api, id: Uuid) -> Vec<String> {
+    api.events(id)
+        .await
+        .expect("events")
+        .iter()
+        .filter_map(|e| e.transition())
+        .map(|(from, to)| format!("{}->{}", from.as_str(), to.as_str()))
+        .collect()
+}
+
+/// `GET /api/v2/network`'s `state`.
+async fn network_state(api: &kiwi_tests::Api) -> anyhow::Result<String> {
+    let network: serde_json::Value = api.get_json("/api/v2/network").await?;
+    Ok(network["state"].as_str().unwrap_or_default().to_string())
+}
+
+const PARTITION_ROBOTS: usize = 6;
+
+/// A partition of half the robots (their links down for several seconds)
+/// degrades the network: the recovery probes keep failing but no robot is
+/// failed; after healing every robot is back `ready` and its log tells
+/// ready -> offline -> ready. Then one robot unplugged alone (the network
+/// is fine) fails its recovery probes and is recorded `failed`, its circuit
+/// breaker counting the failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_of_half_the_robots_fails_none_and_all_return_but_a_robot_unplugged_alone_fails_its_probes()
+ {
+    if !lan_tests_enabled() {
+        return;
+    }
+    let lan = Lan::build(PARTITION_ROBOTS).expect("build the LAN");
+    let controller = LanController::start(
+        &lan,
+        &[
+            ("HEARTBEAT_INTERVAL", "250ms"),
+            ("LIVENESS_TIMEOUT", "60s"),
+            // Half the robots is the partition; the default share (more
+            // than 50 %) would need one more.
+            ("OUTAGE_SHARE", "0.4"),
+            // Only the probes may fail a robot here.
+            ("OFFLINE_FAIL_AFTER", "0s"),
+            ("RECOVERY_PROBE_INTERVAL", "500ms"),
+            ("OFFLINE_FAIL_PROBES", "4"),
+        ],
+        DEADLINE,
+    );
+    let mut robots: Vec<LanAgent> = (1..=PARTITION_ROBOTS).map(LanAgent::new).collect();
+    for r in &mut robots {
+        r.start(&lan, AGENT_URL, Some(controller.enroll_token()), &[]);
+    }
+    let ids: Vec<Uuid> = robots.iter().map(|r| r.robot_id).collect();
+    let all = ids.clone();
+    controller.with_api(&lan, move |api| async move {
+        for id in all {
+            wait_ready_and_connected(&api, id, DEADLINE).await;
+        }
+    });
+
+    // Partition robots 1..=3.
+    let half = PARTITION_ROBOTS / 2;
+    for i in 1..=half {
+        set_link(&lan, i, false);
+    }
+    let cut = ids[..half].to_vec();
+    controller.with_api(&lan, move |api| async move {
+        for &id in &cut {
+            wait_for_state(&api, id, State::Offline, DEADLINE).await;
+        }
+        wait_until(DEADLINE, || async {
+            let state = network_state(&api).await?;
+            anyhow::ensure!(state == "degraded", "network {state}");
+            Ok(())
+        })
+        .await;
+        // Several probe intervals past the threshold: held, not failed.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let unreachable = api
+            .metric("recovery_probes_total", &[("result", "unreachable")])
+            .await
+            .expect("metrics");
+        assert!(unreachable >= 4.0, "the probes went on: {unreachable}");
+        for &id in &cut {
+            let robot = api.robot_required(id).await.expect("robot");
+            assert_eq!(robot.state, State::Offline, "held while degraded");
+        }
+    });
+
+    // Heal: every robot back, as it was, and the network normal again.
+    for i in 1..=half {
+        set_link(&lan, i, true);
+    }
+    let all = ids.clone();
+    let cut = ids[..half].to_vec();
+    controller.with_api(&lan, move |api| async move {
+        for &id in &all {
+            wait_ready_and_connected(&api, id, DEADLINE).await;
+        }
+        wait_until(DEADLINE, || async {
+            let state = network_state(&api).await?;
+            anyhow::ensure!(state == "normal", "network {state}");
+            Ok(())
+        })
+        .await;
+        for &id in &all {
+            let t = transitions(&api, id).await;
+            let expected: &[&str] = if cut.contains(&id) {
+                &[
+                    "discovered->provisioning",
+                    "provisioning->ready",
+                    "ready->offline",
+                    "offline->ready",
+                ]
+            } else {
+                &["discovered->provisioning", "provisioning->ready"]
+            };
+            assert_eq!(t, expected, "the log of {id}");
+        }
+    });
+
+    // One robot alone unplugged: the network stays normal, its probes fail
+    // and it is recorded failed, its circuit counting the failures.
+    let alone = ids[PARTITION_ROBOTS - 1];
+    set_link(&lan, PARTITION_ROBOTS, false);
+    controller.with_api(&lan, move |api| async move {
+        let failed = wait_for_state(&api, alone, State::Failed, DEADLINE).await;
+        assert_eq!(failed.state, State::Failed);
+        let events = api.events(alone).await.expect("events");
+        let last = events.last().expect("events");
+        assert_eq!(last.kind, "robot_failed", "{events:#?}");
+        assert!(
+            last.data
+                .to_string()
+                .contains("recovery probes in a row found no host"),
+            "{}",
+            last.data
+        );
+        assert_eq!(network_state(&api).await.expect("network"), "normal");
+        let robot: serde_json::Value = api
+            .get_json(&format!("/api/v2/robots/{alone}"))
+            .await
+            .expect("robot");
+        let circuit = &robot["circuit"];
+        assert!(
+            circuit["state"] == "open" || circuit["failures"].as_u64() >= Some(4),
+            "the circuit counted the failed probes: {circuit}"
+        );
+    });
 }

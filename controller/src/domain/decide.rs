@@ -96,7 +96,8 @@ pub enum Input {
     },
     /// A suspect robot's agent was heard from again.
     AgentHeardAgain,
-    /// The robot has been `offline` longer than the controller waits.
+    /// The robot has been `offline` longer than the controller waits, or
+    /// its host failed the recovery probes in a row.
     OfflineTooLong {
         reason: String,
     },

@@ -11,7 +11,9 @@
 //! - [`decide`]: what an operator action or an observation of a robot means;
 //! - [`breaker`]: the circuit breaker (closed, open, half-open);
 //! - [`detector`]: the failure detector of one robot (phi accrual);
-//! - [`damping`]: outage damping (many robots silent at once: the network).
+//! - [`damping`]: outage damping (many robots silent at once: the network);
+//! - [`recovery`]: recovery probes of offline robots (who is due, when
+//!   failed probes make a robot `failed`).
 
 pub mod breaker;
 pub mod damping;
@@ -19,6 +21,7 @@ pub mod decide;
 pub mod detector;
 pub mod event;
 pub mod lifecycle;
+pub mod recovery;
 pub mod robot;
 
 pub use decide::{Action, Decision, Input, Policy, Refusal, decide};

@@ -147,6 +147,15 @@ impl Session {
             .remove(&command_id)
     }
 
+    /// Whether a command of `intent` was sent and not yet answered.
+    pub fn awaits(&self, intent: CommandIntent) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|i| *i == intent)
+    }
+
     /// Queues a command; fails when the agent's queue is full or closed (the
     /// command is then reconciled when the agent next connects).
     pub fn send_command(&self, intent: CommandIntent, command: Command) -> Result<(), String> {
