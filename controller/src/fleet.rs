@@ -11,7 +11,8 @@ use crate::breakers::{Breakers, CircuitSettings, Outcome};
 use crate::cache::{Entry, RobotCache};
 use crate::domain::decide::CommandIntent;
 use crate::domain::{
-    EventMetadata, EventRecord, Health, Input, NewEvent, Policy, Refusal, Robot, RobotEvent, decide,
+    EventMetadata, EventRecord, Health, Input, LifecycleState, NewEvent, Policy, Recall, Refusal,
+    Robot, RobotEvent, decide_recalling,
 };
 use crate::link::session::SessionRegistry;
 use crate::metrics::{Metrics, TransitionLabels};
@@ -299,7 +300,16 @@ impl Fleet {
         loop {
             let current = self.robot(id).await?;
             let current_robot = current.as_ref().map(|e| e.robot.as_ref());
-            let decision = decide(current_robot, input.clone(), self.inner.policy)?;
+            let recall = match (&input, current_robot) {
+                (Input::AgentConnected { .. }, Some(r)) if r.state == LifecycleState::Offline => {
+                    Recall {
+                        before_offline: self.state_before_offline(id, r.version).await?,
+                    }
+                }
+                _ => Recall::default(),
+            };
+            let decision =
+                decide_recalling(current_robot, input.clone(), self.inner.policy, recall)?;
             if decision.events.is_empty() && report.is_none() {
                 let robot = current.ok_or(Refusal::UnknownRobot)?;
                 return Ok((
@@ -324,6 +334,28 @@ impl Fleet {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// The state an offline robot (at `version`) left when it went
+    /// offline: the source of its last transition, which is the last
+    /// `robot_offline` (nothing moves an offline robot but its return or
+    /// its failure). Read from the robot's latest events; `None` when they
+    /// were pruned.
+    async fn state_before_offline(
+        &self,
+        id: RobotId,
+        version: i64,
+    ) -> Result<Option<LifecycleState>, StoreError> {
+        const LOOK_BACK: u32 = 32;
+        let events = self
+            .inner
+            .store
+            .robot_events(id, (version - i64::from(LOOK_BACK)).max(0), LOOK_BACK)
+            .await?;
+        Ok(events.iter().rev().find_map(|e| match &e.event {
+            RobotEvent::RobotOffline { transition, .. } => Some(transition.from),
+            _ => None,
+        }))
     }
 
     /// Appends `events` (and `report`) for a robot whose current row is

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use kiwi_tests::lan::{Lan, lan_tests_enabled};
 use kiwi_tests::lan_fleet::{AGENT_URL, LanAgent, LanController};
-use kiwi_tests::{State, wait_for_state, wait_ready_and_connected, wait_until};
+use kiwi_tests::{State, wait_for_robot, wait_for_state, wait_ready_and_connected, wait_until};
 use uuid::Uuid;
 
 /// How long anything in these tests may take (a debug build on a busy
@@ -130,10 +130,10 @@ const PARTITION_ROBOTS: usize = 6;
 
 /// A partition of half the robots (their links down for several seconds)
 /// degrades the network: the recovery probes keep failing but no robot is
-/// failed; after healing every robot is back `ready` and its log tells
-/// ready -> offline -> ready. Then one robot unplugged alone (the network
-/// is fine) fails its recovery probes and is recorded `failed`, its circuit
-/// breaker counting the failures.
+/// failed; after healing every robot is back in the state it left (`ready`,
+/// or `active` with its deployment) and its log tells the whole story. Then
+/// one robot unplugged alone (the network is fine) fails its recovery probes
+/// and is recorded `failed`, its circuit breaker counting the failures.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_of_half_the_robots_fails_none_and_all_return_but_a_robot_unplugged_alone_fails_its_probes()
  {
@@ -166,6 +166,17 @@ async fn a_partition_of_half_the_robots_fails_none_and_all_return_but_a_robot_un
         for id in all {
             wait_ready_and_connected(&api, id, DEADLINE).await;
         }
+    });
+
+    // Robot 1 runs a deployment: it must come back to it.
+    let deployed = ids[0];
+    controller.with_api(&lan, move |api| async move {
+        let body = serde_json::json!({ "deployment_version": "v7" });
+        let robot = api
+            .act(deployed, "activate", Some(body))
+            .await
+            .expect("activate");
+        assert_eq!(robot.state, State::Active);
     });
 
     // Partition robots 1..=3.
@@ -205,8 +216,23 @@ async fn a_partition_of_half_the_robots_fails_none_and_all_return_but_a_robot_un
     let cut = ids[..half].to_vec();
     controller.with_api(&lan, move |api| async move {
         for &id in &all {
-            wait_ready_and_connected(&api, id, DEADLINE).await;
+            wait_for_robot(&api, id, DEADLINE, "back and connected", |r| {
+                r.connected
+                    && r.state
+                        == if id == deployed {
+                            State::Active
+                        } else {
+                            State::Ready
+                        }
+            })
+            .await;
         }
+        let robot = api.robot_required(deployed).await.expect("robot");
+        assert_eq!(
+            robot.field("deployment_version"),
+            "v7",
+            "the same deployment"
+        );
         wait_until(DEADLINE, || async {
             let state = network_state(&api).await?;
             anyhow::ensure!(state == "normal", "network {state}");
@@ -215,7 +241,16 @@ async fn a_partition_of_half_the_robots_fails_none_and_all_return_but_a_robot_un
         .await;
         for &id in &all {
             let t = transitions(&api, id).await;
-            let expected: &[&str] = if cut.contains(&id) {
+            let expected: &[&str] = if id == deployed {
+                &[
+                    "discovered->provisioning",
+                    "provisioning->ready",
+                    "ready->active",
+                    "active->offline",
+                    "offline->ready",
+                    "ready->active",
+                ]
+            } else if cut.contains(&id) {
                 &[
                     "discovered->provisioning",
                     "provisioning->ready",

@@ -167,6 +167,26 @@ fn transition(from: LifecycleState, to: LifecycleState) -> Transition {
 
 /// Decides what `input` means for `robot` (`None`: not seen before).
 pub fn decide(robot: Option<&Robot>, input: Input, policy: Policy) -> Result<Decision, Refusal> {
+    decide_recalling(robot, input, policy, Recall::default())
+}
+
+/// What the robot's log says that its row does not, for the decisions that
+/// need it (the caller reads it from the store).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Recall {
+    /// The state an `offline` robot was in when it went offline.
+    pub before_offline: Option<LifecycleState>,
+}
+
+/// [`decide`], with what the log recalls: an `offline` robot whose agent
+/// returns goes back to where it was (`ready`, or through `ready` to
+/// `active` with its recorded deployment).
+pub fn decide_recalling(
+    robot: Option<&Robot>,
+    input: Input,
+    policy: Policy,
+    recall: Recall,
+) -> Result<Decision, Refusal> {
     let mut d = Decision::default();
     match input {
         Input::AgentConnected { facts } => match robot {
@@ -188,9 +208,19 @@ pub fn decide(robot: Option<&Robot>, input: Input, policy: Policy) -> Result<Dec
                         .push(RobotEvent::RobotIdentityChanged { identity: facts });
                 }
                 match r.state {
-                    Offline => d.events.push(RobotEvent::RobotRecovered {
-                        transition: transition(Offline, Ready),
-                    }),
+                    Offline => {
+                        d.events.push(RobotEvent::RobotRecovered {
+                            transition: transition(Offline, Ready),
+                        });
+                        if recall.before_offline == Some(Active) {
+                            // Its deployment resumes (the version recorded
+                            // stays); offline -> active is not a transition.
+                            d.events.push(RobotEvent::RobotActivated {
+                                transition: transition(Ready, Active),
+                                deployment_version: None,
+                            });
+                        }
+                    }
                     Discovered if policy.auto_provision => {
                         d.events.push(RobotEvent::RobotProvisioningStarted {
                             transition: transition(Discovered, Provisioning),
@@ -380,6 +410,50 @@ mod tests {
             agent_version: Some("0.1.0".into()),
             hardware_id: "pi-serial:1".into(),
             mac_addresses: vec![],
+        }
+    }
+
+    #[test]
+    fn an_offline_robot_returns_to_the_state_it_left() {
+        let mut clock = 0;
+        let d = decide(None, Input::AgentConnected { facts: facts("a") }, AUTO).unwrap();
+        let r = apply_all(None, &d, &mut clock).unwrap();
+        let d = decide(
+            Some(&r),
+            Input::CommandAnswered {
+                command: CommandIntent::Provision,
+                error: None,
+            },
+            AUTO,
+        )
+        .unwrap();
+        let ready = apply_all(Some(r), &d, &mut clock).unwrap();
+        let activate = Input::Operator(Action::Activate {
+            deployment_version: Some("v7".into()),
+        });
+        let d = decide(Some(&ready), activate, AUTO).unwrap();
+        let active = apply_all(Some(ready.clone()), &d, &mut clock).unwrap();
+        for (before, expected) in [(ready, Ready), (active, Active)] {
+            let lost = Input::AgentLost {
+                reason: "gone".into(),
+            };
+            let d = decide(Some(&before), lost, AUTO).unwrap();
+            let offline = apply_all(Some(before.clone()), &d, &mut clock).unwrap();
+            assert_eq!(offline.state, Offline);
+            let back = Input::AgentConnected { facts: facts("a") };
+            let recall = Recall {
+                before_offline: Some(before.state),
+            };
+            let d = decide_recalling(Some(&offline), back.clone(), AUTO, recall).unwrap();
+            let again = apply_all(Some(offline.clone()), &d, &mut clock).unwrap();
+            assert_eq!(again.state, expected);
+            assert_eq!(again.deployment_version, before.deployment_version);
+            // Without the log's word it comes back ready.
+            let d = decide(Some(&offline), back, AUTO).unwrap();
+            assert_eq!(
+                apply_all(Some(offline), &d, &mut clock).unwrap().state,
+                Ready
+            );
         }
     }
 

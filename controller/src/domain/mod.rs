@@ -24,7 +24,7 @@ pub mod lifecycle;
 pub mod recovery;
 pub mod robot;
 
-pub use decide::{Action, Decision, Input, Policy, Refusal, decide};
+pub use decide::{Action, Decision, Input, Policy, Recall, Refusal, decide, decide_recalling};
 pub use event::{EventMetadata, EventRecord, NewEvent, RobotEvent};
 pub use lifecycle::LifecycleState;
 pub use robot::{Head, Health, Robot};
