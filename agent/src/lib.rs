@@ -186,6 +186,8 @@ async fn enroll_first(
     if let ControllerSetting::Url(url) = &cfg.controller {
         return enroll::enroll(&cfg.state_dir, agent.identity(), url, token, None, shutdown).await;
     }
+    let backoff = Backoff::new(cfg.reconnect_base, cfg.reconnect_cap);
+    let mut attempt = 0;
     loop {
         let Some(url) = announce::first_controller(lan.finds(), shutdown).await else {
             anyhow::bail!("stopped while looking for a controller");
@@ -210,7 +212,8 @@ async fn enroll_first(
         }
         tokio::select! {
             () = shutdown.cancelled() => anyhow::bail!("stopped while enrolling"),
-            () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+            () = tokio::time::sleep(backoff.delay(attempt, rand::random::<f64>())) => {}
         }
+        attempt = attempt.saturating_add(1);
     }
 }

@@ -14,6 +14,7 @@ use crate::cache::RobotCache;
 use crate::domain::Robot;
 use crate::redis::RedisCache;
 use kiwi_protocol::RobotId;
+use kiwi_protocol::backoff::Backoff;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
@@ -22,8 +23,9 @@ const UP: u8 = 0;
 const DOWN: u8 = 1;
 const REFILLING: u8 = 2;
 
-/// How often a down Redis is pinged.
-const RECOVERY_PERIOD: Duration = Duration::from_secs(1);
+/// How often a down Redis is pinged: the one backoff policy, from 100 ms
+/// to at most a second apart.
+const RECOVERY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
 
 #[derive(Debug, Clone)]
 pub struct SharedCache {
@@ -92,6 +94,7 @@ impl SharedCache {
     fn start_recovery(&self, local: Arc<RobotCache>) {
         let this = self.clone();
         tokio::spawn(async move {
+            let mut attempt = 0;
             loop {
                 if this.redis.ping().await.is_ok() {
                     // Commits from now on are written through; everything
@@ -121,7 +124,8 @@ impl SharedCache {
                         return;
                     }
                 }
-                tokio::time::sleep(RECOVERY_PERIOD).await;
+                tokio::time::sleep(RECOVERY.delay(attempt, rand::random::<f64>())).await;
+                attempt = attempt.saturating_add(1);
             }
         });
     }
