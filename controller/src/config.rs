@@ -40,6 +40,7 @@ pub const KEYS: &[&str] = &[
     "auto_provision",
     "discovery_interval",
     "api_body_limit",
+    "watch_client_queue",
     "max_agents",
     "max_arrivals",
     "agent_report_rate",
@@ -131,6 +132,9 @@ pub struct Config {
     pub discovery_interval: Duration,
     /// Largest accepted REST request body, in bytes.
     pub api_body_limit: usize,
+    /// Events queued per watch client; a client further behind is told
+    /// where to resume and disconnected.
+    pub watch_client_queue: usize,
     /// Most agent connections held at once; more are refused with retry-after.
     pub max_agents: usize,
     /// Agent arrivals recorded at once; more are told to retry later.
@@ -304,6 +308,7 @@ impl Default for Config {
             auto_provision: true,
             discovery_interval: Duration::from_secs(30),
             api_body_limit: 64 * 1024,
+            watch_client_queue: 1024,
             max_agents: 20_000,
             max_arrivals: 256,
             agent_report_rate: NonZeroU32::new(50).unwrap_or(NonZeroU32::MIN),
@@ -423,6 +428,7 @@ impl Config {
             auto_provision: r.get_or("auto_provision", d.auto_provision),
             discovery_interval: duration(&mut r, "discovery_interval", d.discovery_interval),
             api_body_limit: r.get_or("api_body_limit", d.api_body_limit),
+            watch_client_queue: r.get_or("watch_client_queue", d.watch_client_queue),
             max_agents: r.get_or("max_agents", d.max_agents),
             max_arrivals: r.get_or("max_arrivals", d.max_arrivals),
             agent_report_rate: r.get_or("agent_report_rate", d.agent_report_rate),
@@ -487,6 +493,9 @@ impl Config {
         }
         if c.report_interval < Duration::from_millis(100) {
             r.error("report_interval", "must be at least 100ms");
+        }
+        if c.watch_client_queue == 0 {
+            r.error("watch_client_queue", "must be at least 1");
         }
         if c.api_body_limit < 1024 {
             r.error("api_body_limit", "must be at least 1024 bytes");

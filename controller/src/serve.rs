@@ -251,6 +251,7 @@ impl Components {
             discovery: self.discovery.clone(),
             started: Instant::now(),
             body_limit: self.config.api_body_limit,
+            watch_queue: self.config.watch_client_queue,
             shutdown: self.shutdown.clone(),
             api_auth: Arc::new(crate::security::ApiAuth::new(
                 self.store.auth(),

@@ -34,13 +34,18 @@ impl Drop for App {
 }
 
 async fn app() -> App {
+    app_with(|_| {}).await
+}
+
+async fn app_with(change: impl FnOnce(&mut Config)) -> App {
     let dir = tempfile::tempdir().unwrap();
-    let config = Config {
+    let mut config = Config {
         state_dir: dir.path().to_path_buf(),
         auto_provision: false,
         discovery_interval: std::time::Duration::ZERO,
         ..Config::default()
     };
+    change(&mut config);
     let c = Components::build(config, CancellationToken::new())
         .await
         .unwrap();
@@ -470,6 +475,57 @@ async fn watch_resumes_without_gaps_or_duplicates() {
                 .is_err()
         );
     }
+}
+
+/// A watch client that does not read falls behind; it is sent what was
+/// queued for it, then a `lagged` event saying where to resume, and its
+/// stream ends, while nobody else waits for it.
+#[tokio::test]
+async fn a_watch_client_that_falls_behind_is_told_where_to_resume() {
+    let app = app_with(|c| c.watch_client_queue = 4).await;
+    let mut req = Request::get("/api/v2/watch").body(Body::empty()).unwrap();
+    req.headers_mut()
+        .insert(header::AUTHORIZATION, app.authorization.parse().unwrap());
+    let resp = app.c.api_router().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    // Following the hub (the stream is not read yet).
+    for _ in 0..200 {
+        if app.c.hub.receivers() > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    for n in 1..=3 {
+        app.ready_robot(n).await; // three events each
+    }
+    let body = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        resp.into_body().collect(),
+    )
+    .await
+    .expect("the lagging stream ends")
+    .unwrap()
+    .to_bytes();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .collect();
+    assert_eq!(events.len(), 5, "four queued and the notice: {text}");
+    for (i, e) in events[..4].iter().enumerate() {
+        assert!(e.contains(&format!("id: {}\n", i + 1)), "{e}");
+    }
+    let notice = events[4];
+    assert!(notice.starts_with("event: lagged\n"), "{notice}");
+    let data: Value = serde_json::from_str(
+        notice
+            .lines()
+            .find_map(|l| l.strip_prefix("data: "))
+            .expect("data"),
+    )
+    .unwrap();
+    assert_eq!(data["resume_after"], 4, "{data}");
+    assert_eq!(app.c.metrics.watch_clients_lagged.get(), 1);
 }
 
 /// `POST /api/v2/discover` answers 202 with a session id at once; the

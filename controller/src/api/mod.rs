@@ -35,6 +35,8 @@ pub struct AppState {
     pub discovery: Discovery,
     pub started: Instant,
     pub body_limit: usize,
+    /// Events queued per watch client (`watch_client_queue`).
+    pub watch_queue: usize,
     /// Cancelled at shutdown; ends long-lived streams so the server drains.
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Checks API tokens; also makes and revokes them, so that the change

@@ -25,10 +25,6 @@ pub struct WatchQuery {
     after: Option<i64>,
 }
 
-/// Events queued per client; a client further behind is disconnected and
-/// resumes from its last event id.
-const CLIENT_QUEUE: usize = 1024;
-
 /// Counts a watch client for as long as its stream lives.
 struct Watching(Arc<Metrics>);
 
@@ -62,7 +58,7 @@ pub async fn watch(
         Some(p) => Start::After(p),
         None => Start::Now,
     };
-    let subscription = subscribe(s.fleet.store().clone(), &s.hub, start, CLIENT_QUEUE);
+    let subscription = subscribe(s.fleet.store().clone(), &s.hub, start, s.watch_queue);
     s.metrics.watch_clients.inc();
     let guard = Watching(s.metrics.clone());
     let (events, lagged) = subscription.split();
