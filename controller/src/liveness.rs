@@ -9,7 +9,8 @@
 //!    `Ping` command, which the agent answers);
 //! 2. anything heard from the agent clears the suspicion (recorded);
 //! 3. a probe unanswered for [`LivenessConfig::probe_timeout`] closes the
-//!    connection, which records the robot `offline`;
+//!    connection, which records the robot `offline`; its host is checked
+//!    meanwhile (TCP), and the reason says whether it answered;
 //! 4. whatever the detector says, a silence of `timeout` (the
 //!    `liveness_timeout` setting) closes the connection: a ceiling for links
 //!    so erratic that the detector keeps waiting.
@@ -30,8 +31,12 @@ use crate::domain::{Input, LifecycleState};
 use crate::fleet::{Context, Fleet};
 use crate::link::session::{Session, now_ms};
 use futures_util::StreamExt as _;
+use kiwi_protocol::RobotId;
 use kiwi_protocol::message::{Command, CommandKind};
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::Duration;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// Whether a session last heard from at `last_seen_ms` is overdue at `now_ms`.
@@ -53,6 +58,10 @@ pub struct LivenessConfig {
     /// `offline` this long becomes `failed` (zero: never automatically).
     pub offline_fail_after: Duration,
     pub damping: DampingSettings,
+    /// While a suspect agent's probe is out, its host is checked too (a
+    /// TCP connection to this port of its address), so that `offline`
+    /// says whether the robot or only its agent stopped answering.
+    pub host_port: u16,
 }
 
 impl LivenessConfig {
@@ -85,6 +94,8 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
     let mut grace_over = false;
     let mut damping = Damping::new(config.damping);
     let mut next_fail_check = started;
+    // Host checks of suspect agents, by robot.
+    let mut host_checks: HashMap<RobotId, JoinHandle<bool>> = HashMap::new();
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
@@ -110,6 +121,12 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
                 Step::Suspect { phi, silent_ms } => {
                     damping.went_silent(s.robot_id, now);
                     probe(&fleet, &s).await;
+                    let host = SocketAddr::new(s.peer.ip(), config.host_port);
+                    host_checks.insert(
+                        s.robot_id,
+                        // Done before the probe's own timeout.
+                        tokio::spawn(crate::recovery::host_answers(host, probe_timeout * 3 / 4)),
+                    );
                     let reason = format!(
                         "silent for {:.1}s (phi {phi:.1}); probing",
                         silent_ms as f64 / 1000.0
@@ -122,6 +139,9 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
                     // The probe's own result (a command result) is what
                     // the circuit breaker counts as a success.
                     damping.heard_from(&s.robot_id);
+                    if let Some(check) = host_checks.remove(&s.robot_id) {
+                        check.abort();
+                    }
                     tracing::info!(robot_id = %s.robot_id, "suspect agent answered");
                     records.push(Record::Cleared(s));
                 }
@@ -131,14 +151,38 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
                         .breakers()
                         .record(s.robot_id, Outcome::Failure, chrono::Utc::now())
                         .await;
+                    let host = match host_checks.remove(&s.robot_id) {
+                        Some(check) if check.is_finished() => match check.await {
+                            Ok(true) => {
+                                format!("; its host {} answers (the agent does not)", s.peer.ip())
+                            }
+                            Ok(false) => {
+                                format!("; its host {} does not answer either", s.peer.ip())
+                            }
+                            Err(_) => String::new(),
+                        },
+                        Some(check) => {
+                            check.abort();
+                            String::new()
+                        }
+                        None => String::new(),
+                    };
                     s.abandon(format!(
-                        "silent for {:.1}s and the probe went unanswered for {:.1}s",
+                        "silent for {:.1}s and the probe went unanswered for {:.1}s{host}",
                         silent_ms as f64 / 1000.0,
                         probe_timeout.as_secs_f64()
                     ));
                 }
             }
         }
+        // Checks of robots no longer connected are dropped.
+        host_checks.retain(|id, check| {
+            let keep = fleet.sessions().is_connected(id);
+            if !keep {
+                check.abort();
+            }
+            keep
+        });
         record_all(&fleet, records).await;
         trial_probes(&fleet).await;
         judge_network(&fleet, &mut damping, now);
@@ -315,6 +359,7 @@ mod tests {
             detector: DetectorSettings::for_heartbeat(Duration::from_millis(heartbeat_ms)),
             offline_fail_after: Duration::from_secs(600),
             damping: DampingSettings::default(),
+            host_port: 22,
         }
     }
 

@@ -319,6 +319,7 @@ impl Components {
                     share: self.config.outage_share,
                     ..Default::default()
                 },
+                host_port: self.config.recovery_probe_port,
             },
             self.shutdown.clone(),
         ));

@@ -94,6 +94,11 @@ async fn wifi_loss_makes_no_robot_offline_and_an_unplugged_one_is_offline_within
     });
     let took = unplugged.elapsed();
     eprintln!("unplugged robot offline after {took:?}");
+    let reason = offline_events(&lan, &controller, &[gone]).join("\n");
+    assert!(
+        reason.contains("does not answer either"),
+        "the robot's host was checked too: {reason}"
+    );
 
     let others = ids[1..].to_vec();
     let states = controller.with_api(&lan, move |api| async move {

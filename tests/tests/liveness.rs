@@ -165,6 +165,12 @@ async fn a_hung_agent_is_suspected_probed_then_offline() {
         reason.contains("probe went unanswered"),
         "offline because the probe went unanswered: {reason}"
     );
+    // The machine is up (its address refuses or accepts connections): the
+    // reason says it is the agent that stopped answering.
+    assert!(
+        reason.contains("answers (the agent does not)"),
+        "the host was checked: {reason}"
+    );
     let metrics = api.metrics_text().await.expect("metrics");
     for name in [
         "liveness_suspected_total",
