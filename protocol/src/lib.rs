@@ -12,7 +12,9 @@
 //!   on a robot (files, devices, serials) into a stable id and a robot type;
 //! - [`settings`]: the layering of configuration (file, environment, flags)
 //!   with every invalid field reported at once;
-//! - [`backoff`]: the one retry policy (capped exponential, full jitter).
+//! - [`backoff`]: the one retry policy (capped exponential, full jitter);
+//! - [`invariants`]: what the codec promises for any input, as checks the
+//!   property tests and the fuzz targets share.
 //!
 //! This crate does no I/O, reads no clock and knows no async runtime: it
 //! depends on serde, postcard, uuid, toml and thiserror only.
@@ -21,6 +23,7 @@ pub mod backoff;
 pub mod beacon;
 pub mod frame;
 pub mod identity;
+pub mod invariants;
 pub mod message;
 pub mod settings;
 pub mod version;

@@ -3,7 +3,7 @@
 //! the enrollment requests of robots that came without a token.
 
 use super::AppState;
-use super::extract::{ApiQuery, JsonBody};
+use super::extract::{ApiPath, ApiQuery, JsonBody};
 use super::problem::Problem;
 use crate::security::Caller;
 use crate::security::tokens::{
@@ -11,7 +11,7 @@ use crate::security::tokens::{
     enrollment_token_status,
 };
 use crate::store::auth::{ApiTokenRecord, EnrollmentStatus, EnrollmentTokenRecord, Role};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
@@ -150,7 +150,7 @@ pub async fn create_token(
 /// this id (an API token stops working here at once).
 pub async fn revoke_token(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, Problem> {
     let now = Utc::now();
     if let Some(record) = s.api_auth.revoke(&id).await? {
@@ -223,7 +223,7 @@ async fn decide(
 pub async fn approve(
     State(s): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, Problem> {
     decide(s, caller, id, EnrollmentStatus::Approved).await
 }
@@ -232,7 +232,7 @@ pub async fn approve(
 pub async fn reject(
     State(s): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, Problem> {
     decide(s, caller, id, EnrollmentStatus::Rejected).await
 }

@@ -1,6 +1,7 @@
 //! Request extractors whose every rejection is a problem+json response:
-//! robot ids in paths, query strings and JSON bodies (unknown fields are
-//! refused, sizes are capped).
+//! path parameters (robot ids among them), query strings and JSON bodies
+//! (unknown fields are refused, sizes are capped). Handlers use these, never
+//! axum's own, whose rejections are plain text.
 
 use super::problem::Problem;
 use axum::body::Bytes;
@@ -19,15 +20,30 @@ impl<S: Send + Sync> FromRequestParts<S> for RobotPath {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, state)
-            .await
-            .map_err(|e| Problem::bad_request(e.body_text()))?;
+        let ApiPath(params) =
+            ApiPath::<HashMap<String, String>>::from_request_parts(parts, state).await?;
         let raw = params
             .get("id")
             .ok_or_else(|| Problem::bad_request("missing robot id"))?;
         raw.parse::<RobotId>()
             .map(RobotPath)
             .map_err(|e| Problem::bad_request(format!("invalid robot id {raw:?}: {e}")))
+    }
+}
+
+/// Path parameters parsed into `T`; a parameter that is not UTF-8 once
+/// percent-decoded, for one, is a 400 problem.
+#[derive(Debug, Clone)]
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(p)| ApiPath(p))
+            .map_err(|e| Problem::bad_request(e.body_text()))
     }
 }
 

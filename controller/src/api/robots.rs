@@ -2,7 +2,7 @@
 //! actions of the state machine, discovery and the JSON system metrics.
 
 use super::AppState;
-use super::extract::{ApiQuery, JsonBody, RobotPath};
+use super::extract::{ApiPath, ApiQuery, JsonBody, RobotPath};
 use super::problem::Problem;
 use crate::breakers::CircuitView;
 use crate::cache::{Entry, Filter};
@@ -591,7 +591,7 @@ pub async fn discover(State(s): State<AppState>) -> Result<Response, Problem> {
 /// session with the results per address.
 pub async fn discovery(
     State(s): State<AppState>,
-    axum::extract::Path(id): axum::extract::Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, Problem> {
     use crate::discovery::RoundStatus;
     let id = Uuid::parse_str(&id)

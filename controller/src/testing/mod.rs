@@ -1,12 +1,14 @@
-//! Test support shared by this crate's tests, the cross-crate tests and the
-//! benchmark: a real PostgreSQL database of each test's own, and ([`sshd`])
-//! a real OpenSSH server standing in for a robot without an agent. Not used
-//! by the controller itself.
+//! Test support shared by this crate's tests, the cross-crate tests, the
+//! benchmark and the fuzz targets: a real PostgreSQL database of each test's
+//! own, ([`sshd`]) a real OpenSSH server standing in for a robot without an
+//! agent, and ([`rest`]) the REST API driven with generated requests. Not
+//! used by the controller itself.
 //!
 //! The server is `DATABASE_URL`, else [`DEFAULT_DATABASE_URL`];
 //! `scripts/services.sh` exports the former in CI. A server that does not
 //! answer fails the test with a message that says how to start one.
 
+pub mod rest;
 pub mod sshd;
 
 /// Robots made through the fleet, as their agents would make them.
