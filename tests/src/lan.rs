@@ -275,6 +275,25 @@ impl Lan {
             .with_context(|| format!("cannot set the loss to {percent}%"))
     }
 
+    /// Plugs robot `robot`'s link in or out: its `eth0` goes up or down
+    /// (`ip link set`), as a cable pulled or a robot out of Wi-Fi range.
+    /// While it is down nothing leaves or reaches the robot; its address
+    /// stays, so programs on it carry on once it is up again.
+    pub fn set_link(&self, robot: usize, up: bool) -> anyhow::Result<()> {
+        let state = if up { "up" } else { "down" };
+        let status = self
+            .command(&self.robot(robot), "ip")
+            .args(["link", "set", "eth0", state])
+            .stdin(Stdio::null())
+            .status()
+            .context("cannot run ip")?;
+        ensure!(
+            status.success(),
+            "ip link set eth0 {state} in robot {robot}: {status}"
+        );
+        Ok(())
+    }
+
     /// Gives the host in namespace `ns` (one of this LAN's robots) the
     /// address `to` instead of `from`, as a new DHCP lease would: `eth0`
     /// keeps its MAC, and programs bound to `from` stop working (restart

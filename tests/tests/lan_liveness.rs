@@ -43,13 +43,8 @@ fn offline_events(lan: &Lan, controller: &LanController, ids: &[Uuid]) -> Vec<St
 
 /// Plugs robot `i`'s link in or out.
 fn set_link(lan: &Lan, i: usize, up: bool) {
-    let state = if up { "up" } else { "down" };
-    let status = lan
-        .command(&lan.robot(i), "ip")
-        .args(["link", "set", "eth0", state])
-        .status()
-        .expect("run ip");
-    assert!(status.success(), "ip link set eth0 {state}: {status}");
+    lan.set_link(i, up)
+        .expect("plug the robot's link in or out");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
