@@ -14,8 +14,8 @@ use kiwi_security::token::EnrollmentToken;
 use kiwi_security::verify::ALPN_QUIC;
 use kiwi_tests::agent_port::{self, ClientCert, expired, hour, robot_cert};
 use kiwi_tests::{
-    Agent, AgentOptions, Api, Controller, ControllerOptions, State, secs, test_serial,
-    wait_ready_and_connected, wait_until,
+    Agent, AgentOptions, Api, Controller, ControllerOptions, HealthStatus, State, secs,
+    test_serial, wait_ready_and_connected, wait_until,
 };
 use reqwest::{Method, StatusCode};
 use uuid::Uuid;
@@ -164,6 +164,13 @@ async fn a_decommissioned_robot_is_cut_off_and_refused_over_both_transports() {
             let robot = api.robot_required(id).await?;
             anyhow::ensure!(!robot.connected, "{transport}: still connected");
             anyhow::ensure!(robot.state == State::Failed, "{transport}: {}", robot.state);
+            // The end of its connection is recorded too (its health), just
+            // after the session is gone.
+            anyhow::ensure!(
+                robot.health.status == HealthStatus::Unreachable,
+                "{transport}: health {:?}",
+                robot.health
+            );
             Ok(())
         })
         .await;
