@@ -69,21 +69,27 @@ async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
     }
 }
 
-#[tokio::test]
-async fn redis_outage_costs_no_error_and_never_serves_stale_rows() {
-    let mut redis = RedisServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
+/// A controller's components on the embedded store in `state_dir`, with
+/// `redis` in front of it under a key prefix of their own.
+async fn with_redis(redis: &RedisServer, state_dir: &std::path::Path) -> Components {
     let config = Config {
-        state_dir: dir.path().to_path_buf(),
+        state_dir: state_dir.to_path_buf(),
         auto_provision: false,
         discovery_interval: Duration::ZERO,
         redis_url: Some(redis.url()),
         redis_prefix: format!("kiwi-test-{}:", uuid::Uuid::new_v4().simple()),
         ..Config::default()
     };
-    let c = Components::build(config, CancellationToken::new())
+    Components::build(config, CancellationToken::new())
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn redis_outage_costs_no_error_and_never_serves_stale_rows() {
+    let mut redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = with_redis(&redis, dir.path()).await;
     let id = RobotId::from_hardware(&HardwareId::Configured("redis-tier".into()));
     let apply = async |input| {
         c.fleet
@@ -168,6 +174,101 @@ async fn redis_outage_costs_no_error_and_never_serves_stale_rows() {
     .await;
     let (_, body) = get(&c, &uri).await;
     assert_eq!(body["state"], "active");
+}
+
+/// Robots in the read model of the stalling-refill test: far more than the
+/// refill puts back between two stalls.
+const STALLED_REFILL_ROBOTS: usize = 600;
+
+/// How long Redis stalls writes, and how often: a put that meets the
+/// start of a stall times out (`RESPONSE_TIMEOUT`, 250 ms).
+const STALL: Duration = Duration::from_millis(350);
+const STALL_EVERY: Duration = Duration::from_millis(400);
+
+/// A busy Redis (every write stalled past the response timeout again and
+/// again) does not keep the tier from coming back: a refill carries on past
+/// the puts that timed out and puts them again, instead of starting over.
+#[tokio::test]
+async fn a_refill_completes_while_redis_keeps_stalling_writes() {
+    let mut redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = with_redis(&redis, dir.path()).await;
+    let shared = c.fleet.shared_cache().unwrap().clone();
+    for i in 0..STALLED_REFILL_ROBOTS {
+        let hardware_id = format!("stalled-{i}");
+        let id = RobotId::from_hardware(&HardwareId::Configured(hardware_id.clone()));
+        let facts = IdentityFacts {
+            hostname: hardware_id.clone(),
+            ip_address: None,
+            robot_type: "lekiwi".into(),
+            model: None,
+            firmware_version: None,
+            agent_version: None,
+            hardware_id: format!("configured:{hardware_id}"),
+            mac_addresses: vec![],
+        };
+        c.fleet
+            .apply(id, Input::AgentConnected { facts }, &Context::new("test"))
+            .await
+            .unwrap();
+    }
+    wait_for("Redis up", async || shared.is_up()).await;
+
+    // Redis comes back empty, and from then on writes stall for 350 ms
+    // (longer than the response timeout) of every 400 ms.
+    redis.kill();
+    let first = RobotId::from_hardware(&HardwareId::Configured("stalled-0".into()));
+    let (status, _) = get(&c, &format!("/api/v2/robots/{first}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!shared.is_up(), "a read noticed that Redis is gone");
+    redis.start_again().await;
+    let client = ::redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut stalls = 0;
+    let mut up_while_stalling = false;
+    // Bounded: at most 50 stalls (20 s).
+    while stalls < 50 {
+        ::redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(STALL.as_millis() as u64)
+            .arg("WRITE")
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+        stalls += 1;
+        tokio::time::sleep(STALL_EVERY).await;
+        if shared.is_up() {
+            up_while_stalling = true;
+            break;
+        }
+    }
+    assert!(
+        up_while_stalling,
+        "the cache was not refilled within {stalls} stalls of {STALL:?} every {STALL_EVERY:?} \
+         (status {})",
+        shared.status()
+    );
+    eprintln!("refilled {STALLED_REFILL_ROBOTS} robots after {stalls} stalls");
+    // Every robot is in Redis again, with its row as the store has it.
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for i in [0, STALLED_REFILL_ROBOTS / 2, STALLED_REFILL_ROBOTS - 1] {
+        let id = RobotId::from_hardware(&HardwareId::Configured(format!("stalled-{i}")));
+        let (status, body) = get(&c, &format!("/api/v2/robots/{id}")).await;
+        assert_eq!(
+            (status, body["hostname"].as_str()),
+            (StatusCode::OK, Some(format!("stalled-{i}").as_str()))
+        );
+    }
+    let keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg(format!("{}robot:*", c.config.redis_prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        keys.len(),
+        STALLED_REFILL_ROBOTS,
+        "every robot's row is in Redis"
+    );
 }
 
 /// A source that takes its time, so the lease can change hands meanwhile.
