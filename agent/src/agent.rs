@@ -18,7 +18,7 @@ use anyhow::Context;
 use kiwi_protocol::message::{CommandKind, CommandOutcome, DesiredConfig, Report, Telemetry};
 use kiwi_protocol::{Identity, RobotType};
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -100,6 +100,12 @@ impl OutboxHandle {
     /// The highest seq the controller acknowledged.
     pub fn acked(&self) -> u64 {
         self.with(|o| o.acked())
+    }
+
+    /// Reports dropped unacknowledged for lack of room (see
+    /// [`Outbox::dropped_total`]).
+    pub fn dropped_total(&self) -> u64 {
+        self.with(|o| o.dropped_total())
     }
 }
 
@@ -184,7 +190,7 @@ impl Agent {
         report_interval: Duration,
         outbox_capacity: usize,
     ) -> anyhow::Result<Self> {
-        let dir = state_root.join(format!("{prefix}-{index}"));
+        let dir = simulated_state_dir(state_root, prefix, index);
         let state = StateStore::open(&dir)
             .with_context(|| format!("cannot open the state in {}", dir.display()))?;
         let outbox = Outbox::open(&dir, outbox_capacity)?;
@@ -193,7 +199,7 @@ impl Agent {
         } else {
             RobotType::Xlerobot
         };
-        let hardware_id = kiwi_protocol::HardwareId::Configured(format!("{prefix}-{index}"));
+        let hardware_id = simulated_hardware_id(prefix, index);
         let b = index.to_be_bytes();
         let identity = Identity {
             robot_id: kiwi_protocol::RobotId::from_hardware(&hardware_id),
@@ -377,6 +383,23 @@ impl Agent {
             }
         }))
     }
+}
+
+/// The hardware id of simulated agent `index`: `Configured("{prefix}-{index}")`.
+fn simulated_hardware_id(prefix: &str, index: u32) -> kiwi_protocol::HardwareId {
+    kiwi_protocol::HardwareId::Configured(format!("{prefix}-{index}"))
+}
+
+/// Where simulated agent `index` keeps its state (its outbox, flags and
+/// credentials) under the simulator's `state_root`.
+pub fn simulated_state_dir(state_root: &Path, prefix: &str, index: u32) -> PathBuf {
+    state_root.join(format!("{prefix}-{index}"))
+}
+
+/// The robot id of simulated agent `index` (what [`Agent::simulated`] gives
+/// it).
+pub fn simulated_robot_id(prefix: &str, index: u32) -> kiwi_protocol::RobotId {
+    kiwi_protocol::RobotId::from_hardware(&simulated_hardware_id(prefix, index))
 }
 
 /// A command's outcome, now or once its workload action finishes.

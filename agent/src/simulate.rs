@@ -2,9 +2,15 @@
 //! generator for tests and benchmarks. Each has its own identity, fake
 //! telemetry that drifts a little, a simulated workload and its own durable
 //! outbox, and talks to the controller through exactly the link code `run`
-//! uses.
+//! uses (so it reconnects with the one backoff policy and resends what was
+//! not acknowledged).
+//!
+//! With `--summary FILE`, what each agent went through is written there at
+//! exit ([`SimulationSummary`]): how far the controller acknowledged its
+//! reports and when it was welcomed, so that a test can check what an
+//! acknowledgement promised against what the controller stored.
 
-use crate::agent::Agent;
+use crate::agent::{self, Agent, unix_ms};
 use crate::config::{
     ControllerUrl, DEFAULT_RECONNECT_BASE, DEFAULT_RECONNECT_CAP, Transport, parse_controller,
     parse_positive_duration, parse_transport,
@@ -14,18 +20,21 @@ use crate::link::{self, LinkOptions};
 use anyhow::Context;
 use kiwi_protocol::backoff::Backoff;
 use kiwi_protocol::message::{NetCounters, Telemetry};
+use kiwi_protocol::settings::parse_duration;
 use kiwi_security::token::EnrollmentToken;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::path::PathBuf;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-/// Agents start spread evenly over this window, so hundreds do not connect
-/// in the same millisecond.
+/// Agents start spread evenly over this window by default, so hundreds do
+/// not connect in the same millisecond.
 pub const START_SPREAD: Duration = Duration::from_secs(1);
 
 /// The flags of `kiwi-agent simulate`.
@@ -62,6 +71,55 @@ pub struct SimulateArgs {
     /// Outbox bound of each agent, in unacknowledged reports.
     #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub outbox_capacity: u32,
+    /// The agents start spread evenly over this window (a slower start
+    /// lets a controller enroll a large fleet without a crowd at its door).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub start_spread: Duration,
+    /// Write a JSON summary of the run here at exit: per agent, the
+    /// highest report seq the controller acknowledged and when it was
+    /// welcomed.
+    #[arg(long, value_name = "FILE")]
+    pub summary: Option<PathBuf>,
+}
+
+/// What `--summary` holds: one entry per agent that was set up, in index
+/// order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimulationSummary {
+    pub agents: Vec<AgentSummary>,
+}
+
+/// What one simulated agent went through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentSummary {
+    /// Agent `index` is `{prefix}-{index}`.
+    pub index: u32,
+    pub robot_id: uuid::Uuid,
+    /// The controller acknowledged every report up to this seq (acks are
+    /// cumulative); 0: none. With `dropped` 0, the acknowledged reports
+    /// are exactly `1..=acked_seq`.
+    pub acked_seq: u64,
+    /// Reports still unacknowledged in the outbox when the agent stopped.
+    pub unacked: u64,
+    /// Reports dropped unacknowledged because the outbox was full.
+    pub dropped: u64,
+    /// Each time the controller welcomed the agent (Unix ms, wall clock),
+    /// in order.
+    pub connected_at_ms: Vec<i64>,
+}
+
+impl AgentSummary {
+    /// An agent that never got as far as its link (shut down first).
+    fn idle(index: u32, prefix: &str) -> Self {
+        Self {
+            index,
+            robot_id: agent::simulated_robot_id(prefix, index).0,
+            acked_seq: 0,
+            unacked: 0,
+            dropped: 0,
+            connected_at_ms: Vec::new(),
+        }
+    }
 }
 
 /// An id prefix must make safe directory names.
@@ -81,12 +139,13 @@ pub fn parse_prefix(text: &str) -> Result<String, String> {
     }
 }
 
-/// When agent `index` of `count` starts, relative to the first.
-pub fn start_offset(index: u32, count: u32) -> Duration {
+/// When agent `index` of `count` starts, relative to the first, when they
+/// start spread evenly over `spread`.
+pub fn start_offset(index: u32, count: u32, spread: Duration) -> Duration {
     if count <= 1 {
         return Duration::ZERO;
     }
-    START_SPREAD.mul_f64(f64::from(index) / f64::from(count))
+    spread.mul_f64(f64::from(index) / f64::from(count))
 }
 
 /// Runs `args.count` agents until `shutdown` is cancelled; each says
@@ -129,15 +188,16 @@ pub async fn simulate(args: SimulateArgs, shutdown: CancellationToken) -> anyhow
         let root = state_root.clone();
         let interval = args.report_interval;
         let capacity = args.outbox_capacity as usize;
-        let offset = start_offset(index, args.count);
+        let offset = start_offset(index, args.count, args.start_spread);
         let span = tracing::info_span!("sim", agent = %format!("{prefix}-{index}"));
         tasks.spawn(
             async move {
+                let idle = AgentSummary::idle(index, &prefix);
                 tokio::select! {
-                    () = shutdown.cancelled() => return Ok(()),
+                    () = shutdown.cancelled() => return Ok(idle),
                     () = tokio::time::sleep(offset) => {}
                 }
-                let dir = root.join(format!("{prefix}-{index}"));
+                let dir = agent::simulated_state_dir(&root, &prefix, index);
                 let mut agent = tokio::task::spawn_blocking(move || {
                     Agent::simulated(index, &prefix, &root, interval, capacity)
                 })
@@ -162,31 +222,53 @@ pub async fn simulate(args: SimulateArgs, shutdown: CancellationToken) -> anyhow
                     .await
                     {
                         Ok(c) => Arc::new(c),
-                        Err(_) if shutdown.is_cancelled() => return Ok(()),
+                        Err(_) if shutdown.is_cancelled() => return Ok(idle),
                         Err(e) => return Err(e),
                     },
                 };
                 let connector = crate::connector_for(&url, transport, &credentials);
                 opts.credentials = Some(credentials);
-                link::run(&mut agent, &connector, &opts, &shutdown).await;
-                anyhow::Ok(())
+                let (connected, welcomes) = watch::channel(false);
+                opts.connected = Some(connected);
+                let link = async {
+                    link::run(&mut agent, &connector, &opts, &shutdown).await;
+                    // Dropping the sender ends the recorder.
+                    opts.connected = None;
+                };
+                let ((), connected_at_ms) = tokio::join!(link, record_welcomes(welcomes));
+                let outbox = agent.outbox();
+                anyhow::Ok(AgentSummary {
+                    acked_seq: outbox.acked(),
+                    unacked: outbox.pending().len() as u64,
+                    dropped: outbox.dropped_total(),
+                    connected_at_ms,
+                    ..idle
+                })
             }
             .instrument(span),
         );
     }
     let mut failed = 0usize;
     let mut first_error = None;
+    let mut summary = SimulationSummary::default();
     while let Some(joined) = tasks.join_next().await {
         let result = joined
             .context("simulated agent task failed")
             .and_then(|r| r);
-        if let Err(e) = result {
-            tracing::error!(error = format!("{e:#}"), "simulated agent failed");
-            failed += 1;
-            first_error.get_or_insert(e);
+        match result {
+            Ok(agent) => summary.agents.push(agent),
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "simulated agent failed");
+                failed += 1;
+                first_error.get_or_insert(e);
+            }
         }
     }
     tracing::info!(count = args.count, failed, "simulated agents stopped");
+    if let Some(path) = &args.summary {
+        summary.agents.sort_by_key(|a| a.index);
+        write_summary(path, &summary)?;
+    }
     match first_error {
         Some(e) => Err(e.context(format!(
             "{failed} of {} simulated agents failed",
@@ -194,6 +276,25 @@ pub async fn simulate(args: SimulateArgs, shutdown: CancellationToken) -> anyhow
         ))),
         None => Ok(()),
     }
+}
+
+/// The times (Unix ms) at which the link said it was welcomed, until its
+/// sender is dropped.
+async fn record_welcomes(mut welcomes: watch::Receiver<bool>) -> Vec<i64> {
+    let mut at = Vec::new();
+    while welcomes.changed().await.is_ok() {
+        if *welcomes.borrow_and_update() {
+            at.push(unix_ms());
+        }
+    }
+    at
+}
+
+/// Writes the summary atomically: a reader never sees half of it.
+fn write_summary(path: &Path, summary: &SimulationSummary) -> anyhow::Result<()> {
+    let bytes = serde_json::to_vec(summary).context("cannot encode the summary")?;
+    crate::state::write_atomic(path, &bytes)
+        .with_context(|| format!("cannot write the summary to {}", path.display()))
 }
 
 /// Telemetry of a simulated robot: plausible Pi 5 figures that drift a
@@ -305,10 +406,16 @@ mod tests {
 
     #[test]
     fn starts_spread_over_a_second() {
-        assert_eq!(start_offset(0, 1), Duration::ZERO);
-        assert_eq!(start_offset(0, 500), Duration::ZERO);
-        assert_eq!(start_offset(250, 500), Duration::from_millis(500));
-        assert!(start_offset(499, 500) < START_SPREAD);
+        assert_eq!(start_offset(0, 1, START_SPREAD), Duration::ZERO);
+        assert_eq!(start_offset(0, 500, START_SPREAD), Duration::ZERO);
+        assert_eq!(
+            start_offset(250, 500, START_SPREAD),
+            Duration::from_millis(500)
+        );
+        assert!(start_offset(499, 500, START_SPREAD) < START_SPREAD);
+        let ten = Duration::from_secs(10);
+        assert_eq!(start_offset(500, 1000, ten), Duration::from_secs(5));
+        assert_eq!(start_offset(7, 1000, Duration::ZERO), Duration::ZERO);
     }
 
     #[test]

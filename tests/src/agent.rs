@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use kiwi_agent::credentials::{Credentials, load_or_create_key};
+pub use kiwi_agent::simulate::{AgentSummary, SimulationSummary};
 use kiwi_protocol::{HardwareId, RobotId};
+use kiwi_security::pki::Validity;
 use tempfile::TempDir;
 use uuid::Uuid;
 
@@ -26,7 +29,8 @@ pub fn robot_id_for_serial(serial: &str) -> Uuid {
 
 /// The robot id of virtual robot `i` of a simulator run with `prefix`.
 pub fn simulated_robot_id(prefix: &str, i: usize) -> Uuid {
-    RobotId::from_hardware(&HardwareId::Configured(format!("{prefix}-{i}"))).0
+    let i = u32::try_from(i).expect("a simulated agent's index fits in u32");
+    kiwi_agent::agent::simulated_robot_id(prefix, i).0
 }
 
 /// The serial of the `n`-th test robot: `10000000deadbe01`, `...02`, ...
@@ -291,6 +295,82 @@ pub fn prepare_lekiwi_sys_root(root: &Path, serial: &str, hostname: &str) {
     );
 }
 
+/// Settings of a [`Simulator`]: a builder over `kiwi-agent simulate`'s
+/// flags.
+#[derive(Debug, Clone)]
+pub struct SimulatorOptions {
+    count: usize,
+    prefix: String,
+    report_interval: Option<String>,
+    start_spread: Option<String>,
+    enrolled: bool,
+    state_in_memory: bool,
+}
+
+/// How long the certificates of [`SimulatorOptions::enrolled`] agents are
+/// valid: far longer than a test, so no agent asks to renew.
+const ENROLLED_CERT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// A tmpfs, where [`SimulatorOptions::state_in_memory`] keeps the agents'
+/// state.
+const MEMORY_DIR: &str = "/dev/shm";
+
+impl SimulatorOptions {
+    /// `count` virtual robots with the default id prefix.
+    pub fn new(count: usize) -> Self {
+        SimulatorOptions {
+            count,
+            prefix: Simulator::DEFAULT_PREFIX.to_string(),
+            report_interval: None,
+            start_spread: None,
+            enrolled: false,
+            state_in_memory: false,
+        }
+    }
+
+    /// The id prefix of the simulated robots.
+    pub fn prefix(mut self, prefix: &str) -> Self {
+        self.prefix = prefix.to_string();
+        self
+    }
+
+    /// `--report-interval`, e.g. `"500ms"` (a provisioned robot follows the
+    /// controller's `report_interval` instead).
+    pub fn report_interval(mut self, value: &str) -> Self {
+        self.report_interval = Some(value.to_string());
+        self
+    }
+
+    /// `--start-spread`: the agents start spread evenly over this window,
+    /// e.g. `"5s"` (default one second).
+    pub fn start_spread(mut self, value: &str) -> Self {
+        self.start_spread = Some(value.to_string());
+        self
+    }
+
+    /// Gives every agent a client certificate from the controller's CA
+    /// before it starts, as enrollment would: the agents connect at once.
+    /// For tests of what comes after enrolling (`simulate.rs` covers a
+    /// fleet enrolling).
+    pub fn enrolled(mut self) -> Self {
+        self.enrolled = true;
+        self
+    }
+
+    /// Keeps the agents' state (outboxes included) on a tmpfs: a thousand
+    /// robots have a thousand disks, and one disk syncing a thousand
+    /// outboxes would slow the machine the controller runs on.
+    pub fn state_in_memory(mut self) -> Self {
+        self.state_in_memory = true;
+        self
+    }
+
+    /// Starts the simulator against `controller`.
+    pub fn start(self, controller: &Controller) -> Simulator {
+        Simulator::start_with(controller, self)
+    }
+}
+
 /// A `kiwi-agent simulate` process: `count` virtual robots.
 #[derive(Debug)]
 pub struct Simulator {
@@ -298,6 +378,9 @@ pub struct Simulator {
     prefix: String,
     proc: Option<Proc>,
     log: PathBuf,
+    summary: PathBuf,
+    /// The agents' state on a tmpfs, if kept there.
+    _memory: Option<TempDir>,
     dir: TempDir,
 }
 
@@ -307,36 +390,66 @@ impl Simulator {
 
     /// Starts `count` virtual agents against `controller`.
     pub fn start(controller: &Controller, count: usize) -> Simulator {
-        Simulator::start_with_prefix(controller, count, Self::DEFAULT_PREFIX)
+        SimulatorOptions::new(count).start(controller)
     }
 
     /// Starts `count` virtual agents whose ids derive from `prefix`.
     pub fn start_with_prefix(controller: &Controller, count: usize, prefix: &str) -> Simulator {
+        SimulatorOptions::new(count)
+            .prefix(prefix)
+            .start(controller)
+    }
+
+    /// Starts the virtual agents `opts` describes; they write their summary
+    /// (see [`summary`](Self::summary)) when they stop.
+    pub fn start_with(controller: &Controller, opts: SimulatorOptions) -> Simulator {
         let dir = tempfile::Builder::new()
             .prefix("kiwi-simulate-")
             .tempdir()
             .expect("a temp dir for the simulator");
-        let state_dir = dir.path().join("state");
+        let memory = opts.state_in_memory.then(|| {
+            tempfile::Builder::new()
+                .prefix("kiwi-simulate-")
+                .tempdir_in(MEMORY_DIR)
+                .unwrap_or_else(|e| panic!("a temp dir on the tmpfs {MEMORY_DIR}: {e}"))
+        });
+        let state_dir = memory
+            .as_ref()
+            .map_or_else(|| dir.path().join("state"), |m| m.path().join("state"));
         std::fs::create_dir_all(&state_dir).expect("create the simulator state dir");
+        if opts.enrolled {
+            enroll_simulated(controller, &state_dir, &opts.prefix, opts.count);
+        }
         let log = dir.path().join("simulate.log");
+        let summary = dir.path().join("summary.json");
         let mut command = Command::new(process::binary("kiwi-agent"));
         command
             .arg("simulate")
             .arg("--count")
-            .arg(count.to_string())
+            .arg(opts.count.to_string())
             .arg("--controller")
             .arg(controller.agent_controller_arg())
             .arg("--state-dir")
             .arg(&state_dir)
             .arg("--id-prefix")
-            .arg(prefix)
+            .arg(&opts.prefix)
+            .arg("--summary")
+            .arg(&summary)
             .env("KIWI_AGENT_ENROLL_TOKEN", controller.enroll_token());
+        if let Some(interval) = &opts.report_interval {
+            command.arg("--report-interval").arg(interval);
+        }
+        if let Some(spread) = &opts.start_spread {
+            command.arg("--start-spread").arg(spread);
+        }
         let proc = Proc::spawn("kiwi-agent simulate", command, &log);
         Simulator {
-            count,
-            prefix: prefix.to_string(),
+            count: opts.count,
+            prefix: opts.prefix,
             proc: Some(proc),
             log,
+            summary,
+            _memory: memory,
             dir,
         }
     }
@@ -369,6 +482,49 @@ impl Simulator {
             status.is_some_and(|s| s.success()),
             "kiwi-agent simulate did not exit cleanly within {timeout:?} of SIGTERM ({status:?})"
         );
+    }
+
+    /// What every virtual agent went through (written when the simulator
+    /// stopped: call after [`stop`](Self::stop)), checked to hold each of
+    /// them once, in index order.
+    pub fn summary(&self) -> SimulationSummary {
+        assert!(
+            self.proc.is_none(),
+            "the simulator writes its summary at exit"
+        );
+        let bytes = std::fs::read(&self.summary).unwrap_or_else(|e| {
+            panic!(
+                "read the simulator's summary {}: {e}",
+                self.summary.display()
+            )
+        });
+        let summary: SimulationSummary =
+            serde_json::from_slice(&bytes).expect("the simulator's summary is valid JSON");
+        let indices: Vec<u32> = summary.agents.iter().map(|a| a.index).collect();
+        let expected: Vec<u32> = (0..u32::try_from(self.count).expect("count fits")).collect();
+        assert_eq!(
+            indices, expected,
+            "the summary has every simulated agent once"
+        );
+        summary
+    }
+}
+
+/// Stores, for each of the `count` simulated agents with `prefix`, a key
+/// and a client certificate issued by `controller`'s CA where the agent
+/// looks for its credentials, as enrolling would.
+fn enroll_simulated(controller: &Controller, state_dir: &Path, prefix: &str, count: usize) {
+    let ca = controller.ca();
+    let validity = Validity::starting(std::time::SystemTime::now(), ENROLLED_CERT_TTL);
+    for i in 0..u32::try_from(count).expect("a count fits in u32") {
+        let dir = kiwi_agent::agent::simulated_state_dir(state_dir, prefix, i);
+        let robot = kiwi_agent::agent::simulated_robot_id(prefix, i).0;
+        let key = load_or_create_key(&dir).expect("a key for a simulated agent");
+        let issued = ca
+            .issue_robot_for(&key, robot, validity)
+            .expect("a certificate for a simulated agent");
+        Credentials::store(&dir, key, issued.der, ca.cert_der().clone())
+            .expect("store a simulated agent's credentials");
     }
 }
 

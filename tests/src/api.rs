@@ -334,6 +334,14 @@ impl Api {
         })
     }
 
+    /// `GET /readyz`: its status and JSON body (the raw text as a JSON
+    /// string if it is not JSON).
+    pub async fn readyz(&self) -> anyhow::Result<(StatusCode, Value)> {
+        let raw = self.request(Method::GET, "/readyz", None).await?;
+        let body = serde_json::from_str(&raw.body).unwrap_or(Value::String(raw.body.clone()));
+        Ok((raw.status, body))
+    }
+
     /// GETs `path` and parses a 200 answer.
     pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let raw = self.request(Method::GET, path, None).await?;

@@ -11,6 +11,7 @@ use tempfile::TempDir;
 use crate::POLL_INTERVAL;
 use crate::api::Api;
 use crate::process::{self, Proc};
+use crate::services::{RedisKeys, TestDatabase};
 
 /// How long a controller may take from spawn to a 200 on `/readyz` (a debug
 /// build on a busy 2-core machine, migrations included).
@@ -77,6 +78,18 @@ impl ControllerOptions {
     /// `report_interval` sent to agents, e.g. `"200ms"`.
     pub fn report_interval(self, value: &str) -> Self {
         self.setting("report_interval", value)
+    }
+
+    /// The production storage: PostgreSQL database `db` and, when given,
+    /// Redis under the key prefix of `redis`.
+    pub fn storage(self, db: &TestDatabase, redis: Option<&RedisKeys>) -> Self {
+        let opts = self.setting("database_url", db.url());
+        match redis {
+            Some(keys) => opts
+                .setting("redis_url", keys.url())
+                .setting("redis_prefix", keys.prefix()),
+            None => opts,
+        }
     }
 
     /// Any setting, as `KIWI_CONTROLLER_<KEY>` (dots become `__`).

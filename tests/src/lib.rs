@@ -35,18 +35,20 @@ pub mod api;
 pub mod controller;
 pub mod lan;
 pub mod lan_fleet;
+pub mod poller;
 pub mod process;
 pub mod raw_http;
 pub mod services;
 pub mod watch;
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use uuid::Uuid;
 
 pub use agent::{
-    Agent, AgentOptions, Simulator, robot_id_for_serial, simulated_robot_id, test_serial,
+    Agent, AgentOptions, AgentSummary, SimulationSummary, Simulator, SimulatorOptions,
+    robot_id_for_serial, simulated_robot_id, test_serial,
 };
 pub use api::{Api, Event, Health, HealthStatus, Problem, Report, Robot, State};
 pub use controller::{Controller, ControllerOptions};
@@ -59,6 +61,15 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// `Duration::from_secs`, short for deadlines.
 pub fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
+}
+
+/// The wall clock in Unix milliseconds (what report times and the
+/// simulator's summary are given in).
+pub fn now_ms() -> i64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("the clock is after 1970");
+    i64::try_from(since.as_millis()).expect("milliseconds fit in i64")
 }
 
 /// A loopback port that was free a moment ago. The probe socket is closed
@@ -148,6 +159,38 @@ pub async fn wait_for_state(api: &Api, id: Uuid, state: State, timeout: Duration
 pub async fn wait_ready_and_connected(api: &Api, id: Uuid, timeout: Duration) -> Robot {
     wait_for_robot(api, id, timeout, "ready and connected", |r| {
         r.state == State::Ready && r.connected
+    })
+    .await
+}
+
+/// Waits until `GET /readyz` answers 200 with `"status": status` (`ready`
+/// or `degraded`) and returns its body.
+pub async fn wait_readyz_status(api: &Api, status: &str, timeout: Duration) -> serde_json::Value {
+    wait_until(timeout, || async move {
+        let (code, body) = api.readyz().await?;
+        anyhow::ensure!(
+            code == reqwest::StatusCode::OK && body["status"] == status,
+            "GET /readyz answered {code} {body}, waiting for 200 with status {status:?}"
+        );
+        Ok(body)
+    })
+    .await
+}
+
+/// Waits until `GET /readyz` answers `code` (whatever its body says) and
+/// returns the body.
+pub async fn wait_readyz_code(
+    api: &Api,
+    code: reqwest::StatusCode,
+    timeout: Duration,
+) -> serde_json::Value {
+    wait_until(timeout, || async move {
+        let (answered, body) = api.readyz().await?;
+        anyhow::ensure!(
+            answered == code,
+            "GET /readyz answered {answered} {body}, waiting for {code}"
+        );
+        Ok(body)
     })
     .await
 }

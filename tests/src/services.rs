@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
+use reqwest::StatusCode;
 use sqlx::Connection;
 use tempfile::TempDir;
 use uuid::Uuid;
@@ -28,8 +29,9 @@ pub use kiwi_controller::testing::{
     DEFAULT_DATABASE_URL, TestDatabase, database_server_url, pg_connect, with_database,
 };
 
+use crate::api::Api;
 use crate::process::{self, Proc};
-use crate::{POLL_INTERVAL, free_port};
+use crate::{POLL_INTERVAL, free_port, now_ms, wait_readyz_code};
 
 /// The Redis used when `REDIS_URL` is not set.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
@@ -511,6 +513,29 @@ impl PgCluster {
             process::log_tail(&self.log_path(), 30)
         );
         self.running = false;
+    }
+
+    /// An outage as the controller behind `api` sees it: stops the
+    /// server, waits (up to 15 s) until `GET /readyz` answers 503, keeps it
+    /// down until `length` has passed since the stop, starts it again and
+    /// waits (up to 30 s) until `/readyz` answers 200. Returns when it went
+    /// down and when it was started again (Unix ms).
+    pub async fn outage_seen_by(&mut self, api: &Api, length: Duration) -> (i64, i64) {
+        let down_at = now_ms();
+        self.stop().await;
+        wait_readyz_code(
+            api,
+            StatusCode::SERVICE_UNAVAILABLE,
+            Duration::from_secs(15),
+        )
+        .await;
+        // Not an assertion: the rest of the outage.
+        let elapsed = Duration::from_millis(u64::try_from(now_ms() - down_at).unwrap_or(0));
+        tokio::time::sleep(length.saturating_sub(elapsed)).await;
+        let up_at = now_ms();
+        self.start_again().await;
+        wait_readyz_code(api, StatusCode::OK, Duration::from_secs(30)).await;
+        (down_at, up_at)
     }
 
     async fn pg_ctl_stop(&self, mode: &str) -> std::io::Result<std::process::Output> {

@@ -4,11 +4,11 @@
 //! returns, each exactly once.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::ensure;
 use kiwi_tests::{
-    Agent, AgentOptions, Controller, ControllerOptions, Event, Robot, secs, test_serial,
+    Agent, AgentOptions, Controller, ControllerOptions, Event, Robot, now_ms, secs, test_serial,
     wait_for_robot, wait_ready_and_connected, wait_until,
 };
 use uuid::Uuid;
@@ -22,13 +22,6 @@ enum Outage {
     Stop,
     /// SIGKILL: no chance to flush or say goodbye.
     Kill,
-}
-
-fn now_ms() -> i64 {
-    let since = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("the clock is after 1970");
-    i64::try_from(since.as_millis()).expect("milliseconds fit in i64")
 }
 
 /// The read-model fields that a restart must not change.

@@ -15,64 +15,24 @@
 //! `REDIS_URL` (`scripts/services.sh`), else localhost's default ports.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use kiwi_tests::api::RawResponse;
+use kiwi_tests::poller::{Polled, Poller};
 use kiwi_tests::services::run_controller_command;
 use kiwi_tests::{
     Agent, AgentOptions, Api, Controller, ControllerOptions, Event, PgCluster, RedisKeys,
-    RedisServer, Resume, State, TestDatabase, Watch, secs, test_serial, wait_for_robot,
-    wait_ready_and_connected, wait_until,
+    RedisServer, Resume, State, TestDatabase, Watch, now_ms, secs, test_serial, wait_for_robot,
+    wait_ready_and_connected, wait_readyz_status, wait_until,
 };
 use reqwest::{Method, StatusCode, header};
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// The problem type of a discovery round refused because another
 /// controller holds the lease.
 const DISCOVERY_IN_PROGRESS: &str = "urn:kiwi:problem:discovery-in-progress";
-
-fn now_ms() -> i64 {
-    let since = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("the clock is after 1970");
-    i64::try_from(since.as_millis()).expect("milliseconds fit in i64")
-}
-
-/// A controller on `db`, with Redis at `redis_url` under `prefix` when given.
-fn storage_options(db: &TestDatabase, redis: Option<&RedisKeys>) -> ControllerOptions {
-    let opts = ControllerOptions::new().setting("database_url", db.url());
-    match redis {
-        Some(keys) => opts
-            .setting("redis_url", keys.url())
-            .setting("redis_prefix", keys.prefix()),
-        None => opts,
-    }
-}
-
-/// `GET /readyz`: its status and JSON body.
-async fn readyz(api: &Api) -> anyhow::Result<(StatusCode, Value)> {
-    let raw = api.request(Method::GET, "/readyz", None).await?;
-    let body = serde_json::from_str(&raw.body).unwrap_or(Value::String(raw.body.clone()));
-    Ok((raw.status, body))
-}
-
-/// Waits until `/readyz` answers 200 with `"status": status`.
-async fn wait_readyz_status(api: &Api, status: &str, timeout: Duration) -> Value {
-    wait_until(timeout, || async move {
-        let (code, body) = readyz(api).await?;
-        ensure!(
-            code == StatusCode::OK && body["status"] == status,
-            "GET /readyz answered {code} {body}, waiting for 200 with status {status:?}"
-        );
-        Ok(body)
-    })
-    .await
-}
 
 /// What one `POST /api/v2/discover` came to.
 #[derive(Debug)]
@@ -201,7 +161,9 @@ async fn two_controllers_share_one_database_and_one_redis() {
     let db = TestDatabase::create().await;
     let keys = RedisKeys::create().await;
     // No periodic rounds: only the test's requests take the discovery lease.
-    let opts = storage_options(&db, Some(&keys)).setting("discovery_interval", "0s");
+    let opts = ControllerOptions::new()
+        .storage(&db, Some(&keys))
+        .setting("discovery_interval", "0s");
     // Started together: both migrate the same empty database at once.
     let (mut first, mut second) = tokio::join!(opts.clone().start(), opts.start());
 
@@ -463,7 +425,10 @@ async fn redis_killed_during_traffic_costs_no_api_error() {
     let db = TestDatabase::create().await;
     let mut redis = RedisServer::start().await;
     let keys = RedisKeys::create_on(&redis.url()).await;
-    let controller = storage_options(&db, Some(&keys)).start().await;
+    let controller = ControllerOptions::new()
+        .storage(&db, Some(&keys))
+        .start()
+        .await;
     let api = controller.api();
     let agent = Agent::start(&controller, &test_serial(1));
     let robot = agent.robot_id();
@@ -479,55 +444,35 @@ async fn redis_killed_during_traffic_costs_no_api_error() {
     .await;
 
     // Traffic: GET the robot every 20 ms, keeping every failure.
-    let stop = CancellationToken::new();
-    let answered = Arc::new(AtomicUsize::new(0));
-    let poller = tokio::spawn({
+    let poller = Poller::start(Duration::from_millis(20), {
         let api = api.clone();
-        let stop = stop.clone();
-        let answered = answered.clone();
-        async move {
-            let path = format!("/api/v2/robots/{robot}");
-            let mut failures: Vec<String> = Vec::new();
-            let mut tick = tokio::time::interval(Duration::from_millis(20));
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => return failures,
-                    _ = tick.tick() => {}
-                }
-                let at = now_ms();
-                match api.request(Method::GET, &path, None).await {
-                    Ok(raw) if raw.status == StatusCode::OK => {
-                        let id = serde_json::from_str::<Value>(&raw.body)
-                            .ok()
-                            .and_then(|v| v["robot_id"].as_str().map(str::to_string));
-                        if id.as_deref() != Some(robot.to_string().as_str()) {
-                            failures.push(format!("{at}: 200 with body {}", raw.body));
-                        }
-                    }
-                    Ok(raw) => failures.push(format!("{at}: {}", raw.problem())),
-                    Err(e) => failures.push(format!("{at}: {e:#}")),
-                }
-                answered.fetch_add(1, Ordering::SeqCst);
+        move || {
+            let api = api.clone();
+            async move {
+                let raw = api
+                    .request(Method::GET, &format!("/api/v2/robots/{robot}"), None)
+                    .await?;
+                ensure!(raw.status == StatusCode::OK, "{}", raw.problem());
+                let id = serde_json::from_str::<Value>(&raw.body)
+                    .ok()
+                    .and_then(|v| v["robot_id"].as_str().map(str::to_string));
+                ensure!(
+                    id.as_deref() == Some(robot.to_string().as_str()),
+                    "200 with body {}",
+                    raw.body
+                );
+                Ok(())
             }
         }
     });
-    let answered_at_least = |n: usize| {
-        let answered = answered.clone();
-        async move {
-            let now = answered.load(Ordering::SeqCst);
-            ensure!(now >= n, "{now} requests answered, waiting for {n}");
-            Ok(())
-        }
-    };
-    wait_until(secs(10), || answered_at_least(10)).await;
+    poller.wait_for_more(10, secs(10)).await;
 
     let killed_at = now_ms();
     redis.kill();
     let degraded = wait_readyz_status(api, "degraded", secs(15)).await;
     eprintln!("/readyz with Redis killed: {degraded}");
     // Some traffic with Redis gone.
-    let so_far = answered.load(Ordering::SeqCst);
-    wait_until(secs(15), || answered_at_least(so_far + 25)).await;
+    poller.wait_for_more(25, secs(15)).await;
 
     redis.start_again().await;
     let restarted_at = now_ms();
@@ -543,9 +488,9 @@ async fn redis_killed_during_traffic_costs_no_api_error() {
     })
     .await;
 
-    stop.cancel();
-    let failures = poller.await.expect("the poller task");
-    let total = answered.load(Ordering::SeqCst);
+    let Polled {
+        total, failures, ..
+    } = poller.stop().await;
     assert!(
         failures.is_empty(),
         "{} of {total} GET /api/v2/robots/{robot} failed (Redis killed at {killed_at}, back at \
@@ -611,7 +556,8 @@ const PG_OUTAGE: Duration = Duration::from_secs(3);
 async fn postgres_stopped_during_agent_traffic_loses_no_report() {
     let mut pg = PgCluster::start().await;
     let db = TestDatabase::create_on(&pg.server_url()).await;
-    let mut controller = storage_options(&db, None)
+    let mut controller = ControllerOptions::new()
+        .storage(&db, None)
         .report_interval("200ms")
         .start()
         .await;
@@ -628,36 +574,10 @@ async fn postgres_stopped_during_agent_traffic_loses_no_report() {
         wait_ready_and_connected(&api, id, secs(30)).await;
         wait_for_robot(&api, id, secs(20), "reporting", |r| r.last_report_seq >= 3).await;
     }
-    let (code, body) = readyz(&api).await.expect("GET /readyz");
+    let (code, body) = api.readyz().await.expect("GET /readyz");
     assert_eq!(code, StatusCode::OK, "/readyz before the outage: {body}");
 
-    let down_at = now_ms();
-    pg.stop().await;
-    let api_ref = &api;
-    wait_until(secs(15), move || async move {
-        let (code, body) = readyz(api_ref).await?;
-        ensure!(
-            code == StatusCode::SERVICE_UNAVAILABLE,
-            "GET /readyz answered {code} {body} with PostgreSQL stopped, waiting for 503"
-        );
-        Ok(())
-    })
-    .await;
-    // Not an assertion: the rest of the outage, while agents keep reporting.
-    let elapsed = Duration::from_millis(u64::try_from(now_ms() - down_at).unwrap_or(0));
-    tokio::time::sleep(PG_OUTAGE.saturating_sub(elapsed)).await;
-    let up_at = now_ms();
-    pg.start_again().await;
-
-    wait_until(secs(30), move || async move {
-        let (code, body) = readyz(api_ref).await?;
-        ensure!(
-            code == StatusCode::OK,
-            "GET /readyz answered {code} {body} after PostgreSQL came back, waiting for 200"
-        );
-        Ok(())
-    })
-    .await;
+    let (down_at, up_at) = pg.outage_seen_by(&api, PG_OUTAGE).await;
     assert!(
         controller.is_running(),
         "the controller survives the outage"
