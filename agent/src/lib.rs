@@ -117,6 +117,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         lan_shutdown.clone(),
     )
     .await;
+    // Running: the robot announces itself and keeps its reports from now
+    // on, whether or not it is enrolled or connected yet.
+    kiwi_service::systemd::ready();
     let credentials = match stored {
         Some(c) => Arc::new(c),
         None => match enroll_first(&cfg, &agent, &lan, &shutdown).await {

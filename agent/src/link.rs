@@ -26,6 +26,7 @@ use std::pin::Pin;
 use std::time::Duration;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// How the link behaves, whatever the transport. [`LinkOptions::new`] gives
 /// the production values; connecting is the [`Connector`]'s business.
@@ -281,7 +282,10 @@ async fn session<C: Connector>(
             });
         }
     }
-    match conn.serve(agent, opts, shutdown).await {
+    // Everything the session logs carries its id, which is also the
+    // correlation id of the events the controller records for it.
+    let session = tracing::info_span!("session", correlation_id = %welcome.session_id);
+    match conn.serve(agent, opts, shutdown).instrument(session).await {
         Ok(()) => SessionEnd::Shutdown,
         Err(End::Lost(reason)) => lost(true, reason),
         Err(End::Rejected(r)) => SessionEnd::Rejected {

@@ -3,12 +3,11 @@
 //! clean shutdown, 2 for an invalid configuration or command line, 1 for
 //! anything else.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use kiwi_agent::config::{self, RunFlags};
 use kiwi_agent::simulate::{self, SimulateArgs};
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
 #[command(name = "kiwi-agent", version, about = "The kiwi robot-side agent")]
@@ -27,6 +26,14 @@ enum Command {
     /// robot), get its client certificate, store both in the state
     /// directory. Without a token, waits until an operator approves it.
     Enroll(EnrollArgs),
+    /// Validate the configuration and exit (0: valid, 2: invalid).
+    CheckConfig(RunFlags),
+    /// Print a shell completion script (bash, zsh, fish, elvish,
+    /// powershell) on stdout.
+    Completions(kiwi_service::cli::CompletionsArgs),
+    /// Write the man pages of this program and of each subcommand into a
+    /// directory.
+    Manpages(kiwi_service::cli::ManpagesArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -42,16 +49,43 @@ struct EnrollArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
-    let result = match cli.command {
+    let env = || {
+        std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+    };
+    // The commands that talk to a person print and exit before any logging.
+    let command = match cli.command {
+        Command::CheckConfig(flags) => {
+            return match config::load(&flags, env()) {
+                Ok(_) => {
+                    println!("configuration is valid");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("kiwi-agent: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        Command::Completions(a) => {
+            kiwi_service::cli::print_completions(Cli::command(), a.shell);
+            return ExitCode::SUCCESS;
+        }
+        Command::Manpages(a) => {
+            return kiwi_service::cli::manpages_command(Cli::command(), &a.dir);
+        }
+        other => other,
+    };
+    kiwi_service::logging::init("kiwi-agent", "info");
+    let result = match command {
+        Command::CheckConfig(_) | Command::Completions(_) | Command::Manpages(_) => Ok(()),
         Command::Run(flags) => {
             // Validate before anything starts or connects.
-            let env = std::env::vars_os()
-                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
-            match config::load(&flags, env) {
+            match config::load(&flags, env()) {
                 Ok(cfg) => runtime(false).and_then(|rt| {
                     rt.block_on(async {
                         let shutdown = shutdown_on_signals()?;
+                        kiwi_service::systemd::supervise(shutdown.clone());
                         kiwi_agent::run(cfg, shutdown).await
                     })
                 }),
@@ -62,9 +96,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Enroll(args) => {
-            let env = std::env::vars_os()
-                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
-            let cfg = match config::load(&args.run, env) {
+            let cfg = match config::load(&args.run, env()) {
                 Ok(cfg) => cfg,
                 Err(e) => {
                     tracing::error!(error = %e, "invalid configuration");
@@ -127,24 +159,6 @@ fn runtime(multi_thread: bool) -> anyhow::Result<tokio::runtime::Runtime> {
         tokio::runtime::Builder::new_current_thread()
     };
     Ok(builder.enable_all().build()?)
-}
-
-/// JSON lines on stderr (journald captures them under systemd): timestamp,
-/// level, target, message and fields. `KIWI_LOG`, else `RUST_LOG`, sets the
-/// filter; the default is `info`.
-fn init_logging() {
-    let filter = EnvFilter::try_from_env("KIWI_LOG")
-        .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_current_span(true)
-        .with_span_list(false)
-        .with_target(true)
-        .with_writer(std::io::stderr)
-        .with_env_filter(filter)
-        .init();
 }
 
 /// A token cancelled on SIGTERM or SIGINT.

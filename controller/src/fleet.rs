@@ -35,10 +35,17 @@ pub struct Context {
 }
 
 impl Context {
+    /// A context of its own: a new correlation id.
     pub fn new(actor: &'static str) -> Self {
+        Context::correlated(actor, Uuid::new_v4())
+    }
+
+    /// A context that continues `correlation_id` (an API request's, an
+    /// agent session's).
+    pub fn correlated(actor: &'static str, correlation_id: Uuid) -> Self {
         Context {
             actor,
-            correlation_id: Some(Uuid::new_v4()),
+            correlation_id: Some(correlation_id),
             causation_id: None,
         }
     }
@@ -180,12 +187,12 @@ impl Fleet {
     pub async fn read(&self, id: RobotId) -> Result<Option<Entry>, StoreError> {
         let local = &self.inner.cache;
         if let Some(shared) = self.inner.shared.get() {
-            match shared.get(id, local).await {
+            match shared.get(id).await {
                 Ok(Some(r)) => return Ok(Some(Entry::new(Arc::new(r)))),
                 Ok(None) => {
                     let loaded = self.load_one(id).await?;
                     if let Some(e) = &loaded {
-                        shared.put(&e.robot, local).await;
+                        shared.put(&e.robot).await;
                     }
                     return Ok(loaded);
                 }
@@ -425,6 +432,15 @@ impl Fleet {
             .observe(started.elapsed().as_secs_f64());
         m.events_appended.inc_by(records.len() as u64);
         for r in &records {
+            tracing::info!(
+                event_type = r.event.type_name(),
+                aggregate_id = %id,
+                correlation_id = ctx.correlation_id.map(tracing::field::display),
+                version = r.version,
+                position = r.position,
+                actor = ctx.actor,
+                "event recorded"
+            );
             if let RobotEvent::RobotDiscovered { .. } = r.event {
                 m.robots_discovered.inc();
             }
@@ -440,7 +456,7 @@ impl Fleet {
         let row = Arc::new(row);
         self.inner.cache.put(row.clone());
         if let Some(shared) = self.inner.shared.get() {
-            shared.put(&row, &self.inner.cache).await;
+            shared.put(&row).await;
         }
         Ok(Applied {
             robot: Entry::new(row),

@@ -3,7 +3,7 @@
 //! runtime error, 2 on an invalid configuration.
 
 use chrono::Utc;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use kiwi_controller::config::{Config, Flags};
 use kiwi_controller::security::ControllerPki;
 use kiwi_controller::security::tokens::{
@@ -49,6 +49,12 @@ enum Command {
     /// tokens for operators.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish,
+    /// powershell) on stdout.
+    Completions(kiwi_service::cli::CompletionsArgs),
+    /// Write the man pages of this program and of each subcommand into a
+    /// directory.
+    Manpages(kiwi_service::cli::ManpagesArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -136,22 +142,6 @@ impl ServeArgs {
             agent_listen: self.agent_listen.clone(),
         }
     }
-}
-
-/// Logs as JSON on stderr; `default` is the filter unless `KIWI_LOG` or
-/// `RUST_LOG` says otherwise.
-fn init_logging(default: &str) {
-    let filter = std::env::var("KIWI_LOG")
-        .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| default.into());
-    tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
-        .with_span_list(false)
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 fn load(args: &ServeArgs) -> Result<Config, ExitCode> {
@@ -268,6 +258,13 @@ fn main() -> ExitCode {
     limit_malloc_arenas();
     let cli = Cli::parse();
     let (args, task) = match cli.command {
+        Some(Command::Completions(a)) => {
+            kiwi_service::cli::print_completions(Cli::command(), a.shell);
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Manpages(a)) => {
+            return kiwi_service::cli::manpages_command(Cli::command(), &a.dir);
+        }
         Some(Command::Serve(a)) => (a, Some(Task::Serve)),
         Some(Command::CheckConfig(a)) => (a, None),
         Some(Command::Migrate(a)) => (a, Some(Task::Migrate)),
@@ -291,11 +288,14 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     };
     // The token commands talk to a person: only warnings go to the log.
-    init_logging(if matches!(task, Task::Token(_)) {
-        "warn"
-    } else {
-        "info"
-    });
+    kiwi_service::logging::init(
+        "kiwi-controller",
+        if matches!(task, Task::Token(_)) {
+            "warn"
+        } else {
+            "info"
+        },
+    );
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -308,7 +308,8 @@ fn main() -> ExitCode {
             Task::Serve => {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(serve::cancel_on_signal(shutdown.clone()));
-                serve::serve(config, shutdown, |_| {})
+                kiwi_service::systemd::supervise(shutdown.clone());
+                serve::serve(config, shutdown, |_| kiwi_service::systemd::ready())
                     .await
                     .map(|()| ExitCode::SUCCESS)
             }

@@ -10,6 +10,21 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+/// An API request: its method, its route template (`/api/v2/robots/{id}`,
+/// or `unmatched`: the number of series stays bounded) and its status
+/// code.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub method: String,
+    pub route: String,
+    pub status: u16,
+}
+
+/// Buckets of `api_request_duration_seconds`: 50 µs to about 3.3 s.
+fn request_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.00005, 2.0, 17)
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransitionLabels {
     pub from: String,
@@ -71,6 +86,7 @@ pub struct Metrics {
     pub leases_lost: Counter,
     pub events_appended: Counter,
     pub event_append_duration_seconds: Histogram,
+    pub api_request_duration_seconds: Family<RequestLabels, Histogram, fn() -> Histogram>,
     pub agent_connections: Gauge,
     pub agent_connections_refused: Family<ReasonLabels, Counter>,
     pub agent_frames_rejected: Family<ReasonLabels, Counter>,
@@ -124,6 +140,9 @@ impl Metrics {
             leases_lost: Counter::default(),
             events_appended: Counter::default(),
             event_append_duration_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            api_request_duration_seconds: Family::new_with_constructor(|| {
+                Histogram::new(request_buckets())
+            }),
             agent_connections: Gauge::default(),
             agent_connections_refused: Family::default(),
             agent_frames_rejected: Family::default(),
@@ -243,6 +262,11 @@ impl Metrics {
             "event_append_duration_seconds",
             "Time from asking the store to append until the append was durable",
             m.event_append_duration_seconds.clone(),
+        );
+        registry.register(
+            "api_request_duration_seconds",
+            "Time from receiving an API request until its response was ready",
+            m.api_request_duration_seconds.clone(),
         );
         registry.register(
             "agent_connections",
@@ -371,12 +395,77 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
+    /// OpenMetrics text (`application/openmetrics-text; version=1.0.0`),
+    /// what Prometheus asks for.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+
+    /// The Prometheus text format 0.0.4 (`text/plain; version=0.0.4`), for
+    /// clients that do not ask for OpenMetrics (`curl`, `promtool check
+    /// metrics`, older scrapers): see [`openmetrics_to_text`].
+    pub fn encode_text(&self) -> String {
+        openmetrics_to_text(&self.encode())
+    }
+}
+
+/// Rewrites OpenMetrics text as the Prometheus text format 0.0.4. The
+/// samples are the same; what differs is the metadata: a counter family
+/// `x` (samples `x_total`) is `x_total` in 0.0.4's `HELP` and `TYPE` lines,
+/// `unknown` is `untyped`, and there is no `UNIT` line and no `# EOF`.
+pub fn openmetrics_to_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    // A family's HELP line comes before its TYPE line, which says whether
+    // its name changes: held until then.
+    let mut help: Option<(&str, &str)> = None;
+    let push_help = |out: &mut String, name: &str, text: &str| {
+        out.push_str("# HELP ");
+        out.push_str(name);
+        out.push(' ');
+        out.push_str(text);
+        out.push('\n');
+    };
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            if let Some((name, text)) = help.take() {
+                push_help(&mut out, name, text);
+            }
+            help = Some(rest.split_once(' ').unwrap_or((rest, "")));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (name, kind) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "unknown" => (name.to_string(), "untyped"),
+                other => (name.to_string(), other),
+            };
+            if let Some((_, text)) = help.take() {
+                push_help(&mut out, &name, text);
+            }
+            out.push_str("# TYPE ");
+            out.push_str(&name);
+            out.push(' ');
+            out.push_str(kind);
+            out.push('\n');
+            continue;
+        }
+        if let Some((name, text)) = help.take() {
+            push_help(&mut out, name, text);
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    if let Some((name, text)) = help {
+        push_help(&mut out, name, text);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -407,5 +496,23 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
+    }
+
+    #[test]
+    fn the_text_format_names_counters_by_their_samples() {
+        let openmetrics = "# HELP hits Cache hits.\n# TYPE hits counter\nhits_total 3\n\
+             # HELP up Whether it is up.\n# TYPE up gauge\n# UNIT up seconds\nup 1\n\
+             # HELP odd A family of unknown type.\n# TYPE odd unknown\nodd 2\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_text(openmetrics),
+            "# HELP hits_total Cache hits.\n# TYPE hits_total counter\nhits_total 3\n\
+             # HELP up Whether it is up.\n# TYPE up gauge\nup 1\n\
+             # HELP odd A family of unknown type.\n# TYPE odd untyped\nodd 2\n"
+        );
+        let m = Metrics::new();
+        m.cache_hits.inc();
+        let text = m.encode_text();
+        assert!(text.contains("# TYPE cache_hits_total counter\ncache_hits_total 1\n"));
+        assert!(!text.contains("# EOF"));
     }
 }

@@ -109,6 +109,22 @@ pub enum RedisError {
     LeaseLost { resource: String },
 }
 
+impl RedisError {
+    /// An answer that did not come in time: Redis (or this process) is
+    /// slow, which says nothing about what Redis holds. Any other failure
+    /// means the connection broke or Redis refused, and Redis may have
+    /// restarted meanwhile.
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            RedisError::Timeout { .. } | RedisError::ConnectTimeout { .. } => true,
+            RedisError::Command { cause, .. } | RedisError::Connect { cause, .. } => {
+                cause.is_timeout()
+            }
+            _ => false,
+        }
+    }
+}
+
 /// The URL without its password, for messages.
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {

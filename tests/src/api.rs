@@ -593,7 +593,8 @@ pub fn metric_samples(text: &str, name: &str) -> Vec<(BTreeMap<String, String>, 
             continue;
         };
         let (labels, rest) = if let Some(after_brace) = rest.strip_prefix('{') {
-            let Some(end) = after_brace.find('}') else {
+            // The last brace: label values may hold braces (route templates).
+            let Some(end) = after_brace.rfind('}') else {
                 continue;
             };
             (parse_labels(&after_brace[..end]), &after_brace[end + 1..])

@@ -157,7 +157,7 @@ impl Drop for RedisKeys {
 }
 
 /// The path of `program` on `PATH`.
-fn find_on_path(program: &str) -> Option<PathBuf> {
+pub fn find_on_path(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|dir| dir.join(program))

@@ -187,7 +187,8 @@ const STALL_EVERY: Duration = Duration::from_millis(400);
 
 /// A busy Redis (every write stalled past the response timeout again and
 /// again) does not keep the tier from coming back: a refill carries on past
-/// the puts that timed out and puts them again, instead of starting over.
+/// the puts that timed out, and a repair puts them again, instead of
+/// starting over.
 #[tokio::test]
 async fn a_refill_completes_while_redis_keeps_stalling_writes() {
     let mut redis = RedisServer::start().await;
@@ -225,7 +226,7 @@ async fn a_refill_completes_while_redis_keeps_stalling_writes() {
     let client = ::redis::Client::open(redis.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let mut stalls = 0;
-    let mut up_while_stalling = false;
+    let mut synced_while_stalling = false;
     // Bounded: at most 50 stalls (20 s).
     while stalls < 50 {
         ::redis::cmd("CLIENT")
@@ -237,16 +238,17 @@ async fn a_refill_completes_while_redis_keeps_stalling_writes() {
             .unwrap();
         stalls += 1;
         tokio::time::sleep(STALL_EVERY).await;
-        if shared.is_up() {
-            up_while_stalling = true;
+        if shared.is_up() && shared.unsynced_robots() == 0 {
+            synced_while_stalling = true;
             break;
         }
     }
     assert!(
-        up_while_stalling,
-        "the cache was not refilled within {stalls} stalls of {STALL:?} every {STALL_EVERY:?} \
-         (status {})",
-        shared.status()
+        synced_while_stalling,
+        "the cache was not refilled and repaired within {stalls} stalls of {STALL:?} every \
+         {STALL_EVERY:?} (status {}, {} robots unsynced)",
+        shared.status(),
+        shared.unsynced_robots()
     );
     eprintln!("refilled {STALLED_REFILL_ROBOTS} robots after {stalls} stalls");
     // Every robot is in Redis again, with its row as the store has it.

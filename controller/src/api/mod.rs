@@ -7,6 +7,7 @@ mod admin;
 pub mod auth;
 pub mod extract;
 pub mod problem;
+pub mod request_id;
 mod robots;
 mod watch;
 
@@ -130,6 +131,11 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(limit, limit_body))
         .layer(axum::extract::DefaultBodyLimit::max(limit))
+        // Outermost: even a refused request has an id.
+        .layer(middleware::from_fn_with_state(
+            state.metrics.clone(),
+            request_id::layer,
+        ))
         .with_state(state)
 }
 
@@ -189,12 +195,31 @@ async fn readyz(State(s): State<AppState>) -> Result<impl IntoResponse, Problem>
     Ok(axum::Json(body))
 }
 
-async fn prometheus(State(s): State<AppState>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.encode(),
-    )
+/// `/metrics`: OpenMetrics for a client that asks for it (Prometheus
+/// does), else the Prometheus text format 0.0.4.
+async fn prometheus(State(s): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    if openmetrics {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            s.metrics.encode(),
+        )
+            .into_response()
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            s.metrics.encode_text(),
+        )
+            .into_response()
+    }
 }

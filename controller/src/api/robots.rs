@@ -4,6 +4,7 @@
 use super::AppState;
 use super::extract::{ApiPath, ApiQuery, JsonBody, RobotPath};
 use super::problem::Problem;
+use super::request_id::RequestId;
 use crate::breakers::CircuitView;
 use crate::cache::{Entry, Filter};
 use crate::domain::damping::NetworkState;
@@ -467,18 +468,23 @@ async fn act(
     id: RobotId,
     body: ActionBody,
     name: &'static str,
+    request: &RequestId,
 ) -> Result<Response, Problem> {
     let action = body.into_action(name)?;
-    let applied = operate(&s, id, action).await?;
+    let applied = operate(&s, id, action, request).await?;
     Ok(robot_response(&applied.robot, s.fleet.sessions()))
 }
 
 /// Applies an operator's action (the one path of every action route and
-/// of decommissioning).
-async fn operate(s: &AppState, id: RobotId, action: Action) -> Result<Applied, FleetError> {
-    s.fleet
-        .apply(id, Input::Operator(action), &Context::new("operator"))
-        .await
+/// of decommissioning), correlated with the request.
+async fn operate(
+    s: &AppState,
+    id: RobotId,
+    action: Action,
+    request: &RequestId,
+) -> Result<Applied, FleetError> {
+    let ctx = Context::correlated("operator", request.correlation_id);
+    s.fleet.apply(id, Input::Operator(action), &ctx).await
 }
 
 macro_rules! action_handler {
@@ -486,9 +492,10 @@ macro_rules! action_handler {
         pub async fn $fn_name(
             State(s): State<AppState>,
             RobotPath(id): RobotPath,
+            request: RequestId,
             JsonBody(body): JsonBody<ActionBody>,
         ) -> Result<Response, Problem> {
-            act(s, id, body, $action).await
+            act(s, id, body, $action, &request).await
         }
     };
 }
@@ -512,6 +519,7 @@ const DECOMMISSIONED: &str = "decommissioned";
 pub async fn decommission(
     State(s): State<AppState>,
     RobotPath(id): RobotPath,
+    request: RequestId,
 ) -> Result<Response, Problem> {
     let robot = s
         .fleet
@@ -537,7 +545,7 @@ pub async fn decommission(
         let action = Action::Fail {
             reason: DECOMMISSIONED.into(),
         };
-        match operate(&s, id, action).await {
+        match operate(&s, id, action, &request).await {
             Ok(applied) => applied.robot,
             // It failed meanwhile: that is what was asked.
             Err(FleetError::Refused(Refusal::Forbidden {
