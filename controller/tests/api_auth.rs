@@ -357,9 +357,10 @@ async fn roles_decide_what_a_token_may_do() {
     );
 }
 
-/// Every registered route needs a role (only `/healthz`, `/readyz` and
-/// `/metrics` are open), and the role is the one the table says: each
-/// route is tried without a token and with each weaker role.
+/// Every registered route needs a role (only `/healthz`, `/readyz`,
+/// `/metrics` and the OpenAPI document are open), and the role is the one
+/// the table says: each route is tried without a token and with each
+/// weaker role.
 #[tokio::test]
 async fn every_route_requires_its_role() {
     let app = app().await;
@@ -376,7 +377,8 @@ async fn every_route_requires_its_role() {
         match spec.access {
             Access::Open => {
                 assert!(
-                    ["/healthz", "/readyz", "/metrics"].contains(&spec.path),
+                    ["/healthz", "/readyz", "/metrics", "/api/v2/openapi.json"]
+                        .contains(&spec.path),
                     "{what} is open"
                 );
                 assert_eq!(a.status, StatusCode::OK, "{what}: {}", a.body);
@@ -405,8 +407,16 @@ async fn every_route_requires_its_role() {
             .unwrap_or_else(|| panic!("{method} {path} not registered"))
             .access
     };
+    assert_eq!(
+        role_of(Method::GET, "/api/v2/openapi.json"),
+        Access::Open,
+        "API descriptions are public"
+    );
     for spec in &table {
-        if spec.method == Method::GET && spec.path.starts_with("/api/v2/") {
+        if spec.method == Method::GET
+            && spec.path.starts_with("/api/v2/")
+            && spec.path != "/api/v2/openapi.json"
+        {
             let expected = if spec.path.starts_with("/api/v2/tokens")
                 || spec.path.starts_with("/api/v2/enrollments")
             {

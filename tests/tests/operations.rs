@@ -445,3 +445,157 @@ async fn a_request_id_is_returned_logged_and_correlates_the_events() {
     assert_eq!(timed, 1.0, "the provision request was timed once");
     sim.stop(secs(10)).await;
 }
+
+/// One journal entry as the native protocol carries it: `KEY=value` lines,
+/// or `KEY\n<length, u64 LE><value>\n` for values with newlines.
+fn journal_fields(datagram: &[u8]) -> std::collections::BTreeMap<String, String> {
+    let mut fields = std::collections::BTreeMap::new();
+    let mut rest = datagram;
+    while !rest.is_empty() {
+        let Some(eol) = rest.iter().position(|&b| b == b'\n') else {
+            break;
+        };
+        let line = &rest[..eol];
+        if let Some(eq) = line.iter().position(|&b| b == b'=') {
+            fields.insert(text(&line[..eq]), text(&line[eq + 1..]));
+            rest = &rest[eol + 1..];
+        } else {
+            let key = text(line);
+            let after = &rest[eol + 1..];
+            let Some(len) = after.get(..8) else { break };
+            let len = u64::from_le_bytes(len.try_into().unwrap()) as usize;
+            let Some(value) = after.get(8..8 + len) else {
+                break;
+            };
+            fields.insert(key, text(value));
+            rest = after.get(8 + len + 1..).unwrap_or_default();
+        }
+    }
+    fields
+}
+
+/// Under systemd (`JOURNAL_STREAM` set) the controller logs to journald
+/// with structured fields: its own journald socket is faked in a mount
+/// namespace of the controller's (the machine's `/run` is left alone).
+#[tokio::test]
+async fn under_systemd_logs_go_to_journald_with_structured_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal_dir = dir.path().join("journal");
+    std::fs::create_dir(&journal_dir).unwrap();
+    let journal = UnixDatagram::bind(journal_dir.join("socket")).unwrap();
+    journal
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let api_port = kiwi_tests::free_port();
+    let log = dir.path().join("controller.log");
+    let mut command = Command::new("unshare");
+    process::scrub_env(&mut command);
+    command
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(
+            // A private /run (tmpfs) of the namespace: the machine's keeps
+            // no trace of the test.
+            "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal \
+             && mount --bind \"$1\" /run/systemd/journal && shift && exec \"$@\"",
+        )
+        .arg("sh")
+        .arg(&journal_dir)
+        .arg(binary("kiwi-controller"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--api-listen")
+        .arg(format!("127.0.0.1:{api_port}"))
+        .arg("--agent-listen")
+        .arg(format!("127.0.0.1:{}", kiwi_tests::free_port()))
+        .env("JOURNAL_STREAM", "8:12345")
+        .env("KIWI_CONTROLLER_DISCOVERY_INTERVAL", "0s")
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut child = KillOnDrop(
+        command
+            .spawn()
+            .expect("start the controller in a mount namespace"),
+    );
+
+    let entries = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = {
+        let entries = entries.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            // Bounded: at most 30 s of reading.
+            let until = Instant::now() + secs(30);
+            while Instant::now() < until {
+                if let Ok(n) = journal.recv(&mut buf) {
+                    entries.lock().unwrap().push(journal_fields(&buf[..n]));
+                }
+            }
+        })
+    };
+    let find = |pred: &dyn Fn(&std::collections::BTreeMap<String, String>) -> bool| {
+        entries.lock().unwrap().iter().find(|e| pred(e)).cloned()
+    };
+    let listening = wait_until(secs(20), || async {
+        find(&|e| e.get("MESSAGE").is_some_and(|m| m.contains("listening")))
+            .ok_or_else(|| anyhow::anyhow!("no start-up entry in the journal yet"))
+    })
+    .await;
+    assert_eq!(
+        listening.get("SYSLOG_IDENTIFIER").map(String::as_str),
+        Some("kiwi-controller"),
+        "{listening:?}"
+    );
+    assert_eq!(listening.get("PRIORITY").map(String::as_str), Some("5"));
+    assert!(
+        listening.contains_key("API"),
+        "fields are journal fields: {listening:?}"
+    );
+
+    // A refused request is logged (info) with its id as a field.
+    let request_id = "journald-test-request";
+    let resp = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{api_port}/api/v2/discover"))
+        .header("x-request-id", request_id)
+        .send()
+        .await
+        .expect("POST /api/v2/discover");
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let entry = wait_until(secs(10), || async {
+        find(&|e| {
+            e.get("REQUEST_ID").map(String::as_str) == Some(request_id)
+                && e.get("MESSAGE").map(String::as_str) == Some("API request")
+        })
+        .ok_or_else(|| anyhow::anyhow!("no entry of the request with REQUEST_ID yet"))
+    })
+    .await;
+    assert!(entry.contains_key("CORRELATION_ID"), "{entry:?}");
+    assert_eq!(entry.get("STATUS").map(String::as_str), Some("401"));
+
+    // SIGTERM (the kill command), then reap.
+    let _ = Command::new("kill").arg(child.0.id().to_string()).status();
+    let status = child.0.wait().expect("reap the controller");
+    assert!(
+        status.success(),
+        "the controller stopped cleanly: {status}; stderr: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .trim()
+            .is_empty(),
+        "nothing on stderr while journald takes the logs"
+    );
+    drop(reader);
+}
+
+/// A child process killed (SIGKILL) and reaped when the test ends, even by
+/// a failed assertion.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}

@@ -1,8 +1,9 @@
 //! Who may call what. Every route is registered through [`Routes`] together
 //! with the access it needs, so the registration in [`super::routes`] is the
 //! role table and a route cannot be added without saying who may call it.
-//! Only `/healthz`, `/readyz` and `/metrics` may be open ([`OPEN_PATHS`]);
-//! `/metrics` asks for a viewer token when `metrics_require_token` is set.
+//! Only `/healthz`, `/readyz`, `/metrics` and the OpenAPI document may be
+//! open ([`OPEN_PATHS`]); `/metrics` asks for a viewer token when
+//! `metrics_require_token` is set.
 //!
 //! A guarded route first checks `Authorization: Bearer <API token>`
 //! ([`crate::security::ApiAuth`]): no or a bad token is 401 with
@@ -28,7 +29,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 /// The only routes that may be served without a token.
-pub const OPEN_PATHS: &[&str] = &["/healthz", "/readyz", "/metrics"];
+pub const OPEN_PATHS: &[&str] = &["/healthz", "/readyz", "/metrics", "/api/v2/openapi.json"];
 
 /// What a route asks of its caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,7 +248,7 @@ mod tests {
     }
 
     #[test]
-    fn only_the_health_and_metrics_routes_are_open_and_every_route_is_listed() {
+    fn only_the_open_paths_are_open_and_every_route_is_listed() {
         for require in [false, true] {
             let table = super::super::route_table(require);
             assert!(table.len() > 20, "{table:?}");

@@ -1,11 +1,13 @@
 //! The REST v2 API, the watch stream, health and metrics endpoints. Only
 //! this module knows HTTP; it reads through the fleet's cache and changes
 //! robots only through [`crate::fleet::Fleet::apply`]. Every route but the
-//! health and metrics endpoints needs an API token ([`auth`]).
+//! health and metrics endpoints and the API's own description needs an API
+//! token ([`auth`]).
 
 mod admin;
 pub mod auth;
 pub mod extract;
+pub mod openapi;
 pub mod problem;
 pub mod request_id;
 mod robots;
@@ -53,7 +55,8 @@ pub struct AppState {
 
 /// Every route and who may call it: this registration is the role table.
 /// Reads need a viewer token, lifecycle actions and discovery an operator
-/// token, tokens, enrollments and decommissioning an admin token.
+/// token, tokens, enrollments and decommissioning an admin token. The
+/// OpenAPI document (`openapi.json`) describes every route registered here.
 fn routes(r: Routes) -> Routes {
     use Role::{Admin, Operator, Viewer};
     let metrics = if r.metrics_require_token {
@@ -113,6 +116,8 @@ fn routes(r: Routes) -> Routes {
         .get("/api/v2/tokens", Admin, admin::tokens)
         .post("/api/v2/tokens", Admin, admin::create_token)
         .delete("/api/v2/tokens/{id}", Admin, admin::revoke_token)
+        // The API's description is public.
+        .get("/api/v2/openapi.json", Access::Open, openapi::document)
 }
 
 /// Every route the API serves and who may call it (as [`router`] registers
