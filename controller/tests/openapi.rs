@@ -11,13 +11,13 @@ use axum::http::{Method, Request, StatusCode, header};
 use http_body_util::BodyExt;
 use kiwi_controller::api::auth::Access;
 use kiwi_controller::api::{openapi, route_table};
-use kiwi_controller::config::{Config, SecurityConfig};
 use kiwi_controller::domain::Input;
 use kiwi_controller::domain::event::IdentityFacts;
 use kiwi_controller::fleet::Context;
 use kiwi_controller::security::tokens::create_api_token;
 use kiwi_controller::serve::Components;
 use kiwi_controller::store::auth::Role;
+use kiwi_controller::testing::rest::api_config;
 use kiwi_controller::testing::{messages, robots};
 use kiwi_protocol::RobotId;
 use kiwi_protocol::message::AgentMessage;
@@ -449,18 +449,7 @@ fn facts(name: &str, n: u8) -> IdentityFacts {
 impl App {
     async fn start() -> App {
         let dir = tempfile::tempdir().unwrap();
-        let config = Config {
-            state_dir: dir.path().to_path_buf(),
-            auto_provision: false,
-            discovery_interval: Duration::ZERO,
-            security: SecurityConfig {
-                // The refusals below must not lock the test out.
-                auth_failures_per_minute: u32::MAX,
-                ..SecurityConfig::default()
-            },
-            ..Config::default()
-        };
-        let c = Components::build(config, CancellationToken::new())
+        let c = Components::build(api_config(dir.path()), CancellationToken::new())
             .await
             .unwrap();
         let mut tokens = HashMap::new();

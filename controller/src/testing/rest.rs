@@ -278,20 +278,28 @@ impl Drop for RestTarget {
     }
 }
 
+/// A controller's configuration for driving its API with many requests,
+/// refused ones included: the embedded store in `state_dir`, robots
+/// provisioned only when asked, no discovery rounds, and no lock-out after
+/// failed authentications (the refusals must not shut the test out).
+pub fn api_config(state_dir: &Path) -> Config {
+    Config {
+        state_dir: state_dir.to_path_buf(),
+        auto_provision: false,
+        discovery_interval: Duration::ZERO,
+        security: SecurityConfig {
+            auth_failures_per_minute: u32::MAX,
+            ..SecurityConfig::default()
+        },
+        ..Config::default()
+    }
+}
+
 impl App {
     async fn start() -> anyhow::Result<App> {
         let dir = scratch_dir().context("cannot make the target's state directory")?;
-        let config = Config {
-            state_dir: dir.path().to_path_buf(),
-            auto_provision: false,
-            discovery_interval: Duration::ZERO,
-            security: SecurityConfig {
-                auth_failures_per_minute: u32::MAX,
-                ..SecurityConfig::default()
-            },
-            ..Config::default()
-        };
-        let components = Components::build(config, CancellationToken::new()).await?;
+        let components =
+            Components::build(api_config(dir.path()), CancellationToken::new()).await?;
         let mut tokens = Vec::new();
         for role in [Role::Viewer, Role::Operator, Role::Admin] {
             let (token, _) = crate::security::tokens::create_api_token(
