@@ -179,8 +179,8 @@ impl SharedCache {
         }
     }
 
-    /// Pings Redis up to [`SLOW_PINGS`] times while it times out; `slow`
-    /// counts the timed-out pings before this call.
+    /// Pings Redis once. `slow` counts the timed-out pings in a row before
+    /// this one: the [`SLOW_PINGS`]th in a row counts as broken.
     async fn check(&self, slow: &mut u32) -> Health {
         match self.inner.redis.ping().await {
             Ok(()) => {

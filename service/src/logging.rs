@@ -12,13 +12,6 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-/// Where log lines went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sink {
-    Journald,
-    JsonStderr,
-}
-
 /// The filter: `KIWI_LOG`, else `RUST_LOG`, else `default`. An invalid
 /// directive falls back to `default` with a note on stderr, rather than
 /// logging nothing.
@@ -41,8 +34,8 @@ pub fn under_journald() -> bool {
 }
 
 /// Installs the global subscriber for `program` (its journald
-/// `SYSLOG_IDENTIFIER`) and says where logs go.
-pub fn init(program: &str, default: &str) -> Sink {
+/// `SYSLOG_IDENTIFIER`).
+pub fn init(program: &str, default: &str) {
     let filter = filter(default);
     if under_journald() {
         match tracing_journald::layer() {
@@ -56,7 +49,7 @@ pub fn init(program: &str, default: &str) -> Sink {
                     .with(filter)
                     .with(journald)
                     .init();
-                return Sink::Journald;
+                return;
             }
             Err(e) => {
                 eprintln!("{program}: journald is not reachable ({e}); logging JSON to stderr");
@@ -72,5 +65,4 @@ pub fn init(program: &str, default: &str) -> Sink {
         .with_writer(std::io::stderr)
         .with_env_filter(filter)
         .init();
-    Sink::JsonStderr
 }
