@@ -23,6 +23,7 @@ use kiwi_security::pki::{certs_from_pem, key_fingerprint, robot_csr_pem};
 use kiwi_security::token::EnrollmentToken;
 use kiwi_security::verify::{self, ALPN_HTTP1, ControllerTrust, ControllerVerifier};
 use rustls_pki_types::ServerName;
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,6 +57,7 @@ pub async fn enroll(
     controller: &ControllerUrl,
     token: Option<&EnrollmentToken>,
     max_attempts: Option<u32>,
+    source: Option<IpAddr>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Credentials> {
     let key = {
@@ -89,7 +91,7 @@ pub async fn enroll(
         let verifier = ControllerVerifier::new(trust.clone());
         let attempt = tokio::select! {
             () = shutdown.cancelled() => anyhow::bail!("enrollment stopped: shutting down"),
-            r = tokio::time::timeout(EXCHANGE_TIMEOUT, exchange(controller, &verifier, &body)) => r,
+            r = tokio::time::timeout(EXCHANGE_TIMEOUT, exchange(controller, source, &verifier, &body)) => r,
         };
         let attempt = match attempt {
             Err(_) => Err(EnrollError::Transient(
@@ -174,13 +176,14 @@ pub async fn enroll(
 /// One `POST /enroll` over a new TLS connection.
 async fn exchange(
     controller: &ControllerUrl,
+    source: Option<IpAddr>,
     verifier: &Arc<ControllerVerifier>,
     body: &[u8],
 ) -> Result<EnrollResponse, EnrollError> {
     let transient = |what: &str, e: &dyn std::fmt::Display| {
         EnrollError::Transient(format!("{what} {controller}: {e}"), None)
     };
-    let tcp = tokio::net::TcpStream::connect((controller.bare_host(), controller.port))
+    let tcp = crate::transport::tcp_connect(controller.bare_host(), controller.port, source)
         .await
         .map_err(|e| transient("cannot connect to", &e))?;
     let _ = tcp.set_nodelay(true);

@@ -48,27 +48,29 @@ use config::{ControllerSetting, ControllerUrl, Transport};
 use credentials::Credentials;
 use kiwi_protocol::backoff::Backoff;
 use kiwi_security::verify::{ALPN_HTTP1, ALPN_QUIC};
+use std::net::IpAddr;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use transport::choose::ChosenConnector;
 use transport::quic::QuicConnector;
 
 /// The connector of one controller address over `transport`, presenting
-/// `credentials`.
+/// `credentials`, connecting from `source` when given.
 pub fn connector_for(
     url: &ControllerUrl,
     transport: Transport,
     credentials: &Arc<Credentials>,
+    source: Option<IpAddr>,
 ) -> ChosenConnector {
-    ChosenConnector::new(
-        transport,
-        WebSocketConnector::new(url, credentials.client_config(ALPN_HTTP1)),
-        QuicConnector::new(
-            url.bare_host().to_string(),
-            url.port,
-            credentials.client_config(ALPN_QUIC),
-        ),
-    )
+    let mut websocket = WebSocketConnector::new(url, credentials.client_config(ALPN_HTTP1));
+    websocket.source = source;
+    let mut quic = QuicConnector::new(
+        url.bare_host().to_string(),
+        url.port,
+        credentials.client_config(ALPN_QUIC),
+    );
+    quic.source = source;
+    ChosenConnector::new(transport, websocket, quic)
 }
 
 /// `kiwi-agent run` once its configuration is valid: identifies the robot,
@@ -148,13 +150,13 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     opts.credentials = Some(credentials.clone());
     match &cfg.controller {
         ControllerSetting::Url(url) => {
-            let connector = connector_for(url, cfg.transport, &credentials);
+            let connector = connector_for(url, cfg.transport, &credentials, None);
             link::run(&mut agent, &connector, &opts, &shutdown).await;
         }
         ControllerSetting::Auto => {
             let (transport, creds) = (cfg.transport, credentials.clone());
             let connector = announce::AutoConnector::new(&cfg.state_dir, lan.finds(), move |url| {
-                connector_for(url, transport, &creds)
+                connector_for(url, transport, &creds, None)
             });
             let mut connected = connected_rx;
             let remember = async {
@@ -187,7 +189,16 @@ async fn enroll_first(
 ) -> anyhow::Result<Credentials> {
     let token = cfg.enroll_token.as_ref();
     if let ControllerSetting::Url(url) = &cfg.controller {
-        return enroll::enroll(&cfg.state_dir, agent.identity(), url, token, None, shutdown).await;
+        return enroll::enroll(
+            &cfg.state_dir,
+            agent.identity(),
+            url,
+            token,
+            None,
+            None,
+            shutdown,
+        )
+        .await;
     }
     let backoff = Backoff::new(cfg.reconnect_base, cfg.reconnect_cap);
     let mut attempt = 0;
@@ -201,6 +212,7 @@ async fn enroll_first(
             &url,
             token,
             Some(3),
+            None,
             shutdown,
         )
         .await

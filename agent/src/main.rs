@@ -123,6 +123,7 @@ fn main() -> ExitCode {
                         &url,
                         token.as_ref(),
                         Some(5),
+                        None,
                         &shutdown,
                     )
                     .await?;

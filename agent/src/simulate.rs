@@ -18,6 +18,7 @@ use crate::config::{
 use crate::credentials::Credentials;
 use crate::link::{self, LinkOptions};
 use anyhow::Context;
+use ipnet::IpNet;
 use kiwi_protocol::backoff::Backoff;
 use kiwi_protocol::message::{NetCounters, Telemetry};
 use kiwi_protocol::settings::parse_duration;
@@ -25,6 +26,7 @@ use kiwi_security::token::EnrollmentToken;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,6 +82,12 @@ pub struct SimulateArgs {
     /// welcomed.
     #[arg(long, value_name = "FILE")]
     pub summary: Option<PathBuf>,
+    /// Connect from the addresses of this network, one per agent in turn
+    /// (e.g. `127.1.0.0/18`: every loopback address is local, so each
+    /// simulated robot can have an address of its own, as on a LAN, and
+    /// ten thousand connections do not share one address's ports).
+    #[arg(long, value_name = "CIDR", value_parser = parse_source_network)]
+    pub source_network: Option<IpNet>,
 }
 
 /// What `--summary` holds: one entry per agent that was set up, in index
@@ -139,6 +147,31 @@ pub fn parse_prefix(text: &str) -> Result<String, String> {
     }
 }
 
+/// A source network must have addresses to give out.
+pub fn parse_source_network(text: &str) -> Result<IpNet, String> {
+    let net: IpNet = text
+        .parse()
+        .map_err(|e| format!("invalid network {text:?}: {e} (expected e.g. 127.1.0.0/18)"))?;
+    if net.hosts().next().is_none() {
+        return Err(format!("network {net} has no host addresses"));
+    }
+    Ok(net)
+}
+
+/// The source addresses of `count` agents: the host addresses of `net` in
+/// order, starting again from the first when there are fewer than agents.
+pub fn source_addresses(net: &IpNet, count: u32) -> Vec<IpAddr> {
+    let hosts: Vec<IpAddr> = net.hosts().take(count as usize).collect();
+    (0..count as usize)
+        .map(|i| hosts[i % hosts.len()])
+        .collect()
+}
+
+/// File descriptors one simulated agent may hold at once: its connection
+/// (or QUIC socket), its outbox, and one more while enrolling or
+/// reconnecting.
+const FDS_PER_AGENT: u64 = 3;
+
 /// When agent `index` of `count` starts, relative to the first, when they
 /// start spread evenly over `spread`.
 pub fn start_offset(index: u32, count: u32, spread: Duration) -> Duration {
@@ -167,6 +200,20 @@ pub async fn simulate(args: SimulateArgs, shutdown: CancellationToken) -> anyhow
         }
     };
     kiwi_security::install_crypto_provider();
+    let wanted = u64::from(args.count) * FDS_PER_AGENT + 256;
+    match kiwi_service::limits::raise_nofile_limit(wanted) {
+        Ok(limit) if limit.is_short() => tracing::warn!(
+            soft = limit.soft,
+            wanted,
+            "the open-files limit is below what {} agents may need; some may fail to connect",
+            args.count
+        ),
+        Ok(limit) => tracing::debug!(soft = limit.soft, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-files limit"),
+    }
+    let sources = args
+        .source_network
+        .map(|net| source_addresses(&net, args.count));
     let opts = LinkOptions::new(Backoff::new(DEFAULT_RECONNECT_BASE, DEFAULT_RECONNECT_CAP));
     tracing::info!(
         count = args.count,
@@ -189,6 +236,7 @@ pub async fn simulate(args: SimulateArgs, shutdown: CancellationToken) -> anyhow
         let interval = args.report_interval;
         let capacity = args.outbox_capacity as usize;
         let offset = start_offset(index, args.count, args.start_spread);
+        let source = sources.as_ref().map(|s| s[index as usize]);
         let span = tracing::info_span!("sim", agent = %format!("{prefix}-{index}"));
         tasks.spawn(
             async move {
@@ -217,6 +265,7 @@ pub async fn simulate(args: SimulateArgs, shutdown: CancellationToken) -> anyhow
                         &url,
                         token.as_ref(),
                         None,
+                        source,
                         &shutdown,
                     )
                     .await
@@ -226,7 +275,7 @@ pub async fn simulate(args: SimulateArgs, shutdown: CancellationToken) -> anyhow
                         Err(e) => return Err(e),
                     },
                 };
-                let connector = crate::connector_for(&url, transport, &credentials);
+                let connector = crate::connector_for(&url, transport, &credentials, source);
                 opts.credentials = Some(credentials);
                 let (connected, welcomes) = watch::channel(false);
                 opts.connected = Some(connected);
@@ -416,6 +465,28 @@ mod tests {
         let ten = Duration::from_secs(10);
         assert_eq!(start_offset(500, 1000, ten), Duration::from_secs(5));
         assert_eq!(start_offset(7, 1000, Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn source_addresses_go_round_the_network() {
+        let net = parse_source_network("127.1.0.0/30").expect("valid");
+        let ip = |s: &str| s.parse::<IpAddr>().expect("address");
+        assert_eq!(
+            source_addresses(&net, 5),
+            vec![
+                ip("127.1.0.1"),
+                ip("127.1.0.2"),
+                ip("127.1.0.1"),
+                ip("127.1.0.2"),
+                ip("127.1.0.1")
+            ]
+        );
+        let big = parse_source_network("127.1.0.0/18").expect("valid");
+        let spread = source_addresses(&big, 10_000);
+        assert_eq!(spread[0], ip("127.1.0.1"));
+        assert_eq!(spread[9_999], ip("127.1.39.16"));
+        assert!(parse_source_network("127.1.0.1/32").is_ok());
+        assert!(parse_source_network("not a network").is_err());
     }
 
     #[test]

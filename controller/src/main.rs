@@ -254,6 +254,28 @@ fn limit_malloc_arenas() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn limit_malloc_arenas() {}
 
+/// File descriptors the controller keeps beside its agents' connections:
+/// API and watch clients, the store's and Redis's connections, discovery.
+const NOFILE_HEADROOM: u64 = 4_096;
+
+/// Raises the open-files limit to what `max_agents` connections need (the
+/// soft limit a service starts with is usually 1,024).
+fn raise_nofile_limit(config: &Config) {
+    let wanted = u64::try_from(config.max_agents)
+        .unwrap_or(u64::MAX)
+        .saturating_add(NOFILE_HEADROOM);
+    match kiwi_service::limits::raise_nofile_limit(wanted) {
+        Ok(limit) if limit.is_short() => tracing::warn!(
+            soft = limit.soft,
+            hard = limit.hard,
+            wanted,
+            "the open-files limit is below what max_agents connections need (raise LimitNOFILE)"
+        ),
+        Ok(limit) => tracing::info!(soft = limit.soft, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-files limit"),
+    }
+}
+
 fn main() -> ExitCode {
     limit_malloc_arenas();
     let cli = Cli::parse();
@@ -306,6 +328,7 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         let outcome = match task {
             Task::Serve => {
+                raise_nofile_limit(&config);
                 let shutdown = CancellationToken::new();
                 tokio::spawn(serve::cancel_on_signal(shutdown.clone()));
                 kiwi_service::systemd::supervise(shutdown.clone());

@@ -22,6 +22,24 @@ pub enum AgentMessage {
     RenewCertificate(RenewCertificate),
 }
 
+/// The tag postcard gives [`AgentMessage::Heartbeat`]: its variant index,
+/// pinned by the golden tests like the rest of the encoding.
+const HEARTBEAT_TAG: u8 = 2;
+
+impl AgentMessage {
+    /// Whether `frame` is a `Heartbeat` that [`crate::decode_frame`] would
+    /// accept, checked without building the message: the most frequent
+    /// frame of an established session is handled without allocating.
+    pub fn is_heartbeat_frame(frame: &[u8], max: usize) -> bool {
+        crate::frame::decode_header(frame, max).is_ok()
+            && frame.get(crate::frame::HEADER_LEN) == Some(&HEARTBEAT_TAG)
+            && matches!(
+                postcard::take_from_bytes::<Heartbeat>(&frame[crate::frame::HEADER_LEN + 1..]),
+                Ok((_, rest)) if rest.is_empty()
+            )
+    }
+}
+
 /// Controller → agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ControllerMessage {

@@ -10,7 +10,8 @@
     reason = "a counting global allocator needs `unsafe impl GlobalAlloc`"
 )]
 
-use kiwi_protocol::frame::{DEFAULT_MAX_FRAME, MAX_DECODE_ALLOCATION, decode_frame};
+use kiwi_protocol::frame::{DEFAULT_MAX_FRAME, MAX_DECODE_ALLOCATION, decode_frame, encode_frame};
+use kiwi_protocol::message::{Goodbye, Heartbeat};
 use kiwi_protocol::version::CURRENT;
 use kiwi_protocol::{AgentMessage, ControllerMessage};
 use proptest::prelude::*;
@@ -60,6 +61,12 @@ fn peak_during(f: impl FnOnce()) -> usize {
 }
 
 fn check(bytes: &[u8]) -> Result<(), TestCaseError> {
+    let decoded = decode_frame::<AgentMessage>(bytes, DEFAULT_MAX_FRAME);
+    prop_assert_eq!(
+        AgentMessage::is_heartbeat_frame(bytes, DEFAULT_MAX_FRAME),
+        matches!(decoded, Ok((_, AgentMessage::Heartbeat(_)))),
+        "the heartbeat check disagrees with decoding"
+    );
     let peak = peak_during(|| {
         let _ = decode_frame::<AgentMessage>(bytes, DEFAULT_MAX_FRAME);
     });
@@ -108,6 +115,45 @@ proptest! {
         frame.resize(len.max(7), fill);
         check(&frame)?;
     }
+}
+
+#[test]
+fn a_heartbeat_is_recognised_without_allocating() {
+    for time_ms in [0, -1, 1_780_000_000_000, i64::MIN, i64::MAX] {
+        let frame = encode_frame(
+            CURRENT,
+            &AgentMessage::Heartbeat(Heartbeat { time_ms }),
+            DEFAULT_MAX_FRAME,
+        )
+        .expect("encode");
+        let peak = peak_during(|| {
+            assert!(AgentMessage::is_heartbeat_frame(&frame, DEFAULT_MAX_FRAME));
+        });
+        assert_eq!(peak, 0, "recognising a heartbeat allocated {peak} bytes");
+        let mut longer = frame.clone();
+        longer.push(0);
+        assert!(!AgentMessage::is_heartbeat_frame(
+            &longer,
+            DEFAULT_MAX_FRAME
+        ));
+        assert!(!AgentMessage::is_heartbeat_frame(
+            &frame[..frame.len() - 1],
+            DEFAULT_MAX_FRAME
+        ));
+    }
+    let goodbye = encode_frame(
+        CURRENT,
+        &AgentMessage::Goodbye(Goodbye {
+            reason: "stop".into(),
+            back_in_s: None,
+        }),
+        DEFAULT_MAX_FRAME,
+    )
+    .expect("encode");
+    assert!(!AgentMessage::is_heartbeat_frame(
+        &goodbye,
+        DEFAULT_MAX_FRAME
+    ));
 }
 
 #[test]

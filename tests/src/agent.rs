@@ -514,18 +514,32 @@ impl Simulator {
 /// and a client certificate issued by `controller`'s CA where the agent
 /// looks for its credentials, as enrolling would.
 fn enroll_simulated(controller: &Controller, state_dir: &Path, prefix: &str, count: usize) {
-    let ca = controller.ca();
+    issue_simulated_credentials(&controller.ca(), state_dir, prefix, count)
+        .expect("credentials for the simulated agents");
+}
+
+/// Gives the simulated agents `{prefix}-0` to `{prefix}-{count - 1}` of
+/// `kiwi-agent simulate --state-dir state_dir` a key and a certificate
+/// from `ca`, as enrollment would.
+pub fn issue_simulated_credentials(
+    ca: &kiwi_security::pki::Authority,
+    state_dir: &Path,
+    prefix: &str,
+    count: usize,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
     let validity = Validity::starting(std::time::SystemTime::now(), ENROLLED_CERT_TTL);
-    for i in 0..u32::try_from(count).expect("a count fits in u32") {
+    for i in 0..u32::try_from(count).context("a count fits in u32")? {
         let dir = kiwi_agent::agent::simulated_state_dir(state_dir, prefix, i);
         let robot = kiwi_agent::agent::simulated_robot_id(prefix, i).0;
-        let key = load_or_create_key(&dir).expect("a key for a simulated agent");
+        let key = load_or_create_key(&dir).context("a key for a simulated agent")?;
         let issued = ca
             .issue_robot_for(&key, robot, validity)
-            .expect("a certificate for a simulated agent");
+            .context("a certificate for a simulated agent")?;
         Credentials::store(&dir, key, issued.der, ca.cert_der().clone())
-            .expect("store a simulated agent's credentials");
+            .context("store a simulated agent's credentials")?;
     }
+    Ok(())
 }
 
 impl Drop for Simulator {

@@ -18,6 +18,43 @@ pub use quic::QuicConnector;
 pub use websocket::WebSocketConnector;
 
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Opens a TCP connection to `host:port`, from the local address `local`
+/// when one is given (`kiwi-agent simulate --source-network` spreads its
+/// agents over many loopback addresses, as a fleet comes from many hosts).
+pub async fn tcp_connect(
+    host: &str,
+    port: u16,
+    local: Option<IpAddr>,
+) -> std::io::Result<TcpStream> {
+    let Some(local) = local else {
+        return TcpStream::connect((host, port)).await;
+    };
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        if addr.is_ipv4() != local.is_ipv4() {
+            continue;
+        }
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(local, 0))?;
+        match socket.connect(addr).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{host} has no address of the family of the source address {local}"),
+        )
+    }))
+}
 
 /// Opens connections to the controller. One per link; cheap to share.
 pub trait Connector: Send + Sync {

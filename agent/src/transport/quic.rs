@@ -15,7 +15,8 @@
 //! The endpoint's socket is bound to the unspecified address, so that the
 //! kernel picks the source address of every packet: when the robot's
 //! address changes mid-session (DHCP, another access point), packets leave
-//! from the new one and the controller migrates the connection.
+//! from the new one and the controller migrates the connection. (Only the
+//! simulator binds a source address of its own, `source`.)
 //!
 //! This is the only module of the crate that knows QUIC.
 
@@ -27,7 +28,7 @@ use kiwi_protocol::frame::{
 };
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{ConnectionError, IdleTimeout, ReadError, TransportConfig, VarInt};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -70,11 +71,14 @@ pub struct QuicConnector {
     /// smaller of both peers': the controller asks for its liveness
     /// timeout (and pings at its heartbeat interval), which usually wins.
     pub idle_timeout: Duration,
+    /// The local address the endpoint binds (`None`: the unspecified
+    /// address of the controller's family).
+    pub source: Option<IpAddr>,
     endpoints: Arc<Mutex<Endpoints>>,
 }
 
 /// The client endpoints, one per address family, bound to the unspecified
-/// address (see the module documentation).
+/// address (see the module documentation) or to `source`.
 #[derive(Debug, Default)]
 struct Endpoints {
     v4: Option<quinn::Endpoint>,
@@ -91,6 +95,7 @@ impl QuicConnector {
             connect_timeout: Duration::from_secs(10),
             keep_alive: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(10),
+            source: None,
             endpoints: Arc::default(),
         }
     }
@@ -98,15 +103,19 @@ impl QuicConnector {
     /// The endpoint for `addr`'s family, created on first use.
     fn endpoint(&self, addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
         let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-        let (slot, bind) = match addr {
-            SocketAddr::V4(_) => (
-                &mut endpoints.v4,
-                SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
-            ),
-            SocketAddr::V6(_) => (
-                &mut endpoints.v6,
-                SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
-            ),
+        let (slot, unspecified) = match addr {
+            SocketAddr::V4(_) => (&mut endpoints.v4, IpAddr::from(Ipv4Addr::UNSPECIFIED)),
+            SocketAddr::V6(_) => (&mut endpoints.v6, IpAddr::from(Ipv6Addr::UNSPECIFIED)),
+        };
+        let bind = match self.source {
+            None => SocketAddr::new(unspecified, 0),
+            Some(source) if source.is_ipv4() == addr.is_ipv4() => SocketAddr::new(source, 0),
+            Some(source) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("{addr} is not of the family of the source address {source}"),
+                ));
+            }
         };
         if let Some(endpoint) = slot {
             return Ok(endpoint.clone());

@@ -12,6 +12,7 @@ use futures_util::{SinkExt, StreamExt};
 use kiwi_protocol::frame::DEFAULT_MAX_FRAME;
 use kiwi_security::enroll::EnrollRefusal;
 use rustls_pki_types::ServerName;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -50,6 +51,8 @@ pub struct WebSocketConnector {
     /// How long TCP connect, TLS and the WebSocket upgrade may take
     /// together.
     pub connect_timeout: Duration,
+    /// The local address to connect from (`None`: the system's choice).
+    pub source: Option<IpAddr>,
 }
 
 impl WebSocketConnector {
@@ -61,11 +64,12 @@ impl WebSocketConnector {
             tls,
             max_frame: DEFAULT_MAX_FRAME,
             connect_timeout: Duration::from_secs(10),
+            source: None,
         }
     }
 
     async fn open(&self) -> Result<WebSocketConnection, BoxError> {
-        let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
+        let tcp = super::tcp_connect(&self.host, self.port, self.source).await?;
         let _ = tcp.set_nodelay(true);
         let name = ServerName::try_from(self.host.clone())?;
         let stream = tokio_rustls::TlsConnector::from(self.tls.clone())

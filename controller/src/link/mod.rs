@@ -401,6 +401,13 @@ impl<T: AgentTransport> Connection<T> {
                         }
                     };
                     session.touch(now_ms());
+                    // The most frequent frame, once per heartbeat interval
+                    // from every agent: it only feeds the failure detector
+                    // (the touch above), so it is handled here, without
+                    // decoding it into a message or allocating.
+                    if AgentMessage::is_heartbeat_frame(&bytes, self.state.config.max_frame) {
+                        continue;
+                    }
                     // Boxed: handling a message awaits the store, whose
                     // futures are large; an idle connection holds none.
                     let handled = Box::pin(self.handle_frame(robot_id, version, session, &ctx, &pace, bytes));
@@ -421,7 +428,7 @@ impl<T: AgentTransport> Connection<T> {
         session: &Session,
         ctx: &Context,
         pace: &ReportPace,
-        bytes: Vec<u8>,
+        bytes: bytes::Bytes,
     ) -> Result<Option<End>, String> {
         let msg = match frame::decode_frame::<AgentMessage>(&bytes, self.state.config.max_frame) {
             Ok((_, m)) => m,
@@ -643,7 +650,7 @@ mod tests {
     impl Peer {
         async fn send(&self, msg: &AgentMessage) {
             let f = frame::encode_frame(version::CURRENT, msg, frame::DEFAULT_MAX_FRAME).unwrap();
-            self.tx.send(Incoming::Frame(f)).await.unwrap();
+            self.tx.send(Incoming::Frame(f.into())).await.unwrap();
         }
         async fn next(&mut self) -> ControllerMessage {
             let f = tokio::time::timeout(Duration::from_secs(5), self.rx.recv())
@@ -858,7 +865,7 @@ mod tests {
 
         let peer = connect(&c);
         peer.tx
-            .send(Incoming::Frame(b"KIWX\x01\x00junk".to_vec()))
+            .send(Incoming::Frame(b"KIWX\x01\x00junk".to_vec().into()))
             .await
             .unwrap();
         peer.task.await.unwrap();
@@ -876,7 +883,9 @@ mod tests {
 
         let peer = connect(&c);
         peer.tx
-            .send(Incoming::Frame(vec![0; frame::DEFAULT_MAX_FRAME + 1]))
+            .send(Incoming::Frame(
+                vec![0; frame::DEFAULT_MAX_FRAME + 1].into(),
+            ))
             .await
             .unwrap();
         peer.task.await.unwrap();

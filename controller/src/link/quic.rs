@@ -312,7 +312,7 @@ impl AgentTransport for QuicTransport {
                 Ok(Some(Record::Alive)) => return Ok(Incoming::Alive),
                 Ok(Some(Record::Frame(frame))) => {
                     self.opened = true;
-                    return Ok(Incoming::Frame(frame));
+                    return Ok(Incoming::Frame(frame.into()));
                 }
                 Ok(None) => match self.recv.read_chunk(READ_CHUNK, true).await {
                     Ok(Some(chunk)) => {

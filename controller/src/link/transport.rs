@@ -9,8 +9,9 @@ use std::net::SocketAddr;
 /// What a transport read from the agent.
 #[derive(Debug)]
 pub enum Incoming {
-    /// One whole protocol frame (not yet decoded or checked).
-    Frame(Vec<u8>),
+    /// One whole protocol frame (not yet decoded or checked). `Bytes`, so
+    /// that a transport hands over what it read without copying it.
+    Frame(bytes::Bytes),
     /// Transport-level liveness (a WebSocket ping or pong): the agent is
     /// there, but sent no frame.
     Alive,

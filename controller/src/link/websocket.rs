@@ -267,7 +267,7 @@ impl AgentTransport for WsTransport {
         match self.socket.recv().await {
             None | Some(Ok(Message::Close(_))) => Ok(Incoming::Closed),
             Some(Err(e)) => Err(failed(e)),
-            Some(Ok(Message::Binary(b))) => Ok(Incoming::Frame(b.into())),
+            Some(Ok(Message::Binary(b))) => Ok(Incoming::Frame(b)),
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(Incoming::Alive),
             Some(Ok(Message::Text(_))) => Err(TransportError::Refused {
                 reason: "not_binary",

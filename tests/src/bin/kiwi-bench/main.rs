@@ -71,6 +71,7 @@
 //! are not meant to be kept). Every loop is bounded in count and in time.
 
 mod detection;
+mod scale;
 mod secure;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -121,11 +122,12 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 use uuid::Uuid;
 
-const USAGE: &str = "usage: kiwi-bench [--out FILE] [--quick] [--only secure|detection]\n\
+const USAGE: &str = "usage: kiwi-bench [--out FILE] [--quick] [--only secure|detection|scale]\n\
     \n  --out FILE        where to write the Markdown table (default: BENCHMARKS.md at the workspace root)\
     \n  --quick           few samples: checks the benchmark still works (CI smoke run)\
     \n  --only SECTION    runs only that section (secure: secure links; detection: failure\
-    \n                    detection) and prints its rows (writes no file)\n";
+    \n                    detection; scale: a fleet against Mosquitto) and prints its rows\
+    \n                    (writes no file)\n";
 
 /// How long one agent may take to appear before the run is abandoned.
 const AGENT_START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -151,6 +153,7 @@ struct Args {
 enum Only {
     Secure,
     Detection,
+    Scale,
 }
 
 fn parse_args() -> Result<Option<Args>> {
@@ -164,7 +167,10 @@ fn parse_args() -> Result<Option<Args>> {
             "--only" => match args.next().as_deref() {
                 Some("secure") => only = Some(Only::Secure),
                 Some("detection") => only = Some(Only::Detection),
-                other => bail!("--only knows two sections, secure and detection (not {other:?})"),
+                Some("scale") => only = Some(Only::Scale),
+                other => bail!(
+                    "--only knows three sections, secure, detection and scale (not {other:?})"
+                ),
             },
             "--out" => {
                 out = Some(PathBuf::from(
@@ -276,6 +282,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The scale section holds ten thousand connections of its own.
+    if let Err(e) = kiwi_service::limits::raise_nofile_limit(65_536) {
+        eprintln!("kiwi-bench: cannot raise the open-files limit: {e}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -309,6 +319,11 @@ async fn run(args: &Args) -> Result<()> {
                 secure::secure_links(args.quick, &work.path().join("secure")).await?
             }
             Only::Detection => detection::failure_detection(args.quick).await?,
+            Only::Scale => {
+                scale::scale(args.quick, &work.path().join("scale"))
+                    .await?
+                    .0
+            }
         };
         for row in rows {
             println!(
@@ -371,7 +386,12 @@ async fn run(args: &Args) -> Result<()> {
 
     let detection_rows = detection::failure_detection(args.quick).await?;
 
+    progress("scale: a fleet on one controller against Mosquitto (real processes)");
+    let (scale_rows, scale_info) = scale::scale(args.quick, &work.path().join("scale")).await?;
+
     let tables = Tables {
+        scale_rows,
+        scale_info,
         rows,
         secure_rows,
         storage_rows,
@@ -2788,6 +2808,9 @@ struct Tables {
     lan_rows: Vec<Row>,
     /// Failure detection on the simulated LAN, or "not measured" rows.
     detection_rows: Vec<Row>,
+    /// A fleet on one controller against Mosquitto, and its description.
+    scale_rows: Vec<Row>,
+    scale_info: String,
 }
 
 fn markdown(
@@ -2804,6 +2827,8 @@ fn markdown(
         storage_info: storage,
         lan_rows,
         detection_rows,
+        scale_rows,
+        scale_info,
     } = tables;
     let mut md = String::new();
     let _ = writeln!(md, "# Benchmarks\n");
@@ -2868,6 +2893,12 @@ fn markdown(
          Needs root; without it these rows say \"not measured\".\n"
     );
     table(&mut md, detection_rows);
+    let _ = writeln!(
+        md,
+        "\n## Scale: a fleet on one controller, against an MQTT broker\n"
+    );
+    let _ = writeln!(md, "{scale_info}\n");
+    table(&mut md, scale_rows);
     let _ = writeln!(md, "\n## How each figure is measured\n");
     for r in rows
         .iter()
@@ -2875,6 +2906,7 @@ fn markdown(
         .chain(storage_rows)
         .chain(lan_rows)
         .chain(detection_rows)
+        .chain(scale_rows)
     {
         let _ = writeln!(md, "- **{}**: {}.", r.metric, r.note);
     }

@@ -82,7 +82,7 @@ pub fn plain_ws_server() -> Result<()> {
 }
 
 /// Resident memory of `pid`, in KiB.
-fn rss_kib(pid: u32) -> Result<u64> {
+pub(super) fn rss_kib(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
@@ -92,26 +92,35 @@ fn rss_kib(pid: u32) -> Result<u64> {
 }
 
 /// A controller process on a given state directory.
-struct Controller {
+pub(super) struct Controller {
     child: Killed,
-    api: SocketAddr,
-    agent: SocketAddr,
+    pub(super) api: SocketAddr,
+    pub(super) agent: SocketAddr,
 }
 
+/// The settings of this section's controllers: every agent comes from
+/// 127.0.0.1, so the per-address limits are lifted.
+const ONE_ADDRESS: &[(&str, &str)] = &[
+    ("KIWI_CONTROLLER_ENROLL_PER_MINUTE", "1000000"),
+    ("KIWI_CONTROLLER_MAX_CONNECTIONS_PER_ADDRESS", "1000000"),
+    ("KIWI_CONTROLLER_AUTH_FAILURES_PER_MINUTE", "1000000"),
+    ("KIWI_CONTROLLER_DISCOVERY_INTERVAL", "0s"),
+];
+
 impl Controller {
-    async fn start(
+    /// `kiwi-controller serve` on loopback ports with the settings `env`;
+    /// returns once `/readyz` answers 200.
+    pub(super) async fn start(
         bin: &Path,
         state: &Path,
         log: &Path,
         http: &reqwest::Client,
+        env: &[(&str, &str)],
     ) -> Result<Controller> {
         let api = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let agent = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let mut cmd = clean_command(bin);
-        cmd.env("KIWI_CONTROLLER_ENROLL_PER_MINUTE", "1000000")
-            .env("KIWI_CONTROLLER_MAX_CONNECTIONS_PER_ADDRESS", "1000000")
-            .env("KIWI_CONTROLLER_AUTH_FAILURES_PER_MINUTE", "1000000")
-            .env("KIWI_CONTROLLER_DISCOVERY_INTERVAL", "0s")
+        cmd.envs(env.iter().copied())
             .arg("serve")
             .arg("--state-dir")
             .arg(state)
@@ -148,7 +157,7 @@ impl Controller {
         }
     }
 
-    fn pid(&self) -> u32 {
+    pub(super) fn pid(&self) -> u32 {
         self.child.0.id()
     }
 
@@ -350,7 +359,7 @@ pub async fn secure_links(quick: bool, dir: &Path) -> Result<Vec<Row>> {
     // Enroll and record the agents once, in two halves.
     progress(&format!("  enrolling {agents} simulated agents"));
     let half = agents / 2;
-    let ctl = Controller::start(&bins.controller, &state, &log, &http).await?;
+    let ctl = Controller::start(&bins.controller, &state, &log, &http, ONE_ADDRESS).await?;
     let first = simulate(
         &bins,
         &ctl,
@@ -382,7 +391,7 @@ pub async fn secure_links(quick: bool, dir: &Path) -> Result<Vec<Row>> {
     // is not charged to the agents.
     let mut memory = Vec::new();
     for transport in ["websocket", "quic"] {
-        let ctl = Controller::start(&bins.controller, &state, &log, &http).await?;
+        let ctl = Controller::start(&bins.controller, &state, &log, &http, ONE_ADDRESS).await?;
         let first = simulate(
             &bins,
             &ctl,
@@ -433,7 +442,7 @@ pub async fn secure_links(quick: bool, dir: &Path) -> Result<Vec<Row>> {
     let plain_memory = (before, after);
 
     // Handshakes, interleaved.
-    let ctl = Controller::start(&bins.controller, &state, &log, &http).await?;
+    let ctl = Controller::start(&bins.controller, &state, &log, &http, ONE_ADDRESS).await?;
     let ca = read_ca(&state)?;
     let certs: Vec<ClientCert> = (0..HANDSHAKE_WORKERS)
         .map(|_| agent_port::robot_cert(&ca, uuid::Uuid::new_v4(), agent_port::hour()))
@@ -497,7 +506,7 @@ pub async fn secure_links(quick: bool, dir: &Path) -> Result<Vec<Row>> {
 }
 
 /// The controller's CA, from its state directory.
-fn read_ca(state: &Path) -> Result<Authority> {
+pub(super) fn read_ca(state: &Path) -> Result<Authority> {
     let dir: PathBuf = state.join("tls");
     let read =
         |f: &str| std::fs::read_to_string(dir.join(f)).with_context(|| format!("cannot read {f}"));
