@@ -20,7 +20,7 @@ use crate::state::{sync_dir, write_atomic};
 use kiwi_protocol::message::Report;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
@@ -58,7 +58,9 @@ pub enum OutboxError {
 #[derive(Debug)]
 pub struct Outbox {
     dir: PathBuf,
-    log: File,
+    /// The log is opened for each append, not held: an agent appends a
+    /// report every few seconds at most, and a simulator holding ten
+    /// thousand outboxes would otherwise hold ten thousand files open.
     log_len: u64,
     capacity: usize,
     compact_threshold: usize,
@@ -106,7 +108,7 @@ impl Outbox {
                 .and_then(|()| f.sync_data())
                 .map_err(io_err(&log_path))?;
         }
-        let log = OpenOptions::new()
+        OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
@@ -122,7 +124,6 @@ impl Outbox {
             .collect();
         let mut outbox = Self {
             dir,
-            log,
             log_len: scan.valid_len as u64,
             capacity: capacity.max(1),
             compact_threshold: DEFAULT_COMPACT_THRESHOLD,
@@ -164,20 +165,22 @@ impl Outbox {
         record.extend_from_slice(&(body.len() as u32).to_le_bytes());
         record.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
         record.extend_from_slice(&body);
-        let written = self
-            .log
-            .write_all(&record)
-            .and_then(|()| self.log.sync_data());
+        let path = self.log_path();
+        let mut log = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|source| OutboxError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        let written = log.write_all(&record).and_then(|()| log.sync_data());
         if let Err(source) = written {
             // Cut a partial record off again, so later appends do not land
             // behind garbage that the next open would truncate with them.
-            if let Err(e) = self.log.set_len(self.log_len) {
+            if let Err(e) = log.set_len(self.log_len) {
                 tracing::warn!(error = %e, "could not cut a failed outbox append");
             }
-            return Err(OutboxError::Io {
-                path: self.log_path(),
-                source,
-            });
+            return Err(OutboxError::Io { path, source });
         }
         self.log_len += record.len() as u64;
         self.next_seq += 1;
@@ -318,7 +321,6 @@ impl Outbox {
             source,
         };
         write_atomic(&path, &bytes).map_err(io)?;
-        self.log = OpenOptions::new().append(true).open(&path).map_err(io)?;
         tracing::debug!(
             settled = self.settled_records,
             pending = self.pending.len(),

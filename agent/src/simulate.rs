@@ -167,10 +167,11 @@ pub fn source_addresses(net: &IpNet, count: u32) -> Vec<IpAddr> {
         .collect()
 }
 
-/// File descriptors one simulated agent may hold at once: its connection
-/// (or QUIC socket), its outbox, and one more while enrolling or
-/// reconnecting.
-const FDS_PER_AGENT: u64 = 3;
+/// File descriptors the simulator needs beside one per agent (its
+/// connection or QUIC socket): an outbox is open only while a report is
+/// appended (on a runtime thread, so a few at once), and reconnects and
+/// enrollments come and go.
+const FDS_HEADROOM: u64 = 1_024;
 
 /// When agent `index` of `count` starts, relative to the first, when they
 /// start spread evenly over `spread`.
@@ -200,7 +201,7 @@ pub async fn simulate(args: SimulateArgs, shutdown: CancellationToken) -> anyhow
         }
     };
     kiwi_security::install_crypto_provider();
-    let wanted = u64::from(args.count) * FDS_PER_AGENT + 256;
+    let wanted = u64::from(args.count) + FDS_HEADROOM;
     match kiwi_service::limits::raise_nofile_limit(wanted) {
         Ok(limit) if limit.is_short() => tracing::warn!(
             soft = limit.soft,

@@ -103,14 +103,14 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
         }
         let now = now_ms();
         let mut records = Vec::new();
-        for s in fleet.sessions().snapshot() {
-            let silent_ms = now.saturating_sub(s.last_seen_ms());
+        // One pass over every session, cloning only those that need
+        // something done (a few): the sweep runs four times per heartbeat
+        // interval over the whole fleet.
+        let mut due = Vec::new();
+        fleet.sessions().for_each(|s| {
             if is_silent(s.last_seen_ms(), now, config.timeout) {
-                s.abandon(format!(
-                    "no heartbeat for {:.1}s",
-                    silent_ms as f64 / 1000.0
-                ));
-                continue;
+                due.push((s.clone(), None));
+                return;
             }
             match s.assess(now, &config.detector, probe_timeout) {
                 Step::Nothing => {
@@ -118,6 +118,20 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
                         damping.heard_from(&s.robot_id);
                     }
                 }
+                step => due.push((s.clone(), Some(step))),
+            }
+        });
+        for (s, step) in due {
+            let Some(step) = step else {
+                let silent_ms = now.saturating_sub(s.last_seen_ms());
+                s.abandon(format!(
+                    "no heartbeat for {:.1}s",
+                    silent_ms as f64 / 1000.0
+                ));
+                continue;
+            };
+            match step {
+                Step::Nothing => {}
                 Step::Suspect { phi, silent_ms } => {
                     damping.went_silent(s.robot_id, now);
                     probe(&fleet, &s).await;

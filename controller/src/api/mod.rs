@@ -6,6 +6,7 @@
 
 mod admin;
 pub mod auth;
+mod chunked;
 pub mod extract;
 pub mod openapi;
 pub mod problem;

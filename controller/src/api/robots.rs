@@ -2,6 +2,7 @@
 //! actions of the state machine, discovery and the JSON system metrics.
 
 use super::AppState;
+use super::chunked::ChunkedJson;
 use super::extract::{ApiPath, ApiQuery, JsonBody, RobotPath};
 use super::problem::Problem;
 use super::request_id::RequestId;
@@ -34,10 +35,10 @@ fn json_response(body: Vec<u8>) -> Response {
 }
 
 /// Writes one robot as API JSON: its cached row plus what only the live
-/// session knows (`connected`, `last_seen`), without re-serialising the row.
-/// This runs once per robot of a list, so it avoids allocating.
-fn write_robot(out: &mut Vec<u8>, entry: &Entry, sessions: &SessionRegistry) {
-    let live = sessions.last_seen_ms(&entry.robot.robot_id);
+/// session knows (`connected`, `last_seen`: `live` is when its connected
+/// agent was last heard from), without re-serialising the row. This runs
+/// once per robot of a list, so it avoids allocating.
+fn write_robot(out: &mut Vec<u8>, entry: &Entry, live: Option<i64>) {
     out.extend_from_slice(b"{\"connected\":");
     out.extend_from_slice(if live.is_some() { b"true" } else { b"false" });
     out.extend_from_slice(b",\"last_seen\":");
@@ -74,8 +75,30 @@ fn write_rfc3339_millis(out: &mut Vec<u8>, t: chrono::DateTime<Utc>) {
 
 fn robot_response(entry: &Entry, sessions: &SessionRegistry) -> Response {
     let mut out = Vec::with_capacity(entry.json.len() + 64);
-    write_robot(&mut out, entry, sessions);
+    write_robot(
+        &mut out,
+        entry,
+        sessions.last_seen_ms(&entry.robot.robot_id),
+    );
     json_response(out)
+}
+
+/// Writes `entries` as a JSON array of API robots into `out`.
+fn write_robots<'a>(
+    out: &mut ChunkedJson,
+    entries: impl IntoIterator<Item = &'a Entry> + Clone,
+    sessions: &SessionRegistry,
+) {
+    let live = sessions.last_seen_many(entries.clone().into_iter().map(|e| &e.robot.robot_id));
+    out.extend(b"[");
+    for (i, (e, live)) in entries.into_iter().zip(live).enumerate() {
+        let buf = out.buf();
+        if i > 0 {
+            buf.push(b',');
+        }
+        write_robot(buf, e, live);
+    }
+    out.extend(b"]");
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -134,22 +157,16 @@ pub async fn list(
         .transpose()
         .map_err(|e| Problem::bad_request(format!("invalid cursor: {e}")))?;
     let (page, next) = s.fleet.cache().list(&filter, cursor, limit);
-    let sessions = s.fleet.sessions();
-    let mut out = Vec::with_capacity(page.iter().map(|e| e.json.len() + 64).sum::<usize>() + 64);
-    out.extend_from_slice(b"{\"robots\":[");
-    for (i, e) in page.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        write_robot(&mut out, e, sessions);
-    }
-    out.extend_from_slice(b"],\"next_cursor\":");
+    let mut out = ChunkedJson::new();
+    out.extend(b"{\"robots\":");
+    write_robots(&mut out, &page, s.fleet.sessions());
+    out.extend(b",\"next_cursor\":");
     match next {
-        Some(c) => out.extend_from_slice(format!("\"{c}\"").as_bytes()),
-        None => out.extend_from_slice(b"null"),
+        Some(c) => out.extend(format!("\"{c}\"").as_bytes()),
+        None => out.extend(b"null"),
     }
-    out.push(b'}');
-    Ok(json_response(out))
+    out.extend(b"}");
+    Ok(out.into_response())
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -178,7 +195,11 @@ pub async fn get_one(
     let _ = serde_json::to_writer(&mut out, &s.fleet.breakers().view(&id));
     out.push(b',');
     let mut row = Vec::with_capacity(entry.json.len() + 64);
-    write_robot(&mut row, &entry, s.fleet.sessions());
+    write_robot(
+        &mut row,
+        &entry,
+        s.fleet.sessions().last_seen_ms(&entry.robot.robot_id),
+    );
     out.extend_from_slice(&row[1..]);
     Ok(json_response(out))
 }
@@ -243,19 +264,16 @@ fn is_healthy(r: &Robot) -> bool {
 }
 
 pub async fn healthy(State(s): State<AppState>) -> Response {
-    let sessions = s.fleet.sessions();
     let (all, _) = s.fleet.cache().list(&Filter::default(), None, usize::MAX);
-    let mut out = b"{\"robots\":[".to_vec();
-    let mut first = true;
-    for e in all.iter().filter(|e| is_healthy(&e.robot)) {
-        if !first {
-            out.push(b',');
-        }
-        first = false;
-        write_robot(&mut out, e, sessions);
-    }
-    out.extend_from_slice(b"]}");
-    json_response(out)
+    let mut out = ChunkedJson::new();
+    out.extend(b"{\"robots\":");
+    write_robots(
+        &mut out,
+        all.iter().filter(|e| is_healthy(&e.robot)),
+        s.fleet.sessions(),
+    );
+    out.extend(b"}");
+    out.into_response()
 }
 
 /// Why a robot cannot take a deployment now (empty: it can).
@@ -303,9 +321,8 @@ pub fn exclusion_reasons(r: &Robot, connected: bool, circuit: &CircuitView) -> V
 pub async fn deployable(State(s): State<AppState>) -> Response {
     let sessions = s.fleet.sessions();
     let (all, _) = s.fleet.cache().list(&Filter::default(), None, usize::MAX);
-    let mut out = b"{\"robots\":[".to_vec();
+    let mut deployable = Vec::new();
     let mut excluded = Vec::new();
-    let mut first = true;
     for e in &all {
         let reasons = exclusion_reasons(
             &e.robot,
@@ -313,11 +330,7 @@ pub async fn deployable(State(s): State<AppState>) -> Response {
             &s.fleet.breakers().view(&e.robot.robot_id),
         );
         if reasons.is_empty() {
-            if !first {
-                out.push(b',');
-            }
-            first = false;
-            write_robot(&mut out, e, sessions);
+            deployable.push(e);
         } else {
             excluded.push(json!({
                 "robot_id": e.robot.robot_id,
@@ -327,10 +340,13 @@ pub async fn deployable(State(s): State<AppState>) -> Response {
             }));
         }
     }
-    out.extend_from_slice(b"],\"excluded\":");
-    let _ = serde_json::to_writer(&mut out, &excluded);
-    out.push(b'}');
-    json_response(out)
+    let mut out = ChunkedJson::new();
+    out.extend(b"{\"robots\":");
+    write_robots(&mut out, deployable.iter().copied(), sessions);
+    out.extend(b",\"excluded\":");
+    let _ = serde_json::to_writer(out.buf(), &excluded);
+    out.extend(b"}");
+    out.into_response()
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -562,7 +578,11 @@ pub async fn decommission(
     tracing::info!(robot_id = %id, certificates_revoked = revoked, "robot decommissioned");
     let mut out = Vec::with_capacity(entry.json.len() + 96);
     out.extend_from_slice(b"{\"robot\":");
-    write_robot(&mut out, &entry, s.fleet.sessions());
+    write_robot(
+        &mut out,
+        &entry,
+        s.fleet.sessions().last_seen_ms(&entry.robot.robot_id),
+    );
     out.extend_from_slice(format!(",\"certificates_revoked\":{revoked}}}").as_bytes());
     Ok(json_response(out))
 }

@@ -251,6 +251,19 @@ impl SessionRegistry {
         self.map().get(robot_id).map(Session::last_seen_ms)
     }
 
+    /// [`last_seen_ms`](Self::last_seen_ms) of many robots, in their
+    /// order, under one lock (a list of thousands).
+    pub fn last_seen_many<'a>(
+        &self,
+        robot_ids: impl IntoIterator<Item = &'a RobotId>,
+    ) -> Vec<Option<i64>> {
+        let map = self.map();
+        robot_ids
+            .into_iter()
+            .map(|id| map.get(id).map(Session::last_seen_ms))
+            .collect()
+    }
+
     pub fn network(&self) -> NetworkState {
         *self.network.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -274,6 +287,16 @@ impl SessionRegistry {
     /// A copy of every session, for sweeps.
     pub fn snapshot(&self) -> Vec<Session> {
         self.map().values().cloned().collect()
+    }
+
+    /// Calls `f` on every session, under the registry's lock: for a sweep
+    /// over thousands of sessions that acts on few of them, without cloning
+    /// each (`f` clones those it keeps). `f` must not call back into the
+    /// registry.
+    pub fn for_each(&self, mut f: impl FnMut(&Session)) {
+        for s in self.map().values() {
+            f(s);
+        }
     }
 
     /// Ends every session (shutdown).

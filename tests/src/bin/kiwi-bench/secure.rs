@@ -192,7 +192,7 @@ impl Controller {
     }
 
     /// SIGTERM and wait (a clean stop keeps the robots for the next start).
-    async fn stop(mut self) -> Result<()> {
+    pub(super) async fn stop(mut self) -> Result<()> {
         let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.0.id())?);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -241,7 +241,7 @@ fn simulate(
 }
 
 /// Stops a simulator with SIGTERM (its agents say goodbye).
-async fn stop_simulator(mut sim: Killed) -> Result<()> {
+pub(super) async fn stop_simulator(mut sim: Killed) -> Result<()> {
     let pid = nix::unistd::Pid::from_raw(i32::try_from(sim.0.id())?);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
     let deadline = Instant::now() + Duration::from_secs(20);
