@@ -16,6 +16,7 @@ use crate::link::session::SessionRegistry;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::BufMut;
 use chrono::{TimeZone, Utc};
 use kiwi_protocol::RobotId;
 use kiwi_protocol::message::HealthStatus;
@@ -36,25 +37,36 @@ fn json_response(body: Vec<u8>) -> Response {
 
 /// Writes one robot as API JSON: its cached row plus what only the live
 /// session knows (`connected`, `last_seen`: `live` is when its connected
-/// agent was last heard from), without re-serialising the row. This runs
-/// once per robot of a list, so it avoids allocating.
+/// agent was last heard from), without re-serialising the row.
 fn write_robot(out: &mut Vec<u8>, entry: &Entry, live: Option<i64>) {
-    out.extend_from_slice(b"{\"connected\":");
-    out.extend_from_slice(if live.is_some() { b"true" } else { b"false" });
-    out.extend_from_slice(b",\"last_seen\":");
+    write_live_fields(out, entry, live);
+    out.extend_from_slice(cached_members(entry));
+}
+
+/// The opening of a robot's API JSON, up to where the members of its
+/// cached row follow: `{"connected":…,"last_seen":…,`. This runs once per
+/// robot of a list, so it avoids allocating.
+fn write_live_fields(out: &mut impl BufMut, entry: &Entry, live: Option<i64>) {
+    out.put_slice(b"{\"connected\":");
+    out.put_slice(if live.is_some() { b"true" } else { b"false" });
+    out.put_slice(b",\"last_seen\":");
     let last_seen = live.or_else(|| entry.robot.last_heartbeat.map(|t| t.timestamp_millis()));
     match last_seen.and_then(|ms| Utc.timestamp_millis_opt(ms).single()) {
         Some(t) => write_rfc3339_millis(out, t),
-        None => out.extend_from_slice(b"null"),
+        None => out.put_slice(b"null"),
     }
-    // The cached JSON is an object: splice its members after ours.
-    out.push(b',');
-    out.extend_from_slice(&entry.json[1..]);
+    out.put_u8(b',');
+}
+
+/// The members of the cached JSON (an object) and its closing brace:
+/// what follows [`write_live_fields`].
+fn cached_members(entry: &Entry) -> &[u8] {
+    &entry.json[1..]
 }
 
 /// `"2026-11-28T00:48:01.123Z"`, written directly (chrono's general
 /// formatter costs more than the rest of a list row).
-fn write_rfc3339_millis(out: &mut Vec<u8>, t: chrono::DateTime<Utc>) {
+fn write_rfc3339_millis(out: &mut impl BufMut, t: chrono::DateTime<Utc>) {
     use chrono::{Datelike, Timelike};
     let mut buf = *b"\"0000-00-00T00:00:00.000Z\"";
     let mut put = |at: usize, width: usize, mut v: u32| {
@@ -70,7 +82,7 @@ fn write_rfc3339_millis(out: &mut Vec<u8>, t: chrono::DateTime<Utc>) {
     put(15, 2, t.minute());
     put(18, 2, t.second());
     put(21, 3, t.timestamp_subsec_millis().min(999));
-    out.extend_from_slice(&buf);
+    out.put_slice(&buf);
 }
 
 fn robot_response(entry: &Entry, sessions: &SessionRegistry) -> Response {
@@ -94,9 +106,11 @@ fn write_robots<'a>(
     for (i, (e, live)) in entries.into_iter().zip(live).enumerate() {
         let buf = out.buf();
         if i > 0 {
-            buf.push(b',');
+            buf.put_u8(b',');
         }
-        write_robot(buf, e, live);
+        write_live_fields(buf, e, live);
+        // The cached row itself is sent as it is, not copied.
+        out.push_shared(e.json.slice(1..));
     }
     out.extend(b"]");
 }
@@ -344,7 +358,7 @@ pub async fn deployable(State(s): State<AppState>) -> Response {
     out.extend(b"{\"robots\":");
     write_robots(&mut out, deployable.iter().copied(), sessions);
     out.extend(b",\"excluded\":");
-    let _ = serde_json::to_writer(out.buf(), &excluded);
+    let _ = serde_json::to_writer(out.buf().writer(), &excluded);
     out.extend(b"}");
     out.into_response()
 }
