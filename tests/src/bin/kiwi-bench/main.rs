@@ -1248,9 +1248,9 @@ async fn list_all(sizes: &Sizes, ctl: &InProcess) -> Result<Row> {
         target: "p50 ≤ 5 ms".into(),
         met: Some(kiwi.p50 <= Duration::from_millis(5)),
         note: format!(
-            "in-process through the router, every frame of the body read (the list comes in \
-             chunks of 64 KiB, as the server writes them to its socket); {} ready robots with one \
-             report each, created through the fleet; response {:.1} MiB, plain serialisation \
+            "in-process through the router, every frame of the body read (the cached rows come \
+             as frames of their own between small written pieces, as the server writes them to \
+             its socket); {} ready robots with one report each, created through the fleet; response {:.1} MiB, plain serialisation \
              {:.1} MiB",
             fmt_count(count),
             body_len as f64 / 1_048_576.0,

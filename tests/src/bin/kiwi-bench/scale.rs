@@ -842,6 +842,24 @@ async fn kiwi_phase(plan: &Plan, dir: &Path) -> Result<KiwiFigures> {
 
 // --------------------------------------------------------------- rows
 
+/// What a missed target is missed by (empty when it is met).
+fn missed_by(value: f64, limit: f64, unit: &str) -> String {
+    if value <= limit {
+        String::new()
+    } else {
+        format!("; {:.1}{unit} over the target", value - limit)
+    }
+}
+
+/// What a ratio above the allowed one is missed by (empty when it is not).
+fn ratio_missed_by(ratio: f64, allowed: f64) -> String {
+    if ratio <= allowed {
+        String::new()
+    } else {
+        format!("; {:.1}× the {allowed:.0}× allowed", ratio / allowed)
+    }
+}
+
 fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
@@ -880,17 +898,19 @@ pub async fn scale(quick: bool, dir: &Path) -> Result<(Vec<Row>, String)> {
         Row {
             metric: format!("Controller CPU, {fleet} WebSocket agents at 1 Hz"),
             kiwi: format!(
-                "{:.1} % of the {cores:.0} cores ({:.1} % of one core)",
+                "{:.1} % of the {cores:.0} cores ({:.1} % of one core){}",
                 share(kiwi.usage) * 100.0,
-                kiwi.usage.cores * 100.0
+                kiwi.usage.cores * 100.0,
+                missed_by(share(kiwi.usage) * 100.0, cpu_target * 100.0, " points")
             ),
             baseline: format!(
                 "Mosquitto, {fleet} MQTT clients at 1 Hz + 1 subscriber: {:.1} % of the {cores:.0} cores",
                 share(broker.usage) * 100.0
             ),
             ratio: format!(
-                "{:.2}× (CPU)",
-                kiwi.usage.cores / broker.usage.cores.max(1e-6)
+                "{:.2}× (CPU){}",
+                kiwi.usage.cores / broker.usage.cores.max(1e-6),
+                ratio_missed_by(kiwi.usage.cores / broker.usage.cores.max(1e-6), 2.0)
             ),
             target: "≤ 25 % of 2 cores; ≤ 2× the broker".into(),
             met: Some(
@@ -916,8 +936,12 @@ pub async fn scale(quick: bool, dir: &Path) -> Result<(Vec<Row>, String)> {
             kiwi: format!("{} RSS", mib(kiwi.usage.rss_kib)),
             baseline: format!("Mosquitto: {} RSS", mib(broker.usage.rss_kib)),
             ratio: format!(
-                "{:.2}× (RSS)",
-                kiwi.usage.rss_kib as f64 / broker.usage.rss_kib.max(1) as f64
+                "{:.2}× (RSS){}",
+                kiwi.usage.rss_kib as f64 / broker.usage.rss_kib.max(1) as f64,
+                ratio_missed_by(
+                    kiwi.usage.rss_kib as f64 / broker.usage.rss_kib.max(1) as f64,
+                    2.0
+                )
             ),
             target: "≤ 2× the broker".into(),
             met: Some(kiwi.usage.rss_kib <= 2 * broker.usage.rss_kib),
@@ -928,7 +952,10 @@ pub async fn scale(quick: bool, dir: &Path) -> Result<(Vec<Row>, String)> {
         },
         Row {
             metric: format!("Controller memory per idle agent, {fleet} connected"),
-            kiwi: format!("{kiwi_per_connection:.1} KiB"),
+            kiwi: format!(
+                "{kiwi_per_connection:.1} KiB{}",
+                missed_by(kiwi_per_connection, 16.0, " KiB")
+            ),
             baseline: format!("Mosquitto: {broker_per_client:.1} KiB per client"),
             ratio: format!("{:.1}×", kiwi_per_connection / broker_per_client.max(0.1)),
             target: "≤ 16 KiB".into(),
@@ -1012,7 +1039,11 @@ pub async fn scale(quick: bool, dir: &Path) -> Result<(Vec<Row>, String)> {
         },
         Row {
             metric: format!("Change → {SSE_CLIENTS} watch clients, {fleet} agents connected"),
-            kiwi: kiwi.fan_out.show(),
+            kiwi: format!(
+                "{}{}",
+                kiwi.fan_out.show(),
+                missed_by(kiwi.fan_out.p99.as_secs_f64() * 1e3, 50.0, " ms (p99)")
+            ),
             baseline: "—".into(),
             ratio: "—".into(),
             target: "p99 ≤ 50 ms".into(),
@@ -1078,6 +1109,17 @@ mod tests {
         assert_eq!(metric(text, "agent_connections"), Some(12.0));
         assert_eq!(metric(text, "robots{state=\"ready\"}"), Some(10_000.0));
         assert_eq!(metric(text, "robots{state=\"failed\"}"), None);
+    }
+
+    #[test]
+    fn says_by_how_much_a_target_is_missed() {
+        assert_eq!(missed_by(24.0, 25.0, " points"), "");
+        assert_eq!(
+            missed_by(27.7, 25.0, " points"),
+            "; 2.7 points over the target"
+        );
+        assert_eq!(ratio_missed_by(1.5, 2.0), "");
+        assert_eq!(ratio_missed_by(4.72, 2.0), "; 2.4× the 2× allowed");
     }
 
     #[test]
