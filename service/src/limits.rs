@@ -1,7 +1,8 @@
 //! The process's own resource limits: one connection is one file
 //! descriptor, and the soft limit a service starts with (1,024 under
-//! systemd and most shells) is far below a fleet. Both programs raise their
-//! soft limit to what they need before they accept or open connections.
+//! systemd and most shells) is far below a fleet. The controller (for
+//! `max_agents` connections) and the agent's simulator (for its agents)
+//! raise theirs before they accept or open connections.
 
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 

@@ -303,6 +303,7 @@ pub struct SimulatorOptions {
     prefix: String,
     report_interval: Option<String>,
     start_spread: Option<String>,
+    source_network: Option<String>,
     enrolled: bool,
     state_in_memory: bool,
 }
@@ -323,6 +324,7 @@ impl SimulatorOptions {
             prefix: Simulator::DEFAULT_PREFIX.to_string(),
             report_interval: None,
             start_spread: None,
+            source_network: None,
             enrolled: false,
             state_in_memory: false,
         }
@@ -345,6 +347,13 @@ impl SimulatorOptions {
     /// e.g. `"5s"` (default one second).
     pub fn start_spread(mut self, value: &str) -> Self {
         self.start_spread = Some(value.to_string());
+        self
+    }
+
+    /// `--source-network`, e.g. `"127.3.0.0/29"`: the agents connect from
+    /// its addresses in turn.
+    pub fn source_network(mut self, cidr: &str) -> Self {
+        self.source_network = Some(cidr.to_string());
         self
     }
 
@@ -441,6 +450,9 @@ impl Simulator {
         }
         if let Some(spread) = &opts.start_spread {
             command.arg("--start-spread").arg(spread);
+        }
+        if let Some(net) = &opts.source_network {
+            command.arg("--source-network").arg(net);
         }
         let proc = Proc::spawn("kiwi-agent simulate", command, &log);
         Simulator {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use kiwi_tests::{ControllerOptions, Simulator, State, secs, wait_until_every};
+use kiwi_tests::{ControllerOptions, Simulator, SimulatorOptions, State, secs, wait_until_every};
 use uuid::Uuid;
 
 const COUNT: usize = 500;
@@ -61,4 +61,43 @@ async fn five_hundred_simulated_agents_become_ready() {
     assert_eq!(paged, listed, "pages concatenate to the full list");
 
     simulator.stop(secs(30)).await;
+}
+
+/// `--source-network`: every agent connects from an address of the
+/// network, in turn, and the controller records that address as its
+/// robot's (the per-address limits then see a fleet, not one host).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_connect_from_the_addresses_of_their_source_network() {
+    let controller = ControllerOptions::new().start().await;
+    let api = controller.api();
+    // A /29 has six host addresses, 127.3.0.1 to 127.3.0.6: eight agents
+    // use the first two twice.
+    let simulator = SimulatorOptions::new(8)
+        .prefix("src")
+        .source_network("127.3.0.0/29")
+        .start(&controller);
+    let robots = wait_until_every(secs(30), Duration::from_millis(200), move || async move {
+        let page = api.robots_page("limit=100").await?;
+        anyhow::ensure!(
+            page.robots.len() == 8 && page.robots.iter().all(|r| r.connected),
+            "{} robots listed",
+            page.robots.len()
+        );
+        Ok(page.robots)
+    })
+    .await;
+    let ids = simulator.robot_ids();
+    for (i, id) in ids.iter().enumerate() {
+        let robot = robots
+            .iter()
+            .find(|r| r.robot_id == *id)
+            .expect("every simulated robot is listed");
+        let expected = format!("127.3.0.{}", i % 6 + 1);
+        assert_eq!(
+            robot.field("ip_address").as_str(),
+            Some(expected.as_str()),
+            "agent {i} connects from address number {} of the network",
+            i % 6 + 1
+        );
+    }
 }
