@@ -701,14 +701,17 @@ mod tests {
     /// An idle connection's task holds the `run` future: the rare, large
     /// steps (the handshake, the welcome, handling a message) are boxed out
     /// of it, so that thousands of idle agents cost little (BENCHMARKS.md,
-    /// "Secure links"). A step added inline would show here first.
+    /// "Secure links"). A step added inline would show here first. The
+    /// bound is 1 KiB and the 8 bytes by which a frame's `Bytes` is larger
+    /// than a `Vec` (the price of handing a WebSocket message over without
+    /// copying it).
     #[tokio::test]
     async fn an_idle_connection_holds_a_small_future() {
         let dir = tempfile::tempdir().unwrap();
         let c = components(dir.path()).await;
         let (conn, _tx, _rx) = channel_connection(&c, "size");
         let size = std::mem::size_of_val(&conn.run());
-        assert!(size <= 1024, "Connection::run's future is {size} bytes");
+        assert!(size <= 1024 + 8, "Connection::run's future is {size} bytes");
     }
 
     /// A connection of `name`'s robot over channels: the connection, the
