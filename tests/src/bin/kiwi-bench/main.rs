@@ -1269,6 +1269,30 @@ struct Sse {
     at: Instant,
 }
 
+/// `GET /api/v2/watch` of the API at `api`, answered 200.
+async fn open_watch(client: &reqwest::Client, api: SocketAddr) -> Result<reqwest::Response> {
+    let resp = client
+        .get(format!("http://{api}/api/v2/watch"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await?;
+    ensure!(
+        resp.status() == reqwest::StatusCode::OK,
+        "/api/v2/watch answered {}",
+        resp.status()
+    );
+    Ok(resp)
+}
+
+/// The value of an unlabelled or labelled sample in Prometheus text.
+fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(name_and_labels)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
 /// Reads `/api/v2/watch` and forwards every event with its arrival time.
 async fn follow_watch(resp: reqwest::Response, tx: mpsc::UnboundedSender<Sse>) {
     let mut stream = resp.bytes_stream();
@@ -1314,16 +1338,7 @@ async fn change_to_watch(
     let client = reqwest::Client::builder()
         .default_headers(bearer_headers(bearer)?)
         .build()?;
-    let resp = client
-        .get(format!("http://{http}/api/v2/watch"))
-        .header("accept", "text/event-stream")
-        .send()
-        .await?;
-    ensure!(
-        resp.status() == reqwest::StatusCode::OK,
-        "/api/v2/watch answered {}",
-        resp.status()
-    );
+    let resp = open_watch(&client, http).await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let reader = tokio::spawn(follow_watch(resp, tx));
     let id_text = id.to_string();

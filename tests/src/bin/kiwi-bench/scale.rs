@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use super::secure::{Controller, read_ca, rss_kib, stop_simulator};
 use super::{
     Binaries, Killed, Row, Stats, bearer_headers, clean_command, cli_token, fmt_count,
-    fmt_duration, follow_watch, free_port, log_tail, progress, ratio,
+    fmt_duration, follow_watch, free_port, log_tail, metric, open_watch, progress, ratio,
 };
 
 /// Every simulated robot connects from an address of this network (16,382
@@ -404,15 +404,6 @@ async fn mosquitto_phase(plan: &Plan, dir: &Path) -> Result<BrokerFigures> {
 
 // ---------------------------------------------------------------- kiwi
 
-/// The value of an unlabelled or labelled sample in Prometheus text.
-fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(name_and_labels)
-            .and_then(|rest| rest.strip_prefix(' '))
-            .and_then(|v| v.trim().parse().ok())
-    })
-}
-
 /// A bare agent of this process: the WebSocket after the handshake.
 struct ProbeAgent {
     ws: agent_port::AgentWs,
@@ -558,16 +549,7 @@ async fn watch_fan_out(
     let (tx, mut rx) = mpsc::unbounded_channel::<(usize, super::Sse)>();
     let mut readers = JoinSet::new();
     for c in 0..SSE_CLIENTS {
-        let resp = client
-            .get(format!("http://{api}/api/v2/watch"))
-            .header("accept", "text/event-stream")
-            .send()
-            .await?;
-        ensure!(
-            resp.status() == reqwest::StatusCode::OK,
-            "/api/v2/watch answered {}",
-            resp.status()
-        );
+        let resp = open_watch(client, api).await?;
         let (one_tx, mut one_rx) = mpsc::unbounded_channel();
         let tx = tx.clone();
         readers.spawn(follow_watch(resp, one_tx));
@@ -653,12 +635,7 @@ async fn wait_fleet(
 ) -> Result<(Duration, Duration)> {
     let mut connected_at = None;
     loop {
-        let text = client
-            .get(format!("http://{}/metrics", ctl.api))
-            .send()
-            .await?
-            .text()
-            .await?;
+        let text = ctl.metrics(client).await?;
         let connected = metric(&text, "agent_connections").unwrap_or(0.0) as usize;
         let ready = metric(&text, "robots{state=\"ready\"}").unwrap_or(0.0) as usize;
         if connected >= count && connected_at.is_none() {
@@ -761,24 +738,10 @@ async fn kiwi_phase(plan: &Plan, dir: &Path) -> Result<KiwiFigures> {
         fmt_duration(ready_took)
     ));
     tokio::time::sleep(SETTLE).await;
-    let metrics = |text: &str| metric(text, "agent_reports_total").unwrap_or(0.0);
-    let before = metrics(
-        &http
-            .get(format!("http://{}/metrics", ctl.api))
-            .send()
-            .await?
-            .text()
-            .await?,
-    );
+    let reports = |text: String| metric(&text, "agent_reports_total").unwrap_or(0.0);
+    let before = reports(ctl.metrics(&http).await?);
     let usage = usage_over(ctl.pid(), plan.window).await?;
-    let after = metrics(
-        &http
-            .get(format!("http://{}/metrics", ctl.api))
-            .send()
-            .await?
-            .text()
-            .await?,
-    );
+    let after = reports(ctl.metrics(&http).await?);
     progress(&format!(
         "  controller: {:.1} % of one core, RSS {} KiB ({} KiB with no agents)",
         usage.cores * 100.0,

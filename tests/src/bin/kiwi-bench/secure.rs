@@ -161,19 +161,20 @@ impl Controller {
         self.child.0.id()
     }
 
-    /// The `agent_connections` gauge.
-    async fn connections(&self, http: &reqwest::Client) -> Result<u64> {
-        let text = http
+    /// Its `/metrics`, as text.
+    pub(super) async fn metrics(&self, http: &reqwest::Client) -> Result<String> {
+        Ok(http
             .get(format!("http://{}/metrics", self.api))
             .send()
             .await?
             .text()
-            .await?;
-        Ok(text
-            .lines()
-            .find_map(|l| l.strip_prefix("agent_connections "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0) as u64)
+            .await?)
+    }
+
+    /// The `agent_connections` gauge.
+    async fn connections(&self, http: &reqwest::Client) -> Result<u64> {
+        let text = self.metrics(http).await?;
+        Ok(super::metric(&text, "agent_connections").unwrap_or(0.0) as u64)
     }
 
     async fn wait_connections(&self, http: &reqwest::Client, n: u64) -> Result<Duration> {
