@@ -150,10 +150,6 @@ fn unix_us() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
-fn unix_ms() -> i64 {
-    i64::try_from(unix_us() / 1_000).unwrap_or(i64::MAX)
-}
-
 // ---------------------------------------------------------- Mosquitto
 
 /// A Mosquitto broker of this run's own.
@@ -452,7 +448,7 @@ impl ProbeAgent {
 
     /// Sends a heartbeat; returns when it was sent (Unix ms).
     async fn heartbeat(&mut self) -> Result<i64> {
-        let now = unix_ms();
+        let now = kiwi_agent::agent::unix_ms();
         let frame = encode_frame(
             self.version,
             &AgentMessage::Heartbeat(Heartbeat { time_ms: now }),
