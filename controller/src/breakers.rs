@@ -145,12 +145,14 @@ impl Breakers {
         matches!(self.state(robot), BreakerState::Open { .. })
     }
 
-    /// The robots whose breaker is open or half-open.
-    pub fn tripped(&self) -> Vec<RobotId> {
+    /// The robots whose breaker is open or half-open, with that state's
+    /// name (every other robot's circuit is `closed`).
+    pub fn tripped(&self) -> HashMap<RobotId, &'static str> {
         self.entries()
             .iter()
-            .filter(|(_, t)| !matches!(t.breaker.state(), BreakerState::Closed { .. }))
-            .map(|(id, _)| *id)
+            .map(|(id, t)| (*id, t.breaker.state()))
+            .filter(|(_, s)| !matches!(s, BreakerState::Closed { .. }))
+            .map(|(id, s)| (id, s.as_str()))
             .collect()
     }
 

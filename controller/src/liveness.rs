@@ -313,7 +313,7 @@ async fn probe(fleet: &Fleet, session: &Session) {
 /// passed: one `Ping` at a time, each answer a success of the half-open
 /// breaker, until enough close it.
 async fn trial_probes(fleet: &Fleet) {
-    for id in fleet.breakers().tripped() {
+    for id in fleet.breakers().tripped().into_keys() {
         let Some(session) = fleet.sessions().get(&id) else {
             continue;
         };

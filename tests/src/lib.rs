@@ -32,6 +32,7 @@
 pub mod agent;
 pub mod agent_port;
 pub mod api;
+pub mod browser;
 pub mod controller;
 pub mod lan;
 pub mod lan_fleet;

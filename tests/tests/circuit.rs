@@ -1,7 +1,8 @@
 //! Circuit breakers over the real controller: a robot whose probe goes
 //! unanswered counts a failure; at the threshold its circuit opens, which
-//! `GET /api/v2/robots/{id}`, the deployable list and the metrics show,
-//! a restarted controller remembers, and an operator can reset.
+//! `GET /api/v2/robots/{id}`, every list (`circuit_state`), the deployable
+//! list and the metrics show, a restarted controller remembers, and an
+//! operator can reset.
 
 use kiwi_tests::{
     Agent, ControllerOptions, State, secs, test_serial, wait_for_state, wait_ready_and_connected,
@@ -17,6 +18,28 @@ async fn circuit(api: &kiwi_tests::Api, id: Uuid) -> Value {
         .await
         .expect("GET robot");
     robot["circuit"].clone()
+}
+
+/// `id`'s `circuit_state` as `GET /api/v2/robots/{id}` and the robot list
+/// give it (they must agree).
+async fn circuit_state(api: &kiwi_tests::Api, id: Uuid) -> String {
+    let robot: Value = api
+        .get_json(&format!("/api/v2/robots/{id}"))
+        .await
+        .expect("GET robot");
+    let list: Value = api.get_json("/api/v2/robots").await.expect("GET robots");
+    let listed = list["robots"]
+        .as_array()
+        .expect("robots")
+        .iter()
+        .find(|r| r["robot_id"] == id.to_string())
+        .expect("the robot is listed");
+    assert_eq!(robot["circuit_state"], robot["circuit"]["state"], "{robot}");
+    assert_eq!(listed["circuit_state"], robot["circuit_state"], "{listed}");
+    robot["circuit_state"]
+        .as_str()
+        .expect("a state")
+        .to_string()
 }
 
 /// The reasons `GET /api/v2/robots/deployable` gives for excluding `id`.
@@ -57,6 +80,7 @@ async fn an_unanswered_probe_opens_the_circuit_which_survives_a_restart_until_re
     let closed = circuit(&api, id).await;
     assert_eq!(closed["state"], "closed", "{closed}");
     assert_eq!(closed["failures"], 0, "{closed}");
+    assert_eq!(circuit_state(&api, id).await, "closed");
 
     // Hung: suspected, probed, the probe goes unanswered.
     agent.pause();
@@ -70,6 +94,7 @@ async fn an_unanswered_probe_opens_the_circuit_which_survives_a_restart_until_re
     assert!(open["opened_at"].is_string(), "{open}");
     assert!(open["retry_at"].is_string(), "{open}");
     assert_eq!(open["success_threshold"], 3, "{open}");
+    assert_eq!(circuit_state(&api, id).await, "open");
     let reasons = exclusion(&api, id).await;
     assert!(
         reasons.iter().any(|r| r.starts_with("circuit open")),
@@ -104,6 +129,7 @@ async fn an_unanswered_probe_opens_the_circuit_which_survives_a_restart_until_re
     let body: Value = serde_json::from_str(&reset.body).unwrap();
     assert_eq!(body["circuit"]["state"], "closed", "{body}");
     assert_eq!(circuit(&api, id).await["state"], "closed");
+    assert_eq!(circuit_state(&api, id).await, "closed");
     assert!(
         !exclusion(&api, id)
             .await

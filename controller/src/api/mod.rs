@@ -1,12 +1,14 @@
 //! The REST v2 API, the watch stream, health and metrics endpoints. Only
 //! this module knows HTTP; it reads through the fleet's cache and changes
 //! robots only through [`crate::fleet::Fleet::apply`]. Every route but the
-//! health and metrics endpoints and the API's own description needs an API
-//! token ([`auth`]).
+//! health and metrics endpoints, the API's own description and the
+//! dashboard's files ([`dashboard`]: the page, which reads through the API
+//! with the operator's token) needs an API token ([`auth`]).
 
 mod admin;
 pub mod auth;
 mod chunked;
+mod dashboard;
 pub mod extract;
 pub mod openapi;
 pub mod problem;
@@ -133,6 +135,7 @@ pub fn router(state: AppState) -> Router {
     let limit = state.body_limit;
     let (routes, _) = routes(Routes::new(state.clone())).into_parts();
     routes
+        .merge(dashboard::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(limit, limit_body))

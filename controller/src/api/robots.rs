@@ -11,8 +11,7 @@ use crate::cache::{Entry, Filter};
 use crate::domain::damping::NetworkState;
 use crate::domain::robot::health_status;
 use crate::domain::{Action, Input, LifecycleState, Refusal, Robot};
-use crate::fleet::{Applied, Context, FleetError};
-use crate::link::session::SessionRegistry;
+use crate::fleet::{Applied, Context, Fleet, FleetError};
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -36,17 +35,18 @@ fn json_response(body: Vec<u8>) -> Response {
 }
 
 /// Writes one robot as API JSON: its cached row plus what only the live
-/// session knows (`connected`, `last_seen`: `live` is when its connected
-/// agent was last heard from), without re-serialising the row.
-fn write_robot(out: &mut Vec<u8>, entry: &Entry, live: Option<i64>) {
-    write_live_fields(out, entry, live);
+/// session and the circuit breakers know (`connected`, `last_seen`: `live`
+/// is when its connected agent was last heard from; `circuit_state`),
+/// without re-serialising the row.
+fn write_robot(out: &mut Vec<u8>, entry: &Entry, live: Option<i64>, circuit: &str) {
+    write_live_fields(out, entry, live, circuit);
     out.extend_from_slice(cached_members(entry));
 }
 
 /// The opening of a robot's API JSON, up to where the members of its
-/// cached row follow: `{"connected":…,"last_seen":…,`. This runs once per
-/// robot of a list, so it avoids allocating.
-fn write_live_fields(out: &mut impl BufMut, entry: &Entry, live: Option<i64>) {
+/// cached row follow: `{"connected":…,"last_seen":…,"circuit_state":…,`.
+/// This runs once per robot of a list, so it avoids allocating.
+fn write_live_fields(out: &mut impl BufMut, entry: &Entry, live: Option<i64>, circuit: &str) {
     out.put_slice(b"{\"connected\":");
     out.put_slice(if live.is_some() { b"true" } else { b"false" });
     out.put_slice(b",\"last_seen\":");
@@ -55,7 +55,15 @@ fn write_live_fields(out: &mut impl BufMut, entry: &Entry, live: Option<i64>) {
         Some(t) => write_rfc3339_millis(out, t),
         None => out.put_slice(b"null"),
     }
-    out.put_u8(b',');
+    // A state name: nothing to escape.
+    out.put_slice(b",\"circuit_state\":\"");
+    out.put_slice(circuit.as_bytes());
+    out.put_slice(b"\",");
+}
+
+/// The state of `id`'s circuit breaker, by name.
+fn circuit_state(fleet: &Fleet, id: &RobotId) -> &'static str {
+    fleet.breakers().state(id).as_str()
 }
 
 /// The members of the cached JSON (an object) and its closing brace:
@@ -85,12 +93,14 @@ fn write_rfc3339_millis(out: &mut impl BufMut, t: chrono::DateTime<Utc>) {
     out.put_slice(&buf);
 }
 
-fn robot_response(entry: &Entry, sessions: &SessionRegistry) -> Response {
-    let mut out = Vec::with_capacity(entry.json.len() + 64);
+fn robot_response(entry: &Entry, fleet: &Fleet) -> Response {
+    let id = &entry.robot.robot_id;
+    let mut out = Vec::with_capacity(entry.json.len() + 96);
     write_robot(
         &mut out,
         entry,
-        sessions.last_seen_ms(&entry.robot.robot_id),
+        fleet.sessions().last_seen_ms(id),
+        circuit_state(fleet, id),
     );
     json_response(out)
 }
@@ -99,16 +109,22 @@ fn robot_response(entry: &Entry, sessions: &SessionRegistry) -> Response {
 fn write_robots<'a>(
     out: &mut ChunkedJson,
     entries: impl IntoIterator<Item = &'a Entry> + Clone,
-    sessions: &SessionRegistry,
+    fleet: &Fleet,
 ) {
-    let live = sessions.last_seen_many(entries.clone().into_iter().map(|e| &e.robot.robot_id));
+    let live = fleet
+        .sessions()
+        .last_seen_many(entries.clone().into_iter().map(|e| &e.robot.robot_id));
+    // Few circuits are ever not closed: one pass over those, not a lock
+    // per robot.
+    let tripped = fleet.breakers().tripped();
     out.extend(b"[");
     for (i, (e, live)) in entries.into_iter().zip(live).enumerate() {
         let buf = out.buf();
         if i > 0 {
             buf.put_u8(b',');
         }
-        write_live_fields(buf, e, live);
+        let circuit = tripped.get(&e.robot.robot_id).copied().unwrap_or("closed");
+        write_live_fields(buf, e, live, circuit);
         // The cached row itself is sent as it is, not copied.
         out.push_shared(e.json.slice(1..));
     }
@@ -173,7 +189,7 @@ pub async fn list(
     let (page, next) = s.fleet.cache().list(&filter, cursor, limit);
     let mut out = ChunkedJson::new();
     out.extend(b"{\"robots\":");
-    write_robots(&mut out, &page, s.fleet.sessions());
+    write_robots(&mut out, &page, &s.fleet);
     out.extend(b",\"next_cursor\":");
     match next {
         Some(c) => out.extend(format!("\"{c}\"").as_bytes()),
@@ -208,11 +224,12 @@ pub async fn get_one(
     out.extend_from_slice(b"{\"circuit\":");
     let _ = serde_json::to_writer(&mut out, &s.fleet.breakers().view(&id));
     out.push(b',');
-    let mut row = Vec::with_capacity(entry.json.len() + 64);
+    let mut row = Vec::with_capacity(entry.json.len() + 96);
     write_robot(
         &mut row,
         &entry,
-        s.fleet.sessions().last_seen_ms(&entry.robot.robot_id),
+        s.fleet.sessions().last_seen_ms(&id),
+        circuit_state(&s.fleet, &id),
     );
     out.extend_from_slice(&row[1..]);
     Ok(json_response(out))
@@ -284,7 +301,7 @@ pub async fn healthy(State(s): State<AppState>) -> Response {
     write_robots(
         &mut out,
         all.iter().filter(|e| is_healthy(&e.robot)),
-        s.fleet.sessions(),
+        &s.fleet,
     );
     out.extend(b"}");
     out.into_response()
@@ -356,7 +373,7 @@ pub async fn deployable(State(s): State<AppState>) -> Response {
     }
     let mut out = ChunkedJson::new();
     out.extend(b"{\"robots\":");
-    write_robots(&mut out, deployable.iter().copied(), sessions);
+    write_robots(&mut out, deployable.iter().copied(), &s.fleet);
     out.extend(b",\"excluded\":");
     let _ = serde_json::to_writer(out.buf().writer(), &excluded);
     out.extend(b"}");
@@ -502,7 +519,7 @@ async fn act(
 ) -> Result<Response, Problem> {
     let action = body.into_action(name)?;
     let applied = operate(&s, id, action, request).await?;
-    Ok(robot_response(&applied.robot, s.fleet.sessions()))
+    Ok(robot_response(&applied.robot, &s.fleet))
 }
 
 /// Applies an operator's action (the one path of every action route and
@@ -595,7 +612,8 @@ pub async fn decommission(
     write_robot(
         &mut out,
         &entry,
-        s.fleet.sessions().last_seen_ms(&entry.robot.robot_id),
+        s.fleet.sessions().last_seen_ms(&id),
+        circuit_state(&s.fleet, &id),
     );
     out.extend_from_slice(format!(",\"certificates_revoked\":{revoked}}}").as_bytes());
     Ok(json_response(out))

@@ -1,0 +1,229 @@
+//! A real headless Chromium for the dashboard's tests, driven over
+//! WebDriver (Debian's `chromium` and `chromium-driver`; `scripts/test`
+//! installs them) with [`fantoccini`].
+//!
+//! Each [`Browser`] starts its own `chromedriver` on a free loopback port
+//! and a Chromium with a fresh profile and the flags that keep it off the
+//! network (no background networking, component updates or sync). Both run
+//! in a process group of their own that is killed when the handle drops, so
+//! a failing test leaves no browser behind. Screenshots go to
+//! [`artifacts_dir`].
+//!
+//! `KIWI_TESTS_CHROMIUM` and `KIWI_TESTS_CHROMEDRIVER` override the
+//! binaries' paths.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+use crate::process::Proc;
+use crate::{POLL_INTERVAL, free_port};
+
+/// Where tests put what a person should be able to look at afterwards
+/// (screenshots): `KIWI_TESTS_ARTIFACTS`, else `target/test-artifacts` of
+/// the workspace.
+pub fn artifacts_dir() -> PathBuf {
+    let dir = std::env::var_os("KIWI_TESTS_ARTIFACTS").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts"),
+        PathBuf::from,
+    );
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    dir
+}
+
+fn tool(variable: &str, default: &str) -> PathBuf {
+    let path = std::env::var_os(variable).map_or_else(|| PathBuf::from(default), PathBuf::from);
+    assert!(
+        path.is_file(),
+        "{} is missing: the dashboard tests need Debian's chromium and chromium-driver \
+         (scripts/test installs them; {variable} overrides the path)",
+        path.display()
+    );
+    path
+}
+
+/// A headless Chromium session.
+#[derive(Debug)]
+pub struct Browser {
+    client: Option<Client>,
+    driver: Proc,
+    /// For the failure message.
+    driver_log: PathBuf,
+    dir: TempDir,
+}
+
+impl Browser {
+    /// Starts chromedriver and a Chromium of `width` × `height` pixels.
+    pub async fn start(width: u32, height: u32) -> Browser {
+        let chromium = tool("KIWI_TESTS_CHROMIUM", "/usr/bin/chromium");
+        let chromedriver = tool("KIWI_TESTS_CHROMEDRIVER", "/usr/bin/chromedriver");
+        let dir = tempfile::Builder::new()
+            .prefix("kiwi-browser-")
+            .tempdir()
+            .expect("a temp dir for the browser");
+        let port = free_port();
+        let driver_log = dir.path().join("chromedriver.log");
+        let mut command = Command::new(&chromedriver);
+        command
+            .arg(format!("--port={port}"))
+            .arg("--allowed-ips=127.0.0.1")
+            // Its own process group, Chromium included: killed as one.
+            .process_group(0);
+        let driver = Proc::spawn("chromedriver", command, &driver_log);
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "chromedriver did not listen on {port} within 20 s:\n{}",
+                crate::process::log_tail(&driver_log, 40)
+            );
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+        let profile = dir.path().join("profile");
+        let capabilities = json!({
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": chromium,
+                "args": [
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--disable-quic",
+                    "--lang=en-US",
+                    format!("--window-size={width},{height}"),
+                    format!("--user-data-dir={}", profile.display()),
+                ],
+            },
+        });
+        let Value::Object(capabilities) = capabilities else {
+            unreachable!("an object literal")
+        };
+        let client = ClientBuilder::new(HttpConnector::new())
+            .capabilities(capabilities)
+            .connect(&url)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start a Chromium session: {e}\n{}",
+                    crate::process::log_tail(&driver_log, 40)
+                )
+            });
+        Browser {
+            client: Some(client),
+            driver,
+            driver_log,
+            dir,
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        self.client.as_ref().expect("the session is open")
+    }
+
+    /// Evaluates `expression` in the page and returns its value.
+    pub async fn eval(&self, expression: &str) -> Value {
+        self.client()
+            .execute(&format!("return ({expression});"), vec![])
+            .await
+            .unwrap_or_else(|e| panic!("evaluating {expression}: {e}"))
+    }
+
+    /// Waits until `expression` is truthy in the page; returns its value and
+    /// how long it took. On timeout, saves a screenshot named after `what`
+    /// and panics with the last value.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        expression: &str,
+    ) -> (Value, Duration) {
+        let start = Instant::now();
+        let mut last;
+        loop {
+            last = self
+                .client()
+                .execute(&format!("return ({expression});"), vec![])
+                .await;
+            if let Ok(v) = &last
+                && !matches!(v, Value::Null | Value::Bool(false))
+                && v != &json!(0)
+                && v != &json!("")
+            {
+                return (v.clone(), start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                break;
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+        let shot = self.screenshot(&format!("failed-{}", slug(what))).await;
+        panic!(
+            "waited {timeout:?} for {what} ({expression}); last: {last:?}; screenshot: {}",
+            shot.display()
+        );
+    }
+
+    /// Saves a PNG screenshot of the window as `<artifacts>/<name>.png`.
+    pub async fn screenshot(&self, name: &str) -> PathBuf {
+        let png = self
+            .client()
+            .screenshot()
+            .await
+            .unwrap_or_else(|e| panic!("screenshot {name}: {e}"));
+        let path = artifacts_dir().join(format!("{name}.png"));
+        std::fs::write(&path, png).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        path
+    }
+
+    /// Ends the session (Chromium exits), then chromedriver.
+    pub async fn close(mut self) {
+        if let Some(client) = self.client.take() {
+            let _ = client.close().await;
+        }
+    }
+
+    /// The browser's working directory (profile, chromedriver's log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- chromedriver log ({}):\n{}",
+                self.driver_log.display(),
+                crate::process::log_tail(&self.driver_log, 20)
+            );
+        }
+        // chromedriver and every Chromium process it started.
+        if let Ok(group) = i32::try_from(self.driver.pid()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(group),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+fn slug(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect::<String>()
+        .chars()
+        .take(60)
+        .collect()
+}
