@@ -21,6 +21,7 @@ import {
   STATES,
   SseParser,
   ago,
+  count,
   countBy,
   eventLabel,
   eventSummary,
@@ -41,8 +42,14 @@ const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = "kiwi.api-token";
 /** No byte from the watch stream for this long (keep-alives come every 15 s): reconnect. */
 const STREAM_SILENCE_MS = 45000;
-/** The whole fleet is read again this often, for what no event says (last seen, connections, circuits). */
+/**
+ * The whole fleet is read again this often, for what no event says (last
+ * seen, connections, circuits); a fleet of more than `BIG_FLEET` robots
+ * (over a megabyte a read) every `BIG_FLEET_REFRESH_MS`.
+ */
 const FLEET_REFRESH_MS = 30000;
+const BIG_FLEET = 2000;
+const BIG_FLEET_REFRESH_MS = 300000;
 /** A robot's page reads the robot again this often (telemetry comes with reports, which are not events). */
 const ROBOT_REFRESH_MS = 5000;
 
@@ -53,6 +60,8 @@ const ROBOT_REFRESH_MS = 5000;
 const robots = new Map();
 let generation = 0;
 let loaded = false;
+/** When the whole fleet was last read (ms since the epoch). */
+let loadedAt = 0;
 let route = parseRoute(location.hash);
 let rowsShown = ROWS_SHOWN;
 /** The robot page's: its id, the events shown (oldest first), the last version read. */
@@ -223,6 +232,7 @@ async function loadFleet() {
     if (!seen.has(id) && entry.gen <= since) robots.delete(id);
   }
   loaded = true;
+  loadedAt = Date.now();
   $("page-error").textContent = "";
   scheduleRender();
 }
@@ -504,7 +514,7 @@ function renderFleet() {
   if (!same) tbody.replaceChildren(...rows);
   for (const id of rowCache.keys()) if (!robots.has(id)) rowCache.delete(id);
   $("shown").textContent = loaded
-    ? `${shown.length} of ${all.length} robots${shown.length > rows.length ? `, the first ${rows.length} shown` : ""}`
+    ? `${shown.length} of ${count(all.length, "robot")}${shown.length > rows.length ? `, the first ${rows.length} shown` : ""}`
     : "Loading…";
   $("more").hidden = shown.length <= rows.length;
 }
@@ -701,7 +711,7 @@ async function discover() {
         status.textContent = `Discovery failed: ${round.error}`;
       } else {
         const s = round.session;
-        status.textContent = `Discovery done in ${s.duration_ms} ms (${s.methods.join(", ") || "no sources"}): ${s.robots_found} robots found, ${s.new_robots} new.`;
+        status.textContent = `Discovery done in ${s.duration_ms} ms (${s.methods.join(", ") || "no sources"}): ${count(s.robots_found, "robot")} found, ${s.new_robots} new.`;
       }
       return;
     }
@@ -773,7 +783,9 @@ function wire() {
     for (const t of document.querySelectorAll("time[data-ago]")) t.textContent = ago(t.dataset.ago || null, Date.now());
   }, 5000);
   setInterval(() => {
-    if (route.view === "fleet" && loaded && $("link").dataset.state === "live" && !document.hidden) {
+    const every = robots.size > BIG_FLEET ? BIG_FLEET_REFRESH_MS : FLEET_REFRESH_MS;
+    const due = Date.now() - loadedAt >= every - 1000;
+    if (due && route.view === "fleet" && loaded && $("link").dataset.state === "live" && !document.hidden) {
       loadFleet().catch(showPageError);
     }
   }, FLEET_REFRESH_MS);

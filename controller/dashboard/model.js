@@ -89,6 +89,11 @@ export function countBy(robots) {
   return { byState, byHealth };
 }
 
+/** "1 robot", "3 robots". */
+export function count(n, noun) {
+  return `${n} ${noun}${n === 1 ? "" : "s"}`;
+}
+
 /** The robot types present, sorted. */
 export function robotTypes(robots) {
   return [...new Set(robots.map((r) => r.robot_type))].sort();

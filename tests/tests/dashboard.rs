@@ -596,7 +596,7 @@ async fn operator_actions_change_the_state_and_a_refusal_shows_why() {
     let (done, _) = browser
         .wait_for(secs(30), "the discovery round", "document.getElementById('discovery-status').textContent.startsWith('Discovery done') && document.getElementById('discovery-status').textContent")
         .await;
-    assert!(done.as_str().unwrap().contains("1 robots found"), "{done}");
+    assert!(done.as_str().unwrap().contains("1 robot found"), "{done}");
 
     // A phone: both pages fit the screen.
     browser.client().set_window_size(390, 844).await.unwrap();

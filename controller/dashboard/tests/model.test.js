@@ -10,6 +10,7 @@ import {
   SseParser,
   ago,
   bytes,
+  count,
   countBy,
   duration,
   eventSummary,
@@ -121,6 +122,9 @@ test("words for people: health, times, sizes, durations", () => {
   assert.equal(ago("2026-03-02T09:57:00Z", now), "3 min ago");
   assert.equal(ago("2026-03-02T05:00:00Z", now), "5 h ago");
   assert.equal(ago("2026-02-20T10:00:00Z", now), "10 d ago");
+  assert.equal(count(1, "robot"), "1 robot");
+  assert.equal(count(0, "robot"), "0 robots");
+  assert.equal(count(12, "robot"), "12 robots");
   assert.equal(bytes(512), "512 B");
   assert.equal(bytes(1536), "1.5 KiB");
   assert.equal(bytes(8443523072), "7.9 GiB");

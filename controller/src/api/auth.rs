@@ -3,7 +3,9 @@
 //! role table and a route cannot be added without saying who may call it.
 //! Only `/healthz`, `/readyz`, `/metrics` and the OpenAPI document may be
 //! open ([`OPEN_PATHS`]); `/metrics` asks for a viewer token when
-//! `metrics_require_token` is set.
+//! `metrics_require_token` is set. (The dashboard's static files are
+//! open too, but are not API routes: `super::dashboard` serves them, and
+//! the page reads everything through the routes here, with a token.)
 //!
 //! A guarded route first checks `Authorization: Bearer <API token>`
 //! ([`crate::security::ApiAuth`]): no or a bad token is 401 with
