@@ -366,12 +366,10 @@ async function follow() {
         : "Live";
       setLink("live", text);
     } catch (e) {
-      if (e instanceof NoToken) {
-        abort.abort();
-        showPageError(e);
-        return;
-      }
+      // Without the fleet read, events cannot be applied: start over.
+      abort.abort();
       showPageError(e);
+      if (e instanceof NoToken) return;
     }
     await reading;
     downSince = new Date();
