@@ -62,6 +62,16 @@ pub struct Browser {
 impl Browser {
     /// Starts chromedriver and a Chromium of `width` × `height` pixels.
     pub async fn start(width: u32, height: u32) -> Browser {
+        Browser::start_with(width, height, &[]).await
+    }
+
+    /// Like [`start`](Self::start), in the dark colour scheme
+    /// (`prefers-color-scheme: dark`).
+    pub async fn start_dark(width: u32, height: u32) -> Browser {
+        Browser::start_with(width, height, &["--force-dark-mode"]).await
+    }
+
+    async fn start_with(width: u32, height: u32, extra: &[&str]) -> Browser {
         let chromium = tool("KIWI_TESTS_CHROMIUM", "/usr/bin/chromium");
         let chromedriver = tool("KIWI_TESTS_CHROMEDRIVER", "/usr/bin/chromedriver");
         let dir = tempfile::Builder::new()
@@ -88,23 +98,25 @@ impl Browser {
             tokio::time::sleep(POLL_INTERVAL).await;
         }
         let profile = dir.path().join("profile");
+        let mut args = vec![
+            "--headless".to_string(),
+            "--no-sandbox".into(),
+            "--disable-gpu".into(),
+            "--no-first-run".into(),
+            "--disable-background-networking".into(),
+            "--disable-component-update".into(),
+            "--disable-sync".into(),
+            "--disable-quic".into(),
+            "--lang=en-US".into(),
+            format!("--window-size={width},{height}"),
+            format!("--user-data-dir={}", profile.display()),
+        ];
+        args.extend(extra.iter().map(|a| (*a).to_string()));
         let capabilities = json!({
             "browserName": "chrome",
             "goog:chromeOptions": {
                 "binary": chromium,
-                "args": [
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--no-first-run",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
-                    "--disable-quic",
-                    "--lang=en-US",
-                    format!("--window-size={width},{height}"),
-                    format!("--user-data-dir={}", profile.display()),
-                ],
+                "args": args,
             },
         });
         let Value::Object(capabilities) = capabilities else {

@@ -396,6 +396,18 @@ async fn the_page_lists_the_robots_and_follows_changes_live() {
             .ends_with(&href)
     );
     browser.close().await;
+
+    // The dark colour scheme keeps the contrast too.
+    let dark = Browser::start_dark(WIDE.0, WIDE.1).await;
+    open_live(&dark, &base(&controller), &viewer, 5).await;
+    assert_eq!(
+        dark.eval("matchMedia('(prefers-color-scheme: dark)').matches")
+            .await,
+        Value::Bool(true)
+    );
+    check_accessible(&dark, "the fleet, dark").await;
+    dark.screenshot("dashboard-fleet-dark").await;
+    dark.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -571,6 +583,33 @@ async fn operator_actions_change_the_state_and_a_refusal_shows_why() {
         State::Ready
     );
     assert_eq!(text_of(&browser, "action-error").await, "");
+
+    // Marked failed (with the reason typed above), then recovered: the
+    // controller provisions it again and its agent makes it ready.
+    click("fail").await;
+    browser
+        .wait_for(
+            secs(10),
+            "failed",
+            "document.getElementById('robot-summary').dataset.state === 'failed'",
+        )
+        .await;
+    let events = controller.api().events(id).await.unwrap();
+    let last = events.last().unwrap();
+    assert_eq!(last.kind, "robot_failed");
+    assert_eq!(last.data["reason"], "motor check");
+    click("recover").await;
+    browser
+        .wait_for(
+            secs(20),
+            "ready after recovering",
+            "document.getElementById('robot-summary').dataset.state === 'ready'",
+        )
+        .await;
+    assert_eq!(
+        controller.api().robot_required(id).await.unwrap().state,
+        State::Ready
+    );
 
     // Discovery from the fleet page.
     browser
