@@ -361,10 +361,18 @@ async function follow() {
       await loadFleet();
       await flush();
       if (route.view === "robot") refreshRobot();
-      const text = wasDown
-        ? `Live (reconnected at ${clock(new Date())} after ${Math.round((Date.now() - wasDown) / 1000)} s away)`
-        : "Live";
-      setLink("live", text);
+      if (!wasDown) {
+        setLink("live", "Live");
+      } else {
+        const away = (Date.now() - wasDown) / 1000;
+        setLink(
+          "live",
+          `Live (reconnected at ${clock(new Date())} after ${away < 10 ? away.toFixed(1) : Math.round(away)} s away)`,
+        );
+        // The agents come back over the next seconds (their reconnect
+        // delay is at most 8 s), which is no event: read them again then.
+        for (const ms of [3000, 10000]) setTimeout(() => loadFleet().catch(showPageError), ms);
+      }
     } catch (e) {
       // Without the fleet read, events cannot be applied: start over.
       abort.abort();
@@ -452,13 +460,19 @@ function renderCounts(list, counts, names, key) {
   const current = route.filters[key] || "";
   const items = names.map((name) => {
     const n = counts[name] || 0;
-    const content = [el("span", { class: "n", text: String(n) }), el("span", { class: "what", text: name })];
-    if (key === "state") {
-      const b = el("button", { type: "button", "aria-pressed": String(current === name), dataset: { state: name } }, ...content);
-      b.setAttribute("aria-label", `${n} ${name}${current === name ? " (filtering; press to show all)" : " (press to filter)"}`);
-      return el("li", {}, b);
-    }
-    return el("li", { dataset: { health: name } }, el("span", { class: "static" }, ...content));
+    const on = current === name;
+    const b = el(
+      "button",
+      {
+        type: "button",
+        "aria-pressed": String(on),
+        "aria-label": `${n} ${name}${on ? " (filtering; press to show all)" : " (press to filter)"}`,
+        dataset: { [key]: name },
+      },
+      el("span", { class: "n", text: String(n) }),
+      el("span", { class: "what", text: name }),
+    );
+    return el("li", {}, b);
   });
   list.replaceChildren(...items);
 }
@@ -488,7 +502,15 @@ function robotRow(entry) {
     el("td", { class: "state" }, badge(r.state)),
     el("td", { class: "reasons" }, badge(r.health?.status || "unknown"), reasons.length ? ` ${reasons.join("; ")}` : null),
     el("td", { text: r.ip_address || "—" }),
-    el("td", {}, lastSeen(r.last_seen), r.connected ? null : el("span", { class: "muted", text: " (not connected)" })),
+    // A connected agent was heard from within a heartbeat (else the
+    // controller would have found it suspect); the row's own time would
+    // only age until the next read.
+    el(
+      "td",
+      { class: "seen" },
+      r.connected ? "connected" : lastSeen(r.last_seen),
+      r.connected ? null : el("span", { class: "muted", text: " (not connected)" }),
+    ),
     el("td", { text: r.agent_version || "—" }),
     el("td", {}, badge(r.circuit_state || "closed")),
   );
@@ -502,6 +524,7 @@ function renderFleet() {
   renderCounts($("by-state"), byState, STATES, "state");
   renderCounts($("by-health"), byHealth, HEALTHS, "health");
   fillSelect($("filter-state"), STATES, "All states", route.filters.state);
+  fillSelect($("filter-health"), HEALTHS, "All health", route.filters.health);
   fillSelect($("filter-type"), robotTypes(all), "All types", route.filters.type);
   if (document.activeElement !== $("filter-q")) $("filter-q").value = route.filters.q;
 
@@ -650,7 +673,10 @@ async function act(action, button) {
   for (const b of buttons) b.disabled = true;
   button.setAttribute("aria-busy", "true");
   const reason = $("action-reason").value.trim();
-  const body = action.reason && reason ? { reason } : undefined;
+  const deployment = $("action-deployment").value.trim();
+  let body;
+  if (action.reason && reason) body = { reason };
+  if (action.deployment && deployment) body = { deployment_version: deployment };
   try {
     const answer = await api("POST", `/api/v2/robots/${id}/${action.path}`, body);
     if (answer.ok) {
@@ -681,6 +707,7 @@ function showRobot(id) {
     $("action-result").textContent = "";
     $("action-error").textContent = "";
     $("action-reason").value = "";
+    $("action-deployment").value = "";
   }
   refreshRobot();
 }
@@ -756,13 +783,16 @@ function wire() {
     }),
   );
   $("filter-state").addEventListener("change", (e) => setFilters({ state: e.target.value }));
+  $("filter-health").addEventListener("change", (e) => setFilters({ health: e.target.value }));
   $("filter-type").addEventListener("change", (e) => setFilters({ type: e.target.value }));
   $("filter-q").addEventListener("input", (e) => setFilters({ q: e.target.value }));
   $("filters").addEventListener("submit", (e) => e.preventDefault());
-  $("by-state").addEventListener("click", (e) => {
-    const b = e.target.closest("button[data-state]");
-    if (b) setFilters({ state: route.filters.state === b.dataset.state ? "" : b.dataset.state });
-  });
+  for (const key of ["state", "health"]) {
+    $(`by-${key}`).addEventListener("click", (e) => {
+      const b = e.target.closest(`button[data-${key}]`);
+      if (b) setFilters({ [key]: route.filters[key] === b.dataset[key] ? "" : b.dataset[key] });
+    });
+  }
   $("more").addEventListener("click", () => {
     rowsShown += ROWS_SHOWN;
     renderFleet();

@@ -18,7 +18,8 @@ export const HEALTHS = ["healthy", "degraded", "suspect", "unreachable"];
 
 /**
  * Operator actions on one robot: the path after `/api/v2/robots/{id}/`, a
- * label, and whether the API takes a `reason` with it.
+ * label, and whether the API takes a `reason` or a `deployment_version`
+ * with it.
  */
 export const ACTIONS = [
   { path: "maintenance/start", label: "Start maintenance", reason: true },
@@ -26,7 +27,7 @@ export const ACTIONS = [
   { path: "fail", label: "Mark failed", reason: true },
   { path: "recover", label: "Recover" },
   { path: "provision", label: "Provision" },
-  { path: "activate", label: "Activate" },
+  { path: "activate", label: "Activate", deployment: true },
   { path: "deactivate", label: "Deactivate" },
   { path: "circuit/reset", label: "Reset circuit" },
 ];
@@ -47,7 +48,8 @@ const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
 /**
  * The view a location hash names: `#/robots/<id>` is a robot's page,
- * anything else the fleet with its filters (`#/?state=ready&type=lekiwi&q=kiwi`).
+ * anything else the fleet with its filters
+ * (`#/?state=ready&health=degraded&type=lekiwi&q=kiwi`).
  */
 export function parseRoute(hash) {
   const text = (hash || "").replace(/^#/, "");
@@ -57,10 +59,12 @@ export function parseRoute(hash) {
   }
   const query = new URLSearchParams(text.includes("?") ? text.slice(text.indexOf("?") + 1) : "");
   const state = query.get("state") || "";
+  const health = query.get("health") || "";
   return {
     view: "fleet",
     filters: {
       state: STATES.includes(state) ? state : "",
+      health: HEALTHS.includes(health) ? health : "",
       type: query.get("type") || "",
       q: query.get("q") || "",
     },
@@ -71,6 +75,7 @@ export function parseRoute(hash) {
 export function fleetHash(filters) {
   const query = new URLSearchParams();
   if (filters.state) query.set("state", filters.state);
+  if (filters.health) query.set("health", filters.health);
   if (filters.type) query.set("type", filters.type);
   if (filters.q) query.set("q", filters.q);
   const text = query.toString();
@@ -105,8 +110,9 @@ export function robotName(r) {
 }
 
 /**
- * The robots the filters let through, by name then id. `q` matches the
- * name, the IP address or the id, case-insensitively.
+ * The robots the filters let through (state, health, type, text), by name
+ * then id. `q` matches the name, the IP address or the id,
+ * case-insensitively.
  */
 export function filterRobots(robots, filters) {
   const q = (filters.q || "").trim().toLowerCase();
@@ -114,6 +120,7 @@ export function filterRobots(robots, filters) {
     .filter(
       (r) =>
         (!filters.state || r.state === filters.state) &&
+        (!filters.health || r.health?.status === filters.health) &&
         (!filters.type || r.robot_type === filters.type) &&
         (!q ||
           robotName(r).toLowerCase().includes(q) ||

@@ -227,7 +227,7 @@ async fn the_page_lists_the_robots_and_follows_changes_live() {
         .await;
     assert_eq!(ready, Value::String("5".into()));
     let healthy = browser
-        .eval("document.querySelector('#by-health li[data-health=\"healthy\"] .n').textContent")
+        .eval("document.querySelector('#by-health button[data-health=\"healthy\"] .n').textContent")
         .await;
     assert_eq!(healthy, Value::String("5".into()));
     check_accessible(&browser, "the fleet").await;
@@ -333,6 +333,57 @@ async fn the_page_lists_the_robots_and_follows_changes_live() {
         )
         .await;
     assert_eq!(rows(&browser).await.len(), 1);
+    // By health: the counts filter too (the state filter off again first).
+    browser
+        .client()
+        .find(Locator::Css("#by-state button[data-state=\"maintenance\"]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let health = serde_json::to_value(
+        controller
+            .api()
+            .robot_required(lost)
+            .await
+            .unwrap()
+            .health
+            .status,
+    )
+    .unwrap();
+    let health = health.as_str().unwrap();
+    let same_health: Vec<Uuid> = controller
+        .api()
+        .robots_where(&format!("health={health}"))
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.robot_id)
+        .collect();
+    let mut same_health = same_health;
+    same_health.sort();
+    browser
+        .client()
+        .find(Locator::Css(&format!(
+            "#by-health button[data-health=\"{health}\"]"
+        )))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    browser
+        .wait_for(
+            secs(5),
+            "only the robots of the lost one's health",
+            &format!("location.hash === '#/?health={health}'"),
+        )
+        .await;
+    assert_eq!(
+        rows(&browser).await.keys().copied().collect::<Vec<_>>(),
+        same_health
+    );
     let by_type = browser
         .eval("[...document.getElementById('filter-type').options].map(o => o.value)")
         .await;
@@ -611,6 +662,28 @@ async fn operator_actions_change_the_state_and_a_refusal_shows_why() {
         State::Ready
     );
 
+    // Activated with a deployment version, which the robot then carries.
+    browser
+        .client()
+        .find(Locator::Id("action-deployment"))
+        .await
+        .unwrap()
+        .send_keys("v2.0.1")
+        .await
+        .unwrap();
+    click("activate").await;
+    browser
+        .wait_for(
+            secs(10),
+            "active with its deployment",
+            "document.getElementById('robot-summary').dataset.state === 'active' \
+             && document.getElementById('details').textContent.includes('v2.0.1')",
+        )
+        .await;
+    let active = controller.api().robot_required(id).await.unwrap();
+    assert_eq!(active.state, State::Active);
+    assert_eq!(active.field("deployment_version"), "v2.0.1");
+
     // Discovery from the fleet page.
     browser
         .client()
@@ -748,6 +821,15 @@ async fn a_controller_restart_shows_a_disconnection_then_catches_up() {
     let said = text_of(&browser, "link").await;
     assert!(said.starts_with("Live (reconnected at"), "{said}");
     assert_eq!(rows(&browser).await.len(), 3);
+    // The agents come back by themselves (no event says so): the page
+    // reads the fleet again and shows them connected.
+    browser
+        .wait_for(
+            secs(30),
+            "the agents connected again",
+            "[...document.querySelectorAll('#robot-rows td.seen')].map(td => td.textContent).join() === 'connected,connected,connected'",
+        )
+        .await;
     assert_eq!(
         browser.eval("window.kiwiStillHere === true").await,
         Value::Bool(true)

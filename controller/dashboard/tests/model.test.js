@@ -47,20 +47,22 @@ test("routes: a robot's page by its id, else the fleet with valid filters", () =
   for (const hash of ["", "#", "#/", "#/robots/not-a-uuid", `#/robots/${ID}/x`]) {
     assert.equal(parseRoute(hash).view, "fleet", hash);
   }
-  assert.deepEqual(parseRoute("#/?state=offline&type=xlerobot&q=kiwi%201").filters, {
+  assert.deepEqual(parseRoute("#/?state=offline&health=suspect&type=xlerobot&q=kiwi%201").filters, {
     state: "offline",
+    health: "suspect",
     type: "xlerobot",
     q: "kiwi 1",
   });
-  // An unknown state is no filter rather than an empty grid.
+  // An unknown state or health is no filter rather than an empty grid.
   assert.equal(parseRoute("#/?state=sleeping").filters.state, "");
+  assert.equal(parseRoute("#/?health=great").filters.health, "");
   for (const filters of [
-    { state: "", type: "", q: "" },
-    { state: "failed", type: "lekiwi", q: "a&b=c #" },
+    { state: "", health: "", type: "", q: "" },
+    { state: "failed", health: "degraded", type: "lekiwi", q: "a&b=c #" },
   ]) {
     assert.deepEqual(parseRoute(fleetHash(filters)).filters, filters);
   }
-  assert.equal(fleetHash({ state: "", type: "", q: "" }), "#/");
+  assert.equal(fleetHash({ state: "", health: "", type: "", q: "" }), "#/");
 });
 
 test("counts name every state and health, zeros included", () => {
@@ -81,7 +83,7 @@ test("counts name every state and health, zeros included", () => {
   assert.deepEqual(robotTypes([robot(1, { robot_type: "xlerobot" }), robot(2), robot(3)]), ["lekiwi", "xlerobot"]);
 });
 
-test("filters: state, type and text, sorted by name", () => {
+test("filters: state, health, type and text, sorted by name", () => {
   const robots = [
     robot(3, { state: "failed" }),
     robot(1),
@@ -96,6 +98,9 @@ test("filters: state, type and text, sorted by name", () => {
     "kiwi-03",
   ]);
   assert.deepEqual(names(filterRobots(robots, { state: "failed" })), ["kiwi-03"]);
+  robots[2].health = { status: "degraded", reasons: ["hot"] };
+  assert.deepEqual(names(filterRobots(robots, { health: "degraded" })), ["kiwi-02"]);
+  assert.deepEqual(names(filterRobots(robots, { health: "healthy", type: "xlerobot" })), []);
   assert.deepEqual(names(filterRobots(robots, { type: "xlerobot" })), ["kiwi-02"]);
   assert.deepEqual(names(filterRobots(robots, { q: "KIWI-0" })), ["kiwi-01", "kiwi-02", "kiwi-03"]);
   assert.deepEqual(names(filterRobots(robots, { q: "127.0.0.2" })), ["kiwi-02"]);
