@@ -199,9 +199,23 @@ async function apiOk(method, path, body) {
 // ---------------------------------------------------------------------------
 // The fleet model.
 
+/** Whether the grid would show `a` and `b` alike (a row is then kept, with its focus). */
+function looksAlike(a, b) {
+  return (
+    a.version === b.version &&
+    a.connected === b.connected &&
+    a.circuit_state === b.circuit_state &&
+    (b.connected || a.last_seen === b.last_seen)
+  );
+}
+
 function put(robot) {
   const current = robots.get(robot.robot_id);
   if (!replaces(current?.robot, robot)) return;
+  if (current && looksAlike(current.robot, robot)) {
+    current.robot = robot;
+    return;
+  }
   generation += 1;
   robots.set(robot.robot_id, {
     robot,
