@@ -620,8 +620,41 @@ function renderEvents() {
   );
   $("event-rows").replaceChildren(...rows);
   const first = robotView.events[0];
-  $("events-note").textContent =
-    first && first.version > 1 ? `The newest ${robotView.events.length} events, newest first.` : "Every event, newest first.";
+  const older = Boolean(first && first.version > 1);
+  $("events-note").textContent = !older
+    ? "Every event, newest first."
+    : robotView.pruned
+      ? `The ${count(robotView.events.length, "event")} kept, newest first; older ones were folded into a snapshot when the history was pruned.`
+      : `The newest ${count(robotView.events.length, "event")}, newest first.`;
+  $("older-events").hidden = !older || robotView.pruned;
+}
+
+/** Reads up to EVENTS_SHOWN events before the oldest shown. */
+async function olderEvents() {
+  const view = robotView;
+  const first = view?.events[0];
+  if (!first || first.version <= 1) return;
+  const button = $("older-events");
+  button.disabled = true;
+  try {
+    const after = Math.max(0, first.version - 1 - EVENTS_SHOWN);
+    const page = await apiOk(
+      "GET",
+      `/api/v2/robots/${view.id}/events?after_version=${after}&limit=${first.version - 1 - after}`,
+    );
+    if (view !== robotView) return;
+    const older = page.events.filter((e) => e.version < first.version);
+    // Nothing before a version above 1: pruned into a snapshot.
+    if (older.length === 0) view.pruned = true;
+    view.events.unshift(...older);
+    // Asked for history: keep it all from now on.
+    view.keep = Number.MAX_SAFE_INTEGER;
+    renderEvents();
+  } catch (e) {
+    showPageError(e);
+  } finally {
+    button.disabled = false;
+  }
 }
 
 function showPageError(e) {
@@ -661,7 +694,7 @@ async function refreshRobot() {
           const page = await apiOk("GET", `/api/v2/robots/${view.id}/events?after_version=${after}&limit=1000`);
           if (view !== robotView) return;
           view.events.push(...page.events.filter((e) => e.version > view.lastVersion));
-          view.events = view.events.slice(-EVENTS_SHOWN);
+          view.events = view.events.slice(-view.keep);
           view.lastVersion = Math.max(view.lastVersion, ...view.events.map((e) => e.version));
           renderEvents();
         }
@@ -711,7 +744,7 @@ async function act(action, button) {
 
 function showRobot(id) {
   if (robotView?.id !== id) {
-    robotView = { id, events: [], lastVersion: 0, again: false };
+    robotView = { id, events: [], lastVersion: 0, again: false, keep: EVENTS_SHOWN, pruned: false };
     $("robot-title").textContent = "Robot";
     $("robot-summary").replaceChildren();
     $("details").replaceChildren();
@@ -812,6 +845,7 @@ function wire() {
     renderFleet();
   });
   $("discover").addEventListener("click", discover);
+  $("older-events").addEventListener("click", olderEvents);
   $("change-token").addEventListener("click", async () => {
     const token = await askToken("Enter another API token for this tab.");
     if (token) location.reload();

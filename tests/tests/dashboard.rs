@@ -684,6 +684,55 @@ async fn operator_actions_change_the_state_and_a_refusal_shows_why() {
     assert_eq!(active.state, State::Active);
     assert_eq!(active.field("deployment_version"), "v2.0.1");
 
+    // A long history: the newest 200 events, then older ones on demand.
+    for _ in 0..105 {
+        controller
+            .api()
+            .act(id, "maintenance/start", None)
+            .await
+            .unwrap();
+        controller
+            .api()
+            .act(id, "maintenance/end", None)
+            .await
+            .unwrap();
+    }
+    let all = controller.api().events(id).await.unwrap().len();
+    assert!(all > 200, "{all} events");
+    browser.client().refresh().await.unwrap();
+    browser
+        .wait_for(
+            secs(20),
+            "the newest 200 events",
+            "document.querySelectorAll('#event-rows tr').length === 200 \
+             && !document.getElementById('older-events').hidden",
+        )
+        .await;
+    browser
+        .client()
+        .find(Locator::Id("older-events"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    browser
+        .wait_for(
+            secs(20),
+            "every event",
+            &format!(
+                "document.querySelectorAll('#event-rows tr').length === {all} \
+                 && document.getElementById('older-events').hidden"
+            ),
+        )
+        .await;
+    assert_eq!(
+        browser
+            .eval("document.querySelector('#event-rows tr:last-child').dataset.type")
+            .await,
+        Value::String("robot_discovered".into())
+    );
+
     // Discovery from the fleet page.
     browser
         .client()
