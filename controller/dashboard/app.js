@@ -358,6 +358,9 @@ async function follow() {
         $("change-token").hidden = false;
         return;
       }
+      // A refusal other than the token's (a 503, say) is said as the API
+      // said it; an unreachable controller is what the bar says.
+      if (!(e instanceof TypeError)) showPageError(e);
       downSince = downSince || new Date();
       failures += 1;
       setLink("disconnected", `Disconnected since ${clock(downSince)}; reconnecting (attempt ${failures})…`);
