@@ -144,6 +144,36 @@ impl Browser {
         self.client.as_ref().expect("the session is open")
     }
 
+    /// Loads `url`.
+    pub async fn goto(&self, url: &str) {
+        self.client()
+            .goto(url)
+            .await
+            .unwrap_or_else(|e| panic!("open {url}: {e}"));
+    }
+
+    /// Clicks the element `css` selects.
+    pub async fn click(&self, css: &str) {
+        self.client()
+            .find(fantoccini::Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no {css} to click: {e}"))
+            .click()
+            .await
+            .unwrap_or_else(|e| panic!("click {css}: {e}"));
+    }
+
+    /// Types `text` into the element `css` selects.
+    pub async fn type_into(&self, css: &str, text: &str) {
+        self.client()
+            .find(fantoccini::Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no {css} to type into: {e}"))
+            .send_keys(text)
+            .await
+            .unwrap_or_else(|e| panic!("type into {css}: {e}"));
+    }
+
     /// Evaluates `expression` in the page and returns its value.
     pub async fn eval(&self, expression: &str) -> Value {
         self.client()

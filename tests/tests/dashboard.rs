@@ -38,30 +38,14 @@ async fn give_token(browser: &Browser, token: &str) {
             "document.getElementById('token-dialog').open",
         )
         .await;
-    let input = browser
-        .client()
-        .find(Locator::Id("token"))
-        .await
-        .expect("the token field");
-    input.send_keys(token).await.expect("type the token");
-    browser
-        .client()
-        .find(Locator::Id("token-submit"))
-        .await
-        .expect("the submit button")
-        .click()
-        .await
-        .expect("submit the token");
+    browser.type_into("#token", token).await;
+    browser.click("#token-submit").await;
 }
 
 /// Opens the dashboard, gives it `token` and waits until it follows the
 /// fleet live with `robots` rows.
 async fn open_live(browser: &Browser, url: &str, token: &str, robots: usize) {
-    browser
-        .client()
-        .goto(url)
-        .await
-        .expect("open the dashboard");
+    browser.goto(url).await;
     give_token(browser, token).await;
     browser
         .wait_for(
@@ -108,6 +92,11 @@ fn row_state_is(id: Uuid, state: &str) -> String {
     format!(
         "document.querySelector('#robot-rows tr[data-robot-id=\"{id}\"]')?.dataset.state === '{state}'"
     )
+}
+
+/// The robot's page shows it in `state`.
+fn page_state_is(state: &str) -> String {
+    format!("document.getElementById('robot-summary').dataset.state === '{state}'")
 }
 
 async fn text_of(browser: &Browser, id: &str) -> String {
@@ -318,13 +307,8 @@ async fn the_page_lists_the_robots_and_follows_changes_live() {
             .ends_with("#/?state=offline")
     );
     browser
-        .client()
-        .find(Locator::Css("#by-state button[data-state=\"maintenance\"]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+        .click("#by-state button[data-state=\"maintenance\"]")
+        .await;
     browser
         .wait_for(
             secs(5),
@@ -335,13 +319,8 @@ async fn the_page_lists_the_robots_and_follows_changes_live() {
     assert_eq!(rows(&browser).await.len(), 1);
     // By health: the counts filter too (the state filter off again first).
     browser
-        .client()
-        .find(Locator::Css("#by-state button[data-state=\"maintenance\"]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+        .click("#by-state button[data-state=\"maintenance\"]")
+        .await;
     let health = serde_json::to_value(
         controller
             .api()
@@ -364,15 +343,8 @@ async fn the_page_lists_the_robots_and_follows_changes_live() {
     let mut same_health = same_health;
     same_health.sort();
     browser
-        .client()
-        .find(Locator::Css(&format!(
-            "#by-health button[data-health=\"{health}\"]"
-        )))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+        .click(&format!("#by-health button[data-health=\"{health}\"]"))
+        .await;
     browser
         .wait_for(
             secs(5),
@@ -394,11 +366,7 @@ async fn the_page_lists_the_robots_and_follows_changes_live() {
     assert_eq!(by_type, serde_json::json!(types));
 
     // The keyboard alone reaches a robot's page: Tab to its link, Enter.
-    browser
-        .client()
-        .goto(&format!("{}/#/", base(&controller)))
-        .await
-        .unwrap();
+    browser.goto(&format!("{}/#/", base(&controller))).await;
     browser
         .wait_for(
             secs(10),
@@ -483,10 +451,8 @@ async fn operator_actions_change_the_state_and_a_refusal_shows_why() {
 
     // A robot's page, opened by its address, with a viewer token.
     browser
-        .client()
         .goto(&format!("{}/#/robots/{id}", base(&controller)))
-        .await
-        .unwrap();
+        .await;
     give_token(&browser, &viewer).await;
     browser
         .wait_for(
@@ -528,28 +494,14 @@ async fn operator_actions_change_the_state_and_a_refusal_shows_why() {
         let browser = &browser;
         async move {
             browser
-                .client()
-                .find(Locator::Css(&format!(
-                    "#actions button[data-action=\"{action}\"]"
-                )))
-                .await
-                .unwrap_or_else(|e| panic!("the {action} button: {e}"))
-                .click()
-                .await
-                .unwrap_or_else(|e| panic!("click {action}: {e}"));
+                .click(&format!("#actions button[data-action=\"{action}\"]"))
+                .await;
         }
     };
 
     // A viewer token may not act: the page asks once for a stronger token
     // and the action goes through with it.
-    browser
-        .client()
-        .find(Locator::Id("action-reason"))
-        .await
-        .unwrap()
-        .send_keys("motor check")
-        .await
-        .unwrap();
+    browser.type_into("#action-reason", "motor check").await;
     click("maintenance/start").await;
     browser
         .wait_for(
@@ -572,7 +524,7 @@ async fn operator_actions_change_the_state_and_a_refusal_shows_why() {
         .wait_for(
             secs(5),
             "maintenance on the page",
-            "document.getElementById('robot-summary').dataset.state === 'maintenance'",
+            &page_state_is("maintenance"),
         )
         .await;
     let r = controller.api().robot_required(id).await.unwrap();
@@ -623,11 +575,7 @@ async fn operator_actions_change_the_state_and_a_refusal_shows_why() {
     // And back.
     click("maintenance/end").await;
     browser
-        .wait_for(
-            secs(10),
-            "ready again",
-            "document.getElementById('robot-summary').dataset.state === 'ready'",
-        )
+        .wait_for(secs(10), "ready again", &page_state_is("ready"))
         .await;
     assert_eq!(
         controller.api().robot_required(id).await.unwrap().state,
@@ -639,11 +587,7 @@ async fn operator_actions_change_the_state_and_a_refusal_shows_why() {
     // controller provisions it again and its agent makes it ready.
     click("fail").await;
     browser
-        .wait_for(
-            secs(10),
-            "failed",
-            "document.getElementById('robot-summary').dataset.state === 'failed'",
-        )
+        .wait_for(secs(10), "failed", &page_state_is("failed"))
         .await;
     let events = controller.api().events(id).await.unwrap();
     let last = events.last().unwrap();
@@ -651,11 +595,7 @@ async fn operator_actions_change_the_state_and_a_refusal_shows_why() {
     assert_eq!(last.data["reason"], "motor check");
     click("recover").await;
     browser
-        .wait_for(
-            secs(20),
-            "ready after recovering",
-            "document.getElementById('robot-summary').dataset.state === 'ready'",
-        )
+        .wait_for(secs(20), "ready after recovering", &page_state_is("ready"))
         .await;
     assert_eq!(
         controller.api().robot_required(id).await.unwrap().state,
@@ -663,21 +603,16 @@ async fn operator_actions_change_the_state_and_a_refusal_shows_why() {
     );
 
     // Activated with a deployment version, which the robot then carries.
-    browser
-        .client()
-        .find(Locator::Id("action-deployment"))
-        .await
-        .unwrap()
-        .send_keys("v2.0.1")
-        .await
-        .unwrap();
+    browser.type_into("#action-deployment", "v2.0.1").await;
     click("activate").await;
     browser
         .wait_for(
             secs(10),
             "active with its deployment",
-            "document.getElementById('robot-summary').dataset.state === 'active' \
-             && document.getElementById('details').textContent.includes('v2.0.1')",
+            &format!(
+                "{} && document.getElementById('details').textContent.includes('v2.0.1')",
+                page_state_is("active")
+            ),
         )
         .await;
     let active = controller.api().robot_required(id).await.unwrap();
@@ -708,14 +643,7 @@ async fn operator_actions_change_the_state_and_a_refusal_shows_why() {
              && !document.getElementById('older-events').hidden",
         )
         .await;
-    browser
-        .client()
-        .find(Locator::Id("older-events"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.click("#older-events").await;
     browser
         .wait_for(
             secs(20),
@@ -734,11 +662,7 @@ async fn operator_actions_change_the_state_and_a_refusal_shows_why() {
     );
 
     // Discovery from the fleet page.
-    browser
-        .client()
-        .goto(&format!("{}/#/", base(&controller)))
-        .await
-        .unwrap();
+    browser.goto(&format!("{}/#/", base(&controller))).await;
     browser
         .wait_for(
             secs(10),
@@ -746,14 +670,7 @@ async fn operator_actions_change_the_state_and_a_refusal_shows_why() {
             "document.querySelectorAll('#robot-rows tr').length === 1",
         )
         .await;
-    browser
-        .client()
-        .find(Locator::Id("discover"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.click("#discover").await;
     let (done, _) = browser
         .wait_for(secs(30), "the discovery round", "document.getElementById('discovery-status').textContent.startsWith('Discovery done') && document.getElementById('discovery-status').textContent")
         .await;
@@ -764,10 +681,8 @@ async fn operator_actions_change_the_state_and_a_refusal_shows_why() {
     check_fits(&browser, "the fleet on a phone").await;
     browser.screenshot("dashboard-phone-fleet").await;
     browser
-        .client()
         .goto(&format!("{}/#/robots/{id}", base(&controller)))
-        .await
-        .unwrap();
+        .await;
     browser
         .wait_for(
             secs(20),
