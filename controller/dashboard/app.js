@@ -473,25 +473,36 @@ function lastSeen(iso) {
   return el("time", { datetime: iso || "", dataset: { ago: iso || "" }, text: ago(iso, Date.now()) });
 }
 
+/**
+ * The count buttons of `key` (state or health): built once, then updated
+ * in place, so that a button pressed from the keyboard keeps the focus.
+ */
 function renderCounts(list, counts, names, key) {
   const current = route.filters[key] || "";
-  const items = names.map((name) => {
-    const n = counts[name] || 0;
-    const on = current === name;
-    const b = el(
-      "button",
-      {
-        type: "button",
-        "aria-pressed": String(on),
-        "aria-label": `${n} ${name}${on ? " (filtering; press to show all)" : " (press to filter)"}`,
-        dataset: { [key]: name },
-      },
-      el("span", { class: "n", text: String(n) }),
-      el("span", { class: "what", text: name }),
+  if (list.children.length !== names.length) {
+    list.replaceChildren(
+      ...names.map((name) =>
+        el(
+          "li",
+          {},
+          el(
+            "button",
+            { type: "button", dataset: { [key]: name } },
+            el("span", { class: "n" }),
+            el("span", { class: "what", text: name }),
+          ),
+        ),
+      ),
     );
-    return el("li", {}, b);
+  }
+  names.forEach((name, i) => {
+    const b = list.children[i].firstChild;
+    const n = String(counts[name] || 0);
+    const on = current === name;
+    b.querySelector(".n").textContent = n;
+    b.setAttribute("aria-pressed", String(on));
+    b.setAttribute("aria-label", `${n} ${name}${on ? " (filtering; press to show all)" : " (press to filter)"}`);
   });
-  list.replaceChildren(...items);
 }
 
 function fillSelect(select, values, allLabel, current) {

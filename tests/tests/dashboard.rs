@@ -317,6 +317,13 @@ async fn the_page_lists_the_robots_and_follows_changes_live() {
         )
         .await;
     assert_eq!(rows(&browser).await.len(), 1);
+    // The pressed count keeps the focus (the counts are updated in place).
+    assert_eq!(
+        browser
+            .eval("[document.activeElement.dataset.state, document.activeElement.getAttribute('aria-pressed')]")
+            .await,
+        serde_json::json!(["maintenance", "true"])
+    );
     // By health: the counts filter too (the state filter off again first).
     browser
         .click("#by-state button[data-state=\"maintenance\"]")
