@@ -81,7 +81,6 @@ class NoToken extends Error {
 class ApiError extends Error {
   constructor(answer) {
     super(problemText(answer.status, answer.body));
-    this.status = answer.status;
   }
 }
 
@@ -138,6 +137,34 @@ function askToken(why, error) {
   return asking;
 }
 
+/** The token of this tab, asked for when there is none; throws NoToken. */
+async function currentToken() {
+  const token = storedToken() || (await askToken());
+  if (!token) throw new NoToken();
+  return token;
+}
+
+/**
+ * The controller refused `token` (401, saying `detail`): forgets it and
+ * asks for another; throws NoToken when none is given.
+ */
+async function tokenRefused(token, detail) {
+  if (storedToken() === token) sessionStorage.removeItem(TOKEN_KEY);
+  const again = await askToken("The controller did not accept the token. Enter a valid API token.", detail);
+  if (!again) throw new NoToken();
+}
+
+/** A response's body: parsed when it is JSON, else `null`. */
+async function readBody(res) {
+  const text = await res.text();
+  if (!text) return null;
+  try {
+    return JSON.parse(text);
+  } catch {
+    return null;
+  }
+}
+
 /**
  * One API call with the token: `{ ok, status, body }` (the body parsed
  * when it is JSON). A refused token (401) is asked for again; an action
@@ -146,11 +173,7 @@ function askToken(why, error) {
  * TypeError when the controller cannot be reached.
  */
 async function api(method, path, body, retry = true) {
-  let token = storedToken();
-  if (!token) {
-    token = await askToken();
-    if (!token) throw new NoToken();
-  }
+  const token = await currentToken();
   const init = {
     method,
     cache: "no-store",
@@ -161,28 +184,14 @@ async function api(method, path, body, retry = true) {
     init.body = JSON.stringify(body);
   }
   const res = await fetch(path, init);
-  const text = await res.text();
-  let data = null;
-  if (text) {
-    try {
-      data = JSON.parse(text);
-    } catch {
-      data = null;
-    }
-  }
-  const answer = { ok: res.ok, status: res.status, body: data };
+  const answer = { ok: res.ok, status: res.status, body: await readBody(res) };
   if (res.status === 401 && retry) {
-    if (storedToken() === token) sessionStorage.removeItem(TOKEN_KEY);
-    const again = await askToken(
-      "The controller did not accept the token. Enter a valid API token.",
-      problemText(401, data),
-    );
-    if (!again) throw new NoToken();
+    await tokenRefused(token, problemText(401, answer.body));
     return api(method, path, body, true);
   }
   if (res.status === 403 && retry && method !== "GET") {
     const again = await askToken(
-      `${problemText(403, data)}. Enter a token with that role to go on.`,
+      `${problemText(403, answer.body)}. Enter a token with that role to go on.`,
     );
     if (!again) return answer;
     return api(method, path, body, false);
@@ -327,30 +336,15 @@ async function follow() {
     const abort = new AbortController();
     let res;
     try {
-      let token = storedToken();
-      if (!token) {
-        token = await askToken();
-        if (!token) throw new NoToken();
-      }
+      const token = await currentToken();
       const headers = { Authorization: `Bearer ${token}`, Accept: "text/event-stream" };
       if (lastEventId !== null) headers["Last-Event-ID"] = String(lastEventId);
       res = await fetch("/api/v2/watch", { headers, cache: "no-store", signal: abort.signal });
       if (res.status === 401) {
-        await res.text();
-        sessionStorage.removeItem(TOKEN_KEY);
-        const again = await askToken("The controller did not accept the token. Enter a valid API token.");
-        if (!again) throw new NoToken();
+        await tokenRefused(token, problemText(401, await readBody(res)));
         continue;
       }
-      if (!res.ok) {
-        let body = null;
-        try {
-          body = await res.json();
-        } catch {
-          body = null;
-        }
-        throw new Error(problemText(res.status, body));
-      }
+      if (!res.ok) throw new Error(problemText(res.status, await readBody(res)));
     } catch (e) {
       if (e instanceof NoToken) {
         setLink("disconnected", "No API token: not following the fleet");

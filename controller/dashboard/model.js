@@ -307,7 +307,7 @@ export function watchEffect(ev) {
   }
   const position = Number(ev.id);
   if (!Number.isInteger(position) || typeof data?.robot_id !== "string") return null;
-  return { resumeAfter: position, robot: data.robot_id, type: ev.event };
+  return { resumeAfter: position, robot: data.robot_id };
 }
 
 /** Human words for an event type: `robot_maintenance_start` → "maintenance start". */

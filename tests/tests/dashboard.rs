@@ -460,6 +460,28 @@ async fn operator_actions_change_the_state_and_a_refusal_shows_why() {
     browser
         .goto(&format!("{}/#/robots/{id}", base(&controller)))
         .await;
+    // A token the controller does not know: refused, said why, asked again.
+    give_token(&browser, "kiwi-api.v1.not-a-token").await;
+    let (refusal, _) = browser
+        .wait_for(
+            secs(10),
+            "the refused token's reason",
+            "document.getElementById('token-dialog').open \
+             && document.getElementById('token-error').textContent",
+        )
+        .await;
+    let nothing = browser
+        .eval("document.querySelectorAll('#details dd').length")
+        .await;
+    assert_eq!(
+        nothing,
+        serde_json::json!(0),
+        "nothing shown without a good token"
+    );
+    assert!(
+        refusal.as_str().unwrap().contains("not a kiwi API token"),
+        "the API's reason: {refusal}"
+    );
     give_token(&browser, &viewer).await;
     browser
         .wait_for(

@@ -222,7 +222,6 @@ test("watch events name the robot to read again and where to resume", () => {
   assert.deepEqual(watchEffect({ id: "12", event: "robot_offline", data }), {
     resumeAfter: 12,
     robot: ID,
-    type: "robot_offline",
   });
   assert.deepEqual(watchEffect({ id: null, event: "lagged", data: '{"resume_after":40,"detail":"x"}' }), {
     resumeAfter: 40,
