@@ -289,9 +289,7 @@ impl Breakers {
         for (state, n) in [("open", open), ("half_open", half_open)] {
             self.metrics
                 .circuit_breakers
-                .get_or_create(&StateLabels {
-                    state: state.into(),
-                })
+                .get_or_create(&StateLabels { state })
                 .set(n);
         }
     }
@@ -322,9 +320,7 @@ mod tests {
 
     fn open_gauge(m: &Metrics) -> i64 {
         m.circuit_breakers
-            .get_or_create(&StateLabels {
-                state: "open".into(),
-            })
+            .get_or_create(&StateLabels { state: "open" })
             .get()
     }
 

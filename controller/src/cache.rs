@@ -121,7 +121,7 @@ impl RobotCache {
         self.metrics
             .robots_by_state
             .get_or_create(&crate::metrics::StateLabels {
-                state: state.as_str().into(),
+                state: state.as_str(),
             })
             .inc_by(delta);
     }

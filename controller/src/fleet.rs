@@ -447,8 +447,8 @@ impl Fleet {
             if let Some(t) = r.event.transition() {
                 m.robot_state_transitions
                     .get_or_create(&TransitionLabels {
-                        from: t.from.as_str().into(),
-                        to: t.to.as_str().into(),
+                        from: t.from.as_str(),
+                        to: t.to.as_str(),
                     })
                     .inc();
             }

@@ -10,13 +10,17 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-/// An API request: its method, its route template (`/api/v2/robots/{id}`,
-/// or `unmatched`: the number of series stays bounded) and its status
-/// code.
+/// An API request: its method (one of the standard ones, else `other`),
+/// its route template (`/api/v2/robots/{id}`, or `unmatched`) and its
+/// status code.
+///
+/// No label value of any metric comes from what a client sent: every label
+/// is a `&'static str` chosen by the controller (or a status number), so
+/// the number of series is bounded by the code, whatever arrives.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub method: String,
-    pub route: String,
+    pub method: &'static str,
+    pub route: &'static str,
     pub status: u16,
 }
 
@@ -27,44 +31,44 @@ fn request_buckets() -> impl Iterator<Item = f64> {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransitionLabels {
-    pub from: String,
-    pub to: String,
+    pub from: &'static str,
+    pub to: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
-    pub reason: String,
+    pub reason: &'static str,
 }
 
 /// A refused authentication: where (`agent`, `api`, `enroll`) and why.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AuthFailureLabels {
-    pub surface: String,
-    pub reason: String,
+    pub surface: &'static str,
+    pub reason: &'static str,
 }
 
 /// An abuse limit that refused something (`enroll_rate`, `auth_failures`,
 /// `connections_per_address`).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabels {
-    pub limit: String,
+    pub limit: &'static str,
 }
 
 /// An agent connection's transport (`websocket`, `quic`).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransportLabels {
-    pub transport: String,
+    pub transport: &'static str,
 }
 
 /// How an enrollment request ended (`issued`, `pending`, `refused`).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
-    pub result: String,
+    pub result: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
-    pub state: String,
+    pub state: &'static str,
 }
 
 /// The controller's metrics. Cheap to share by reference (`Arc<Metrics>`).
@@ -367,30 +371,23 @@ impl Metrics {
     }
 
     /// Counts a frame refused for `reason`.
-    pub fn frame_rejected(&self, reason: &str) {
+    pub fn frame_rejected(&self, reason: &'static str) {
         self.agent_frames_rejected
-            .get_or_create(&ReasonLabels {
-                reason: reason.to_string(),
-            })
+            .get_or_create(&ReasonLabels { reason })
             .inc();
     }
 
     /// Counts an authentication refused on `surface` for `reason`.
-    pub fn auth_failed(&self, surface: &str, reason: &str) {
+    pub fn auth_failed(&self, surface: &'static str, reason: &'static str) {
         self.auth_failures
-            .get_or_create(&AuthFailureLabels {
-                surface: surface.to_string(),
-                reason: reason.to_string(),
-            })
+            .get_or_create(&AuthFailureLabels { surface, reason })
             .inc();
     }
 
     /// Counts something refused by the abuse limit `limit`.
-    pub fn limited(&self, limit: &str) {
+    pub fn limited(&self, limit: &'static str) {
         self.rate_limited
-            .get_or_create(&LimitLabels {
-                limit: limit.to_string(),
-            })
+            .get_or_create(&LimitLabels { limit })
             .inc();
     }
 
@@ -479,8 +476,8 @@ mod tests {
         m.cache_hits.inc();
         m.robot_state_transitions
             .get_or_create(&TransitionLabels {
-                from: "ready".into(),
-                to: "active".into(),
+                from: "ready",
+                to: "active",
             })
             .inc();
         m.frame_rejected("bad_magic");

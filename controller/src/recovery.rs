@@ -105,7 +105,7 @@ pub async fn run(fleet: Fleet, settings: RecoverySettings, port: u16, cancel: Ca
 /// One probe through the robot's circuit breaker: `None` when the breaker
 /// refused it, else whether the host answered.
 async fn probe(fleet: &Fleet, id: RobotId, address: SocketAddr, timeout: Duration) -> Option<bool> {
-    let outcome = |o: &str| ResultLabels { result: o.into() };
+    let outcome = |o: &'static str| ResultLabels { result: o };
     if let Err(refused) = fleet.breakers().allow(id, chrono::Utc::now()).await {
         tracing::debug!(robot_id = %id, retry_at = %refused.retry_at, "circuit open; recovery probe not sent");
         fleet

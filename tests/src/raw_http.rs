@@ -103,6 +103,69 @@ pub async fn send(
     outcome
 }
 
+/// One kept-alive HTTP/1.1 connection that sends requests as written
+/// (any method token, any head) and reads one answer per request.
+#[derive(Debug)]
+pub struct KeepAlive {
+    stream: TcpStream,
+    received: Vec<u8>,
+}
+
+impl KeepAlive {
+    pub async fn connect(addr: SocketAddr) -> anyhow::Result<KeepAlive> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connect to {addr}"))?;
+        Ok(KeepAlive {
+            stream,
+            received: Vec::new(),
+        })
+    }
+
+    /// Sends `head` (a request head ending in an empty line, no body) and
+    /// reads its answer (a body framed by `Content-Length`).
+    pub async fn exchange(&mut self, head: &str, timeout: Duration) -> anyhow::Result<RawResponse> {
+        self.stream.write_all(head.as_bytes()).await?;
+        let read = async {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                if let Some((response, used)) = parse_response_framed(&self.received)? {
+                    self.received.drain(..used);
+                    return Ok(response);
+                }
+                match self.stream.read(&mut buf).await? {
+                    0 => bail!("the connection ended before the answer was complete"),
+                    n => self.received.extend_from_slice(&buf[..n]),
+                }
+            }
+        };
+        tokio::time::timeout(timeout, read)
+            .await
+            .with_context(|| format!("no answer within {timeout:?}"))?
+    }
+}
+
+/// Parses one answer framed by `Content-Length` (0 without one) at the
+/// start of `bytes`: the answer and how many bytes it took, or `None` if
+/// more are needed.
+fn parse_response_framed(bytes: &[u8]) -> anyhow::Result<Option<(RawResponse, usize)>> {
+    let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Ok(None);
+    };
+    let head = String::from_utf8_lossy(&bytes[..end]);
+    let length = head
+        .split("\r\n")
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    let used = end + 4 + length;
+    if bytes.len() < used {
+        return Ok(None);
+    }
+    Ok(parse_response(&bytes[..used])?.map(|r| (r, used)))
+}
+
 /// Parses a complete answer (status line, headers, and a body framed by
 /// `Content-Length`), or `None` if more bytes are needed. Without a
 /// `Content-Length` the body runs to the end of what was received.

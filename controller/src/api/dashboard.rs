@@ -66,12 +66,15 @@ static ETAGS: LazyLock<Vec<HeaderValue>> = LazyLock::new(|| {
         .collect()
 });
 
+/// The dashboard's route templates.
+pub(super) const ROUTES: [&str; 2] = ["/", "/ui/{file}"];
+
 /// The dashboard's routes: `/` and `/ui/{file}`, open (see the module
 /// documentation).
 pub(super) fn router() -> Router<AppState> {
     Router::new()
-        .route("/", get(index))
-        .route("/ui/{file}", get(file))
+        .route(ROUTES[0], get(index))
+        .route(ROUTES[1], get(file))
 }
 
 async fn index(headers: HeaderMap) -> Response {

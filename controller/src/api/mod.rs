@@ -133,7 +133,17 @@ pub fn route_table(metrics_require_token: bool) -> Vec<RouteSpec> {
 
 pub fn router(state: AppState) -> Router {
     let limit = state.body_limit;
-    let (routes, _) = routes(Routes::new(state.clone())).into_parts();
+    let (routes, table) = routes(Routes::new(state.clone())).into_parts();
+    let timing = request_id::Timing {
+        metrics: state.metrics.clone(),
+        routes: Arc::new(
+            table
+                .iter()
+                .map(|r| r.path)
+                .chain(dashboard::ROUTES)
+                .collect(),
+        ),
+    };
     routes
         .merge(dashboard::router())
         .fallback(not_found)
@@ -141,10 +151,7 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(limit, limit_body))
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         // Outermost: even a refused request has an id.
-        .layer(middleware::from_fn_with_state(
-            state.metrics.clone(),
-            request_id::layer,
-        ))
+        .layer(middleware::from_fn_with_state(timing, request_id::layer))
         .with_state(state)
 }
 

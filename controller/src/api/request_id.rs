@@ -11,10 +11,11 @@
 
 use crate::metrics::{Metrics, RequestLabels};
 use axum::extract::{FromRequestParts, MatchedPath, Request, State};
-use axum::http::HeaderValue;
 use axum::http::request::Parts;
+use axum::http::{HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::Response;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 use tracing::Instrument;
@@ -61,19 +62,50 @@ impl RequestId {
     }
 }
 
+/// The `method` label of a request: the standard methods by name, any
+/// other (a client may send any token as a method) `other`.
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
+/// What the middleware needs: the metrics, and the route templates the
+/// router serves (the `route` label is one of them, else `unmatched`).
+#[derive(Debug, Clone)]
+pub struct Timing {
+    pub metrics: Arc<Metrics>,
+    pub routes: Arc<HashSet<&'static str>>,
+}
+
+impl Timing {
+    /// The `route` label of a matched path: the registered template it
+    /// names, else `unmatched`.
+    fn route_label(&self, matched: Option<&MatchedPath>) -> &'static str {
+        matched
+            .and_then(|m| self.routes.get(m.as_str()).copied())
+            .unwrap_or("unmatched")
+    }
+}
+
 /// The middleware: gives the request its id, runs it in a span that
 /// carries the id, times it (`api_request_duration_seconds`), logs its
 /// outcome (`info` for changes and errors, `debug` for successful reads,
 /// which are many) and returns the id.
-pub async fn layer(State(metrics): State<Arc<Metrics>>, mut req: Request, next: Next) -> Response {
+pub async fn layer(State(timing): State<Timing>, mut req: Request, next: Next) -> Response {
     let id = RequestId::from_header(req.headers().get(HEADER));
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", MatchedPath::as_str)
-        .to_string();
+    let route = timing.route_label(req.extensions().get::<MatchedPath>());
     let span = tracing::info_span!(
         "request",
         request_id = %id.text,
@@ -84,10 +116,11 @@ pub async fn layer(State(metrics): State<Arc<Metrics>>, mut req: Request, next: 
     let mut resp = next.run(req).instrument(span.clone()).await;
     let status = resp.status();
     let took = started.elapsed().as_secs_f64();
-    metrics
+    timing
+        .metrics
         .api_request_duration_seconds
         .get_or_create(&RequestLabels {
-            method: method.to_string(),
+            method: method_label(&method),
             route,
             status: status.as_u16(),
         })
@@ -135,6 +168,16 @@ mod tests {
 
     fn given(text: &str) -> RequestId {
         RequestId::from_header(Some(&HeaderValue::from_str(text).unwrap()))
+    }
+
+    #[test]
+    fn only_standard_methods_name_their_series() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::PATCH), "PATCH");
+        for made_up in ["M000000001XXX", "get", "PROPFIND", &"X".repeat(4096)] {
+            let m = Method::from_bytes(made_up.as_bytes()).unwrap();
+            assert_eq!(method_label(&m), "other", "{made_up}");
+        }
     }
 
     #[test]

@@ -140,7 +140,7 @@ impl<T: AgentTransport> Connection<T> {
                 .metrics
                 .agent_connections_refused
                 .get_or_create(&ReasonLabels {
-                    reason: "overloaded".into(),
+                    reason: "overloaded",
                 })
                 .inc();
             tracing::info!(%robot_id, peer = %self.peer, "too many arrivals at once; agent told to retry");
@@ -204,7 +204,7 @@ impl<T: AgentTransport> Connection<T> {
     }
 
     /// Refuses a frame: counts it, logs why, closes the connection.
-    async fn refuse(&mut self, reason: &str, detail: &str) {
+    async fn refuse(&mut self, reason: &'static str, detail: &str) {
         self.state.metrics.frame_rejected(reason);
         tracing::warn!(peer = %self.peer, reason, detail, "agent frame refused; closing the connection");
         self.transport.close().await;
@@ -309,7 +309,7 @@ impl<T: AgentTransport> Connection<T> {
                 .metrics
                 .agent_connections_refused
                 .get_or_create(&ReasonLabels {
-                    reason: "max_agents".into(),
+                    reason: "max_agents",
                 })
                 .inc();
             self.reject(RejectReason::Overloaded, Some(Duration::from_secs(5)))
@@ -821,7 +821,7 @@ mod tests {
             .metrics
             .rate_limited
             .get_or_create(&crate::metrics::LimitLabels {
-                limit: "agent_reports".into(),
+                limit: "agent_reports",
             })
             .get();
         assert!((1..=6).contains(&paced), "{paced} reports paced");

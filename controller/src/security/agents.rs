@@ -85,9 +85,7 @@ impl AgentAuth {
             Ok(p) => {
                 self.metrics
                     .agent_handshakes
-                    .get_or_create(&TransportLabels {
-                        transport: transport.to_string(),
-                    })
+                    .get_or_create(&TransportLabels { transport })
                     .inc();
                 tracing::debug!(%peer, transport, robot_id = %p.robot_id, "agent authenticated");
             }

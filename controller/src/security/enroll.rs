@@ -121,9 +121,7 @@ impl Enroller {
         };
         self.metrics
             .enrollments
-            .get_or_create(&ResultLabels {
-                result: result.to_string(),
-            })
+            .get_or_create(&ResultLabels { result })
             .inc();
         answer
     }
