@@ -40,6 +40,10 @@ pub const KEYS: &[&str] = &[
     "auto_provision",
     "discovery_interval",
     "api_body_limit",
+    "api_max_connections",
+    "api_max_connections_per_address",
+    "api_header_read_timeout",
+    "api_idle_timeout",
     "watch_client_queue",
     "max_agents",
     "max_arrivals",
@@ -75,6 +79,9 @@ pub const KEYS: &[&str] = &[
     "enroll_per_minute",
     "auth_failures_per_minute",
     "max_connections_per_address",
+    "max_pending_enrollments",
+    "max_pending_enrollments_per_address",
+    "pending_enrollment_ttl",
     "metrics_require_token",
 ];
 
@@ -132,6 +139,16 @@ pub struct Config {
     pub discovery_interval: Duration,
     /// Largest accepted REST request body, in bytes.
     pub api_body_limit: usize,
+    /// API connections held at once, in all (never more than the
+    /// open-files limit leaves beside `max_agents`: see
+    /// [`crate::api::server::connection_budget`]) and from one address.
+    pub api_max_connections: usize,
+    pub api_max_connections_per_address: usize,
+    /// How long a client may take to send a request's head, from its first
+    /// byte.
+    pub api_header_read_timeout: Duration,
+    /// How long a kept-alive API connection may wait for its next request.
+    pub api_idle_timeout: Duration,
     /// Events queued per watch client; a client further behind is told
     /// where to resume and disconnected.
     pub watch_client_queue: usize,
@@ -178,6 +195,12 @@ pub struct SecurityConfig {
     pub enroll_per_minute: u32,
     pub auth_failures_per_minute: u32,
     pub max_connections_per_address: usize,
+    /// Enrollment requests waiting for an operator (anyone on the agent
+    /// port can make one): at most this many in all and from one address;
+    /// one nobody asked about for `pending_enrollment_ttl` is forgotten.
+    pub max_pending_enrollments: u32,
+    pub max_pending_enrollments_per_address: u32,
+    pub pending_enrollment_ttl: Duration,
     /// Ask for a (viewer) API token on `/metrics` too.
     pub metrics_require_token: bool,
 }
@@ -192,12 +215,23 @@ impl Default for SecurityConfig {
             enroll_per_minute: limits.enroll_per_minute,
             auth_failures_per_minute: limits.auth_failures_per_minute,
             max_connections_per_address: limits.connections_per_address,
+            max_pending_enrollments: 1000,
+            max_pending_enrollments_per_address: 16,
+            pending_enrollment_ttl: Duration::from_secs(86_400),
             metrics_require_token: false,
         }
     }
 }
 
 impl SecurityConfig {
+    /// The caps on enrollment requests waiting for an operator.
+    pub fn pending_limits(&self) -> crate::store::auth::PendingLimits {
+        crate::store::auth::PendingLimits {
+            total: self.max_pending_enrollments,
+            per_address: self.max_pending_enrollments_per_address,
+        }
+    }
+
     pub fn limits(&self) -> crate::security::LimitSettings {
         crate::security::LimitSettings {
             enroll_per_minute: self.enroll_per_minute,
@@ -308,6 +342,10 @@ impl Default for Config {
             auto_provision: true,
             discovery_interval: Duration::from_secs(30),
             api_body_limit: 64 * 1024,
+            api_max_connections: 1024,
+            api_max_connections_per_address: 128,
+            api_header_read_timeout: Duration::from_secs(10),
+            api_idle_timeout: Duration::from_secs(60),
             watch_client_queue: 1024,
             max_agents: 20_000,
             max_arrivals: 256,
@@ -428,6 +466,17 @@ impl Config {
             auto_provision: r.get_or("auto_provision", d.auto_provision),
             discovery_interval: duration(&mut r, "discovery_interval", d.discovery_interval),
             api_body_limit: r.get_or("api_body_limit", d.api_body_limit),
+            api_max_connections: r.get_or("api_max_connections", d.api_max_connections),
+            api_max_connections_per_address: r.get_or(
+                "api_max_connections_per_address",
+                d.api_max_connections_per_address,
+            ),
+            api_header_read_timeout: duration(
+                &mut r,
+                "api_header_read_timeout",
+                d.api_header_read_timeout,
+            ),
+            api_idle_timeout: duration(&mut r, "api_idle_timeout", d.api_idle_timeout),
             watch_client_queue: r.get_or("watch_client_queue", d.watch_client_queue),
             max_agents: r.get_or("max_agents", d.max_agents),
             max_arrivals: r.get_or("max_arrivals", d.max_arrivals),
@@ -497,6 +546,18 @@ impl Config {
         if c.watch_client_queue == 0 {
             r.error("watch_client_queue", "must be at least 1");
         }
+        if c.api_max_connections == 0 || c.api_max_connections_per_address == 0 {
+            r.error(
+                "api_max_connections",
+                "api_max_connections and api_max_connections_per_address must be at least 1",
+            );
+        }
+        if c.api_header_read_timeout.is_zero() || c.api_idle_timeout.is_zero() {
+            r.error(
+                "api_header_read_timeout",
+                "api_header_read_timeout and api_idle_timeout must be longer than zero",
+            );
+        }
         if c.api_body_limit < 1024 {
             r.error("api_body_limit", "must be at least 1024 bytes");
         }
@@ -518,6 +579,15 @@ impl Config {
                 "enroll_per_minute",
                 "enroll_per_minute and auth_failures_per_minute must be at least 1",
             );
+        }
+        if sec.max_pending_enrollments == 0 || sec.max_pending_enrollments_per_address == 0 {
+            r.error(
+                "max_pending_enrollments",
+                "max_pending_enrollments and max_pending_enrollments_per_address must be at least 1",
+            );
+        }
+        if sec.pending_enrollment_ttl < Duration::from_secs(60) {
+            r.error("pending_enrollment_ttl", "must be at least 1m");
         }
         if sec.max_connections_per_address == 0 {
             r.error("max_connections_per_address", "must be at least 1");
@@ -563,6 +633,12 @@ fn security_from(r: &mut Reader<'_>, d: SecurityConfig) -> SecurityConfig {
         auth_failures_per_minute: r.get_or("auth_failures_per_minute", d.auth_failures_per_minute),
         max_connections_per_address: r
             .get_or("max_connections_per_address", d.max_connections_per_address),
+        max_pending_enrollments: r.get_or("max_pending_enrollments", d.max_pending_enrollments),
+        max_pending_enrollments_per_address: r.get_or(
+            "max_pending_enrollments_per_address",
+            d.max_pending_enrollments_per_address,
+        ),
+        pending_enrollment_ttl: duration(r, "pending_enrollment_ttl", d.pending_enrollment_ttl),
         metrics_require_token: r.get_or("metrics_require_token", d.metrics_require_token),
     }
 }

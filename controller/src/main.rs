@@ -12,6 +12,7 @@ use kiwi_controller::security::tokens::{
 };
 use kiwi_controller::store::auth::Role;
 use kiwi_controller::{ops, serve};
+use kiwi_protocol::RobotId;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -84,6 +85,11 @@ struct TokenCreateArgs {
     /// How many robots an enrollment token admits (default 1).
     #[arg(long, value_name = "N")]
     uses: Option<u32>,
+    /// Make an enrollment token for this robot only (its robot id): it
+    /// enrolls no other robot, and may replace the certificate the robot
+    /// holds (a token for any robot waits for an operator then).
+    #[arg(long, value_name = "ROBOT_ID")]
+    robot: Option<uuid::Uuid>,
     #[command(flatten)]
     store: ServeArgs,
 }
@@ -170,6 +176,7 @@ enum TokenTask {
     CreateEnrollment {
         ttl: Duration,
         uses: u32,
+        robot: Option<RobotId>,
     },
     List,
     Revoke(String),
@@ -188,6 +195,9 @@ impl TokenCommand {
                                  API tokens are not counted"
                                 .into());
                         }
+                        if a.robot.is_some() {
+                            return Err("--robot applies to enrollment tokens (no --role)".into());
+                        }
                         let name = a.name.unwrap_or_default();
                         tokens::check_name(&name).map_err(|e| format!("--name: {e}"))?;
                         TokenTask::CreateApi {
@@ -205,6 +215,7 @@ impl TokenCommand {
                         TokenTask::CreateEnrollment {
                             ttl: a.ttl.unwrap_or(DEFAULT_ENROLLMENT_TTL),
                             uses,
+                            robot: a.robot.map(RobotId),
                         }
                     }
                 };
@@ -427,7 +438,7 @@ async fn token(config: &Config, task: TokenTask) -> anyhow::Result<ExitCode> {
                 },
             );
         }
-        TokenTask::CreateEnrollment { ttl, uses } => {
+        TokenTask::CreateEnrollment { ttl, uses, robot } => {
             let dir = config.state_dir.clone();
             let ca = tokio::task::spawn_blocking(move || {
                 ControllerPki::load_or_create_ca_only(&dir, std::time::SystemTime::now())
@@ -436,7 +447,7 @@ async fn token(config: &Config, task: TokenTask) -> anyhow::Result<ExitCode> {
             .context("the CA task failed")?
             .context("cannot load or create the controller's CA")?;
             let (token, record) =
-                tokens::create_enrollment_token(auth.as_ref(), ca.pin(), ttl, uses)
+                tokens::create_enrollment_token(auth.as_ref(), ca.pin(), ttl, uses, robot)
                     .await
                     .context("cannot store the token")?;
             println!("{token}");
@@ -446,9 +457,14 @@ async fn token(config: &Config, task: TokenTask) -> anyhow::Result<ExitCode> {
             } else {
                 agent.to_string()
             };
+            let whom = robot.map_or_else(
+                || format!("{uses} robot(s)"),
+                |r| format!("robot {r} only ({uses} use(s))"),
+            );
             eprintln!(
-                "Enrollment token {} for {uses} robot(s), expires {}. It pins CA {}. \
-                 On the robot: kiwi-agent enroll <token> --controller {controller}",
+                "Enrollment token {} for {whom}, expires {}. It pins CA {}. \
+                 On the robot: kiwi-agent enroll --controller {controller} (the token on \
+                 standard input or in KIWI_AGENT_ENROLL_TOKEN)",
                 record.id,
                 record
                     .expires_at
@@ -482,7 +498,8 @@ async fn token(config: &Config, task: TokenTask) -> anyhow::Result<ExitCode> {
                         "enrollment".into(),
                         t.id.clone(),
                         "-".into(),
-                        String::new(),
+                        t.robot_id
+                            .map_or_else(String::new, |r| format!("robot {r}")),
                         t.created_at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
                         t.expires_at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
                         format!("{}/{}", t.uses_left, t.uses_total),

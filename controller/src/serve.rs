@@ -273,7 +273,10 @@ impl Components {
                 pki: self.pki.clone(),
                 limits: self.limits.clone(),
                 metrics: self.metrics.clone(),
+                agent_auth: self.agent_auth.clone(),
+                fleet: self.fleet.clone(),
                 cert_ttl: self.config.security.client_cert_ttl,
+                pending: self.config.security.pending_limits(),
             }),
             metrics: self.metrics.clone(),
             config: LinkConfig {
@@ -334,6 +337,7 @@ impl Components {
             self.sessions.clone(),
             self.pki.clone(),
             self.limits.clone(),
+            self.config.security.pending_enrollment_ttl,
             self.shutdown.clone(),
         ));
     }

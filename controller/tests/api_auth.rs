@@ -19,7 +19,7 @@ use kiwi_controller::link::session::Session;
 use kiwi_controller::security::ControllerPki;
 use kiwi_controller::security::tokens::create_api_token;
 use kiwi_controller::serve::Components;
-use kiwi_controller::store::auth::{CertificateRecord, Role};
+use kiwi_controller::store::auth::{CertificateRecord, NewEnrollment, Noted, PendingLimits, Role};
 use kiwi_protocol::{HardwareId, RobotId};
 use kiwi_security::token::{ApiToken, EnrollmentToken};
 use serde_json::{Value, json};
@@ -619,22 +619,76 @@ async fn admins_list_approve_and_reject_enrollments() {
     let store = app.c.store.auth();
     let mut ids = Vec::new();
     for n in 0..3 {
-        let e = store
+        let noted = store
             .note_enrollment(
-                robot_id(n),
-                &format!("sha256:{n:064x}"),
-                &json!({"hostname": format!("robot-{n}")}),
-                "10.88.0.9",
+                NewEnrollment {
+                    robot_id: robot_id(n),
+                    key_fingerprint: &format!("sha256:{n:064x}"),
+                    identity: &json!({"hostname": format!("robot-{n}")}),
+                    source_addr: "10.88.0.9",
+                    reason: None,
+                },
+                PendingLimits {
+                    total: 100,
+                    per_address: 100,
+                },
                 Utc::now(),
             )
             .await
             .unwrap();
+        let Noted::Recorded(e) = noted else {
+            panic!("{noted:?}")
+        };
         ids.push(e.id);
     }
     let a = app.get("/api/v2/enrollments", Some(&admin)).await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.body);
     assert_eq!(a.body["enrollments"].as_array().unwrap().len(), 3);
     assert_eq!(a.body["enrollments"][0]["status"], "pending");
+    assert_eq!(a.body["next_cursor"], Value::Null);
+
+    // A page at a time, in the order of the whole list.
+    let a = app.get("/api/v2/enrollments?limit=2", Some(&admin)).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let first: Vec<_> = a.body["enrollments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
+    let cursor = a.body["next_cursor"]
+        .as_str()
+        .expect("a next page")
+        .to_string();
+    let a = app
+        .get(
+            &format!("/api/v2/enrollments?limit=2&cursor={cursor}"),
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let rest: Vec<_> = a.body["enrollments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(a.body["next_cursor"], Value::Null);
+    let mut all: Vec<_> = first.into_iter().chain(rest).collect();
+    all.sort();
+    let mut expected: Vec<_> = ids.iter().map(Uuid::to_string).collect();
+    expected.sort();
+    assert_eq!(all, expected, "every request once over the two pages");
+    for bad in ["limit=0", "limit=1001", "cursor=nope", "cursor=1.2"] {
+        let a = app
+            .get(&format!("/api/v2/enrollments?{bad}"), Some(&admin))
+            .await;
+        assert_eq!(
+            (a.status, a.content_type()),
+            (StatusCode::BAD_REQUEST, PROBLEM),
+            "{bad}"
+        );
+    }
 
     let a = app
         .post(
@@ -825,7 +879,7 @@ async fn decommissioning_revokes_certificates_ends_the_session_and_fails_the_rob
 /// An address that keeps failing is refused for a while (429 with
 /// Retry-After), even with a good token; another address is not.
 #[tokio::test]
-async fn addresses_that_keep_failing_are_blocked() {
+async fn addresses_that_keep_failing_are_told_to_wait_but_valid_tokens_pass() {
     let app = app_with(SecurityConfig {
         auth_failures_per_minute: 3,
         ..SecurityConfig::default()
@@ -842,20 +896,26 @@ async fn addresses_that_keep_failing_are_blocked() {
         req
     };
     let attacker = "10.88.0.66:5000";
-    for _ in 0..4 {
+    for _ in 0..3 {
         let unknown = ApiToken::generate().to_string();
         let a = app.send(from(attacker, &unknown), None).await;
         assert_unauthorized(&a, "unknown", "guess");
     }
-    let a = app.send(from(attacker, &good), None).await;
+    // Over the budget: more guesses are told to wait...
+    let guess = ApiToken::generate().to_string();
+    let a = app.send(from(attacker, &guess), None).await;
     assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS, "{}", a.body);
     assert_eq!(a.content_type(), PROBLEM);
+    assert_eq!(a.reason(), "blocked");
     let retry: u64 = a.headers[header::RETRY_AFTER]
         .to_str()
         .unwrap()
         .parse()
         .unwrap();
     assert!((1..=60).contains(&retry), "{retry}");
+    // ...but a valid token from that address is never refused for them.
+    let a = app.send(from(attacker, &good), None).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
     let a = app.send(from("10.88.0.7:5000", &good), None).await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.body);
     assert!(

@@ -5,8 +5,9 @@
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use kiwi_controller::store::auth::{
-    ApiTokenRecord, AuthStore, CertificateRecord, EnrollmentStatus, EnrollmentTokenRecord, Role,
-    TokenUse,
+    ApiTokenRecord, AuthStore, CertificateRecord, EndedEnrollments, EnrollmentCursor,
+    EnrollmentRecord, EnrollmentStatus, EnrollmentTokenRecord, NewEnrollment, Noted, PendingCap,
+    PendingLimits, Role, TokenUse,
 };
 use kiwi_controller::store::postgres::PostgresStore;
 use kiwi_controller::store::sqlite::SqliteStore;
@@ -69,7 +70,71 @@ fn enrollment_token(id: &str, uses: u32, expires: i64) -> EnrollmentTokenRecord 
         uses_total: uses,
         uses_left: uses,
         revoked_at: None,
+        robot_id: None,
     }
+}
+
+/// Caps no test below reaches unless it means to.
+const ROOMY: PendingLimits = PendingLimits {
+    total: 1000,
+    per_address: 1000,
+};
+
+/// Notes a plain request (no reason) under roomy caps.
+async fn note(
+    store: &dyn AuthStore,
+    robot_id: RobotId,
+    key: &str,
+    identity: serde_json::Value,
+    source: &str,
+    at: DateTime<Utc>,
+) -> EnrollmentRecord {
+    noted(store, robot_id, key, source, ROOMY, at, &identity).await
+}
+
+async fn noted(
+    store: &dyn AuthStore,
+    robot_id: RobotId,
+    key: &str,
+    source: &str,
+    limits: PendingLimits,
+    at: DateTime<Utc>,
+    identity: &serde_json::Value,
+) -> EnrollmentRecord {
+    match try_note(store, robot_id, key, source, limits, at, identity).await {
+        Noted::Recorded(r) => r,
+        other => panic!("not recorded: {other:?}"),
+    }
+}
+
+async fn try_note(
+    store: &dyn AuthStore,
+    robot_id: RobotId,
+    key: &str,
+    source: &str,
+    limits: PendingLimits,
+    at: DateTime<Utc>,
+    identity: &serde_json::Value,
+) -> Noted {
+    store
+        .note_enrollment(
+            NewEnrollment {
+                robot_id,
+                key_fingerprint: key,
+                identity,
+                source_addr: source,
+                reason: None,
+            },
+            limits,
+            at,
+        )
+        .await
+        .unwrap()
+}
+
+/// Every request with `status` (None: all), in one page.
+async fn list(store: &dyn AuthStore, status: Option<EnrollmentStatus>) -> Vec<EnrollmentRecord> {
+    store.enrollments(status, None, 1000).await.unwrap()
 }
 
 fn certificate(serial: &str, robot_id: RobotId, issued: i64, not_after: i64) -> CertificateRecord {
@@ -175,7 +240,12 @@ async fn check_enrollment_token_uses(store: Arc<dyn AuthStore>) {
 
     let uses = |id: &str, hash: &str, at: i64| {
         let (store, id, hash) = (store.clone(), id.to_string(), hash.to_string());
-        async move { store.use_enrollment_token(&id, &hash, t(at)).await.unwrap() }
+        async move {
+            store
+                .use_enrollment_token(&id, &hash, robot(1), t(at))
+                .await
+                .unwrap()
+        }
     };
     assert_eq!(
         uses("e-two", &good, 10).await,
@@ -223,9 +293,33 @@ async fn check_enrollment_token_uses(store: Arc<dyn AuthStore>) {
     );
     assert_eq!(uses("e-revoked", &bad, 30).await, TokenUse::WrongSecret);
 
+    // A token made for one robot enrolls that robot only.
+    let bound = EnrollmentTokenRecord {
+        robot_id: Some(robot(2)),
+        ..enrollment_token("e-bound", 2, 100)
+    };
+    store.insert_enrollment_token(&bound).await.unwrap();
+    assert_eq!(
+        store.enrollment_token("e-bound").await.unwrap(),
+        Some(bound.clone())
+    );
+    assert_eq!(store.enrollment_token("e-none").await.unwrap(), None);
+    assert_eq!(uses("e-bound", &good, 30).await, TokenUse::WrongRobot);
+    assert_eq!(
+        store
+            .use_enrollment_token("e-bound", &good, robot(2), t(30))
+            .await
+            .unwrap(),
+        TokenUse::Accepted { uses_left: 1 }
+    );
+
     assert_eq!(
         store.enrollment_tokens().await.unwrap(),
         [
+            EnrollmentTokenRecord {
+                uses_left: 1,
+                ..bound
+            },
             EnrollmentTokenRecord {
                 uses_left: 4,
                 ..enrollment_token("e-late", 5, 100)
@@ -264,7 +358,7 @@ async fn check_last_use_goes_once(stores: &[Arc<dyn AuthStore>]) {
             tokio::spawn(async move {
                 start.wait().await;
                 store
-                    .use_enrollment_token("e-once", &hash(7), t(1))
+                    .use_enrollment_token("e-once", &hash(7), robot(1), t(1))
                     .await
                     .unwrap()
             })
@@ -286,16 +380,16 @@ async fn check_last_use_goes_once(stores: &[Arc<dyn AuthStore>]) {
 }
 
 async fn check_enrollments(store: Arc<dyn AuthStore>) {
-    let first = store
-        .note_enrollment(
-            robot(1),
-            "sha256:k1",
-            &json!({"hostname": "kiwi-1", "addresses": ["10.0.0.5"]}),
-            "10.0.0.5",
-            t(1),
-        )
-        .await
-        .unwrap();
+    let store = store.as_ref();
+    let first = note(
+        store,
+        robot(1),
+        "sha256:k1",
+        json!({"hostname": "kiwi-1", "addresses": ["10.0.0.5"]}),
+        "10.0.0.5",
+        t(1),
+    )
+    .await;
     assert_eq!(first.status, EnrollmentStatus::Pending);
     assert_eq!(
         (first.robot_id, first.key_fingerprint.as_str()),
@@ -304,16 +398,15 @@ async fn check_enrollments(store: Arc<dyn AuthStore>) {
     assert_eq!((first.first_seen, first.last_seen), (t(1), t(1)));
     assert_eq!((first.decided_at, first.decided_by.clone()), (None, None));
 
-    let again = store
-        .note_enrollment(
-            robot(1),
-            "sha256:k1",
-            &json!({"hostname": "kiwi-1b"}),
-            "10.0.0.6",
-            t(2),
-        )
-        .await
-        .unwrap();
+    let again = note(
+        store,
+        robot(1),
+        "sha256:k1",
+        json!({"hostname": "kiwi-1b"}),
+        "10.0.0.6",
+        t(2),
+    )
+    .await;
     let mut expected = first.clone();
     expected.identity = json!({"hostname": "kiwi-1b"});
     expected.source_addr = "10.0.0.6".into();
@@ -321,33 +414,25 @@ async fn check_enrollments(store: Arc<dyn AuthStore>) {
     assert_eq!(again, expected, "same id, first_seen and status");
     let e1 = again;
 
-    let e2 = store
-        .note_enrollment(robot(1), "sha256:k2", &json!({}), "10.0.0.5", t(3))
-        .await
-        .unwrap();
-    let e3 = store
-        .note_enrollment(robot(2), "sha256:k1", &json!({}), "10.0.0.7", t(4))
-        .await
-        .unwrap();
+    let e2 = note(store, robot(1), "sha256:k2", json!({}), "10.0.0.5", t(3)).await;
+    let e3 = note(store, robot(2), "sha256:k1", json!({}), "10.0.0.7", t(4)).await;
     assert!(e1.id != e2.id && e2.id != e3.id && e1.id != e3.id);
     assert_eq!(store.enrollment(e1.id).await.unwrap(), Some(e1.clone()));
     assert_eq!(store.enrollment(Uuid::new_v4()).await.unwrap(), None);
     let all = [e1.clone(), e2.clone(), e3.clone()];
-    assert_eq!(store.enrollments(None).await.unwrap(), all);
-    assert_eq!(
-        store
-            .enrollments(Some(EnrollmentStatus::Pending))
-            .await
-            .unwrap(),
-        all
-    );
+    assert_eq!(list(store, None).await, all);
+    assert_eq!(list(store, Some(EnrollmentStatus::Pending)).await, all);
     assert!(
-        store
-            .enrollments(Some(EnrollmentStatus::Approved))
+        list(store, Some(EnrollmentStatus::Approved))
             .await
-            .unwrap()
             .is_empty()
     );
+    // Pages: two, then the rest after the second.
+    assert_eq!(store.enrollments(None, None, 2).await.unwrap(), all[..2]);
+    let after = Some(EnrollmentCursor::after(&all[1]));
+    assert_eq!(store.enrollments(None, after, 2).await.unwrap(), all[2..]);
+    let after = Some(EnrollmentCursor::after(&all[2]));
+    assert!(store.enrollments(None, after, 2).await.unwrap().is_empty());
 
     // Pending -> Approved, then Issued (keeping who approved).
     let approved = store
@@ -360,10 +445,15 @@ async fn check_enrollments(store: Arc<dyn AuthStore>) {
     expected.decided_at = Some(t(5));
     expected.decided_by = Some("alice".into());
     assert_eq!(approved, expected);
-    let noted = store
-        .note_enrollment(robot(1), "sha256:k1", &json!({"n": 3}), "10.0.0.6", t(6))
-        .await
-        .unwrap();
+    let noted = note(
+        store,
+        robot(1),
+        "sha256:k1",
+        json!({"n": 3}),
+        "10.0.0.6",
+        t(6),
+    )
+    .await;
     assert_eq!(noted.status, EnrollmentStatus::Approved);
     assert_eq!(
         (noted.id, noted.first_seen, noted.last_seen),
@@ -443,18 +533,166 @@ async fn check_enrollments(store: Arc<dyn AuthStore>) {
         json!("issued")
     );
     assert_eq!(
-        store
-            .enrollments(Some(EnrollmentStatus::Issued))
-            .await
-            .unwrap(),
-        [issued]
+        list(store, Some(EnrollmentStatus::Issued)).await,
+        std::slice::from_ref(&issued)
     );
     assert_eq!(
+        list(store, Some(EnrollmentStatus::Rejected)).await,
+        [rejected.clone(), withdrawn]
+    );
+
+    // Issued once: asked again, the request starts over as pending (an
+    // operator decides again), with its id and first_seen.
+    let asked = note(store, robot(1), "sha256:k1", json!({}), "10.0.0.6", t(15)).await;
+    assert_eq!(
+        (asked.id, asked.status, asked.first_seen, asked.decided_by),
+        (e1.id, EnrollmentStatus::Pending, t(1), None)
+    );
+    // A rejected request stays rejected.
+    let again = note(store, robot(1), "sha256:k2", json!({}), "10.0.0.5", t(15)).await;
+    assert_eq!(again.status, EnrollmentStatus::Rejected);
+}
+
+/// Decommissioning ends every request of the robot that is not final and
+/// revokes the unused tokens made for it; a request asked again after that
+/// starts over as pending.
+async fn check_ending_enrollments(store: Arc<dyn AuthStore>) {
+    let store = store.as_ref();
+    let (r1, r2) = (robot(1), robot(2));
+    let pending = note(store, r1, "sha256:k1", json!({}), "10.0.0.5", t(1)).await;
+    let approved = note(store, r1, "sha256:k2", json!({}), "10.0.0.5", t(2)).await;
+    let issued = note(store, r1, "sha256:k3", json!({}), "10.0.0.5", t(3)).await;
+    let rejected = note(store, r1, "sha256:k4", json!({}), "10.0.0.5", t(4)).await;
+    let other = note(store, r2, "sha256:k1", json!({}), "10.0.0.6", t(5)).await;
+    let decide = |id, to| store.decide_enrollment(id, to, "alice", t(6));
+    decide(approved.id, EnrollmentStatus::Approved)
+        .await
+        .unwrap();
+    decide(issued.id, EnrollmentStatus::Approved).await.unwrap();
+    decide(issued.id, EnrollmentStatus::Issued).await.unwrap();
+    decide(rejected.id, EnrollmentStatus::Rejected)
+        .await
+        .unwrap();
+    for (id, robot_id) in [("e-r1", Some(r1)), ("e-r2", Some(r2)), ("e-any", None)] {
         store
-            .enrollments(Some(EnrollmentStatus::Rejected))
+            .insert_enrollment_token(&EnrollmentTokenRecord {
+                robot_id,
+                ..enrollment_token(id, 1, 100)
+            })
+            .await
+            .unwrap();
+    }
+
+    let ended = store.end_enrollments(r1, "admin", t(10)).await.unwrap();
+    assert_eq!(
+        ended,
+        EndedEnrollments {
+            enrollments: 3,
+            tokens: 1
+        }
+    );
+    let status = |id| async move { store.enrollment(id).await.unwrap().unwrap() };
+    for id in [pending.id, approved.id, issued.id] {
+        let e = status(id).await;
+        assert_eq!(
+            (e.status, e.decided_at, e.decided_by.as_deref()),
+            (EnrollmentStatus::Revoked, Some(t(10)), Some("admin"))
+        );
+    }
+    assert_eq!(status(rejected.id).await.status, EnrollmentStatus::Rejected);
+    assert_eq!(status(other.id).await.status, EnrollmentStatus::Pending);
+    let tokens = store.enrollment_tokens().await.unwrap();
+    let revoked: Vec<_> = tokens
+        .iter()
+        .filter(|t| t.revoked_at.is_some())
+        .map(|t| t.id.as_str())
+        .collect();
+    assert_eq!(revoked, ["e-r1"]);
+    assert_eq!(
+        store
+            .use_enrollment_token("e-r1", &hash(7), r1, t(11))
             .await
             .unwrap(),
-        [rejected, withdrawn]
+        TokenUse::Revoked
+    );
+    // Nothing moves a revoked request but its robot asking again.
+    for to in [EnrollmentStatus::Approved, EnrollmentStatus::Issued] {
+        assert_refused(store.decide_enrollment(issued.id, to, "bob", t(11)).await);
+    }
+    let back = note(store, r1, "sha256:k3", json!({}), "10.0.0.5", t(12)).await;
+    assert_eq!(
+        (back.id, back.status, back.decided_at),
+        (issued.id, EnrollmentStatus::Pending, None)
+    );
+    assert_eq!(
+        store.end_enrollments(r1, "admin", t(13)).await.unwrap(),
+        EndedEnrollments {
+            enrollments: 1,
+            tokens: 0
+        },
+        "again: only what came back"
+    );
+}
+
+/// Pending requests are capped in total and per address; a robot asking
+/// about its own request is never refused; stale ones expire.
+async fn check_pending_caps_and_expiry(store: Arc<dyn AuthStore>) {
+    let store = store.as_ref();
+    let caps = PendingLimits {
+        total: 4,
+        per_address: 2,
+    };
+    let id = json!({});
+    let a = "10.0.0.5";
+    let b = "10.0.0.6";
+    let first = noted(store, robot(1), "sha256:k1", a, caps, t(1), &id).await;
+    noted(store, robot(2), "sha256:k1", a, caps, t(2), &id).await;
+    assert_eq!(
+        try_note(store, robot(3), "sha256:k1", a, caps, t(3), &id).await,
+        Noted::TooMany(PendingCap::PerAddress)
+    );
+    // Asking again about one's own request is fine, from any address.
+    let again = noted(store, robot(1), "sha256:k1", b, caps, t(4), &id).await;
+    assert_eq!((again.id, again.last_seen), (first.id, t(4)));
+    // That request now counts for b: a has room for one more.
+    noted(store, robot(3), "sha256:k1", a, caps, t(5), &id).await;
+    noted(store, robot(4), "sha256:k1", b, caps, t(6), &id).await;
+    assert_eq!(
+        try_note(store, robot(5), "sha256:k1", "10.0.0.7", caps, t(7), &id).await,
+        Noted::TooMany(PendingCap::Total)
+    );
+    assert_eq!(
+        list(store, None).await.len(),
+        4,
+        "nothing stored when refused"
+    );
+    // A decided request frees its place.
+    store
+        .decide_enrollment(first.id, EnrollmentStatus::Rejected, "alice", t(8))
+        .await
+        .unwrap();
+    noted(store, robot(5), "sha256:k1", "10.0.0.7", caps, t(9), &id).await;
+
+    // Expiry: pending requests nobody asked about since `before`.
+    assert_eq!(
+        store.expire_enrollments(t(5)).await.unwrap(),
+        1,
+        "robot 2's"
+    );
+    let left: Vec<_> = list(store, None).await.iter().map(|e| e.robot_id).collect();
+    assert_eq!(left, [robot(1), robot(3), robot(4), robot(5)]);
+    assert_eq!(
+        store.expire_enrollments(t(100)).await.unwrap(),
+        3,
+        "every pending one; the rejected one stays"
+    );
+    assert_eq!(
+        list(store, None)
+            .await
+            .iter()
+            .map(|e| e.status)
+            .collect::<Vec<_>>(),
+        [EnrollmentStatus::Rejected]
     );
 }
 
@@ -550,6 +788,8 @@ on_both_backends!(enrollment_token_uses, check_enrollment_token_uses);
 on_both_backends!(last_use_goes_once, check_last_use_goes_once_on_one);
 on_both_backends!(enrollments, check_enrollments);
 on_both_backends!(certificates, check_certificates);
+on_both_backends!(ending_enrollments, check_ending_enrollments);
+on_both_backends!(pending_caps_and_expiry, check_pending_caps_and_expiry);
 
 // ---------------------------------------------------------------------------
 // Backend-specific.
@@ -565,10 +805,15 @@ async fn postgres_auth_is_shared_by_controllers_on_one_database() {
         .map(|n| {
             let store = if n % 2 == 0 { a.auth() } else { b.auth() };
             tokio::spawn(async move {
-                store
-                    .note_enrollment(robot(9), "sha256:k9", &json!({ "n": n }), "10.0.0.9", t(n))
-                    .await
-                    .unwrap()
+                note(
+                    store.as_ref(),
+                    robot(9),
+                    "sha256:k9",
+                    json!({ "n": n }),
+                    "10.0.0.9",
+                    t(n),
+                )
+                .await
             })
         })
         .collect();
@@ -608,7 +853,7 @@ async fn sqlite_auth_records_survive_a_reopen() {
     assert_eq!(
         store
             .auth()
-            .use_enrollment_token("e-one", &hash(7), t(1))
+            .use_enrollment_token("e-one", &hash(7), robot(1), t(1))
             .await
             .unwrap(),
         TokenUse::Accepted { uses_left: 2 }
@@ -642,7 +887,10 @@ async fn sqlite_auth_concurrent_uses_each_take_one_while_reads_go_on() {
     let uses: Vec<_> = (0..100)
         .map(|_| {
             let auth = auth.clone();
-            tokio::spawn(async move { auth.use_enrollment_token("e-many", &hash(7), t(1)).await })
+            tokio::spawn(async move {
+                auth.use_enrollment_token("e-many", &hash(7), robot(1), t(1))
+                    .await
+            })
         })
         .collect();
     // Reads (of the log and of auth records) go on meanwhile.

@@ -483,10 +483,14 @@ impl App {
         c.store
             .auth()
             .note_enrollment(
-                discovered,
-                &format!("sha256:{}", "ab".repeat(32)),
-                &serde_json::to_value(&hello.identity).unwrap(),
-                "192.0.2.2",
+                kiwi_controller::store::auth::NewEnrollment {
+                    robot_id: discovered,
+                    key_fingerprint: &format!("sha256:{}", "ab".repeat(32)),
+                    identity: &serde_json::to_value(&hello.identity).unwrap(),
+                    source_addr: "192.0.2.2",
+                    reason: None,
+                },
+                c.config.security.pending_limits(),
                 chrono::Utc::now(),
             )
             .await

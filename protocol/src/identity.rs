@@ -121,6 +121,68 @@ pub struct Identity {
     pub ip_addresses: Vec<IpAddr>,
 }
 
+/// The most MAC addresses an identity lists (a robot with more interfaces
+/// sends its first ones).
+pub const MAX_MAC_ADDRESSES: usize = 32;
+/// The most IP addresses an identity lists.
+pub const MAX_IP_ADDRESSES: usize = 64;
+/// The longest host name (DNS names are at most 253 characters).
+pub const MAX_HOSTNAME: usize = 253;
+/// The longest hardware id (`canonical()`), model, OS version and agent
+/// version, in bytes.
+pub const MAX_HARDWARE_ID: usize = 192;
+pub const MAX_TEXT: usize = 256;
+pub const MAX_AGENT_VERSION: usize = 64;
+
+impl Identity {
+    /// Whether every field is within its bound (the sizes above) and its
+    /// strings are printable: what a controller accepts from a robot.
+    pub fn check_bounds(&self) -> Result<(), String> {
+        let printable = |t: &str| !t.chars().any(char::is_control);
+        if self.hostname.is_empty()
+            || self.hostname.len() > MAX_HOSTNAME
+            || !printable(&self.hostname)
+        {
+            return Err(format!(
+                "hostname must be 1 to {MAX_HOSTNAME} printable characters"
+            ));
+        }
+        let hardware = self.hardware_id.canonical();
+        if hardware.len() > MAX_HARDWARE_ID || !printable(&hardware) {
+            return Err(format!(
+                "hardware id must be at most {MAX_HARDWARE_ID} printable characters"
+            ));
+        }
+        for (name, text) in [("model", &self.model), ("os_version", &self.os_version)] {
+            if let Some(t) = text
+                && (t.len() > MAX_TEXT || !printable(t))
+            {
+                return Err(format!(
+                    "{name} must be at most {MAX_TEXT} printable characters"
+                ));
+            }
+        }
+        if self.agent_version.len() > MAX_AGENT_VERSION || !printable(&self.agent_version) {
+            return Err(format!(
+                "agent_version must be at most {MAX_AGENT_VERSION} printable characters"
+            ));
+        }
+        if self.mac_addresses.len() > MAX_MAC_ADDRESSES {
+            return Err(format!(
+                "at most {MAX_MAC_ADDRESSES} MAC addresses, not {}",
+                self.mac_addresses.len()
+            ));
+        }
+        if self.ip_addresses.len() > MAX_IP_ADDRESSES {
+            return Err(format!(
+                "at most {MAX_IP_ADDRESSES} IP addresses, not {}",
+                self.ip_addresses.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Formats a MAC address as `aa:bb:cc:dd:ee:ff`.
 pub fn format_mac(mac: &[u8; 6]) -> String {
     mac.iter()
@@ -507,10 +569,30 @@ pub fn identify_host(clues: &HostClues) -> HostIdentification {
             clues.machine_id.as_deref(),
         ),
         type_decision: detect_robot_type(&clues.type_clues()),
-        hostname: first_line(&clues.hostname).or_else(|| first_line(&clues.kernel_hostname)),
-        model: board_model(clues.device_tree_model.as_deref(), clues.cpuinfo.as_deref()),
-        os_version: clues.os_release.as_deref().and_then(pretty_name),
+        hostname: first_line(&clues.hostname)
+            .or_else(|| first_line(&clues.kernel_hostname))
+            .map(|h| clamp(h, MAX_HOSTNAME)),
+        model: board_model(clues.device_tree_model.as_deref(), clues.cpuinfo.as_deref())
+            .map(|m| clamp(m, MAX_TEXT)),
+        os_version: clues
+            .os_release
+            .as_deref()
+            .and_then(pretty_name)
+            .map(|v| clamp(v, MAX_TEXT)),
     }
+}
+
+/// `text` without control characters, cut to at most `max` bytes (on a
+/// character boundary): what a host says about itself fits an
+/// [`Identity`]'s bounds.
+fn clamp(text: String, max: usize) -> String {
+    let mut text: String = text.chars().filter(|c| !c.is_control()).collect();
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text
 }
 
 /// `PRETTY_NAME` from os-release text, unquoted.
@@ -546,6 +628,42 @@ mod tests {
             board_model(Some(b"Raspberry Pi 5 Model B Rev 1.0\0"), Some(cpuinfo)).as_deref(),
             Some("Raspberry Pi 5 Model B Rev 1.0")
         );
+    }
+
+    #[test]
+    fn what_a_host_says_is_kept_within_the_bounds_an_identity_checks() {
+        let long = format!("Pi {}\u{7}é", "x".repeat(MAX_TEXT));
+        let clues = HostClues {
+            hostname: Some(format!("{}\n", "h".repeat(300))),
+            device_tree_model: Some(long.clone().into_bytes()),
+            os_release: Some(format!("PRETTY_NAME=\"{long}\"\n")),
+            machine_id: Some("0123456789abcdef0123456789abcdef".into()),
+            ..Default::default()
+        };
+        let found = identify_host(&clues);
+        let identity = Identity {
+            robot_id: RobotId::from_hardware(found.hardware_id.as_ref().unwrap()),
+            hardware_id: found.hardware_id.unwrap(),
+            hostname: found.hostname.unwrap(),
+            robot_type: found.type_decision.robot_type,
+            model: found.model,
+            os_version: found.os_version,
+            agent_version: "0.1.0".into(),
+            mac_addresses: vec![[2, 0, 0, 0, 0, 1]; MAX_MAC_ADDRESSES],
+            ip_addresses: vec![],
+        };
+        assert_eq!(identity.check_bounds(), Ok(()));
+        assert_eq!(identity.hostname.len(), MAX_HOSTNAME);
+        let too_many = Identity {
+            mac_addresses: vec![[2, 0, 0, 0, 0, 1]; MAX_MAC_ADDRESSES + 1],
+            ..identity.clone()
+        };
+        assert!(too_many.check_bounds().unwrap_err().contains("MAC"));
+        let long_version = Identity {
+            agent_version: "9".repeat(MAX_AGENT_VERSION + 1),
+            ..identity
+        };
+        assert!(long_version.check_bounds().is_err());
     }
 
     #[test]

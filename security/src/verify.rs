@@ -139,10 +139,13 @@ pub struct OptionalClientCert {
 }
 
 impl OptionalClientCert {
-    /// `ca` is named to clients as the CA to pick a certificate for.
+    /// `ca` is named to clients as the CA to pick a certificate for. The
+    /// name travels as a DER `Name` (a SEQUENCE): webpki's subject is the
+    /// contents without that outer SEQUENCE, which OpenSSL-based clients
+    /// refuse to parse.
     pub fn new(ca: &CertificateDer<'_>) -> Self {
         let hints = webpki::anchor_from_trusted_cert(ca)
-            .map(|a| vec![DistinguishedName::from(a.subject.as_ref().to_vec())])
+            .map(|a| vec![DistinguishedName::in_sequence(a.subject.as_ref())])
             .unwrap_or_default();
         OptionalClientCert { hints }
     }
@@ -488,6 +491,32 @@ mod tests {
             check_robot_chain(ca.cert_der(), &[CertificateDer::from(vec![1, 2, 3])], now),
             Err(CertRefusal::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn the_ca_named_to_clients_is_a_whole_der_name() {
+        let ca = Authority::create(
+            "kiwi test CA",
+            Validity::starting(SystemTime::now(), hour()),
+        )
+        .unwrap();
+        let policy = OptionalClientCert::new(ca.cert_der());
+        let [hint] = policy.root_hint_subjects() else {
+            panic!("one hint: {:?}", policy.root_hint_subjects())
+        };
+        let name = hint.as_ref();
+        // A SEQUENCE whose length covers the rest, as it is in the
+        // certificate (which holds it verbatim, as subject and issuer).
+        assert_eq!(name[0], 0x30, "{name:02x?}");
+        let len = match name[1] {
+            short @ 0..=0x7f => usize::from(short) + 2,
+            0x81 => usize::from(name[2]) + 3,
+            0x82 => usize::from(u16::from_be_bytes([name[2], name[3]])) + 4,
+            other => panic!("length form {other:#x}"),
+        };
+        assert_eq!(len, name.len());
+        let cert = ca.cert_der().as_ref();
+        assert!(cert.windows(name.len()).any(|w| w == name));
     }
 
     #[test]

@@ -117,6 +117,9 @@ fn mac_addresses(root: &SysRoot) -> Vec<[u8; 6]> {
             Some(_) => {}
             None => tracing::debug!(interface = %iface, "malformed MAC address"),
         }
+        if macs.len() == identity::MAX_MAC_ADDRESSES {
+            break;
+        }
     }
     macs
 }
@@ -146,6 +149,9 @@ fn live_ip_addresses() -> Vec<IpAddr> {
             continue;
         }
         out.push(ip);
+        if out.len() == identity::MAX_IP_ADDRESSES {
+            break;
+        }
     }
     out
 }

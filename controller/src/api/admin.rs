@@ -10,11 +10,14 @@ use crate::security::tokens::{
     self, DEFAULT_ENROLLMENT_TTL, DEFAULT_ENROLLMENT_USES, api_token_status,
     enrollment_token_status,
 };
-use crate::store::auth::{ApiTokenRecord, EnrollmentStatus, EnrollmentTokenRecord, Role};
+use crate::store::auth::{
+    ApiTokenRecord, EnrollmentCursor, EnrollmentStatus, EnrollmentTokenRecord, Role,
+};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
+use kiwi_protocol::RobotId;
 use kiwi_protocol::settings::parse_duration;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -82,6 +85,8 @@ pub struct NewToken {
     ttl: Option<String>,
     /// Enrollment tokens only (default 1).
     uses: Option<u32>,
+    /// Enrollment tokens only: the one robot it enrolls.
+    robot_id: Option<Uuid>,
 }
 
 /// `POST /api/v2/tokens`: 201 with the token's text, shown this once.
@@ -104,9 +109,10 @@ pub async fn create_token(
             let role = body.role.ok_or_else(|| {
                 unprocessable("an API token needs a role: viewer, operator or admin")
             })?;
-            if body.uses.is_some() {
+            if body.uses.is_some() || body.robot_id.is_some() {
                 return Err(unprocessable(
-                    "uses applies to enrollment tokens; API tokens are not counted",
+                    "uses and robot_id apply to enrollment tokens; API tokens are not counted \
+                     and not made for one robot",
                 ));
             }
             let name = body.name.unwrap_or_default();
@@ -128,9 +134,10 @@ pub async fn create_token(
                 s.pki.pin(),
                 ttl.unwrap_or(DEFAULT_ENROLLMENT_TTL),
                 uses,
+                body.robot_id.map(RobotId),
             )
             .await?;
-            tracing::info!(id = %record.id, uses, expires_at = %record.expires_at, "enrollment token created");
+            tracing::info!(id = %record.id, uses, robot_id = ?record.robot_id, expires_at = %record.expires_at, "enrollment token created");
             (token.to_string(), enrollment_json(&record, now))
         }
         Some(other) => {
@@ -172,14 +179,22 @@ pub async fn revoke_token(
     Err(Problem::not_found(format!("no token {id}")))
 }
 
+/// Enrollment requests per page unless `limit` says otherwise.
+const DEFAULT_ENROLLMENTS_PAGE: u32 = 100;
+/// The largest page of enrollment requests.
+const MAX_ENROLLMENTS_PAGE: u32 = 1000;
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollmentsQuery {
     status: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
 }
 
-/// `GET /api/v2/enrollments[?status=...]`: the robots that asked to enroll
-/// without a token.
+/// `GET /api/v2/enrollments[?status=&limit=&cursor=]`: the robots that
+/// asked to enroll without a token (or whose token was held for an
+/// operator), oldest first, a page at a time: `next_cursor` continues.
 pub async fn enrollments(
     State(s): State<AppState>,
     ApiQuery(q): ApiQuery<EnrollmentsQuery>,
@@ -190,13 +205,39 @@ pub async fn enrollments(
         .map(|st| {
             EnrollmentStatus::parse(st).ok_or_else(|| {
                 Problem::bad_request(format!(
-                    "status must be pending, approved, rejected or issued, not {st:?}"
+                    "status must be pending, approved, rejected, issued or revoked, not {st:?}"
                 ))
             })
         })
         .transpose()?;
-    let list = s.api_auth.store().enrollments(status).await?;
-    Ok(axum::Json(json!({ "enrollments": list })).into_response())
+    let limit = q.limit.unwrap_or(DEFAULT_ENROLLMENTS_PAGE);
+    if limit == 0 || limit > MAX_ENROLLMENTS_PAGE {
+        return Err(Problem::bad_request(format!(
+            "limit must be between 1 and {MAX_ENROLLMENTS_PAGE}"
+        )));
+    }
+    let after = q
+        .cursor
+        .as_deref()
+        .map(|c| {
+            EnrollmentCursor::decode(c).ok_or_else(|| {
+                Problem::bad_request(format!(
+                    "cursor {c:?} is not one this API gave (next_cursor)"
+                ))
+            })
+        })
+        .transpose()?;
+    let mut list = s
+        .api_auth
+        .store()
+        .enrollments(status, after, limit + 1)
+        .await?;
+    let more = list.len() > limit as usize;
+    list.truncate(limit as usize);
+    let next = more
+        .then(|| list.last().map(|r| EnrollmentCursor::after(r).encode()))
+        .flatten();
+    Ok(axum::Json(json!({ "enrollments": list, "next_cursor": next })).into_response())
 }
 
 async fn decide(

@@ -72,14 +72,7 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for JsonBody<
     type Rejection = Problem;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            let status = e.status();
-            if status == StatusCode::PAYLOAD_TOO_LARGE {
-                too_large(e.body_text())
-            } else {
-                Problem::bad_request(e.body_text())
-            }
-        })?;
+        let ApiBody(bytes) = ApiBody::from_request(req, state).await?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(JsonBody(T::default()));
         }
@@ -97,6 +90,28 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for JsonBody<
                 }
             }
         })
+    }
+}
+
+/// A request body as bytes: one over the limit is 413, one that cannot be
+/// read 400, both problems.
+#[derive(Debug, Clone)]
+pub struct ApiBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for ApiBody {
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Bytes::from_request(req, state)
+            .await
+            .map(ApiBody)
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    too_large(e.body_text())
+                } else {
+                    Problem::bad_request(e.body_text())
+                }
+            })
     }
 }
 

@@ -25,7 +25,7 @@ use crate::watch::Hub;
 use auth::{Access, RouteSpec, Routes};
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use problem::Problem;
@@ -146,8 +146,8 @@ pub fn router(state: AppState) -> Router {
     };
     routes
         .merge(dashboard::router())
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(problem::no_route)
+        .method_not_allowed_fallback(problem::method_not_allowed)
         .layer(middleware::from_fn_with_state(limit, limit_body))
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         // Outermost: even a refused request has an id.
@@ -170,23 +170,6 @@ async fn limit_body(State(limit): State<usize>, req: Request, next: Next) -> Res
         .into_response(),
         _ => next.run(req).await,
     }
-}
-
-async fn not_found(req: Request) -> Problem {
-    Problem::not_found(format!(
-        "no route for {} {}",
-        req.method(),
-        req.uri().path()
-    ))
-}
-
-async fn method_not_allowed(req: Request) -> Problem {
-    Problem::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method-not-allowed",
-        "Method not allowed",
-        format!("{} is not allowed on {}", req.method(), req.uri().path()),
-    )
 }
 
 async fn healthz() -> impl IntoResponse {

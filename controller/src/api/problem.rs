@@ -4,11 +4,14 @@
 
 use crate::domain::Refusal;
 use crate::fleet::FleetError;
-use crate::security::ApiRefusal;
+use crate::security::agents::AgentRefusal;
+use crate::security::{ApiRefusal, EnrollError, EnrollErrorKind};
 use crate::store::StoreError;
 use crate::store::auth::Role;
+use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use kiwi_security::verify::CertRefusal;
 use serde_json::{Map, Value, json};
 
 pub const CONTENT_TYPE: &str = "application/problem+json";
@@ -83,6 +86,16 @@ impl Problem {
         .with("reason", json!("forbidden"))
         .with("required_role", json!(required))
         .with("role", json!(held))
+    }
+
+    pub fn too_many(detail: impl Into<String>, retry_after: std::time::Duration) -> Self {
+        Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too-many-requests",
+            "Too many requests",
+            detail,
+        )
+        .with_retry_after(whole_seconds(retry_after))
     }
 
     pub fn unavailable(detail: impl Into<String>) -> Self {
@@ -163,14 +176,10 @@ impl From<StoreError> for Problem {
 impl From<ApiRefusal> for Problem {
     fn from(refusal: ApiRefusal) -> Self {
         match refusal {
-            ApiRefusal::Blocked { retry_after } => Problem::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too-many-requests",
-                "Too many requests",
-                format!("{refusal}; try again later"),
-            )
-            .with("reason", json!(refusal.reason()))
-            .with_retry_after(whole_seconds(retry_after)),
+            ApiRefusal::Blocked { retry_after } => {
+                Problem::too_many(format!("{refusal}; try again later"), retry_after)
+                    .with("reason", json!(refusal.reason()))
+            }
             ApiRefusal::Unavailable => {
                 Problem::unavailable(refusal.to_string()).with("reason", json!(refusal.reason()))
             }
@@ -195,6 +204,71 @@ impl From<ApiRefusal> for Problem {
             }
         }
     }
+}
+
+/// An enrollment refused (`POST /enroll` on the agent port): its `reason`
+/// is an extension member, which the agent reads with `detail`.
+impl From<EnrollError> for Problem {
+    fn from(e: EnrollError) -> Self {
+        let p = match e.kind {
+            EnrollErrorKind::BadRequest => Problem::bad_request(e.detail),
+            EnrollErrorKind::Unauthorized => Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Unauthorized",
+                e.detail,
+            ),
+            EnrollErrorKind::Forbidden => {
+                Problem::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden", e.detail)
+            }
+            EnrollErrorKind::TooMany(wait) => Problem::too_many(e.detail, wait),
+            EnrollErrorKind::Unavailable => Problem::unavailable(e.detail),
+        };
+        p.with("reason", json!(e.reason))
+    }
+}
+
+/// An agent whose certificate was refused (the WebSocket upgrade on the
+/// agent port): 401 without a certificate, else 403, 429 once its address
+/// spent its failure budget; `reason` says why.
+impl From<AgentRefusal> for Problem {
+    fn from(r: AgentRefusal) -> Self {
+        let detail = r.refusal.to_string();
+        let p = match (r.retry_after, &r.refusal) {
+            (Some(wait), _) => Problem::too_many(
+                format!("{detail}; too many failed authentications from this address"),
+                wait,
+            ),
+            (None, CertRefusal::NoCertificate) => Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Unauthorized",
+                detail,
+            ),
+            (None, _) => Problem::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden", detail),
+        };
+        p.with("reason", json!(r.refusal.reason()))
+    }
+}
+
+/// The answer of a path no route serves (the API and the agent port).
+pub async fn no_route(req: Request) -> Problem {
+    Problem::not_found(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    ))
+}
+
+/// The answer of a method a path does not serve (the API and the agent
+/// port).
+pub async fn method_not_allowed(req: Request) -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
 }
 
 /// A wait in whole seconds, rounded up, at least one (`Retry-After`).

@@ -12,6 +12,7 @@ use crate::domain::damping::NetworkState;
 use crate::domain::robot::health_status;
 use crate::domain::{Action, Input, LifecycleState, Refusal, Robot};
 use crate::fleet::{Applied, Context, Fleet, FleetError};
+use crate::security::Caller;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -560,13 +561,17 @@ const DECOMMISSIONED: &str = "decommissioned";
 
 /// `POST /api/v2/robots/{id}/decommission`: revokes every certificate of
 /// the robot (its agent is refused from now on, here at once and on other
-/// controllers within seconds), ends its session, and records it as
-/// failed ("decommissioned") unless it already is. Answers the robot and
-/// how many certificates were revoked. Doing it again is harmless.
+/// controllers within seconds), ends every enrollment request of it and
+/// revokes the unused tokens made for it (it comes back only through a
+/// new token or an operator's approval), ends its session, and records it
+/// as failed ("decommissioned") unless it already is. Answers the robot
+/// and how many certificates, requests and tokens were ended. Doing it
+/// again is harmless.
 pub async fn decommission(
     State(s): State<AppState>,
     RobotPath(id): RobotPath,
     request: RequestId,
+    caller: Caller,
 ) -> Result<Response, Problem> {
     let robot = s
         .fleet
@@ -580,7 +585,11 @@ pub async fn decommission(
         .into_iter()
         .map(|c| c.serial)
         .collect();
-    let revoked = auth.revoke_certificates(id, Utc::now()).await?;
+    let now = Utc::now();
+    let ended = auth
+        .end_enrollments(id, &format!("api-token:{}", caller.token_id), now)
+        .await?;
+    let revoked = auth.revoke_certificates(id, now).await?;
     s.agent_auth.add_revoked(serials);
     if let Some(session) = s.fleet.sessions().get(&id) {
         session.close("robot decommissioned: certificate revoked");
@@ -606,7 +615,13 @@ pub async fn decommission(
             Err(e) => return Err(e.into()),
         }
     };
-    tracing::info!(robot_id = %id, certificates_revoked = revoked, "robot decommissioned");
+    tracing::info!(
+        robot_id = %id,
+        certificates_revoked = revoked,
+        enrollments_ended = ended.enrollments,
+        tokens_revoked = ended.tokens,
+        "robot decommissioned"
+    );
     let mut out = Vec::with_capacity(entry.json.len() + 96);
     out.extend_from_slice(b"{\"robot\":");
     write_robot(
@@ -615,7 +630,13 @@ pub async fn decommission(
         s.fleet.sessions().last_seen_ms(&id),
         circuit_state(&s.fleet, &id),
     );
-    out.extend_from_slice(format!(",\"certificates_revoked\":{revoked}}}").as_bytes());
+    out.extend_from_slice(
+        format!(
+            ",\"certificates_revoked\":{revoked},\"enrollments_ended\":{},\"tokens_revoked\":{}}}",
+            ended.enrollments, ended.tokens
+        )
+        .as_bytes(),
+    );
     Ok(json_response(out))
 }
 

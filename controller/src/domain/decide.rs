@@ -2,7 +2,7 @@
 //! to append and the commands to send. Pure: the robot's current row and the
 //! input in, a [`Decision`] or a [`Refusal`] out.
 
-use super::event::{IdentityFacts, RobotEvent};
+use super::event::{Enrollment, IdentityFacts, RobotEvent};
 use super::lifecycle::{LifecycleState, Transition};
 use super::robot::{Health, Robot};
 use kiwi_protocol::message::HealthStatus;
@@ -104,6 +104,11 @@ pub enum Input {
     /// A report arrived with the agent's own view of its health.
     AgentReported {
         health: Health,
+    },
+    /// The robot was given a certificate by a token or an approval
+    /// (recorded for a robot already known; refused as unknown otherwise).
+    Enrolled {
+        enrollment: Enrollment,
     },
     /// The agent answered a command.
     CommandAnswered {
@@ -318,6 +323,10 @@ pub fn decide_recalling(
             if r.state != Offline && r.health != health {
                 d.events.push(RobotEvent::RobotHealthChanged { health });
             }
+        }
+        Input::Enrolled { enrollment } => {
+            robot.ok_or(Refusal::UnknownRobot)?;
+            d.events.push(RobotEvent::RobotEnrolled { enrollment });
         }
         Input::CommandAnswered { command, error } => {
             let r = robot.ok_or(Refusal::UnknownRobot)?;

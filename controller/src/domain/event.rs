@@ -74,6 +74,39 @@ pub enum RobotEvent {
     RobotHealthChanged {
         health: Health,
     },
+    /// The robot was given a client certificate by a token or an operator's
+    /// approval (not a renewal over its link): after a decommission, this
+    /// is how it came back. Recorded for robots already in the log.
+    RobotEnrolled {
+        #[serde(flatten)]
+        enrollment: Enrollment,
+    },
+}
+
+/// How a robot got a certificate, as `robot_enrolled` records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrollment {
+    pub via: EnrolledVia,
+    /// The token used, with `via = token`.
+    pub token_id: Option<String>,
+    /// The request an operator approved, with `via = approval`.
+    pub enrollment_id: Option<Uuid>,
+    /// Who approved it (`api-token:<id>`), with `via = approval`.
+    pub approved_by: Option<String>,
+    /// The new certificate's serial (hex) and the key it certifies.
+    pub certificate_serial: String,
+    pub key_fingerprint: String,
+    /// Certificates of the robot this one replaced (revoked as it was
+    /// issued: a robot has one key).
+    pub certificates_revoked: u64,
+}
+
+/// What let a robot enroll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnrolledVia {
+    Token,
+    Approval,
 }
 
 impl RobotEvent {
@@ -92,6 +125,7 @@ impl RobotEvent {
             RobotEvent::RobotRecovered { .. } => "robot_recovered",
             RobotEvent::RobotFailed { .. } => "robot_failed",
             RobotEvent::RobotHealthChanged { .. } => "robot_health_changed",
+            RobotEvent::RobotEnrolled { .. } => "robot_enrolled",
         }
     }
 
@@ -109,7 +143,8 @@ impl RobotEvent {
             | RobotEvent::RobotFailed { transition, .. } => Some(*transition),
             RobotEvent::RobotDiscovered { .. }
             | RobotEvent::RobotIdentityChanged { .. }
-            | RobotEvent::RobotHealthChanged { .. } => None,
+            | RobotEvent::RobotHealthChanged { .. }
+            | RobotEvent::RobotEnrolled { .. } => None,
         }
     }
 

@@ -25,6 +25,6 @@ pub mod recovery;
 pub mod robot;
 
 pub use decide::{Action, Decision, Input, Policy, Recall, Refusal, decide, decide_recalling};
-pub use event::{EventMetadata, EventRecord, NewEvent, RobotEvent};
+pub use event::{EnrolledVia, Enrollment, EventMetadata, EventRecord, NewEvent, RobotEvent};
 pub use lifecycle::LifecycleState;
 pub use robot::{Head, Health, Robot};

@@ -288,6 +288,7 @@ impl Robot {
             RobotEvent::RobotRecovered { .. } => robot.health = Health::healthy(),
             RobotEvent::RobotFailed { .. } => robot.failure_count += 1,
             RobotEvent::RobotHealthChanged { health } => robot.health = health.clone(),
+            RobotEvent::RobotEnrolled { .. } => {}
         }
         robot.version = record.version;
         robot.updated_at = at;

@@ -285,7 +285,8 @@ impl<T: AgentTransport> Connection<T> {
                 cert: self.principal.robot_id.0,
                 hello: hello.identity.robot_id.0,
             };
-            self.state
+            let _ = self
+                .state
                 .auth
                 .refused(self.peer, self.transport.name(), &refusal);
             self.reject(
@@ -562,12 +563,11 @@ fn message_name(m: &AgentMessage) -> &'static str {
     }
 }
 
-/// Longest hostname accepted (DNS names are at most 253 characters).
-const MAX_HOSTNAME: usize = 253;
-
-/// Checks what an agent says about itself: its id must be the one its
-/// hardware identity gives, and its strings must be sane.
+/// Checks what an agent says about itself (in its `Hello` and when it
+/// enrolls): its id must be the one its hardware identity gives, and every
+/// field must be within its bound ([`Identity::check_bounds`]).
 pub(crate) fn check_identity(id: &Identity) -> Result<(), String> {
+    id.check_bounds()?;
     let expected = RobotId::from_hardware(&id.hardware_id);
     if id.robot_id != expected {
         return Err(format!(
@@ -575,12 +575,6 @@ pub(crate) fn check_identity(id: &Identity) -> Result<(), String> {
             id.robot_id,
             id.hardware_id.canonical()
         ));
-    }
-    if id.hostname.is_empty()
-        || id.hostname.len() > MAX_HOSTNAME
-        || id.hostname.chars().any(char::is_control)
-    {
-        return Err("hostname must be 1 to 253 printable characters".into());
     }
     Ok(())
 }

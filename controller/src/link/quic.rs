@@ -140,12 +140,6 @@ pub async fn serve(endpoint: quinn::Endpoint, state: Arc<LinkState>) {
             },
         };
         let peer = incoming.remote_address();
-        let limits = state.auth.limits();
-        if limits.blocked(peer.ip()).is_some() {
-            tracing::debug!(%peer, "agent port (QUIC): address over its failed-authentication budget");
-            incoming.refuse();
-            continue;
-        }
         if !incoming.remote_address_validated() && incoming.may_retry() {
             // Stateless: the agent's QUIC stack answers with the token.
             if let Err(e) = incoming.retry() {
@@ -153,7 +147,7 @@ pub async fn serve(endpoint: quinn::Endpoint, state: Arc<LinkState>) {
             }
             continue;
         }
-        let Some(slot) = limits.open_connection(peer.ip()) else {
+        let Some(slot) = state.auth.limits().open_connection(peer.ip()) else {
             tracing::warn!(%peer, "agent port (QUIC): address holds too many connections; refused");
             incoming.refuse();
             continue;
@@ -209,8 +203,11 @@ async fn admit(
         .unwrap_or_default();
     let principal = match state.auth.admit(peer, "quic", Some(&certs)) {
         Ok(p) => p,
-        Err(refusal) => {
-            connection.close(VarInt::from_u32(CLOSE_REFUSED), &refusal_reason(&refusal));
+        Err(refused) => {
+            connection.close(
+                VarInt::from_u32(CLOSE_REFUSED),
+                &refusal_reason(&refused.refusal),
+            );
             return None;
         }
     };

@@ -4,13 +4,16 @@
 //! Served by hyper directly so that peers that do not even speak TLS or
 //! HTTP are noticed and counted like any other bad input.
 //!
-//! Before TLS: an address over its failure budget or its connection cap is
-//! dropped. After TLS: the upgrade is refused (401/403 with the reason)
-//! unless [`AgentAuth::admit`](crate::security::AgentAuth::admit) accepts
-//! the client certificate.
+//! Before TLS: an address over its connection cap is dropped. After TLS:
+//! the upgrade is refused (401/403 with the reason, 429 once the address
+//! spent its failure budget) unless
+//! [`AgentAuth::admit`](crate::security::AgentAuth::admit) accepts the
+//! client certificate; a valid one is admitted whatever the budget.
 
 use super::transport::{AgentTransport, Incoming, TransportError};
 use super::{Connection, LinkState};
+use crate::api::extract::ApiBody;
+use crate::api::problem::{self, Problem};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Extension, State};
 use axum::http::StatusCode;
@@ -18,8 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use hyper_util::rt::TokioIo;
-use kiwi_security::enroll::{AGENT_PATH, ENROLL_PATH, EnrollRefusal, MAX_ENROLL_BODY};
-use kiwi_security::verify::CertRefusal;
+use kiwi_security::enroll::{AGENT_PATH, ENROLL_PATH, MAX_ENROLL_BODY};
 use rustls_pki_types::CertificateDer;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -51,10 +53,14 @@ const TLS_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Default)]
 pub struct PeerCertificates(pub Arc<Vec<CertificateDer<'static>>>);
 
+/// The agent port's HTTP side: every answer it gives is problem+json
+/// (`api::problem`), as the API's are.
 pub fn router(state: Arc<LinkState>) -> Router {
     Router::new()
         .route(AGENT_PATH, get(upgrade))
         .route(ENROLL_PATH, post(enroll))
+        .fallback(problem::no_route)
+        .method_not_allowed_fallback(problem::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_ENROLL_BODY))
         .with_state(state)
 }
@@ -84,12 +90,7 @@ pub async fn serve(listener: TcpListener, state: Arc<LinkState>, tls: Arc<rustls
                 }
             },
         };
-        let limits = state.auth.limits();
-        if limits.blocked(peer.ip()).is_some() {
-            tracing::debug!(%peer, "agent port: address over its failed-authentication budget");
-            continue;
-        }
-        let Some(slot) = limits.open_connection(peer.ip()) else {
+        let Some(slot) = state.auth.limits().open_connection(peer.ip()) else {
             tracing::warn!(%peer, "agent port: address holds too many connections; refused");
             continue;
         };
@@ -160,7 +161,7 @@ async fn upgrade(
 ) -> Response {
     let principal = match state.auth.admit(peer, "websocket", Some(&certs)) {
         Ok(p) => p,
-        Err(refusal) => return refused(&refusal),
+        Err(refused) => return Problem::from(refused).into_response(),
     };
     let max = state.config.max_frame;
     ws.max_message_size(max)
@@ -173,58 +174,19 @@ async fn upgrade(
         })
 }
 
-/// The answer to an agent whose certificate was refused: 401 without a
-/// certificate, else 403; the body says why.
-fn refused(refusal: &CertRefusal) -> Response {
-    let status = match refusal {
-        CertRefusal::NoCertificate => StatusCode::UNAUTHORIZED,
-        _ => StatusCode::FORBIDDEN,
-    };
-    let body = EnrollRefusal {
-        reason: refusal.reason().to_string(),
-        detail: refusal.to_string(),
-    };
-    (status, Json(body)).into_response()
-}
-
-/// `POST /enroll`: see [`crate::security::enroll`].
+/// `POST /enroll`: see [`crate::security::enroll`]. Refusals are problems
+/// whose `reason` and `detail` the agent reads (`EnrollRefusal`).
 async fn enroll(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     State(state): State<Arc<LinkState>>,
-    body: axum::body::Bytes,
+    ApiBody(body): ApiBody,
 ) -> Response {
-    use crate::security::EnrollErrorKind;
     match state.enroller.enroll(peer, &body).await {
         Ok(answer @ kiwi_security::enroll::EnrollResponse::Issued { .. }) => {
             (StatusCode::OK, Json(answer)).into_response()
         }
         Ok(answer) => (StatusCode::ACCEPTED, Json(answer)).into_response(),
-        Err(e) => {
-            let status = match e.kind {
-                EnrollErrorKind::BadRequest => StatusCode::BAD_REQUEST,
-                EnrollErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
-                EnrollErrorKind::Forbidden => StatusCode::FORBIDDEN,
-                EnrollErrorKind::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
-                EnrollErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            };
-            let mut response = (
-                status,
-                Json(EnrollRefusal {
-                    reason: e.reason.to_string(),
-                    detail: e.detail,
-                }),
-            )
-                .into_response();
-            if let EnrollErrorKind::TooMany(wait) = e.kind {
-                let secs = wait.as_secs().max(1).to_string();
-                if let Ok(v) = axum::http::HeaderValue::from_str(&secs) {
-                    response
-                        .headers_mut()
-                        .insert(axum::http::header::RETRY_AFTER, v);
-                }
-            }
-            response
-        }
+        Err(e) => Problem::from(e).into_response(),
     }
 }
 

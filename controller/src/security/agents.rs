@@ -5,9 +5,11 @@
 //! period, name a robot, and not be revoked. Every refusal is logged with
 //! the peer, transport and reason, counted in
 //! `auth_failures_total{surface="agent",reason}`, and charged to the
-//! address's failure budget.
+//! address's failure budget on the agent port; once that is spent, its
+//! refusals say when to try again and are logged at debug level (a valid
+//! certificate is admitted whatever the budget).
 
-use super::limits::AbuseLimits;
+use super::limits::{AbuseLimits, Surface};
 use super::pki::ControllerPki;
 use crate::metrics::{Metrics, TransportLabels};
 use kiwi_protocol::RobotId;
@@ -17,7 +19,7 @@ use rustls_pki_types::CertificateDer;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// The robot an authenticated connection belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +29,14 @@ pub struct Principal {
     pub serial: String,
     pub not_after: SystemTime,
     pub key_fingerprint: KeyFingerprint,
+}
+
+/// A refused agent: why, and how long it should wait when its address
+/// spent its failure budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentRefusal {
+    pub refusal: CertRefusal,
+    pub retry_after: Option<Duration>,
 }
 
 /// The agent-side authentication of one controller.
@@ -64,7 +74,7 @@ impl AgentAuth {
         peer: SocketAddr,
         transport: &'static str,
         chain: Option<&[CertificateDer<'_>]>,
-    ) -> Result<Principal, CertRefusal> {
+    ) -> Result<Principal, AgentRefusal> {
         let checked = check_robot_chain(
             self.pki.ca_cert(),
             chain.unwrap_or_default(),
@@ -81,25 +91,41 @@ impl AgentAuth {
                 key_fingerprint: info.key_fingerprint,
             })
         });
-        match &checked {
-            Ok(p) => {
-                self.metrics
-                    .agent_handshakes
-                    .get_or_create(&TransportLabels { transport })
-                    .inc();
-                tracing::debug!(%peer, transport, robot_id = %p.robot_id, "agent authenticated");
-            }
-            Err(refusal) => self.refused(peer, transport, refusal),
+        if let Ok(p) = &checked {
+            self.metrics
+                .agent_handshakes
+                .get_or_create(&TransportLabels { transport })
+                .inc();
+            tracing::debug!(%peer, transport, robot_id = %p.robot_id, "agent authenticated");
         }
-        checked
+        checked.map_err(|refusal| {
+            let retry_after = self.refused(peer, transport, &refusal);
+            AgentRefusal {
+                refusal,
+                retry_after,
+            }
+        })
     }
 
     /// Logs, counts and charges a refusal of an agent (also used when the
-    /// `Hello` names another robot than the certificate).
-    pub fn refused(&self, peer: SocketAddr, transport: &'static str, refusal: &CertRefusal) {
-        self.metrics.auth_failed("agent", refusal.reason());
-        self.limits.auth_failed(peer.ip());
-        tracing::warn!(%peer, transport, reason = refusal.reason(), detail = %refusal, "agent refused");
+    /// `Hello` names another robot than the certificate); `Some(wait)` when
+    /// the address has spent its failure budget on the agent port.
+    pub fn refused(
+        &self,
+        peer: SocketAddr,
+        transport: &'static str,
+        refusal: &CertRefusal,
+    ) -> Option<Duration> {
+        self.metrics
+            .auth_failed(Surface::Agent.as_str(), refusal.reason());
+        self.limits.auth_failed(Surface::Agent, peer.ip());
+        let blocked = self.limits.blocked(Surface::Agent, peer.ip());
+        if blocked.is_some() {
+            tracing::debug!(%peer, transport, reason = refusal.reason(), detail = %refusal, "agent refused (address over its failed-authentication budget)");
+        } else {
+            tracing::warn!(%peer, transport, reason = refusal.reason(), detail = %refusal, "agent refused");
+        }
+        blocked
     }
 
     pub fn is_revoked(&self, serial: &str) -> bool {
@@ -180,7 +206,7 @@ mod tests {
         assert_eq!(p.serial, cert.info.serial);
 
         assert_eq!(
-            auth.admit(peer, "websocket", None),
+            auth.admit(peer, "websocket", None).map_err(|r| r.refusal),
             Err(CertRefusal::NoCertificate)
         );
         let other =
@@ -193,12 +219,14 @@ mod tests {
             )
             .unwrap();
         assert_eq!(
-            auth.admit(peer, "websocket", Some(&[foreign.der])),
+            auth.admit(peer, "websocket", Some(&[foreign.der]))
+                .map_err(|r| r.refusal),
             Err(CertRefusal::UnknownCa)
         );
         auth.add_revoked([cert.info.serial.clone()]);
         assert_eq!(
-            auth.admit(peer, "quic", Some(std::slice::from_ref(&cert.der))),
+            auth.admit(peer, "quic", Some(std::slice::from_ref(&cert.der)))
+                .map_err(|r| r.refusal),
             Err(CertRefusal::Revoked)
         );
         assert_eq!(auth.set_revoked(vec![]), Vec::<String>::new());

@@ -1,6 +1,14 @@
 //! Abuse limits per source address: enrollment attempts, failed
-//! authentications (agents and API), and connections held at once on the
-//! agent port. Each refusal is counted in `rate_limited_total{limit}`.
+//! authentications (a budget per surface: the API, enrollment and the
+//! agent port), and connections held at once. Each refusal is counted in
+//! `rate_limited_total{limit}`.
+//!
+//! A failure budget never refuses valid credentials: an address that spent
+//! its budget on one surface (one bad client behind a NAT) still gets in
+//! with a valid token or certificate, there and on the other surfaces.
+//! What the budget changes is the answer to more bad credentials from it:
+//! told to wait (429 and `Retry-After`) instead of why, and logged at
+//! debug level (a flood of them does not flood the log).
 //!
 //! The rates are token buckets (governor) over an injectable clock, so the
 //! tests run on a simulated one.
@@ -21,8 +29,8 @@ use std::time::Duration;
 pub struct LimitSettings {
     /// Enrollment requests per address and minute (a burst of this many).
     pub enroll_per_minute: u32,
-    /// Failed authentications per address and minute before the address
-    /// is refused until its budget refills.
+    /// Failed authentications per address, surface and minute before more
+    /// bad credentials from the address are told to wait.
     pub auth_failures_per_minute: u32,
     /// Agent-port connections one address may hold at once.
     pub connections_per_address: usize,
@@ -38,6 +46,34 @@ impl Default for LimitSettings {
     }
 }
 
+/// Where a credential was presented: each has its own failure budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Surface {
+    /// API tokens on the REST port.
+    Api,
+    /// Enrollment tokens (`POST /enroll`).
+    Enroll,
+    /// Client certificates on the agent port.
+    Agent,
+}
+
+impl Surface {
+    const ALL: [Surface; 3] = [Surface::Api, Surface::Enroll, Surface::Agent];
+
+    /// The `surface` label of `auth_failures_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Surface::Api => "api",
+            Surface::Enroll => "enroll",
+            Surface::Agent => "agent",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
 type Keyed<C> =
     RateLimiter<IpAddr, HashMapStateStore<IpAddr>, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
@@ -46,10 +82,12 @@ pub struct AbuseLimits<C: Clock = DefaultClock> {
     settings: LimitSettings,
     clock: C,
     enroll: Keyed<C>,
-    failures: Keyed<C>,
-    /// Addresses whose failure budget ran out, and until when.
-    blocked: Mutex<HashMap<IpAddr, C::Instant>>,
-    connections: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    /// One failure budget per [`Surface`].
+    failures: [Keyed<C>; 3],
+    /// Addresses whose budget on a surface ran out, and until when.
+    blocked: Mutex<HashMap<(Surface, IpAddr), C::Instant>>,
+    /// Agent-port connections.
+    connections: Connections,
     metrics: Arc<Metrics>,
 }
 
@@ -84,19 +122,32 @@ impl AbuseLimits<FakeRelativeClock> {
 
 impl<C: Clock + Clone> AbuseLimits<C> {
     pub fn with_clock(settings: LimitSettings, metrics: Arc<Metrics>, clock: C) -> Self {
+        let budget = || {
+            RateLimiter::hashmap_with_clock(
+                per_minute(settings.auth_failures_per_minute),
+                clock.clone(),
+            )
+        };
         AbuseLimits {
             enroll: RateLimiter::hashmap_with_clock(
                 per_minute(settings.enroll_per_minute),
                 clock.clone(),
             ),
-            failures: RateLimiter::hashmap_with_clock(
-                per_minute(settings.auth_failures_per_minute),
-                clock.clone(),
+            failures: [budget(), budget(), budget()],
+            connections: Connections::new(
+                ConnectionCaps {
+                    per_address: settings.connections_per_address,
+                    total: None,
+                },
+                metrics.clone(),
+                ConnectionLimitNames {
+                    per_address: "connections_per_address",
+                    total: "connections",
+                },
             ),
             settings,
             clock,
             blocked: Mutex::default(),
-            connections: Arc::default(),
             metrics,
         }
     }
@@ -109,26 +160,28 @@ impl<C: Clock + Clone> AbuseLimits<C> {
         })
     }
 
-    /// Records a failed authentication from `ip`; once its budget is spent
-    /// the address is blocked until it refills.
-    pub fn auth_failed(&self, ip: IpAddr) {
-        if let Err(not_until) = self.failures.check_key(&ip) {
+    /// Records a failed authentication from `ip` on `surface`; once its
+    /// budget there is spent the address is blocked there until it
+    /// refills.
+    pub fn auth_failed(&self, surface: Surface, ip: IpAddr) {
+        if let Err(not_until) = self.failures[surface.index()].check_key(&ip) {
             let until = not_until.earliest_possible();
             self.blocked
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(ip, until);
+                .insert((surface, ip), until);
         }
     }
 
-    /// `Some(retry after)` while `ip` is blocked for failed
-    /// authentications (counted as a refusal).
-    pub fn blocked(&self, ip: IpAddr) -> Option<Duration> {
+    /// `Some(retry after)` while `ip` is blocked on `surface` for failed
+    /// authentications (counted as a refusal). Only ever asked about a
+    /// credential already found bad.
+    pub fn blocked(&self, surface: Surface, ip: IpAddr) -> Option<Duration> {
         let mut blocked = self.blocked.lock().unwrap_or_else(|p| p.into_inner());
-        let until = *blocked.get(&ip)?;
+        let until = *blocked.get(&(surface, ip))?;
         let now = self.clock.now();
         if until <= now {
-            blocked.remove(&ip);
+            blocked.remove(&(surface, ip));
             return None;
         }
         drop(blocked);
@@ -139,25 +192,16 @@ impl<C: Clock + Clone> AbuseLimits<C> {
     /// Takes one of `ip`'s agent-port connection slots, given back when
     /// the returned slot drops; `None` (counted) when all are taken.
     pub fn open_connection(&self, ip: IpAddr) -> Option<ConnectionSlot> {
-        let mut conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
-        let held = conns.entry(ip).or_insert(0);
-        if *held >= self.settings.connections_per_address {
-            drop(conns);
-            self.metrics.limited("connections_per_address");
-            return None;
-        }
-        *held += 1;
-        Some(ConnectionSlot {
-            ip,
-            connections: self.connections.clone(),
-        })
+        self.connections.open(ip).ok()
     }
 
     /// Forgets buckets that are full again (call now and then so that the
     /// tables do not grow with every address ever seen).
     pub fn tidy(&self) {
         self.enroll.retain_recent();
-        self.failures.retain_recent();
+        for surface in Surface::ALL {
+            self.failures[surface.index()].retain_recent();
+        }
         let now = self.clock.now();
         self.blocked
             .lock()
@@ -166,20 +210,98 @@ impl<C: Clock + Clone> AbuseLimits<C> {
     }
 }
 
+/// How many connections a port holds at once: from one address, and in
+/// all (`None`: no cap of its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionCaps {
+    pub per_address: usize,
+    pub total: Option<usize>,
+}
+
+/// The `limit` labels a [`Connections`] counts its refusals under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimitNames {
+    pub per_address: &'static str,
+    pub total: &'static str,
+}
+
+/// Which cap refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionCap {
+    PerAddress,
+    Total,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    by_address: HashMap<IpAddr, usize>,
+    total: usize,
+}
+
+/// The connections one port holds, per address and in all.
+#[derive(Debug, Clone)]
+pub struct Connections {
+    caps: ConnectionCaps,
+    names: ConnectionLimitNames,
+    held: Arc<Mutex<Held>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Connections {
+    pub fn new(caps: ConnectionCaps, metrics: Arc<Metrics>, names: ConnectionLimitNames) -> Self {
+        Connections {
+            caps,
+            names,
+            held: Arc::default(),
+            metrics,
+        }
+    }
+
+    /// Takes a slot for a connection from `ip`, given back when it drops;
+    /// `Err` (counted under the cap's name) when a cap is reached.
+    pub fn open(&self, ip: IpAddr) -> Result<ConnectionSlot, ConnectionCap> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let refused = if self.caps.total.is_some_and(|cap| held.total >= cap) {
+            Some((ConnectionCap::Total, self.names.total))
+        } else if held.by_address.get(&ip).copied().unwrap_or(0) >= self.caps.per_address {
+            Some((ConnectionCap::PerAddress, self.names.per_address))
+        } else {
+            None
+        };
+        if let Some((cap, name)) = refused {
+            drop(held);
+            self.metrics.limited(name);
+            return Err(cap);
+        }
+        *held.by_address.entry(ip).or_insert(0) += 1;
+        held.total += 1;
+        Ok(ConnectionSlot {
+            ip,
+            held: self.held.clone(),
+        })
+    }
+
+    /// Connections held now.
+    pub fn total(&self) -> usize {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).total
+    }
+}
+
 /// One connection held by an address; released on drop.
 #[derive(Debug)]
 pub struct ConnectionSlot {
     ip: IpAddr,
-    connections: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    held: Arc<Mutex<Held>>,
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        let mut conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(held) = conns.get_mut(&self.ip) {
-            *held = held.saturating_sub(1);
-            if *held == 0 {
-                conns.remove(&self.ip);
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.total = held.total.saturating_sub(1);
+        if let Some(n) = held.by_address.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.by_address.remove(&self.ip);
             }
         }
     }
@@ -231,18 +353,54 @@ mod tests {
     }
 
     #[test]
-    fn failed_authentications_block_an_address_for_a_while() {
+    fn failed_authentications_block_an_address_on_one_surface_for_a_while() {
         let l = limits();
-        l.auth_failed(A);
-        l.auth_failed(A);
-        assert_eq!(l.blocked(A), None, "within the budget");
-        l.auth_failed(A);
-        let wait = l.blocked(A).expect("blocked after the budget is spent");
+        l.auth_failed(Surface::Api, A);
+        l.auth_failed(Surface::Api, A);
+        assert_eq!(l.blocked(Surface::Api, A), None, "within the budget");
+        l.auth_failed(Surface::Api, A);
+        let wait = l
+            .blocked(Surface::Api, A)
+            .expect("blocked after the budget is spent");
         assert!(wait <= Duration::from_secs(30), "{wait:?}");
-        assert_eq!(l.blocked(B), None);
+        assert_eq!(l.blocked(Surface::Api, B), None, "another address");
+        for other in [Surface::Enroll, Surface::Agent] {
+            assert_eq!(l.blocked(other, A), None, "{other:?} has its own budget");
+        }
         l.advance(wait);
-        assert_eq!(l.blocked(A), None, "unblocked once the budget refilled");
+        assert_eq!(
+            l.blocked(Surface::Api, A),
+            None,
+            "unblocked once the budget refilled"
+        );
         l.tidy();
+    }
+
+    #[test]
+    fn a_port_caps_its_connections_in_all_and_per_address() {
+        let metrics = Arc::new(Metrics::new());
+        let c = Connections::new(
+            ConnectionCaps {
+                per_address: 2,
+                total: Some(3),
+            },
+            metrics.clone(),
+            ConnectionLimitNames {
+                per_address: "api_connections_per_address",
+                total: "api_connections",
+            },
+        );
+        let a1 = c.open(A).unwrap();
+        let _a2 = c.open(A).unwrap();
+        assert_eq!(c.open(A).unwrap_err(), ConnectionCap::PerAddress);
+        let _b1 = c.open(B).unwrap();
+        assert_eq!(c.open(B).unwrap_err(), ConnectionCap::Total);
+        assert_eq!(c.total(), 3);
+        drop(a1);
+        assert!(c.open(B).is_ok());
+        let text = metrics.encode();
+        assert!(text.contains("rate_limited_total{limit=\"api_connections_per_address\"} 1"));
+        assert!(text.contains("rate_limited_total{limit=\"api_connections\"} 1"));
     }
 
     #[test]

@@ -17,6 +17,9 @@ pub mod upkeep;
 
 pub use agents::{AgentAuth, Principal};
 pub use enroll::{EnrollError, EnrollErrorKind, Enroller};
-pub use limits::{AbuseLimits, ConnectionSlot, LimitSettings};
+pub use limits::{
+    AbuseLimits, ConnectionCap, ConnectionCaps, ConnectionLimitNames, ConnectionSlot, Connections,
+    LimitSettings, Surface,
+};
 pub use pki::{ControllerPki, ServerNames};
 pub use tokens::{ApiAuth, ApiRefusal, Caller};

@@ -11,13 +11,15 @@
 //!   table is read again, so that a token revoked elsewhere (the CLI,
 //!   another controller) stops working within seconds; one revoked through
 //!   this controller ([`ApiAuth::revoke`]) stops at once. Failures are
-//!   charged to the address's failure budget ([`AbuseLimits::auth_failed`]):
-//!   unknown ids cannot make one store query per request without bound.
+//!   charged to the address's API failure budget
+//!   ([`AbuseLimits::auth_failed`]); a valid token is never refused for
+//!   what its address did before.
 
-use super::limits::AbuseLimits;
+use super::limits::{AbuseLimits, Surface};
 use crate::store::StoreError;
 use crate::store::auth::{ApiTokenRecord, AuthStore, EnrollmentTokenRecord, Role};
 use chrono::{DateTime, SubsecRound as _, Utc};
+use kiwi_protocol::RobotId;
 use kiwi_security::CaPin;
 use kiwi_security::token::{ApiToken, EnrollmentToken, secret_matches};
 use std::collections::HashMap;
@@ -108,13 +110,14 @@ pub async fn create_api_token(
 }
 
 /// Makes and stores a new enrollment token pinning `pin`, good for `uses`
-/// enrollments within `ttl`; the returned token is the only copy of its
-/// secret.
+/// enrollments within `ttl`, of `robot` only when given; the returned
+/// token is the only copy of its secret.
 pub async fn create_enrollment_token(
     store: &dyn AuthStore,
     pin: CaPin,
     ttl: Duration,
     uses: u32,
+    robot: Option<RobotId>,
 ) -> Result<(EnrollmentToken, EnrollmentTokenRecord), StoreError> {
     check_uses(uses).map_err(StoreError::Invalid)?;
     let created_at = now();
@@ -127,6 +130,7 @@ pub async fn create_enrollment_token(
         uses_total: uses,
         uses_left: uses,
         revoked_at: None,
+        robot_id: robot,
     };
     store.insert_enrollment_token(&record).await?;
     Ok((token, record))
@@ -246,20 +250,22 @@ impl ApiAuth {
     }
 
     /// Checks the token text a request presented (`None`: none) from `ip`.
-    /// A blocked address is refused before anything else; every refusal of
-    /// a presented token is charged to the address.
+    /// A valid token is accepted whatever the address did before; every
+    /// refusal of a presented token is charged to the address's API budget,
+    /// and once that is spent its refusals are `Blocked` (told to wait).
     pub async fn verify(&self, presented: Option<&str>, ip: IpAddr) -> Result<Caller, ApiRefusal> {
-        if let Some(retry_after) = self.limits.blocked(ip) {
-            return Err(ApiRefusal::Blocked { retry_after });
-        }
         let text = presented.ok_or(ApiRefusal::Missing)?;
         let checked = self.check(text).await;
-        if let Err(refusal) = checked
-            && refusal != ApiRefusal::Unavailable
-        {
-            self.limits.auth_failed(ip);
+        match checked {
+            Err(refusal) if refusal != ApiRefusal::Unavailable => {
+                self.limits.auth_failed(Surface::Api, ip);
+                match self.limits.blocked(Surface::Api, ip) {
+                    Some(retry_after) => Err(ApiRefusal::Blocked { retry_after }),
+                    None => Err(refusal),
+                }
+            }
+            other => other,
         }
-        checked
     }
 
     async fn check(&self, text: &str) -> Result<Caller, ApiRefusal> {
@@ -493,10 +499,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn failures_block_the_address() {
-        let (_dir, _store, auth, metrics) = setup(2).await;
+    async fn failures_block_bad_tokens_from_the_address_but_never_good_ones() {
+        let (_dir, store, auth, metrics) = setup(2).await;
         let unknown = ApiToken::generate().to_string();
-        for _ in 0..3 {
+        for _ in 0..2 {
             assert_eq!(
                 auth.verify(Some(&unknown), IP).await,
                 Err(ApiRefusal::Unknown)
@@ -506,6 +512,11 @@ mod tests {
             auth.verify(Some(&unknown), IP).await,
             Err(ApiRefusal::Blocked { .. })
         ));
+        // A token made elsewhere since (never seen here) works from it.
+        let (good, _) = create_api_token(store.as_ref(), Role::Viewer, "", None)
+            .await
+            .unwrap();
+        assert!(auth.verify(Some(&good.to_string()), IP).await.is_ok());
         assert!(
             metrics
                 .encode()

@@ -80,15 +80,18 @@ pub struct EnrollmentTokenRecord {
     /// Never more than `uses_total`; each accepted use takes one.
     pub uses_left: u32,
     pub revoked_at: Option<DateTime<Utc>>,
+    /// The one robot this token enrolls (`token create --robot`); `None`:
+    /// any robot.
+    pub robot_id: Option<RobotId>,
 }
 
 impl EnrollmentTokenRecord {
-    /// What using this token with `secret_hash` at `now` gives, without
-    /// changing anything: the refusal first in the order WrongSecret,
-    /// Revoked, Expired, UsedUp, else `Accepted` with the uses left after
-    /// this one. The backends apply it to the row they hold locked and
-    /// store `uses_left` of an acceptance.
-    pub fn judge_use(&self, secret_hash: &str, now: DateTime<Utc>) -> TokenUse {
+    /// What using this token with `secret_hash` for `robot` at `now` gives,
+    /// without changing anything: the refusal first in the order
+    /// WrongSecret, Revoked, Expired, UsedUp, WrongRobot, else `Accepted`
+    /// with the uses left after this one. The backends apply it to the row
+    /// they hold locked and store `uses_left` of an acceptance.
+    pub fn judge_use(&self, secret_hash: &str, robot: RobotId, now: DateTime<Utc>) -> TokenUse {
         if !hashes_equal(&self.secret_hash, secret_hash) {
             TokenUse::WrongSecret
         } else if self.revoked_at.is_some() {
@@ -97,6 +100,8 @@ impl EnrollmentTokenRecord {
             TokenUse::Expired
         } else if self.uses_left == 0 {
             TokenUse::UsedUp
+        } else if self.robot_id.is_some_and(|bound| bound != robot) {
+            TokenUse::WrongRobot
         } else {
             TokenUse::Accepted {
                 uses_left: self.uses_left - 1,
@@ -129,6 +134,8 @@ pub enum TokenUse {
     Expired,
     UsedUp,
     Revoked,
+    /// The token was made for another robot.
+    WrongRobot,
 }
 
 /// Where an enrollment request stands.
@@ -139,9 +146,20 @@ pub enum EnrollmentStatus {
     Approved,
     Rejected,
     Issued,
+    /// Ended by decommissioning the robot.
+    Revoked,
 }
 
 impl EnrollmentStatus {
+    /// Every status.
+    pub const ALL: [EnrollmentStatus; 5] = [
+        EnrollmentStatus::Pending,
+        EnrollmentStatus::Approved,
+        EnrollmentStatus::Rejected,
+        EnrollmentStatus::Issued,
+        EnrollmentStatus::Revoked,
+    ];
+
     /// The stored (and JSON) name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -149,6 +167,7 @@ impl EnrollmentStatus {
             EnrollmentStatus::Approved => "approved",
             EnrollmentStatus::Rejected => "rejected",
             EnrollmentStatus::Issued => "issued",
+            EnrollmentStatus::Revoked => "revoked",
         }
     }
 
@@ -159,19 +178,130 @@ impl EnrollmentStatus {
             "approved" => Some(EnrollmentStatus::Approved),
             "rejected" => Some(EnrollmentStatus::Rejected),
             "issued" => Some(EnrollmentStatus::Issued),
+            "revoked" => Some(EnrollmentStatus::Revoked),
             _ => None,
         }
     }
 
-    /// The only allowed moves: Pending → Approved | Rejected,
-    /// Approved → Issued | Rejected. Rejected and Issued are final.
+    /// The only moves a decision makes: Pending → Approved | Rejected,
+    /// Approved → Issued | Rejected, and decommissioning: Pending,
+    /// Approved or Issued → Revoked. Rejected is final.
     pub fn can_become(self, to: EnrollmentStatus) -> bool {
-        use EnrollmentStatus::{Approved, Issued, Pending, Rejected};
+        use EnrollmentStatus::{Approved, Issued, Pending, Rejected, Revoked};
         matches!(
             (self, to),
-            (Pending, Approved | Rejected) | (Approved, Issued | Rejected)
+            (Pending, Approved | Rejected | Revoked)
+                | (Approved, Issued | Rejected | Revoked)
+                | (Issued, Revoked)
         )
     }
+
+    /// The status of a request when its robot asks again with the same
+    /// key: a request that was issued or revoked starts over as pending
+    /// (a certificate is never issued twice by itself: an operator
+    /// decides again); any other keeps its status.
+    pub fn asked_again(self) -> EnrollmentStatus {
+        match self {
+            EnrollmentStatus::Issued | EnrollmentStatus::Revoked => EnrollmentStatus::Pending,
+            other => other,
+        }
+    }
+}
+
+/// Caps on the requests waiting for an operator, which anyone who reaches
+/// the agent port can make: in total and per source address. A robot
+/// asking again about its own request is never refused by them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingLimits {
+    pub total: u32,
+    pub per_address: u32,
+}
+
+impl PendingLimits {
+    /// The cap one more pending request would exceed, given how many are
+    /// pending in total and from its address.
+    pub fn exceeded(&self, total: i64, from_address: i64) -> Option<PendingCap> {
+        if total >= i64::from(self.total) {
+            Some(PendingCap::Total)
+        } else if from_address >= i64::from(self.per_address) {
+            Some(PendingCap::PerAddress)
+        } else {
+            None
+        }
+    }
+}
+
+/// A request to enroll that waits for an operator, as
+/// [`AuthStore::note_enrollment`] records it.
+#[derive(Debug, Clone, Copy)]
+pub struct NewEnrollment<'a> {
+    pub robot_id: RobotId,
+    /// `sha256:<hex>` of the agent's public key.
+    pub key_fingerprint: &'a str,
+    pub identity: &'a serde_json::Value,
+    pub source_addr: &'a str,
+    /// Why it waits although it came with a token; `None` for a plain
+    /// request.
+    pub reason: Option<&'a str>,
+}
+
+/// What [`AuthStore::note_enrollment`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Noted {
+    /// The request as stored now (its status says what to answer).
+    Recorded(EnrollmentRecord),
+    /// A new pending request would exceed a cap; nothing was stored.
+    TooMany(PendingCap),
+}
+
+/// Which cap of [`PendingLimits`] a request ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PendingCap {
+    Total,
+    PerAddress,
+}
+
+/// Where a page of [`AuthStore::enrollments`] starts: after the request
+/// first seen at `first_seen` with id `id` (the list's order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EnrollmentCursor {
+    pub first_seen: DateTime<Utc>,
+    pub id: Uuid,
+}
+
+impl EnrollmentCursor {
+    /// The cursor after `record`.
+    pub fn after(record: &EnrollmentRecord) -> EnrollmentCursor {
+        EnrollmentCursor {
+            first_seen: record.first_seen,
+            id: record.id,
+        }
+    }
+
+    /// The opaque text of the API (`<unix ns>.<uuid>`: every digit the
+    /// store keeps, so the page after it starts exactly after it).
+    pub fn encode(&self) -> String {
+        let nanos = self.first_seen.timestamp_nanos_opt().unwrap_or(i64::MAX);
+        format!("{nanos}.{}", self.id.simple())
+    }
+
+    /// Reads [`encode`](Self::encode)'s text; `None` for anything else.
+    pub fn decode(text: &str) -> Option<EnrollmentCursor> {
+        let (nanos, id) = text.split_once('.')?;
+        Some(EnrollmentCursor {
+            first_seen: DateTime::from_timestamp_nanos(nanos.parse().ok()?),
+            id: Uuid::try_parse(id).ok()?,
+        })
+    }
+}
+
+/// What ending a robot's enrollments did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct EndedEnrollments {
+    /// Requests moved to `revoked`.
+    pub enrollments: u64,
+    /// Unused tokens made for the robot, revoked.
+    pub tokens: u64,
 }
 
 /// An agent that asked to enroll without a token, keyed by (robot_id, key_fingerprint).
@@ -193,6 +323,9 @@ pub struct EnrollmentRecord {
     /// issuing keeps the approval's).
     pub decided_at: Option<DateTime<Utc>>,
     pub decided_by: Option<String>,
+    /// Why it waits for an operator although it came with a token (the
+    /// robot already holds a valid certificate); `None` for a plain request.
+    pub reason: Option<String>,
 }
 
 /// A client certificate issued to a robot (`certificates`).
@@ -243,33 +376,57 @@ pub trait AuthStore: Send + Sync + std::fmt::Debug {
         id: &str,
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError>;
-    /// Checks id, secret hash, expiry (expires_at <= now is expired), revocation and uses, and
-    /// consumes one use atomically if all pass. Precedence of refusals: Unknown, WrongSecret, Revoked, Expired, UsedUp.
+    /// One enrollment token, without using it.
+    async fn enrollment_token(&self, id: &str)
+    -> Result<Option<EnrollmentTokenRecord>, StoreError>;
+    /// Checks id, secret hash, expiry (expires_at <= now is expired), revocation, uses and the
+    /// robot it was made for, and consumes one use atomically if all pass
+    /// ([`EnrollmentTokenRecord::judge_use`]; Unknown before every other refusal).
     async fn use_enrollment_token(
         &self,
         id: &str,
         secret_hash: &str,
+        robot: RobotId,
         now: DateTime<Utc>,
     ) -> Result<TokenUse, StoreError>;
 
-    /// Records a request for (robot_id, key_fingerprint): inserts it as Pending (new uuid, first_seen=last_seen=now),
-    /// or updates last_seen, identity and source_addr of the existing one; returns the stored record (with its status).
+    /// Records a request for (robot_id, key_fingerprint). A request already
+    /// stored gets the new last_seen (= `now`), identity, source_addr and
+    /// reason, and its status [`EnrollmentStatus::asked_again`]: one that
+    /// starts over as pending loses its decision. A new one is inserted as
+    /// pending (new uuid, first_seen = last_seen = now). A request that
+    /// becomes pending (new, or starting over) is refused with
+    /// [`Noted::TooMany`] when it would exceed `limits` (pending requests
+    /// in total, and from its source address), storing nothing.
     async fn note_enrollment(
         &self,
-        robot_id: RobotId,
-        key_fingerprint: &str,
-        identity: &serde_json::Value,
-        source_addr: &str,
+        request: NewEnrollment<'_>,
+        limits: PendingLimits,
         now: DateTime<Utc>,
-    ) -> Result<EnrollmentRecord, StoreError>;
+    ) -> Result<Noted, StoreError>;
     async fn enrollment(&self, id: Uuid) -> Result<Option<EnrollmentRecord>, StoreError>;
-    /// Ordered by first_seen, id; `status` filters when Some.
+    /// At most `limit` requests after `after`, ordered by first_seen, id;
+    /// `status` filters when Some.
     async fn enrollments(
         &self,
         status: Option<EnrollmentStatus>,
+        after: Option<EnrollmentCursor>,
+        limit: u32,
     ) -> Result<Vec<EnrollmentRecord>, StoreError>;
-    /// Moves an enrollment to `to`, only along Pending->Approved|Rejected,
-    /// Approved->Issued, Approved->Rejected ([`EnrollmentStatus::can_become`]),
+    /// Ends every request of the robot that is not final (pending,
+    /// approved, issued become revoked, decided at `now` by `by`) and
+    /// revokes every unused token made for it, in one transaction.
+    async fn end_enrollments(
+        &self,
+        robot_id: RobotId,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<EndedEnrollments, StoreError>;
+    /// Forgets pending requests not asked about since `before` (their agent
+    /// went away); returns how many.
+    async fn expire_enrollments(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
+    /// Moves an enrollment to `to`, only along the moves of
+    /// [`EnrollmentStatus::can_become`],
     /// setting decided_at = `now` and decided_by = `by`, except when it
     /// becomes Issued: that keeps the approval's decided_at and decided_by.
     /// Returns the record after the change; `Ok(None)` when no such id; any
@@ -317,6 +474,7 @@ mod tests {
             uses_total: 3,
             uses_left,
             revoked_at: None,
+            robot_id: None,
         }
     }
 
@@ -325,20 +483,57 @@ mod tests {
         let now = Utc.timestamp_opt(1_500, 0).unwrap();
         let good = "ab".repeat(32);
         let bad = "cd".repeat(32);
+        let (robot, other) = (RobotId(Uuid::from_u128(1)), RobotId(Uuid::from_u128(2)));
         assert_eq!(
-            token(3).judge_use(&good, now),
+            token(3).judge_use(&good, robot, now),
             TokenUse::Accepted { uses_left: 2 }
         );
-        assert_eq!(token(3).judge_use(&bad, now), TokenUse::WrongSecret);
-        assert_eq!(token(3).judge_use("ab", now), TokenUse::WrongSecret);
+        assert_eq!(token(3).judge_use(&bad, robot, now), TokenUse::WrongSecret);
+        assert_eq!(token(3).judge_use("ab", robot, now), TokenUse::WrongSecret);
         let mut t = token(0);
+        t.robot_id = Some(robot);
         t.revoked_at = Some(now);
         let late = t.expires_at;
-        assert_eq!(t.judge_use(&bad, late), TokenUse::WrongSecret);
-        assert_eq!(t.judge_use(&good, late), TokenUse::Revoked);
+        assert_eq!(t.judge_use(&bad, other, late), TokenUse::WrongSecret);
+        assert_eq!(t.judge_use(&good, other, late), TokenUse::Revoked);
         t.revoked_at = None;
-        assert_eq!(t.judge_use(&good, late), TokenUse::Expired);
-        assert_eq!(t.judge_use(&good, now), TokenUse::UsedUp);
+        assert_eq!(t.judge_use(&good, other, late), TokenUse::Expired);
+        assert_eq!(t.judge_use(&good, other, now), TokenUse::UsedUp);
+        t.uses_left = 1;
+        assert_eq!(t.judge_use(&good, other, now), TokenUse::WrongRobot);
+        assert_eq!(
+            t.judge_use(&good, robot, now),
+            TokenUse::Accepted { uses_left: 0 }
+        );
+    }
+
+    #[test]
+    fn enrollment_cursors_round_trip_and_refuse_anything_else() {
+        let c = EnrollmentCursor {
+            first_seen: Utc.timestamp_opt(1_700_000_000, 123_456_000).unwrap(),
+            id: Uuid::from_u128(0xabc),
+        };
+        assert_eq!(EnrollmentCursor::decode(&c.encode()), Some(c));
+        for bad in [
+            "",
+            ".",
+            "x.y",
+            "1.",
+            "1.not-a-uuid",
+            "99999999999999999999.0",
+        ] {
+            assert_eq!(EnrollmentCursor::decode(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_request_asked_again_never_issues_twice_by_itself() {
+        use EnrollmentStatus::*;
+        assert_eq!(Issued.asked_again(), Pending);
+        assert_eq!(Revoked.asked_again(), Pending);
+        for kept in [Pending, Approved, Rejected] {
+            assert_eq!(kept.asked_again(), kept);
+        }
     }
 
     #[test]
@@ -352,18 +547,18 @@ mod tests {
         }
         assert!(Role::Viewer < Role::Operator && Role::Operator < Role::Admin);
         assert_eq!(Role::parse("Admin"), None);
-        use EnrollmentStatus::{Approved, Issued, Pending, Rejected};
-        for status in [Pending, Approved, Rejected, Issued] {
+        use EnrollmentStatus::{Approved, Issued, Pending, Rejected, Revoked};
+        for status in EnrollmentStatus::ALL {
             assert_eq!(EnrollmentStatus::parse(status.as_str()), Some(status));
             assert_eq!(
                 serde_json::to_value(status).unwrap(),
                 serde_json::json!(status.as_str())
             );
         }
-        let allowed: Vec<_> = [Pending, Approved, Rejected, Issued]
+        let allowed: Vec<_> = EnrollmentStatus::ALL
             .iter()
             .flat_map(|&from| {
-                [Pending, Approved, Rejected, Issued]
+                EnrollmentStatus::ALL
                     .into_iter()
                     .filter(move |&to| from.can_become(to))
                     .map(move |to| (from, to))
@@ -374,8 +569,11 @@ mod tests {
             [
                 (Pending, Approved),
                 (Pending, Rejected),
+                (Pending, Revoked),
                 (Approved, Rejected),
-                (Approved, Issued)
+                (Approved, Issued),
+                (Approved, Revoked),
+                (Issued, Revoked),
             ]
         );
     }

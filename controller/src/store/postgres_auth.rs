@@ -13,8 +13,9 @@
 
 use super::StoreError;
 use super::auth::{
-    ApiTokenRecord, AuthStore, CertificateRecord, EnrollmentRecord, EnrollmentStatus,
-    EnrollmentTokenRecord, Role, TokenUse, refused_move, uses,
+    ApiTokenRecord, AuthStore, CertificateRecord, EndedEnrollments, EnrollmentCursor,
+    EnrollmentRecord, EnrollmentStatus, EnrollmentTokenRecord, NewEnrollment, Noted, PendingLimits,
+    Role, TokenUse, refused_move, uses,
 };
 use super::postgres::{col, read_error, write_error};
 use chrono::{DateTime, Utc};
@@ -33,7 +34,8 @@ macro_rules! api_token_columns {
 /// The columns of `enrollment_tokens`, as [`decode_enrollment_token`] reads them.
 macro_rules! enrollment_token_columns {
     () => {
-        "token_id, secret_hash, created_at, expires_at, uses_total, uses_left, revoked_at"
+        "token_id, secret_hash, created_at, expires_at, uses_total, uses_left, revoked_at, \
+         robot_id"
     };
 }
 
@@ -41,7 +43,7 @@ macro_rules! enrollment_token_columns {
 macro_rules! enrollment_columns {
     () => {
         "enrollment_id, robot_id, key_fingerprint, identity, source_addr, status, first_seen, \
-         last_seen, decided_at, decided_by"
+         last_seen, decided_at, decided_by, reason"
     };
 }
 
@@ -157,7 +159,7 @@ impl AuthStore for PostgresAuthStore {
         sqlx::query(concat!(
             "INSERT INTO enrollment_tokens (",
             enrollment_token_columns!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
         ))
         .bind(&token.id)
         .bind(&token.secret_hash)
@@ -166,6 +168,7 @@ impl AuthStore for PostgresAuthStore {
         .bind(i64::from(token.uses_total))
         .bind(i64::from(token.uses_left))
         .bind(token.revoked_at)
+        .bind(token.robot_id.map(|r| r.0))
         .execute(&self.pool)
         .await
         .map_err(write_error)?;
@@ -203,46 +206,45 @@ impl AuthStore for PostgresAuthStore {
         Ok(done.rows_affected() > 0)
     }
 
+    async fn enrollment_token(
+        &self,
+        id: &str,
+    ) -> Result<Option<EnrollmentTokenRecord>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            enrollment_token_columns!(),
+            " FROM enrollment_tokens WHERE token_id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(read_error)?
+        .as_ref()
+        .map(decode_enrollment_token)
+        .transpose()
+    }
+
     async fn use_enrollment_token(
         &self,
         id: &str,
         secret_hash: &str,
+        robot: RobotId,
         now: DateTime<Utc>,
     ) -> Result<TokenUse, StoreError> {
         let mut tx = self.begin().await?;
-        let used = use_token_in(&mut tx, id, secret_hash, now).await;
+        let used = use_token_in(&mut tx, id, secret_hash, robot, now).await;
         finish(tx, used).await
     }
 
     async fn note_enrollment(
         &self,
-        robot_id: RobotId,
-        key_fingerprint: &str,
-        identity: &serde_json::Value,
-        source_addr: &str,
+        request: NewEnrollment<'_>,
+        limits: PendingLimits,
         now: DateTime<Utc>,
-    ) -> Result<EnrollmentRecord, StoreError> {
-        // One statement: of two controllers noting the same agent at once,
-        // one inserts and the other updates that row.
-        let row = sqlx::query(concat!(
-            "INSERT INTO enrollments (enrollment_id, robot_id, key_fingerprint, identity, \
-             source_addr, status, first_seen, last_seen) \
-             VALUES ($1, $2, $3, $4, $5, 'pending', $6, $6) \
-             ON CONFLICT (robot_id, key_fingerprint) DO UPDATE SET \
-             identity = EXCLUDED.identity, source_addr = EXCLUDED.source_addr, \
-             last_seen = EXCLUDED.last_seen RETURNING ",
-            enrollment_columns!()
-        ))
-        .bind(Uuid::new_v4())
-        .bind(robot_id.0)
-        .bind(key_fingerprint)
-        .bind(identity)
-        .bind(source_addr)
-        .bind(now)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(write_error)?;
-        decode_enrollment(&row)
+    ) -> Result<Noted, StoreError> {
+        let mut tx = self.begin().await?;
+        let noted = note_in(&mut tx, request, limits, now).await;
+        finish(tx, noted).await
     }
 
     async fn enrollment(&self, id: Uuid) -> Result<Option<EnrollmentRecord>, StoreError> {
@@ -263,20 +265,74 @@ impl AuthStore for PostgresAuthStore {
     async fn enrollments(
         &self,
         status: Option<EnrollmentStatus>,
+        after: Option<EnrollmentCursor>,
+        limit: u32,
     ) -> Result<Vec<EnrollmentRecord>, StoreError> {
         sqlx::query(concat!(
             "SELECT ",
             enrollment_columns!(),
             " FROM enrollments WHERE ($1::TEXT IS NULL OR status = $1) \
-             ORDER BY first_seen, enrollment_id"
+             AND ($2::TIMESTAMPTZ IS NULL OR (first_seen, enrollment_id) > ($2, $3)) \
+             ORDER BY first_seen, enrollment_id LIMIT $4"
         ))
         .bind(status.map(EnrollmentStatus::as_str))
+        .bind(after.map(|c| c.first_seen))
+        .bind(after.map(|c| c.id))
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
         .map_err(read_error)?
         .iter()
         .map(decode_enrollment)
         .collect()
+    }
+
+    async fn end_enrollments(
+        &self,
+        robot_id: RobotId,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<EndedEnrollments, StoreError> {
+        let mut tx = self.begin().await?;
+        let ended = async {
+            let enrollments = sqlx::query(
+                "UPDATE enrollments SET status = 'revoked', decided_at = $2, decided_by = $3 \
+                 WHERE robot_id = $1 AND status IN ('pending', 'approved', 'issued')",
+            )
+            .bind(robot_id.0)
+            .bind(now)
+            .bind(by)
+            .execute(&mut *tx)
+            .await
+            .map_err(write_error)?
+            .rows_affected();
+            let tokens = sqlx::query(
+                "UPDATE enrollment_tokens SET revoked_at = $2 \
+                 WHERE robot_id = $1 AND revoked_at IS NULL",
+            )
+            .bind(robot_id.0)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(write_error)?
+            .rows_affected();
+            Ok(EndedEnrollments {
+                enrollments,
+                tokens,
+            })
+        }
+        .await;
+        finish(tx, ended).await
+    }
+
+    async fn expire_enrollments(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let done =
+            sqlx::query("DELETE FROM enrollments WHERE status = 'pending' AND last_seen < $1")
+                .bind(before)
+                .execute(&self.pool)
+                .await
+                .map_err(write_error)?;
+        Ok(done.rows_affected())
     }
 
     async fn decide_enrollment(
@@ -358,6 +414,7 @@ async fn use_token_in(
     conn: &mut PgConnection,
     id: &str,
     secret_hash: &str,
+    robot: RobotId,
     now: DateTime<Utc>,
 ) -> Result<TokenUse, StoreError> {
     let Some(row) = sqlx::query(concat!(
@@ -372,7 +429,7 @@ async fn use_token_in(
     else {
         return Ok(TokenUse::Unknown);
     };
-    let outcome = decode_enrollment_token(&row)?.judge_use(secret_hash, now);
+    let outcome = decode_enrollment_token(&row)?.judge_use(secret_hash, robot, now);
     if let TokenUse::Accepted { uses_left } = outcome {
         sqlx::query("UPDATE enrollment_tokens SET uses_left = $2 WHERE token_id = $1")
             .bind(id)
@@ -382,6 +439,100 @@ async fn use_token_in(
             .map_err(write_error)?;
     }
     Ok(outcome)
+}
+
+/// The transaction advisory lock that serialises enrollment requests
+/// across controllers, so that the caps of [`PendingLimits`] hold exactly
+/// (requests are rare: a pending agent asks every few seconds).
+const ENROLLMENT_LOCK: i64 = 0x6b69_7769_656e_726c;
+
+/// Records an enrollment request, inside a transaction (see
+/// [`AuthStore::note_enrollment`]).
+async fn note_in(
+    conn: &mut PgConnection,
+    request: NewEnrollment<'_>,
+    limits: PendingLimits,
+    now: DateTime<Utc>,
+) -> Result<Noted, StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(ENROLLMENT_LOCK)
+        .execute(&mut *conn)
+        .await
+        .map_err(write_error)?;
+    let existing = sqlx::query(concat!(
+        "SELECT ",
+        enrollment_columns!(),
+        " FROM enrollments WHERE robot_id = $1 AND key_fingerprint = $2 FOR UPDATE"
+    ))
+    .bind(request.robot_id.0)
+    .bind(request.key_fingerprint)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(write_error)?
+    .as_ref()
+    .map(decode_enrollment)
+    .transpose()?;
+    let status = existing
+        .as_ref()
+        .map_or(EnrollmentStatus::Pending, |e| e.status.asked_again());
+    let becomes_pending = status == EnrollmentStatus::Pending
+        && existing
+            .as_ref()
+            .is_none_or(|e| e.status != EnrollmentStatus::Pending);
+    if becomes_pending {
+        let (total, here): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COUNT(*) FILTER (WHERE source_addr = $1) FROM enrollments \
+             WHERE status = 'pending'",
+        )
+        .bind(request.source_addr)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(write_error)?;
+        if let Some(cap) = limits.exceeded(total, here) {
+            return Ok(Noted::TooMany(cap));
+        }
+    }
+    let row = match existing {
+        Some(e) => {
+            let restart = status != e.status;
+            sqlx::query(concat!(
+                "UPDATE enrollments SET identity = $2, source_addr = $3, last_seen = $4, \
+                 reason = $5, status = $6, \
+                 decided_at = CASE WHEN $7 THEN NULL ELSE decided_at END, \
+                 decided_by = CASE WHEN $7 THEN NULL ELSE decided_by END \
+                 WHERE enrollment_id = $1 RETURNING ",
+                enrollment_columns!()
+            ))
+            .bind(e.id)
+            .bind(request.identity)
+            .bind(request.source_addr)
+            .bind(now)
+            .bind(request.reason)
+            .bind(status.as_str())
+            .bind(restart)
+            .fetch_one(&mut *conn)
+            .await
+        }
+        None => {
+            sqlx::query(concat!(
+                "INSERT INTO enrollments (enrollment_id, robot_id, key_fingerprint, identity, \
+                 source_addr, status, first_seen, last_seen, reason) \
+                 VALUES ($1, $2, $3, $4, $5, 'pending', $6, $6, $7) RETURNING ",
+                enrollment_columns!()
+            ))
+            .bind(Uuid::new_v4())
+            .bind(request.robot_id.0)
+            .bind(request.key_fingerprint)
+            .bind(request.identity)
+            .bind(request.source_addr)
+            .bind(now)
+            .bind(request.reason)
+            .fetch_one(&mut *conn)
+            .await
+        }
+    }
+    .map_err(write_error)?;
+    decode_enrollment(&row).map(Noted::Recorded)
 }
 
 /// Moves an enrollment on its locked row, inside a transaction.
@@ -468,6 +619,7 @@ fn decode_enrollment_token(row: &PgRow) -> Result<EnrollmentTokenRecord, StoreEr
             uses_total: uses(col(row, "uses_total")?, "uses_total")?,
             uses_left: uses(col(row, "uses_left")?, "uses_left")?,
             revoked_at: col(row, "revoked_at")?,
+            robot_id: col::<Option<Uuid>>(row, "robot_id")?.map(RobotId),
         })
     };
     fields()
@@ -489,6 +641,7 @@ fn decode_enrollment(row: &PgRow) -> Result<EnrollmentRecord, StoreError> {
             last_seen: col(row, "last_seen")?,
             decided_at: col(row, "decided_at")?,
             decided_by: col(row, "decided_by")?,
+            reason: col(row, "reason")?,
         })
     };
     fields()

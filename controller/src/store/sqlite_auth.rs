@@ -28,8 +28,9 @@
 
 use super::StoreError;
 use super::auth::{
-    ApiTokenRecord, AuthStore, CertificateRecord, EnrollmentRecord, EnrollmentStatus,
-    EnrollmentTokenRecord, Role, TokenUse, refused_move, uses,
+    ApiTokenRecord, AuthStore, CertificateRecord, EndedEnrollments, EnrollmentCursor,
+    EnrollmentRecord, EnrollmentStatus, EnrollmentTokenRecord, NewEnrollment, Noted, PendingLimits,
+    Role, TokenUse, refused_move, uses,
 };
 use super::sqlite::{
     col, json_col, key, opt_time_col, read_error, time_col, timestamp, to_json, uuid_col,
@@ -58,7 +59,8 @@ macro_rules! api_token_columns {
 /// The columns of `enrollment_tokens`, as [`decode_enrollment_token`] reads them.
 macro_rules! enrollment_token_columns {
     () => {
-        "token_id, secret_hash, created_at, expires_at, uses_total, uses_left, revoked_at"
+        "token_id, secret_hash, created_at, expires_at, uses_total, uses_left, revoked_at, \
+         robot_id"
     };
 }
 
@@ -66,7 +68,7 @@ macro_rules! enrollment_token_columns {
 macro_rules! enrollment_columns {
     () => {
         "enrollment_id, robot_id, key_fingerprint, identity, source_addr, status, first_seen, \
-         last_seen, decided_at, decided_by"
+         last_seen, decided_at, decided_by, reason"
     };
 }
 
@@ -203,7 +205,7 @@ impl AuthStore for SqliteAuthStore {
         let written = sqlx::query(concat!(
             "INSERT INTO enrollment_tokens (",
             enrollment_token_columns!(),
-            ") VALUES (?, ?, ?, ?, ?, ?, ?)"
+            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
         ))
         .bind(&token.id)
         .bind(&token.secret_hash)
@@ -212,6 +214,7 @@ impl AuthStore for SqliteAuthStore {
         .bind(i64::from(token.uses_total))
         .bind(i64::from(token.uses_left))
         .bind(token.revoked_at.as_ref().map(timestamp))
+        .bind(token.robot_id.map(|r| r.to_string()))
         .execute(&mut *tx)
         .await
         .map(drop)
@@ -251,46 +254,44 @@ impl AuthStore for SqliteAuthStore {
         finish(tx, found).await
     }
 
+    async fn enrollment_token(
+        &self,
+        id: &str,
+    ) -> Result<Option<EnrollmentTokenRecord>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            enrollment_token_columns!(),
+            " FROM enrollment_tokens WHERE token_id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(&self.reads)
+        .await
+        .map_err(read_error)?
+        .as_ref()
+        .map(decode_enrollment_token)
+        .transpose()
+    }
+
     async fn use_enrollment_token(
         &self,
         id: &str,
         secret_hash: &str,
+        robot: RobotId,
         now: DateTime<Utc>,
     ) -> Result<TokenUse, StoreError> {
         let mut tx = self.write().await?;
-        let used = use_token_in(&mut tx, id, secret_hash, now).await;
+        let used = use_token_in(&mut tx, id, secret_hash, robot, now).await;
         finish(tx, used).await
     }
 
     async fn note_enrollment(
         &self,
-        robot_id: RobotId,
-        key_fingerprint: &str,
-        identity: &serde_json::Value,
-        source_addr: &str,
+        request: NewEnrollment<'_>,
+        limits: PendingLimits,
         now: DateTime<Utc>,
-    ) -> Result<EnrollmentRecord, StoreError> {
-        let identity = to_json(identity)?;
+    ) -> Result<Noted, StoreError> {
         let mut tx = self.write().await?;
-        let noted = sqlx::query(concat!(
-            "INSERT INTO enrollments (enrollment_id, robot_id, key_fingerprint, identity, \
-             source_addr, status, first_seen, last_seen) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?) \
-             ON CONFLICT (robot_id, key_fingerprint) DO UPDATE SET \
-             identity = excluded.identity, source_addr = excluded.source_addr, \
-             last_seen = excluded.last_seen RETURNING ",
-            enrollment_columns!()
-        ))
-        .bind(Uuid::new_v4().to_string())
-        .bind(robot_id.to_string())
-        .bind(key_fingerprint)
-        .bind(identity)
-        .bind(source_addr)
-        .bind(timestamp(&now))
-        .bind(timestamp(&now))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(write_error)
-        .and_then(|row| decode_enrollment(&row));
+        let noted = note_in(&mut tx, request, limits, now).await;
         finish(tx, noted).await
     }
 
@@ -302,20 +303,79 @@ impl AuthStore for SqliteAuthStore {
     async fn enrollments(
         &self,
         status: Option<EnrollmentStatus>,
+        after: Option<EnrollmentCursor>,
+        limit: u32,
     ) -> Result<Vec<EnrollmentRecord>, StoreError> {
+        // Timestamps are stored as fixed-width RFC 3339 text, so they
+        // compare as they sort.
         sqlx::query(concat!(
             "SELECT ",
             enrollment_columns!(),
             " FROM enrollments WHERE status = COALESCE(?, status) \
-             ORDER BY first_seen, enrollment_id"
+             AND (? IS NULL OR (first_seen, enrollment_id) > (?, ?)) \
+             ORDER BY first_seen, enrollment_id LIMIT ?"
         ))
         .bind(status.map(EnrollmentStatus::as_str))
+        .bind(after.map(|_| 1))
+        .bind(after.map(|c| timestamp(&c.first_seen)))
+        .bind(after.map(|c| c.id.to_string()))
+        .bind(i64::from(limit))
         .fetch_all(&self.reads)
         .await
         .map_err(read_error)?
         .iter()
         .map(decode_enrollment)
         .collect()
+    }
+
+    async fn end_enrollments(
+        &self,
+        robot_id: RobotId,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<EndedEnrollments, StoreError> {
+        let mut tx = self.write().await?;
+        let ended = async {
+            let enrollments = sqlx::query(
+                "UPDATE enrollments SET status = 'revoked', decided_at = ?, decided_by = ? \
+                 WHERE robot_id = ? AND status IN ('pending', 'approved', 'issued')",
+            )
+            .bind(timestamp(&now))
+            .bind(by)
+            .bind(robot_id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(write_error)?
+            .rows_affected();
+            let tokens = sqlx::query(
+                "UPDATE enrollment_tokens SET revoked_at = ? \
+                 WHERE robot_id = ? AND revoked_at IS NULL",
+            )
+            .bind(timestamp(&now))
+            .bind(robot_id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(write_error)?
+            .rows_affected();
+            Ok(EndedEnrollments {
+                enrollments,
+                tokens,
+            })
+        }
+        .await;
+        finish(tx, ended).await
+    }
+
+    async fn expire_enrollments(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let mut tx = self.write().await?;
+        let expired =
+            sqlx::query("DELETE FROM enrollments WHERE status = 'pending' AND last_seen < ?")
+                .bind(timestamp(&before))
+                .execute(&mut *tx)
+                .await
+                .map(|done| done.rows_affected())
+                .map_err(write_error);
+        finish(tx, expired).await
     }
 
     async fn decide_enrollment(
@@ -401,6 +461,7 @@ async fn use_token_in(
     conn: &mut SqliteConnection,
     id: &str,
     secret_hash: &str,
+    robot: RobotId,
     now: DateTime<Utc>,
 ) -> Result<TokenUse, StoreError> {
     let Some(row) = sqlx::query(concat!(
@@ -415,7 +476,7 @@ async fn use_token_in(
     else {
         return Ok(TokenUse::Unknown);
     };
-    let outcome = decode_enrollment_token(&row)?.judge_use(secret_hash, now);
+    let outcome = decode_enrollment_token(&row)?.judge_use(secret_hash, robot, now);
     if let TokenUse::Accepted { uses_left } = outcome {
         sqlx::query("UPDATE enrollment_tokens SET uses_left = ? WHERE token_id = ?")
             .bind(i64::from(uses_left))
@@ -425,6 +486,95 @@ async fn use_token_in(
             .map_err(write_error)?;
     }
     Ok(outcome)
+}
+
+/// Records an enrollment request, inside a write transaction (see
+/// [`AuthStore::note_enrollment`]): the transaction holds SQLite's write
+/// lock, so the counts and the insert see no other writer in between.
+async fn note_in(
+    conn: &mut SqliteConnection,
+    request: NewEnrollment<'_>,
+    limits: PendingLimits,
+    now: DateTime<Utc>,
+) -> Result<Noted, StoreError> {
+    let robot = request.robot_id.to_string();
+    let existing = sqlx::query(concat!(
+        "SELECT ",
+        enrollment_columns!(),
+        " FROM enrollments WHERE robot_id = ? AND key_fingerprint = ?"
+    ))
+    .bind(&robot)
+    .bind(request.key_fingerprint)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(write_error)?
+    .as_ref()
+    .map(decode_enrollment)
+    .transpose()?;
+    let status = existing
+        .as_ref()
+        .map_or(EnrollmentStatus::Pending, |e| e.status.asked_again());
+    let becomes_pending = status == EnrollmentStatus::Pending
+        && existing
+            .as_ref()
+            .is_none_or(|e| e.status != EnrollmentStatus::Pending);
+    if becomes_pending {
+        let (total, here): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COALESCE(SUM(source_addr = ?), 0) FROM enrollments \
+             WHERE status = 'pending'",
+        )
+        .bind(request.source_addr)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(write_error)?;
+        if let Some(cap) = limits.exceeded(total, here) {
+            return Ok(Noted::TooMany(cap));
+        }
+    }
+    let identity = to_json(request.identity)?;
+    let row = match existing {
+        Some(e) => {
+            let restart = status != e.status;
+            sqlx::query(concat!(
+                "UPDATE enrollments SET identity = ?, source_addr = ?, last_seen = ?, \
+                 reason = ?, status = ?, \
+                 decided_at = CASE WHEN ? THEN NULL ELSE decided_at END, \
+                 decided_by = CASE WHEN ? THEN NULL ELSE decided_by END \
+                 WHERE enrollment_id = ? RETURNING ",
+                enrollment_columns!()
+            ))
+            .bind(identity)
+            .bind(request.source_addr)
+            .bind(timestamp(&now))
+            .bind(request.reason)
+            .bind(status.as_str())
+            .bind(restart)
+            .bind(restart)
+            .bind(e.id.to_string())
+            .fetch_one(&mut *conn)
+            .await
+        }
+        None => {
+            sqlx::query(concat!(
+                "INSERT INTO enrollments (enrollment_id, robot_id, key_fingerprint, identity, \
+                 source_addr, status, first_seen, last_seen, reason) \
+                 VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?) RETURNING ",
+                enrollment_columns!()
+            ))
+            .bind(Uuid::new_v4().to_string())
+            .bind(&robot)
+            .bind(request.key_fingerprint)
+            .bind(identity)
+            .bind(request.source_addr)
+            .bind(timestamp(&now))
+            .bind(timestamp(&now))
+            .bind(request.reason)
+            .fetch_one(&mut *conn)
+            .await
+        }
+    }
+    .map_err(write_error)?;
+    decode_enrollment(&row).map(Noted::Recorded)
 }
 
 /// Moves an enrollment, inside a write transaction.
@@ -508,6 +658,10 @@ fn decode_enrollment_token(row: &SqliteRow) -> Result<EnrollmentTokenRecord, Sto
             uses_total: uses(col(row, "uses_total")?, "uses_total")?,
             uses_left: uses(col(row, "uses_left")?, "uses_left")?,
             revoked_at: opt_time_col(row, "revoked_at")?,
+            robot_id: col::<Option<String>>(row, "robot_id")?
+                .map(|t| Uuid::try_parse(&t).map(RobotId))
+                .transpose()
+                .map_err(|e| format!("column robot_id: {e}"))?,
         })
     };
     fields()
@@ -529,6 +683,7 @@ fn decode_enrollment(row: &SqliteRow) -> Result<EnrollmentRecord, StoreError> {
             last_seen: time_col(row, "last_seen")?,
             decided_at: opt_time_col(row, "decided_at")?,
             decided_by: col(row, "decided_by")?,
+            reason: col(row, "reason")?,
         })
     };
     fields()

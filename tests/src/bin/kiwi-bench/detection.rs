@@ -739,6 +739,7 @@ async fn serve_agents(config: Config) -> Result<Started> {
         c.pki.pin(),
         Duration::from_secs(3600),
         1000,
+        None,
     )
     .await
     .context("cannot create an enrollment token")?;
