@@ -152,9 +152,13 @@ impl Agent {
     /// The agent of this robot, from its configuration: probes the identity
     /// and opens the state. Blocking (it reads files and may fsync).
     pub fn from_config(cfg: &AgentConfig) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&cfg.state_dir).with_context(|| {
-            format!("cannot create state directory {}", cfg.state_dir.display())
-        })?;
+        let open_to_others = kiwi_service::state::ensure_private_dir(&cfg.state_dir)
+            .with_context(|| {
+                format!("cannot create state directory {}", cfg.state_dir.display())
+            })?;
+        if let Some(mode) = open_to_others {
+            tracing::warn!(state_dir = %cfg.state_dir.display(), mode = format!("{mode:o}"), "the state directory is open to other users (make it 0700); the files kiwi keeps in it are 0600");
+        }
         let root = SysRoot::new(&cfg.sys_root);
         let probed = probe::probe_identity(&root, &cfg.state_dir, cfg.robot_type)
             .context("cannot establish the robot's identity")?;

@@ -6,6 +6,7 @@
 use clap::{CommandFactory, Parser, Subcommand};
 use kiwi_agent::config::{self, RunFlags};
 use kiwi_agent::simulate::{self, SimulateArgs};
+use kiwi_security::token::EnrollmentToken;
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
@@ -39,15 +40,68 @@ enum Command {
 #[derive(Debug, clap::Args)]
 struct EnrollArgs {
     /// The enrollment token from `kiwi-controller token create` (it pins
-    /// the controller's CA); without one the robot waits for an operator's
-    /// approval.
+    /// the controller's CA), or `-` to read it from standard input. Given
+    /// here it shows in the process list: prefer `-`, `--token-file` or
+    /// `KIWI_AGENT_ENROLL_TOKEN`. Without a token the robot waits for an
+    /// operator's approval.
     #[arg(value_name = "TOKEN")]
-    token: Option<kiwi_security::token::EnrollmentToken>,
+    token: Option<String>,
+    /// Read the enrollment token from this file (`-`: standard input).
+    #[arg(long, value_name = "FILE", conflicts_with = "token")]
+    token_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     run: RunFlags,
 }
 
+impl EnrollArgs {
+    /// The token the command was given, from wherever it was given:
+    /// `Ok(None)` when none was (then the configuration's `enroll_token`,
+    /// else an operator's approval).
+    fn token(&self) -> Result<Option<EnrollmentToken>, String> {
+        let text = match (&self.token, &self.token_file) {
+            (Some(t), _) if t == "-" => read_token_from("standard input", std::io::stdin())?,
+            (Some(t), _) => {
+                tracing::warn!(
+                    "the enrollment token was given on the command line, where other users \
+                     can see it (ps); give it on standard input (`-`), with --token-file or \
+                     in KIWI_AGENT_ENROLL_TOKEN"
+                );
+                t.clone()
+            }
+            (None, Some(path)) if path.as_os_str() == "-" => {
+                read_token_from("standard input", std::io::stdin())?
+            }
+            (None, Some(path)) => {
+                let file = std::fs::File::open(path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                read_token_from(&path.display().to_string(), file)?
+            }
+            (None, None) => return Ok(None),
+        };
+        text.trim()
+            .parse()
+            .map(Some)
+            .map_err(|e| format!("not an enrollment token: {e}"))
+    }
+}
+
+/// The first non-empty line of `input` (at most 4 KiB are read).
+fn read_token_from(what: &str, input: impl std::io::Read) -> Result<String, String> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    input
+        .take(4096)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read the token from {what}: {e}"))?;
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .map(str::to_string)
+        .ok_or_else(|| format!("no enrollment token in {what}"))
+}
+
 fn main() -> ExitCode {
+    kiwi_service::state::private_umask();
     let cli = Cli::parse();
     let env = || {
         std::env::vars_os()
@@ -107,11 +161,18 @@ fn main() -> ExitCode {
                 tracing::error!("enroll needs the controller's address (--controller host:port)");
                 return ExitCode::from(2);
             };
+            let given = match args.token() {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(error = %e, "no usable enrollment token");
+                    return ExitCode::from(2);
+                }
+            };
             runtime(false).and_then(|rt| {
                 rt.block_on(async {
                     let shutdown = shutdown_on_signals()?;
                     kiwi_security::install_crypto_provider();
-                    let token = args.token.or(cfg.enroll_token.clone());
+                    let token = given.or(cfg.enroll_token.clone());
                     let agent = tokio::task::spawn_blocking(move || {
                         kiwi_agent::Agent::from_config(&cfg).map(|a| (a, cfg))
                     })

@@ -12,6 +12,7 @@ pub mod discovery;
 pub mod domain;
 pub mod fleet;
 pub mod link;
+pub mod listen;
 pub mod liveness;
 pub mod metrics;
 pub mod ops;

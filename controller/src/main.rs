@@ -288,6 +288,7 @@ fn raise_nofile_limit(config: &Config) {
 }
 
 fn main() -> ExitCode {
+    kiwi_service::state::private_umask();
     limit_malloc_arenas();
     let cli = Cli::parse();
     let (args, task) = match cli.command {

@@ -91,6 +91,10 @@ pub struct Metrics {
     pub events_appended: Counter,
     pub event_append_duration_seconds: Histogram,
     pub api_request_duration_seconds: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    /// Connections held open on the API port.
+    pub api_connections: Gauge,
+    /// API connections closed by their timeouts (`idle`, `header_timeout`).
+    pub api_connections_closed: Family<ReasonLabels, Counter>,
     pub agent_connections: Gauge,
     pub agent_connections_refused: Family<ReasonLabels, Counter>,
     pub agent_frames_rejected: Family<ReasonLabels, Counter>,
@@ -147,6 +151,8 @@ impl Metrics {
             api_request_duration_seconds: Family::new_with_constructor(|| {
                 Histogram::new(request_buckets())
             }),
+            api_connections: Gauge::default(),
+            api_connections_closed: Family::default(),
             agent_connections: Gauge::default(),
             agent_connections_refused: Family::default(),
             agent_frames_rejected: Family::default(),
@@ -271,6 +277,16 @@ impl Metrics {
             "api_request_duration_seconds",
             "Time from receiving an API request until its response was ready",
             m.api_request_duration_seconds.clone(),
+        );
+        registry.register(
+            "api_connections",
+            "Connections held open on the API port",
+            m.api_connections.clone(),
+        );
+        registry.register(
+            "api_connections_closed",
+            "API connections closed by the API port's timeouts, by reason (idle, header_timeout)",
+            m.api_connections_closed.clone(),
         );
         registry.register(
             "agent_connections",

@@ -56,16 +56,20 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn EventStore>> 
         tracing::info!(database = %redact(url), pool = config.db_pool_size, "PostgreSQL store open");
         return Ok(Arc::new(store));
     }
-    std::fs::create_dir_all(&config.state_dir).with_context(|| {
-        format!(
-            "cannot create state directory {}",
-            config.state_dir.display()
-        )
-    })?;
-    let db = config.state_dir.join(DATABASE_FILE);
+    let dir = &config.state_dir;
+    let open_to_others = kiwi_service::state::ensure_private_dir(dir)
+        .with_context(|| format!("cannot create state directory {}", dir.display()))?;
+    if let Some(mode) = open_to_others {
+        tracing::warn!(state_dir = %dir.display(), mode = format!("{mode:o}"), "the state directory is open to other users (make it 0700); the files kiwi keeps in it are 0600");
+    }
+    let db = dir.join(DATABASE_FILE);
     let store = SqliteStore::open(&db)
         .await
         .with_context(|| format!("cannot open the embedded store {}", db.display()))?;
+    // Made by an earlier version under a looser umask: private now.
+    let files = ["", "-wal", "-shm"].map(|s| dir.join(format!("{DATABASE_FILE}{s}")));
+    kiwi_service::state::make_private(&files.each_ref().map(|p| p.as_path()))
+        .with_context(|| format!("cannot make the embedded store {} private", db.display()))?;
     tracing::info!(store = %db.display(), "embedded store open");
     Ok(Arc::new(store))
 }
@@ -263,6 +267,44 @@ impl Components {
         })
     }
 
+    /// The API port's limits: its connection cap within what the
+    /// open-files limit now in force leaves beside `max_agents`
+    /// ([`api::server::connection_budget`]).
+    pub fn api_server_settings(&self) -> api::server::ServerSettings {
+        let c = &self.config;
+        let max_connections = match kiwi_service::limits::current_nofile() {
+            Ok(nofile) => {
+                let budget =
+                    api::server::connection_budget(nofile, c.max_agents, c.api_max_connections);
+                if budget < c.api_max_connections {
+                    tracing::warn!(
+                        open_files = nofile,
+                        max_agents = c.max_agents,
+                        api_max_connections = c.api_max_connections,
+                        capped_at = budget,
+                        "the open-files limit leaves the API fewer connections than api_max_connections beside max_agents agents (raise LimitNOFILE)"
+                    );
+                }
+                budget
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the open-files limit");
+                c.api_max_connections
+            }
+        };
+        tracing::info!(
+            max_connections,
+            per_address = c.api_max_connections_per_address,
+            "API connection caps"
+        );
+        api::server::ServerSettings {
+            max_connections,
+            max_connections_per_address: c.api_max_connections_per_address,
+            header_read_timeout: c.api_header_read_timeout,
+            idle_timeout: c.api_idle_timeout,
+        }
+    }
+
     /// The agent endpoint's shared state.
     pub fn link_state(&self) -> Arc<LinkState> {
         Arc::new(LinkState {
@@ -372,15 +414,13 @@ pub async fn serve(
         let announcer = announce::start(announce, c.sightings.clone(), shutdown.clone()).await?;
         tasks.spawn(announcer.run());
     }
-    let api_server = tokio::spawn(
-        axum::serve(
-            api_listener,
-            c.api_router()
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .into_future(),
-    );
+    let api_server = tokio::spawn(api::server::serve(
+        api_listener,
+        c.api_router(),
+        c.api_server_settings(),
+        c.metrics.clone(),
+        shutdown.clone(),
+    ));
     let link_state = c.link_state();
     // QUIC on the same port number, UDP side.
     let quic_server = if c.config.security.enable_quic {

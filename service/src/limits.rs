@@ -38,6 +38,11 @@ pub fn plan_nofile(soft: u64, hard: u64, wanted: u64, privileged: bool) -> Optio
     Some((soft, hard))
 }
 
+/// This process's open-files limit now in force (the soft one).
+pub fn current_nofile() -> std::io::Result<u64> {
+    Ok(getrlimit(Resource::RLIMIT_NOFILE)?.0)
+}
+
 /// Raises this process's open-files limit towards `wanted`: the soft limit
 /// up to the hard one, and the hard one too where the process may (root).
 /// Never lowers a limit. Returns what is in force afterwards.

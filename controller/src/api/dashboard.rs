@@ -11,9 +11,9 @@
 //! controller serves its new page at once.
 
 use super::AppState;
+use super::extract::ApiPath;
 use super::problem::Problem;
 use axum::Router;
-use axum::extract::Path;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -81,7 +81,7 @@ async fn index(headers: HeaderMap) -> Response {
     serve("index.html", &headers).unwrap_or_else(|p| p.into_response())
 }
 
-async fn file(Path(name): Path<String>, headers: HeaderMap) -> Response {
+async fn file(ApiPath(name): ApiPath<String>, headers: HeaderMap) -> Response {
     serve(&name, &headers).unwrap_or_else(|p| p.into_response())
 }
 

@@ -14,6 +14,7 @@ pub mod openapi;
 pub mod problem;
 pub mod request_id;
 mod robots;
+pub mod server;
 mod watch;
 
 use crate::discovery::Discovery;

@@ -55,7 +55,19 @@ pub async fn watch(
     };
     let start = match last_id.or(q.after) {
         Some(p) if p < 0 => return Err(Problem::bad_request("after must be non-negative")),
-        Some(p) => Start::After(p),
+        Some(p) => {
+            // A position the log has not reached would be waited for in
+            // silence (and its events skipped once they come): refused.
+            let head = s.fleet.store().head().await?;
+            if p > head {
+                return Err(Problem::bad_request(format!(
+                    "position {p} is beyond the head of the event log ({head}): resume after a \
+                     position this stream sent, or after={head} for what comes next"
+                ))
+                .with("head", json!(head)));
+            }
+            Start::After(p)
+        }
         None => Start::Now,
     };
     let subscription = subscribe(s.fleet.store().clone(), &s.hub, start, s.watch_queue);

@@ -31,10 +31,6 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-/// Pauses after failed accepts: the one backoff policy, 10 ms to 1 s.
-const ACCEPT_BACKOFF: kiwi_protocol::backoff::Backoff =
-    kiwi_protocol::backoff::Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
-
 /// WebSocket buffers: explicit and small, so that thousands of idle agents
 /// cost little memory (tungstenite's defaults are 128 KiB each). Agents
 /// send small frames: the read buffer grows for a larger one while it is
@@ -70,25 +66,11 @@ pub async fn serve(listener: TcpListener, state: Arc<LinkState>, tls: Arc<rustls
     let acceptor = TlsAcceptor::from(tls);
     let app = router(state.clone());
     let connections = TaskTracker::new();
-    let mut failed_accepts = 0;
+    let mut listener = crate::listen::Acceptor::new(listener, "agent");
     loop {
         let (stream, peer) = tokio::select! {
             () = state.shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => {
-                    failed_accepts = 0;
-                    a
-                }
-                Err(e) => {
-                    // Out of file descriptors or similar: back off instead
-                    // of spinning.
-                    tracing::warn!(error = %e, "accepting an agent connection failed");
-                    let wait = ACCEPT_BACKOFF.delay(failed_accepts, rand::random::<f64>());
-                    failed_accepts = failed_accepts.saturating_add(1);
-                    tokio::time::sleep(wait).await;
-                    continue;
-                }
-            },
+            accepted = listener.accept() => accepted,
         };
         let Some(slot) = state.auth.limits().open_connection(peer.ip()) else {
             tracing::warn!(%peer, "agent port: address holds too many connections; refused");

@@ -76,7 +76,6 @@ mod secure;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::future::IntoFuture as _;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdTcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -749,7 +748,7 @@ async fn one_agent_start(
     // measured is that of an enrolled robot.
     let enrolled = clean_command(&bins.agent)
         .arg("enroll")
-        .arg(&ctl.enroll)
+        .env("KIWI_AGENT_ENROLL_TOKEN", &ctl.enroll)
         .arg("--controller")
         .arg(ctl.agent.to_string())
         .arg("--state-dir")
@@ -875,6 +874,8 @@ struct InProcess {
     /// figures include checking it, as for an operator.
     bearer: String,
     metrics: Arc<Metrics>,
+    /// The API port's limits, as `serve` gives them.
+    server: kiwi_controller::api::server::ServerSettings,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -906,6 +907,7 @@ impl InProcess {
             router: c.api_router(),
             bearer: format!("Bearer {token}"),
             metrics: c.metrics.clone(),
+            server: c.api_server_settings(),
             shutdown,
             tasks,
         })
@@ -923,11 +925,13 @@ impl InProcess {
     async fn serve_loopback(&self) -> Result<SocketAddr> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        tokio::spawn(
-            axum::serve(listener, self.router.clone())
-                .with_graceful_shutdown(self.shutdown.clone().cancelled_owned())
-                .into_future(),
-        );
+        tokio::spawn(kiwi_controller::api::server::serve(
+            listener,
+            self.router.clone(),
+            self.server,
+            self.metrics.clone(),
+            self.shutdown.clone(),
+        ));
         Ok(addr)
     }
 
