@@ -152,8 +152,8 @@ impl Agent {
     /// The agent of this robot, from its configuration: probes the identity
     /// and opens the state. Blocking (it reads files and may fsync).
     pub fn from_config(cfg: &AgentConfig) -> anyhow::Result<Self> {
-        let open_to_others = kiwi_service::state::ensure_private_dir(&cfg.state_dir)
-            .with_context(|| {
+        let open_to_others =
+            kiwi_service::state::ensure_private_dir(&cfg.state_dir).with_context(|| {
                 format!("cannot create state directory {}", cfg.state_dir.display())
             })?;
         if let Some(mode) = open_to_others {

@@ -586,8 +586,8 @@ impl Config {
                 "max_pending_enrollments and max_pending_enrollments_per_address must be at least 1",
             );
         }
-        if sec.pending_enrollment_ttl < Duration::from_secs(60) {
-            r.error("pending_enrollment_ttl", "must be at least 1m");
+        if sec.pending_enrollment_ttl < Duration::from_secs(1) {
+            r.error("pending_enrollment_ttl", "must be at least 1s");
         }
         if sec.max_connections_per_address == 0 {
             r.error("max_connections_per_address", "must be at least 1");

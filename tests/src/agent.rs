@@ -14,7 +14,7 @@ use tempfile::TempDir;
 use uuid::Uuid;
 
 use crate::controller::{Controller, STOP_TIMEOUT};
-use crate::process::{self, Proc, write_file};
+use crate::process::{self, Confinement, Proc, write_file};
 
 /// The environment prefix of agent settings.
 const ENV_PREFIX: &str = "KIWI_AGENT_";
@@ -44,6 +44,7 @@ pub struct AgentOptions {
     serial: String,
     hostname: String,
     env: Vec<(String, String)>,
+    confinement: Confinement,
 }
 
 impl AgentOptions {
@@ -55,6 +56,7 @@ impl AgentOptions {
             serial: serial.to_string(),
             hostname: format!("lekiwi-{tail}"),
             env: Vec::new(),
+            confinement: Confinement::default(),
         }
     }
 
@@ -76,6 +78,12 @@ impl AgentOptions {
         );
         self.env.retain(|(k, _)| *k != name);
         self.env.push((name, value.to_string()));
+        self
+    }
+
+    /// Starts the agent with this umask.
+    pub fn umask(mut self, mask: u32) -> Self {
+        self.confinement.umask = Some(mask);
         self
     }
 
@@ -116,8 +124,8 @@ impl Agent {
             .tempdir()
             .expect("a temp dir for the agent");
         let sys_root = dir.path().join("sys-root");
+        // Made by the agent itself (private, as outside a test).
         let state_dir = dir.path().join("state");
-        std::fs::create_dir_all(&state_dir).expect("create the agent state dir");
         prepare_lekiwi_sys_root(&sys_root, &opts.serial, &opts.hostname);
         let mut agent = Agent {
             robot_id: robot_id_for_serial(&opts.serial),
@@ -231,7 +239,10 @@ impl Agent {
     /// Starts the agent again with the same sys-root and state directory.
     pub fn start_again(&mut self) {
         assert!(self.proc.is_none(), "the agent is already running");
-        let mut command = Command::new(process::binary("kiwi-agent"));
+        let mut command = self
+            .opts
+            .confinement
+            .command(&process::binary("kiwi-agent"));
         command
             .arg("run")
             .arg("--controller")

@@ -3,7 +3,7 @@
 //! test issues from the controller's own CA (or any other), then a
 //! WebSocket at `/agent`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -82,9 +82,17 @@ pub async fn connect_tls(
     addr: SocketAddr,
     tls: Arc<rustls::ClientConfig>,
 ) -> anyhow::Result<TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connect to {addr}"))?;
+    connect_tls_from(addr, None, tls).await
+}
+
+/// Opens TLS to `addr` with `tls`, from the loopback address `source` when
+/// given (a test's second "host").
+pub async fn connect_tls_from(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    tls: Arc<rustls::ClientConfig>,
+) -> anyhow::Result<TlsStream<TcpStream>> {
+    let tcp = crate::raw_http::connect_from(addr, source).await?;
     // As the agent does: small frames go out at once (without it, Nagle's
     // algorithm holds the request behind TLS's Finished until it is acked).
     tcp.set_nodelay(true).context("TCP_NODELAY")?;
@@ -127,4 +135,81 @@ pub async fn connect_ws(
         })),
         Err(e) => Err(Err(e.into())),
     }
+}
+
+/// Sends one HTTP request (`head` ends with its empty line; `body` after
+/// it) over TLS without a client certificate, from `source` when given,
+/// and returns the answer.
+pub async fn exchange(
+    addr: SocketAddr,
+    ca: &CertificateDer<'static>,
+    source: Option<IpAddr>,
+    head: &str,
+    body: &[u8],
+) -> anyhow::Result<crate::api::RawResponse> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = connect_tls_from(addr, source, tls(ca, None, ALPN_HTTP1)).await?;
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body).await?;
+    stream.flush().await?;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(15), async {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            if let Some(done) = crate::raw_http::parse_complete(&answer)? {
+                return Ok(done);
+            }
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+        crate::raw_http::parse_complete(&answer)?.ok_or_else(|| {
+            anyhow::anyhow!("no complete answer: {:?}", String::from_utf8_lossy(&answer))
+        })
+    });
+    read.await.context("no answer in time")?
+}
+
+/// `POST /enroll` with `body` (JSON) over TLS, from `source` when given.
+pub async fn post_enroll(
+    addr: SocketAddr,
+    ca: &CertificateDer<'static>,
+    source: Option<IpAddr>,
+    body: &[u8],
+) -> anyhow::Result<crate::api::RawResponse> {
+    let head = format!(
+        "POST /enroll HTTP/1.1\r\nHost: kiwi\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    exchange(addr, ca, source, &head, body).await
+}
+
+/// An enrollment request (no token unless given) of a simulated robot
+/// named `name`, with a new key, and extra MAC addresses when asked for.
+pub fn enroll_request(name: &str, token: Option<&str>, macs: usize) -> Vec<u8> {
+    use kiwi_protocol::{HardwareId, Identity, RobotId, RobotType};
+    let hardware_id = HardwareId::Configured(name.to_string());
+    let robot_id = RobotId::from_hardware(&hardware_id);
+    let key = generate_key().expect("a key");
+    let identity = Identity {
+        robot_id,
+        hardware_id,
+        hostname: name.to_string(),
+        robot_type: RobotType::Lekiwi,
+        model: None,
+        os_version: None,
+        agent_version: "0.1.0".into(),
+        mac_addresses: (0..macs)
+            .map(|n| [2, 0, 0, 0, (n >> 8) as u8, n as u8])
+            .collect(),
+        ip_addresses: vec![],
+    };
+    serde_json::to_vec(&kiwi_security::enroll::EnrollRequest {
+        token: token.map(str::to_string),
+        csr_pem: kiwi_security::pki::robot_csr_pem(&key, robot_id.0).expect("a CSR"),
+        identity,
+    })
+    .expect("JSON")
 }

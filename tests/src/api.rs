@@ -254,6 +254,16 @@ impl Api {
 
     /// A client that sends `token` with every request.
     pub fn with_token(base: &str, token: Option<&str>) -> Api {
+        Api::with_token_from(base, token, None)
+    }
+
+    /// A client that sends `token` with every request from the loopback
+    /// address `source` (a test's second "host") when given.
+    pub fn with_token_from(
+        base: &str,
+        token: Option<&str>,
+        source: Option<std::net::IpAddr>,
+    ) -> Api {
         let mut headers = header::HeaderMap::new();
         if let Some(t) = token {
             let mut value = header::HeaderValue::from_str(&format!("Bearer {t}"))
@@ -265,6 +275,7 @@ impl Api {
             .no_proxy()
             .timeout(REQUEST_TIMEOUT)
             .default_headers(headers)
+            .local_address(source)
             .build()
             .expect("a reqwest client");
         Api {

@@ -10,7 +10,7 @@ use tempfile::TempDir;
 
 use crate::POLL_INTERVAL;
 use crate::api::Api;
-use crate::process::{self, Proc};
+use crate::process::{self, Confinement, Proc};
 use crate::services::{RedisKeys, TestDatabase};
 
 /// How long a controller may take from spawn to a 200 on `/readyz` (a debug
@@ -31,11 +31,15 @@ const ENV_PREFIX: &str = "KIWI_CONTROLLER_";
 #[derive(Debug, Clone)]
 pub struct ControllerOptions {
     env: Vec<(String, String)>,
+    confinement: Confinement,
 }
 
 impl Default for ControllerOptions {
     fn default() -> Self {
-        let mut opts = ControllerOptions { env: Vec::new() };
+        let mut opts = ControllerOptions {
+            env: Vec::new(),
+            confinement: Confinement::default(),
+        };
         // Nothing on the LAN (the built-in defaults already say so; the
         // test does not depend on them): no sweep, no announcements.
         for flag in [
@@ -108,6 +112,20 @@ impl ControllerOptions {
         self
     }
 
+    /// Starts the controller with this umask (e.g. `0`: files everyone may
+    /// read and write, unless the program makes its own private).
+    pub fn umask(mut self, mask: u32) -> Self {
+        self.confinement.umask = Some(mask);
+        self
+    }
+
+    /// Starts the controller with this open-files limit, soft and hard,
+    /// and without the privilege to raise it.
+    pub fn open_files_limit(mut self, n: u64) -> Self {
+        self.confinement.open_files = Some(n);
+        self
+    }
+
     /// Starts a controller with these settings.
     pub async fn start(self) -> Controller {
         Controller::start(self).await
@@ -158,7 +176,7 @@ pub fn token_create(
 
 /// Two distinct loopback addresses whose ports were free a moment ago (both
 /// probe sockets are held at once, so the ports differ).
-fn two_loopback_addrs() -> (SocketAddr, SocketAddr) {
+pub fn two_loopback_addrs() -> (SocketAddr, SocketAddr) {
     let bind = || std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     let (a, b) = (bind(), bind());
     let addr = |l: &std::net::TcpListener| l.local_addr().expect("a bound address");
@@ -199,8 +217,8 @@ impl Controller {
             .prefix("kiwi-controller-")
             .tempdir()
             .expect("a temp dir for the controller");
+        // Made by the controller itself (private, as outside a test).
         let state_dir = dir.path().join("state");
-        std::fs::create_dir_all(&state_dir).expect("create the controller state dir");
         let log = dir.path().join("controller.log");
         // Ports are picked once and kept, so restarts come back on the same
         // addresses. Another process may grab a port between our probe and
@@ -252,7 +270,10 @@ impl Controller {
     /// the error carries the log tail.
     async fn spawn_and_wait_ready(&mut self) -> Result<(), StartError> {
         assert!(self.proc.is_none(), "the controller is already running");
-        let mut command = Command::new(process::binary("kiwi-controller"));
+        let mut command = self
+            .opts
+            .confinement
+            .command(&process::binary("kiwi-controller"));
         command
             .arg("serve")
             .arg("--state-dir")

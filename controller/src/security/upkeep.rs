@@ -37,7 +37,9 @@ pub async fn run(
     let mut renewal = tokio::time::interval(RENEWAL_CHECK);
     renewal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The first round a period after the start: nothing is due at once.
-    let period = ENROLLMENT_EXPIRY_CHECK.min(pending_ttl);
+    let period = ENROLLMENT_EXPIRY_CHECK
+        .min(pending_ttl / 2)
+        .max(Duration::from_millis(100));
     let mut expiry = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
