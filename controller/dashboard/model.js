@@ -315,7 +315,7 @@ export function eventLabel(type) {
   return String(type).replace(/^robot_/, "").replaceAll("_", " ");
 }
 
-/** One line about an event's data: the transition, the reason, the health. */
+/** One line about an event's data: the transition, the reason, the health, how a robot enrolled. */
 export function eventSummary(e) {
   const d = e.data || {};
   const parts = [];
@@ -325,5 +325,8 @@ export function eventSummary(e) {
   if (d.deployment_version) parts.push(`deployment ${d.deployment_version}`);
   if (d.ip_address) parts.push(`IP ${d.ip_address}`);
   if (d.method) parts.push(`found by ${d.method}`);
+  if (d.via === "token") parts.push(`by token ${d.token_id}`);
+  if (d.via === "approval") parts.push(`approved by ${d.approved_by}`);
+  if (d.certificates_revoked > 0) parts.push(`replaced ${d.certificates_revoked} certificate(s)`);
   return parts.join(" · ");
 }

@@ -246,4 +246,9 @@ test("event summaries: transition, health, reason, deployment, identity", () => 
   assert.equal(eventSummary({ data: { from: "ready", to: "active", deployment_version: "v1" } }), "ready → active · deployment v1");
   assert.equal(eventSummary({ data: { ip_address: "127.0.0.1", method: "agent" } }), "IP 127.0.0.1 · found by agent");
   assert.equal(eventSummary({}), "");
+  assert.equal(
+    eventSummary({ data: { via: "approval", approved_by: "api-token:ab12", certificates_revoked: 1 } }),
+    "approved by api-token:ab12 · replaced 1 certificate(s)",
+  );
+  assert.equal(eventSummary({ data: { via: "token", token_id: "0123", certificates_revoked: 0 } }), "by token 0123");
 });
