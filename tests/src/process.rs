@@ -198,17 +198,30 @@ impl Drop for Proc {
     }
 }
 
+/// Sends `signal` to every process of the process group `group` (a child
+/// started with `process_group(0)`: its pid), e.g. a script and what it
+/// started.
+pub fn signal_group(group: u32, signal: i32) {
+    let pid = libc::pid_t::try_from(group).expect("pids fit in pid_t");
+    send_signal_raw(-pid, signal);
+}
+
 /// Sends a signal to a process we started.
+fn send_signal(pid: u32, signal: i32) {
+    let pid = libc::pid_t::try_from(pid).expect("pids fit in pid_t");
+    send_signal_raw(pid, signal);
+}
+
+/// kill(2) of `pid` (negative: a process group).
 #[allow(
     unsafe_code,
     reason = "kill(2) has no safe std wrapper for signals other than SIGKILL; \
               it only reads its two integer arguments"
 )]
-fn send_signal(pid: u32, signal: i32) {
-    let pid = libc::pid_t::try_from(pid).expect("pids fit in pid_t");
+fn send_signal_raw(pid: libc::pid_t, signal: i32) {
     // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-    // The pid is that of a child we have not reaped yet, so it cannot have
-    // been reused by another process.
+    // The pid is that of a child we have not reaped yet (or the group it
+    // leads), so it cannot have been reused by another process.
     let rc = unsafe { libc::kill(pid, signal) };
     if rc != 0 {
         let err = std::io::Error::last_os_error();

@@ -679,8 +679,37 @@ async fn valid_credentials_pass_whatever_an_address_failed_and_budgets_are_per_s
         .await
         .map(drop)
         .unwrap_or_else(|e| panic!("a valid certificate was refused: {e:?}"));
-    // Enrollment with a valid token from that address (127.0.0.1: the
-    // agent's) works, and the robot connects.
+    // Enrollment has its own budget too: bad tokens from the attacker are
+    // refused with why, then told to wait; a valid token from it enrolls.
+    let bad = kiwi_security::token::EnrollmentToken::generate(ca.pin()).to_string();
+    let mut statuses = Vec::new();
+    for n in 0..5 {
+        let body = agent_port::enroll_request(&format!("guess-{n}"), Some(&bad), 1);
+        let answer = agent_port::post_enroll(
+            controller.agent_addr(),
+            ca.cert_der(),
+            Some(ATTACKER),
+            &body,
+        )
+        .await
+        .expect("an answer");
+        statuses.push(answer.status);
+    }
+    assert_eq!(statuses[..3], [StatusCode::UNAUTHORIZED; 3], "{statuses:?}");
+    assert_eq!(statuses[4], StatusCode::TOO_MANY_REQUESTS, "{statuses:?}");
+    let good = controller.create_token(&["--uses", "1"]);
+    let body = agent_port::enroll_request("from-the-attackers-address", Some(&good), 1);
+    let answer = agent_port::post_enroll(
+        controller.agent_addr(),
+        ca.cert_der(),
+        Some(ATTACKER),
+        &body,
+    )
+    .await
+    .expect("an answer");
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    // Enrollment with a valid token from 127.0.0.1 (the agent's address,
+    // over its own agent-port budget) works, and the robot connects.
     let agent = Agent::start(&controller, &test_serial(1));
     wait_ready_and_connected(api, agent.robot_id(), secs(30)).await;
     // The API at 127.0.0.1 was never charged for the agent port's failures.
@@ -1009,12 +1038,8 @@ async fn the_demo_keeps_its_admin_token_private() {
             .stderr(std::process::Stdio::null())
             .process_group(0);
         let mut demo = command.spawn().expect("scripts/demo");
-        let group = demo.id().to_string();
-        let stop = move || {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", "--", &format!("-{group}")])
-                .status();
-        };
+        let group = demo.id();
+        let stop = move || kiwi_tests::process::signal_group(group, libc::SIGTERM);
         let api = Api::new(&format!("http://{api_addr}"));
         let up = tokio::time::timeout(secs(60), async {
             loop {

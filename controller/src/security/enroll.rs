@@ -146,34 +146,56 @@ impl Enroller {
         peer: SocketAddr,
         body: &[u8],
     ) -> Result<EnrollResponse, EnrollError> {
-        let answer = self.enroll_inner(peer, body).await;
-        let result = match &answer {
-            Ok(Answer::Issued(EnrollResponse::Issued { robot_id, .. })) => {
-                tracing::info!(%peer, %robot_id, "robot enrolled: certificate issued");
+        let mut answer = self.enroll_inner(peer, body).await;
+        let result = match &mut answer {
+            Ok(Answer::Issued(r)) => {
+                if let EnrollResponse::Issued { robot_id, .. } = r {
+                    tracing::info!(%peer, %robot_id, "robot enrolled: certificate issued");
+                }
                 "issued"
             }
-            Ok(Answer::Issued(_) | Answer::Pending(_)) => "pending",
-            Ok(Answer::Held(_)) => "held",
+            Ok(Answer::Pending(r) | Answer::Held(r)) => {
+                if let EnrollResponse::Pending {
+                    enrollment_id,
+                    key_fingerprint,
+                    ..
+                } = r
+                {
+                    tracing::info!(%peer, %enrollment_id, key_fingerprint, "enrollment waits for an operator");
+                }
+                if matches!(answer, Ok(Answer::Held(_))) {
+                    "held"
+                } else {
+                    "pending"
+                }
+            }
             Err(e) => {
-                if matches!(
+                let failed = matches!(
                     e.kind,
                     EnrollErrorKind::Unauthorized | EnrollErrorKind::Forbidden
-                ) {
-                    self.metrics.auth_failed("enroll", e.reason);
+                );
+                let blocked = failed.then(|| {
+                    self.metrics.auth_failed(Surface::Enroll.as_str(), e.reason);
                     self.limits.auth_failed(Surface::Enroll, peer.ip());
+                    self.limits.blocked(Surface::Enroll, peer.ip())
+                });
+                match blocked.flatten() {
+                    // Over the address's budget: told to wait, quietly.
+                    Some(wait) => {
+                        e.kind = EnrollErrorKind::TooMany(wait);
+                        e.detail = format!(
+                            "{}; too many failed enrollments from this address",
+                            e.detail
+                        );
+                        tracing::debug!(%peer, reason = e.reason, detail = %e.detail, "enrollment refused");
+                    }
+                    None => {
+                        tracing::warn!(%peer, reason = e.reason, detail = %e.detail, "enrollment refused");
+                    }
                 }
-                tracing::warn!(%peer, reason = e.reason, detail = %e.detail, "enrollment refused");
                 "refused"
             }
         };
-        if let Ok(Answer::Pending(EnrollResponse::Pending {
-            enrollment_id,
-            key_fingerprint,
-            ..
-        })) = &answer
-        {
-            tracing::info!(%peer, %enrollment_id, key_fingerprint, "enrollment waits for an operator");
-        }
         self.metrics
             .enrollments
             .get_or_create(&ResultLabels { result })
