@@ -1177,8 +1177,9 @@ async fn get_one(
             ratio: ratio(kiwi_http.p50, base_http.p50, "p50"),
             target: "—".into(),
             met: None,
-            note: "client round trip on one kept-alive HTTP/1.1 connection (reqwest ↔ axum \
-                   on 127.0.0.1), client and server in one process"
+            note: "client round trip on one kept-alive HTTP/1.1 connection (reqwest ↔ the \
+                   API port's server, `api::server::serve`, on 127.0.0.1), client and server \
+                   in one process"
                 .into(),
         },
     ])
