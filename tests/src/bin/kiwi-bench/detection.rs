@@ -954,10 +954,23 @@ fn analyse(plan: &Plan, case: Case, recorded: &Recorded) -> Result<Measured> {
     for u in unplugs {
         let trace = &traces[u.robot - 1];
         let seen_offline = first_from(&trace.offline_ms, u.at_ms).ok_or_else(|| {
+            let last_arrival = trace
+                .sessions
+                .iter()
+                .flat_map(|s| s.arrivals.iter())
+                .filter(|&&t| t <= u.at_ms)
+                .max();
             anyhow!(
-                "robot {} unplugged at {} was never seen offline",
+                "robot {} unplugged at {} was never seen offline after it (seen offline at {:?} \
+                 ms from the unplug; its last arrival before: {:?} ms)",
                 u.robot,
-                u.at_ms
+                u.at_ms,
+                trace
+                    .offline_ms
+                    .iter()
+                    .map(|t| t - u.at_ms)
+                    .collect::<Vec<_>>(),
+                last_arrival.map(|t| t - u.at_ms)
             )
         })?;
         // The session the robot was in when unplugged, and its arrivals

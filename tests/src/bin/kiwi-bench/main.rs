@@ -76,6 +76,7 @@ mod secure;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
+use std::future::IntoFuture as _;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdTcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -921,6 +922,25 @@ impl InProcess {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
     }
 
+    /// Serves the same router on a loopback port with a plain
+    /// `axum::serve` (no connection caps, no timeouts): the baseline of
+    /// the API port's own server.
+    async fn serve_loopback_plain(&self) -> Result<SocketAddr> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(
+            axum::serve(
+                listener,
+                self.router
+                    .clone()
+                    .into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(self.shutdown.clone().cancelled_owned())
+            .into_future(),
+        );
+        Ok(addr)
+    }
+
     /// Serves the same router on a loopback port, as `serve` does.
     async fn serve_loopback(&self) -> Result<SocketAddr> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -1155,6 +1175,44 @@ async fn get_one(
     let base_http = Stats::of(health_http)?;
     progress(&format!("  loopback HTTP: {}", kiwi_http.show()));
 
+    // What the API port's own server (connection caps, header and idle
+    // timeouts) costs a request: the same `GET /healthz` over it and over
+    // a plain `axum::serve` of the same router, interleaved.
+    let plain = ctl.serve_loopback_plain().await?;
+    let at = |addr: SocketAddr| {
+        let client = client.clone();
+        async move {
+            let t0 = Instant::now();
+            let resp = client.get(format!("http://{addr}/healthz")).send().await?;
+            let status = resp.status();
+            resp.bytes().await?;
+            let took = t0.elapsed();
+            ensure!(
+                status == reqwest::StatusCode::OK,
+                "/healthz answered {status}"
+            );
+            Ok::<_, anyhow::Error>(took)
+        }
+    };
+    for _ in 0..(sizes.get_one_http / 10).max(50) {
+        at(http).await?;
+        at(plain).await?;
+    }
+    let mut ours = Vec::with_capacity(sizes.get_one_http);
+    let mut axums = Vec::with_capacity(sizes.get_one_http);
+    let deadline = Instant::now() + sizes.budget;
+    for i in 0..sizes.get_one_http {
+        if i > 100 && Instant::now() > deadline {
+            progress("  time budget spent; stopping early");
+            break;
+        }
+        axums.push(at(plain).await?);
+        ours.push(at(http).await?);
+    }
+    let ours = Stats::of(ours)?;
+    let axums = Stats::of(axums)?;
+    progress(&format!("  the API's server: {}", ours.show()));
+
     Ok(vec![
         Row {
             metric: "`GET /api/v2/robots/{id}`, server side".into(),
@@ -1180,6 +1238,19 @@ async fn get_one(
             note: "client round trip on one kept-alive HTTP/1.1 connection (reqwest ↔ the \
                    API port's server, `api::server::serve`, on 127.0.0.1), client and server \
                    in one process"
+                .into(),
+        },
+        Row {
+            metric: "`GET /healthz` over loopback HTTP, the API port's server".into(),
+            kiwi: ours.show(),
+            baseline: format!("plain `axum::serve` of the same router: {}", axums.show()),
+            ratio: ratio(ours.p50, axums.p50, "p50"),
+            target: "—".into(),
+            met: None,
+            note: "what the API port's own server (`api::server::serve`: connection caps per \
+                   address and in all, the header-read and idle timeouts, a request's activity \
+                   tracked) costs a request: the same request on one kept-alive connection to \
+                   each, interleaved, client and servers in one process"
                 .into(),
         },
     ])
