@@ -22,8 +22,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
+use crate::POLL_INTERVAL;
 use crate::process::Proc;
-use crate::{POLL_INTERVAL, free_port};
 
 /// Where tests put what a person should be able to look at afterwards
 /// (screenshots): `KIWI_TESTS_ARTIFACTS`, else `target/test-artifacts` of
@@ -47,6 +47,72 @@ fn tool(variable: &str, default: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// How many ports chromedriver is tried on before giving up.
+const DRIVER_ATTEMPTS: u32 = 5;
+
+/// A port that was free a moment ago on both 127.0.0.1 and ::1 (chromedriver
+/// listens on both), below the kernel's range of ephemeral ports, so that
+/// the outgoing connections of tests running meanwhile (thousands, in the
+/// attack suite) do not take it before chromedriver binds it.
+fn driver_port() -> u16 {
+    let (low, _) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| {
+            let mut it = t.split_whitespace().map(|n| n.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32_768, 60_999));
+    let span = low.saturating_sub(10_000).max(1);
+    loop {
+        let port = 10_000 + (rand::random::<u16>() % span);
+        let free = std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::TcpListener::bind(("::1", port)).is_ok();
+        if free {
+            return port;
+        }
+    }
+}
+
+/// Starts chromedriver on a free port and waits until it listens. A port
+/// taken between the probe and chromedriver's bind (it then exits saying
+/// so) is not a failure: another port is tried.
+async fn start_driver(chromedriver: &Path, log: &Path) -> (Proc, u16) {
+    for _ in 0..DRIVER_ATTEMPTS {
+        let port = driver_port();
+        let mut command = Command::new(chromedriver);
+        command
+            .arg(format!("--port={port}"))
+            .arg("--allowed-ips=127.0.0.1")
+            // Its own process group, Chromium included: killed as one.
+            .process_group(0);
+        let mut driver = Proc::spawn("chromedriver", command, log);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return (driver, port);
+            }
+            if !driver.is_running() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "chromedriver did not listen on {port} within 20 s:\n{}",
+                crate::process::log_tail(log, 40)
+            );
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+        let said = crate::process::log_tail(log, 10);
+        assert!(
+            said.contains("Address already in use") || said.contains("port not available"),
+            "chromedriver exited before it listened on {port}:\n{said}"
+        );
+    }
+    panic!(
+        "chromedriver found no free port in {DRIVER_ATTEMPTS} attempts:\n{}",
+        crate::process::log_tail(log, 40)
+    );
 }
 
 /// A headless Chromium session.
@@ -78,25 +144,9 @@ impl Browser {
             .prefix("kiwi-browser-")
             .tempdir()
             .expect("a temp dir for the browser");
-        let port = free_port();
         let driver_log = dir.path().join("chromedriver.log");
-        let mut command = Command::new(&chromedriver);
-        command
-            .arg(format!("--port={port}"))
-            .arg("--allowed-ips=127.0.0.1")
-            // Its own process group, Chromium included: killed as one.
-            .process_group(0);
-        let driver = Proc::spawn("chromedriver", command, &driver_log);
+        let (driver, port) = start_driver(&chromedriver, &driver_log).await;
         let url = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "chromedriver did not listen on {port} within 20 s:\n{}",
-                crate::process::log_tail(&driver_log, 40)
-            );
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
         let profile = dir.path().join("profile");
         let mut args = vec![
             "--headless".to_string(),
