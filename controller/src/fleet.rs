@@ -360,7 +360,7 @@ impl Fleet {
             .robot_events(id, (version - i64::from(LOOK_BACK)).max(0), LOOK_BACK)
             .await?;
         Ok(events.iter().rev().find_map(|e| match &e.event {
-            RobotEvent::RobotOffline { transition, .. } => Some(transition.from),
+            RobotEvent::RobotOffline { transition, .. } => Some(transition.from()),
             _ => None,
         }))
     }
@@ -447,8 +447,8 @@ impl Fleet {
             if let Some(t) = r.event.transition() {
                 m.robot_state_transitions
                     .get_or_create(&TransitionLabels {
-                        from: t.from.as_str(),
-                        to: t.to.as_str(),
+                        from: t.from().as_str(),
+                        to: t.to().as_str(),
                     })
                     .inc();
             }

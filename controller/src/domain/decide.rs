@@ -513,9 +513,9 @@ mod tests {
                 match decide(Some(&r), Input::Operator(action.clone()), MANUAL) {
                     Ok(d) => {
                         let t = d.events[0].transition().unwrap();
-                        assert_eq!(t.from, from);
-                        assert!(from.can_move_to(t.to));
-                        assert_eq!(Some(t.to), action.target(from));
+                        assert_eq!(t.from(), from);
+                        assert!(from.can_move_to(t.to()));
+                        assert_eq!(Some(t.to()), action.target(from));
                     }
                     Err(Refusal::Forbidden {
                         allowed_actions,
@@ -835,7 +835,7 @@ mod tests {
                             prop_assert!(a.version >= b.version);
                             prop_assert_eq!(a.version - b.version, d.events.len() as i64);
                             if b.state == Failed && a.state != Failed {
-                                prop_assert_eq!(d.events[0].transition().map(|t| t.to), Some(Provisioning));
+                                prop_assert_eq!(d.events[0].transition().map(|t| t.to()), Some(Provisioning));
                             }
                         }
                         if d.events.is_empty() {

@@ -98,12 +98,27 @@ impl FromStr for LifecycleState {
 }
 
 /// A transition that the table allows; the only way to build one is
-/// [`Transition::new`], so an event can only carry an allowed transition.
+/// [`Transition::new`] (or decoding one from the log, which goes through
+/// it), so an event can only carry an allowed transition. Its fields are
+/// private, which the compiler holds:
+///
+/// ```compile_fail
+/// use kiwi_controller::domain::lifecycle::{LifecycleState, Transition};
+/// // maintenance -> active is not in the table: this must not compile.
+/// let t = Transition { from: LifecycleState::Maintenance, to: LifecycleState::Active };
+/// ```
+///
+/// ```
+/// use kiwi_controller::domain::lifecycle::{LifecycleState, Transition};
+/// let t = Transition::new(LifecycleState::Maintenance, LifecycleState::Ready).unwrap();
+/// assert_eq!((t.from(), t.to()), (LifecycleState::Maintenance, LifecycleState::Ready));
+/// assert!(Transition::new(LifecycleState::Maintenance, LifecycleState::Active).is_err());
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "RawTransition")]
 pub struct Transition {
-    pub from: LifecycleState,
-    pub to: LifecycleState,
+    from: LifecycleState,
+    to: LifecycleState,
 }
 
 #[derive(Deserialize)]
@@ -143,6 +158,16 @@ impl Transition {
             Err(ForbiddenTransition { from, to })
         }
     }
+
+    /// The state it leaves.
+    pub fn from(self) -> LifecycleState {
+        self.from
+    }
+
+    /// The state it enters.
+    pub fn to(self) -> LifecycleState {
+        self.to
+    }
 }
 
 #[cfg(test)]
@@ -181,6 +206,20 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_forbidden_transition_does_not_decode_from_the_log() {
+        let good: Transition =
+            serde_json::from_value(serde_json::json!({"from": "maintenance", "to": "ready"}))
+                .unwrap();
+        assert_eq!((good.from(), good.to()), (Maintenance, Ready));
+        assert!(
+            serde_json::from_value::<Transition>(
+                serde_json::json!({"from": "maintenance", "to": "active"})
+            )
+            .is_err()
+        );
     }
 
     #[test]

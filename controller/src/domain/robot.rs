@@ -162,14 +162,14 @@ impl Head {
             });
         }
         let state = match record.event.transition() {
-            Some(t) if t.from != current.state => {
+            Some(t) if t.from() != current.state => {
                 return Err(ApplyError::WrongState {
                     event: name,
-                    from: t.from,
+                    from: t.from(),
                     actual: current.state,
                 });
             }
-            Some(t) => t.to,
+            Some(t) => t.to(),
             None => current.state,
         };
         Ok(Head {
