@@ -23,15 +23,6 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-fn unprocessable(detail: impl Into<String>) -> Problem {
-    Problem::new(
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "invalid-body",
-        "Invalid request body",
-        detail,
-    )
-}
-
 /// A record as JSON with `kind` and `status` added (the records never
 /// serialise their hash).
 fn described(record: impl serde::Serialize, kind: &str, status: &str) -> Value {
@@ -98,8 +89,8 @@ pub async fn create_token(
         .ttl
         .as_deref()
         .map(|t| {
-            let ttl = parse_duration(t).map_err(|e| unprocessable(format!("ttl: {e}")))?;
-            tokens::check_ttl(ttl).map_err(unprocessable)?;
+            let ttl = parse_duration(t).map_err(|e| Problem::unprocessable(format!("ttl: {e}")))?;
+            tokens::check_ttl(ttl).map_err(Problem::unprocessable)?;
             Ok::<_, Problem>(ttl)
         })
         .transpose()?;
@@ -107,28 +98,28 @@ pub async fn create_token(
     let (text, mut described) = match body.kind.as_deref() {
         Some("api") => {
             let role = body.role.ok_or_else(|| {
-                unprocessable("an API token needs a role: viewer, operator or admin")
+                Problem::unprocessable("an API token needs a role: viewer, operator or admin")
             })?;
             if body.uses.is_some() || body.robot_id.is_some() {
-                return Err(unprocessable(
+                return Err(Problem::unprocessable(
                     "uses and robot_id apply to enrollment tokens; API tokens are not counted \
                      and not made for one robot",
                 ));
             }
             let name = body.name.unwrap_or_default();
-            tokens::check_name(&name).map_err(unprocessable)?;
+            tokens::check_name(&name).map_err(Problem::unprocessable)?;
             let (token, record) = s.api_auth.create(role, &name, ttl).await?;
             tracing::info!(id = %record.id, role = role.as_str(), name, "API token created");
             (token.to_string(), api_json(&record, now))
         }
         Some("enrollment") => {
             if body.role.is_some() || body.name.is_some() {
-                return Err(unprocessable(
+                return Err(Problem::unprocessable(
                     "role and name apply to API tokens; an enrollment token has uses and a ttl",
                 ));
             }
             let uses = body.uses.unwrap_or(DEFAULT_ENROLLMENT_USES);
-            tokens::check_uses(uses).map_err(unprocessable)?;
+            tokens::check_uses(uses).map_err(Problem::unprocessable)?;
             let (token, record) = tokens::create_enrollment_token(
                 s.api_auth.store().as_ref(),
                 s.pki.pin(),
@@ -141,11 +132,15 @@ pub async fn create_token(
             (token.to_string(), enrollment_json(&record, now))
         }
         Some(other) => {
-            return Err(unprocessable(format!(
+            return Err(Problem::unprocessable(format!(
                 "kind must be api or enrollment, not {other:?}"
             )));
         }
-        None => return Err(unprocessable("kind is required: api or enrollment")),
+        None => {
+            return Err(Problem::unprocessable(
+                "kind is required: api or enrollment",
+            ));
+        }
     };
     if let Some(m) = described.as_object_mut() {
         m.insert("token".into(), json!(text));

@@ -23,7 +23,7 @@ use axum::Router;
 use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
 use axum::handler::Handler;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::http::{HeaderMap, Method, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
@@ -218,12 +218,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
                 path = parts.uri.path(),
                 "a handler asked for its caller on an open route"
             );
-            Problem::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "Internal error",
-                "the route does not know its caller; see the controller's log",
-            )
+            Problem::internal("the route does not know its caller; see the controller's log")
         })
     }
 }

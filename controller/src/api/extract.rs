@@ -6,7 +6,6 @@
 use super::problem::Problem;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
-use axum::http::StatusCode;
 use axum::http::request::Parts;
 use kiwi_protocol::RobotId;
 use serde::de::DeserializeOwned;
@@ -79,12 +78,7 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for JsonBody<
         serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
             use serde_json::error::Category;
             match e.classify() {
-                Category::Data => Problem::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "invalid-body",
-                    "Invalid request body",
-                    e.to_string(),
-                ),
+                Category::Data => Problem::unprocessable(e.to_string()),
                 Category::Syntax | Category::Eof | Category::Io => {
                     Problem::bad_request(format!("malformed JSON: {e}"))
                 }
@@ -105,21 +99,6 @@ impl<S: Send + Sync> FromRequest<S> for ApiBody {
         Bytes::from_request(req, state)
             .await
             .map(ApiBody)
-            .map_err(|e| {
-                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    too_large(e.body_text())
-                } else {
-                    Problem::bad_request(e.body_text())
-                }
-            })
+            .map_err(Problem::from)
     }
-}
-
-pub fn too_large(detail: impl Into<String>) -> Problem {
-    Problem::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "too-large",
-        "Request body too large",
-        detail,
-    )
 }

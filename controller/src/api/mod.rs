@@ -165,7 +165,7 @@ async fn limit_body(State(limit): State<usize>, req: Request, next: Next) -> Res
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     match declared {
-        Some(len) if len > limit as u64 => extract::too_large(format!(
+        Some(len) if len > limit as u64 => Problem::too_large(format!(
             "body of {len} bytes exceeds the limit of {limit} bytes"
         ))
         .into_response(),

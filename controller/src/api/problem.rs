@@ -1,6 +1,9 @@
-//! Errors of the REST API as `application/problem+json` (RFC 9457). Every
-//! error response of the API is built here; nothing else maps errors to
-//! HTTP statuses.
+//! Errors of the REST API (and of the agent port's HTTP side) as
+//! `application/problem+json` (RFC 9457). Every error response is built
+//! here: [`Problem::new`] is private, so the named constructors and the
+//! `From` conversions of this file are the only places an error becomes a
+//! status (`controller/tests/invariants.rs` also holds every other file
+//! to success statuses only).
 
 use crate::domain::Refusal;
 use crate::fleet::FleetError;
@@ -31,7 +34,7 @@ pub struct Problem {
 }
 
 impl Problem {
-    pub fn new(
+    fn new(
         status: StatusCode,
         kind: &'static str,
         title: &'static str,
@@ -56,6 +59,53 @@ impl Problem {
     pub fn with_retry_after(mut self, secs: u32) -> Self {
         self.retry_after = Some(secs);
         self
+    }
+
+    /// 422: a JSON body of the wrong shape, or values a route refuses.
+    pub fn unprocessable(detail: impl Into<String>) -> Self {
+        Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-body",
+            "Invalid request body",
+            detail,
+        )
+    }
+
+    /// 413: a body over the limit.
+    pub fn too_large(detail: impl Into<String>) -> Self {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+            "Request body too large",
+            detail,
+        )
+    }
+
+    /// 410: history asked for before a robot's snapshot.
+    pub fn pruned(detail: impl Into<String>) -> Self {
+        Problem::new(StatusCode::GONE, "pruned", "History pruned", detail)
+    }
+
+    /// 409: another controller holds the discovery lease.
+    pub fn discovery_in_progress() -> Self {
+        Problem::new(
+            StatusCode::CONFLICT,
+            "discovery-in-progress",
+            "Discovery in progress",
+            "another controller is running a discovery round; retry shortly",
+        )
+        .with_retry_after(2)
+    }
+
+    /// 500: something the controller cannot explain to the client (the
+    /// cause is logged where it happened); `detail` says where to look.
+    pub fn internal(detail: impl Into<String>) -> Self {
+        Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Internal error",
+            detail,
+        )
     }
 
     pub fn bad_request(detail: impl Into<String>) -> Self {
@@ -162,12 +212,7 @@ impl From<StoreError> for Problem {
             ),
             StoreError::Corrupt(_) | StoreError::Invalid(_) => {
                 tracing::error!(error = %e, "store error");
-                Problem::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "Internal error",
-                    "the store returned data it cannot use; see the controller's log",
-                )
+                Problem::internal("the store returned data it cannot use; see the controller's log")
             }
         }
     }
@@ -248,6 +293,17 @@ impl From<AgentRefusal> for Problem {
             (None, _) => Problem::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden", detail),
         };
         p.with("reason", json!(r.refusal.reason()))
+    }
+}
+
+/// A body that could not be read: over the limit (413), or broken (400).
+impl From<axum::extract::rejection::BytesRejection> for Problem {
+    fn from(e: axum::extract::rejection::BytesRejection) -> Self {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Problem::too_large(e.body_text())
+        } else {
+            Problem::bad_request(e.body_text())
+        }
     }
 }
 

@@ -260,25 +260,15 @@ async fn robot_at(s: &AppState, id: RobotId, at: &str) -> Result<Response, Probl
     if let Some(snap) = &history.snapshot
         && at < snap.robot.updated_at
     {
-        return Err(Problem::new(
-            StatusCode::GONE,
-            "pruned",
-            "History pruned",
-            format!(
-                "the history of robot {id} before {} was folded into a snapshot",
-                snap.robot.updated_at.to_rfc3339()
-            ),
-        ));
+        return Err(Problem::pruned(format!(
+            "the history of robot {id} before {} was folded into a snapshot",
+            snap.robot.updated_at.to_rfc3339()
+        )));
     }
     let robot = crate::replay::project(&history)
         .map_err(|e| {
             tracing::error!(robot_id = %id, error = %e, "history does not replay");
-            Problem::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "Internal error",
-                "the robot's history does not replay; see the controller's log",
-            )
+            Problem::internal("the robot's history does not replay; see the controller's log")
         })?
         .ok_or_else(|| {
             Problem::not_found(format!("robot {id} did not exist at {}", at.to_rfc3339()))
@@ -459,19 +449,10 @@ pub struct ActionBody {
 const MAX_REASON: usize = 1024;
 const MAX_DEPLOYMENT_VERSION: usize = 128;
 
-fn unprocessable(detail: impl Into<String>) -> Problem {
-    Problem::new(
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "invalid-body",
-        "Invalid request body",
-        detail,
-    )
-}
-
 impl ActionBody {
     fn into_action(self, name: &str) -> Result<Action, Problem> {
         if self.reason.as_ref().is_some_and(|r| r.len() > MAX_REASON) {
-            return Err(unprocessable(format!(
+            return Err(Problem::unprocessable(format!(
                 "reason is longer than {MAX_REASON} bytes"
             )));
         }
@@ -480,16 +461,18 @@ impl ActionBody {
             .as_ref()
             .is_some_and(|v| v.is_empty() || v.len() > MAX_DEPLOYMENT_VERSION)
         {
-            return Err(unprocessable(format!(
+            return Err(Problem::unprocessable(format!(
                 "deployment_version must be 1 to {MAX_DEPLOYMENT_VERSION} bytes"
             )));
         }
         let takes_reason = matches!(name, "fail" | "maintenance/start");
         if self.reason.is_some() && !takes_reason {
-            return Err(unprocessable(format!("{name} takes no reason")));
+            return Err(Problem::unprocessable(format!("{name} takes no reason")));
         }
         if self.deployment_version.is_some() && name != "activate" {
-            return Err(unprocessable(format!("{name} takes no deployment_version")));
+            return Err(Problem::unprocessable(format!(
+                "{name} takes no deployment_version"
+            )));
         }
         Ok(match name {
             "provision" => Action::Provision,
@@ -658,13 +641,7 @@ pub async fn discover(State(s): State<AppState>) -> Result<Response, Problem> {
             )
                 .into_response())
         }
-        Started::HeldElsewhere => Err(Problem::new(
-            StatusCode::CONFLICT,
-            "discovery-in-progress",
-            "Discovery in progress",
-            "another controller is running a discovery round; retry shortly",
-        )
-        .with_retry_after(2)),
+        Started::HeldElsewhere => Err(Problem::discovery_in_progress()),
     }
 }
 
