@@ -7,6 +7,7 @@
 pub mod api;
 pub mod breakers;
 pub mod cache;
+pub mod cli;
 pub mod config;
 pub mod discovery;
 pub mod domain;

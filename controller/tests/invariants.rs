@@ -166,3 +166,29 @@ fn the_status_check_catches_an_error_status_chosen_in_a_handler() {
     );
     assert!(error_statuses_in("(StatusCode::CREATED, body)").is_empty());
 }
+
+// ---------------------------------------------------------------------------
+// `main.rs` is a thin binary.
+
+/// The most lines of code `main.rs` may have: it calls into the library.
+const THIN: usize = 12;
+
+fn code_lines(text: &str) -> usize {
+    shipped_code(text).count()
+}
+
+#[test]
+fn main_rs_is_a_thin_binary() {
+    let text = std::fs::read_to_string(src().join("main.rs")).expect("main.rs");
+    let n = code_lines(&text);
+    assert!(
+        n <= THIN,
+        "main.rs has {n} lines of code: commands belong in the library (cli.rs)"
+    );
+}
+
+#[test]
+fn the_thin_check_catches_a_command_in_main() {
+    let violation: String = (0..40).map(|n| format!("let x{n} = {n};\n")).collect();
+    assert!(code_lines(&violation) > THIN);
+}
