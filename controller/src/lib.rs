@@ -24,5 +24,6 @@ pub mod security;
 pub mod serve;
 pub mod shared_cache;
 pub mod store;
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod watch;
