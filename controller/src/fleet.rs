@@ -284,7 +284,7 @@ impl Fleet {
             time,
             received_at: now,
             health: health.clone(),
-            workload: report.workload.as_str().to_string(),
+            workload: report.workload.into(),
             maintenance: report.maintenance,
             telemetry: telemetry.clone(),
         };

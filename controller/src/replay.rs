@@ -19,7 +19,7 @@ pub fn apply_report(robot: &mut Robot, report: &StoredReport) {
     robot.last_report = Some(LastReport {
         seq: report.seq,
         time: report.time,
-        workload: report.workload.clone(),
+        workload: report.workload,
         maintenance: report.maintenance,
         telemetry: report.telemetry.clone(),
     });

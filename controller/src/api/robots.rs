@@ -330,7 +330,7 @@ pub fn exclusion_reasons(r: &Robot, connected: bool, circuit: &CircuitView) -> V
         reasons.push("agent not connected".into());
     }
     if let Some(rep) = &r.last_report {
-        if rep.workload == "failed" {
+        if rep.workload == crate::domain::Workload::Failed {
             reasons.push("workload failed".into());
         }
         if rep.maintenance {

@@ -17,7 +17,7 @@
 //! which anyone can follow live with [`Sightings::subscribe`]. Nothing here
 //! starts unless [`AnnounceSettings`] switches it on.
 
-use super::{DiscoverySource, Sighting};
+use super::{DiscoverySource, Sighting, SightingMethod};
 use chrono::{DateTime, Utc};
 use kiwi_protocol::beacon::{self, Answer, Beacon, ControllerTxt, Datagram};
 use kiwi_protocol::version::{self, ProtocolVersion};
@@ -126,12 +126,17 @@ pub enum Method {
 }
 
 impl Method {
-    /// The `method` of discovery results.
-    pub fn as_str(self) -> &'static str {
+    /// How discovery results name it.
+    pub fn sighting(self) -> SightingMethod {
         match self {
-            Method::Mdns => "mdns",
-            Method::Beacon => "beacon",
+            Method::Mdns => SightingMethod::Mdns,
+            Method::Beacon => SightingMethod::Beacon,
         }
+    }
+
+    /// Its name in discovery results, logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        self.sighting().as_str()
     }
 }
 
@@ -253,7 +258,10 @@ impl Sightings {
             .filter(|(at, _)| now.duration_since(*at) <= max_age)
             .map(|(_, s)| s.clone())
             .collect();
-        out.sort_by(|a, b| (a.robot_id, a.method.as_str()).cmp(&(b.robot_id, b.method.as_str())));
+        out.sort_by(|a, b| {
+            (a.robot_id, a.method.sighting().as_str())
+                .cmp(&(b.robot_id, b.method.sighting().as_str()))
+        });
         out
     }
 
@@ -293,7 +301,7 @@ impl DiscoverySource for AnnouncedAgents {
             .snapshot(self.max_age)
             .into_iter()
             .map(|s| {
-                let mut out = Sighting::robot(s.ip.to_string(), s.robot_id, s.method.as_str());
+                let mut out = Sighting::robot(s.ip.to_string(), s.robot_id, s.method.sighting());
                 out.robot_type = Some(s.robot_type.as_str().to_string());
                 out
             })
@@ -723,7 +731,7 @@ mod tests {
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].robot_id, Some(s.robot_id));
         assert_eq!(found[0].ip_address, "10.88.0.5");
-        assert_eq!(found[0].method, "beacon");
+        assert_eq!(found[0].method, SightingMethod::Beacon);
         assert_eq!(found[0].robot_type.as_deref(), Some("xlerobot"));
     }
 

@@ -13,6 +13,7 @@
 //! has its own circuit breaker in the probe, so a broken host is not
 //! hammered round after round.
 
+use super::SightingMethod;
 use super::neighbours::format_mac;
 use super::ssh::{SshError, SshProbe};
 use super::sweep::{LiveHost, SweepSettings, sweep};
@@ -108,7 +109,7 @@ async fn visit(ssh: &SshProbe, host: &LiveHost) -> Sighting {
             Sighting {
                 ip_address: host.ip.to_string(),
                 robot_id: Some(found.robot_id),
-                method: "ssh",
+                method: SightingMethod::Ssh,
                 mac_address: mac,
                 robot_type: Some(facts.robot_type.clone()),
                 detail: Some(found.found.type_decision.reason.clone()),
@@ -125,7 +126,7 @@ async fn visit(ssh: &SshProbe, host: &LiveHost) -> Sighting {
             Sighting {
                 ip_address: host.ip.to_string(),
                 robot_id: None,
-                method: "ssh",
+                method: SightingMethod::Ssh,
                 mac_address: mac,
                 robot_type: None,
                 facts: None,

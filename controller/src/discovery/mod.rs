@@ -33,8 +33,8 @@ pub struct Sighting {
     pub ip_address: String,
     /// The robot there, when the source knows it.
     pub robot_id: Option<RobotId>,
-    /// How it was seen (the `method` of discovery results).
-    pub method: &'static str,
+    /// How it was seen.
+    pub method: SightingMethod,
     pub mac_address: Option<String>,
     pub robot_type: Option<String>,
     /// A host identified without an agent (over SSH): its identity, which
@@ -47,7 +47,7 @@ pub struct Sighting {
 
 impl Sighting {
     /// A robot whose identity the source knows.
-    pub fn robot(ip_address: String, robot_id: RobotId, method: &'static str) -> Self {
+    pub fn robot(ip_address: String, robot_id: RobotId, method: SightingMethod) -> Self {
         Sighting {
             ip_address,
             robot_id: Some(robot_id),
@@ -61,29 +61,9 @@ impl Sighting {
     }
 }
 
-/// What became of an address in a round.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// A robot, identified.
-    Identified,
-    /// A live host that is not (yet) identified as a robot.
-    Live,
-    /// The host's SSH key is not the one recorded: flagged, not trusted.
-    HostKeyChanged,
-    /// The host answered but could not be identified (the detail says why).
-    Failed,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Identified => "identified",
-            Outcome::Live => "live",
-            Outcome::HostKeyChanged => "host_key_changed",
-            Outcome::Failed => "failed",
-        }
-    }
-}
+pub use crate::store::SightingMethod;
+/// What became of an address in a round (the store's vocabulary).
+pub use crate::store::SightingOutcome as Outcome;
 
 /// A way of finding robots.
 #[async_trait::async_trait]
@@ -111,7 +91,7 @@ impl DiscoverySource for ConnectedAgents {
             .sessions()
             .snapshot()
             .into_iter()
-            .map(|s| Sighting::robot(s.peer.ip().to_string(), s.robot_id, "agent"))
+            .map(|s| Sighting::robot(s.peer.ip().to_string(), s.robot_id, SightingMethod::Agent))
             .collect())
     }
 }
@@ -359,7 +339,7 @@ impl Discovery {
                 if let (Some(id), Some(facts)) = (s.robot_id, s.facts.clone()) {
                     let input = Input::HostSighted {
                         facts,
-                        method: s.method.to_string(),
+                        method: s.method.as_str().to_string(),
                     };
                     if let Err(e) = self.fleet.apply(id, input, &ctx).await {
                         tracing::warn!(robot_id = %id, ip = %s.ip_address, error = %e, "a sighted robot was not recorded");
@@ -372,11 +352,11 @@ impl Discovery {
                 results.push(DiscoveryResult {
                     ip_address: s.ip_address,
                     robot_id: s.robot_id,
-                    method: s.method.to_string(),
+                    method: s.method,
                     found_at: truncate_micros(Utc::now()),
                     mac_address: s.mac_address,
                     robot_type: s.robot_type,
-                    outcome: s.outcome.as_str().to_string(),
+                    outcome: s.outcome,
                     detail: s.detail,
                 });
             }

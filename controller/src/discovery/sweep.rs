@@ -25,6 +25,7 @@
 //! Planning and merging are pure ([`plan`], [`Liveness`]); [`sweep`] is the
 //! I/O around them.
 
+use super::SightingMethod;
 use super::arp::{self, ArpSettings};
 use super::neighbours::{self, LocalAddress, NeighbourError};
 use super::{Outcome, Sighting};
@@ -95,11 +96,12 @@ pub enum FoundBy {
 }
 
 impl FoundBy {
-    pub fn as_str(self) -> &'static str {
+    /// How discovery results name it.
+    pub fn method(self) -> SightingMethod {
         match self {
-            FoundBy::Neighbour => "neighbour",
-            FoundBy::Arp => "arp",
-            FoundBy::Tcp => "tcp",
+            FoundBy::Neighbour => SightingMethod::Neighbour,
+            FoundBy::Arp => SightingMethod::Arp,
+            FoundBy::Tcp => SightingMethod::Tcp,
         }
     }
 }
@@ -119,7 +121,7 @@ impl LiveHost {
         Sighting {
             ip_address: self.ip.to_string(),
             robot_id: None,
-            method: self.found_by.as_str(),
+            method: self.found_by.method(),
             mac_address: self.mac.as_ref().map(neighbours::format_mac),
             robot_type: None,
             facts: None,
@@ -699,7 +701,7 @@ mod tests {
         }
         .sighting();
         assert_eq!(s.ip_address, "10.88.0.2");
-        assert_eq!(s.method, "arp");
+        assert_eq!(s.method, SightingMethod::Arp);
         assert_eq!(s.mac_address.as_deref(), Some("02:88:00:00:00:02"));
         assert_eq!(s.outcome, Outcome::Live);
         assert!(s.robot_id.is_none());

@@ -27,4 +27,4 @@ pub mod robot;
 pub use decide::{Action, Decision, Input, Policy, Recall, Refusal, decide, decide_recalling};
 pub use event::{EnrolledVia, Enrollment, EventMetadata, EventRecord, NewEvent, RobotEvent};
 pub use lifecycle::LifecycleState;
-pub use robot::{Head, Health, Robot};
+pub use robot::{Head, Health, Robot, Workload};

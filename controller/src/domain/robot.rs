@@ -69,12 +69,65 @@ pub mod health_status {
     }
 }
 
+/// Whether the robot's main service (its workload) runs, as its agent
+/// last reported it; stored and shown by name (`running`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Workload {
+    Running,
+    Stopped,
+    Failed,
+    /// No workload unit is configured on the robot.
+    NotConfigured,
+    Unknown,
+}
+
+impl Workload {
+    /// The stored (and JSON) name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Workload::Running => "running",
+            Workload::Stopped => "stopped",
+            Workload::Failed => "failed",
+            Workload::NotConfigured => "not_configured",
+            Workload::Unknown => "unknown",
+        }
+    }
+
+    /// The state of a stored name; an error names anything else.
+    pub fn parse(s: &str) -> Result<Workload, String> {
+        [
+            Workload::Running,
+            Workload::Stopped,
+            Workload::Failed,
+            Workload::NotConfigured,
+            Workload::Unknown,
+        ]
+        .into_iter()
+        .find(|w| w.as_str() == s)
+        .ok_or_else(|| format!("unknown workload state {s:?}"))
+    }
+}
+
+impl From<kiwi_protocol::message::WorkloadState> for Workload {
+    fn from(w: kiwi_protocol::message::WorkloadState) -> Self {
+        use kiwi_protocol::message::WorkloadState as W;
+        match w {
+            W::Running => Workload::Running,
+            W::Stopped => Workload::Stopped,
+            W::Failed => Workload::Failed,
+            W::NotConfigured => Workload::NotConfigured,
+            W::Unknown => Workload::Unknown,
+        }
+    }
+}
+
 /// The latest report an agent sent, as kept in the read model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LastReport {
     pub seq: i64,
     pub time: DateTime<Utc>,
-    pub workload: String,
+    pub workload: Workload,
     pub maintenance: bool,
     pub telemetry: serde_json::Value,
 }
@@ -304,5 +357,28 @@ impl Robot {
             robot = Some(Robot::apply(robot, e)?);
         }
         Ok(robot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiwi_protocol::message::WorkloadState;
+
+    #[test]
+    fn workload_states_have_one_name_each_and_come_from_the_agents() {
+        for (w, name) in [
+            (WorkloadState::Running, "running"),
+            (WorkloadState::Stopped, "stopped"),
+            (WorkloadState::Failed, "failed"),
+            (WorkloadState::NotConfigured, "not_configured"),
+            (WorkloadState::Unknown, "unknown"),
+        ] {
+            let ours = Workload::from(w);
+            assert_eq!(ours.as_str(), name);
+            assert_eq!(Workload::parse(name), Ok(ours));
+            assert_eq!(serde_json::to_value(ours).unwrap(), serde_json::json!(name));
+        }
+        assert!(Workload::parse("Running").is_err());
     }
 }

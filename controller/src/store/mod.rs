@@ -63,7 +63,7 @@ pub struct StoredReport {
     /// When the controller stored it.
     pub received_at: DateTime<Utc>,
     pub health: Health,
-    pub workload: String,
+    pub workload: crate::domain::Workload,
     pub maintenance: bool,
     pub telemetry: serde_json::Value,
 }
@@ -84,6 +84,100 @@ pub struct DiscoverySession {
     pub results: Vec<DiscoveryResult>,
 }
 
+/// How an address was seen in a discovery round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SightingMethod {
+    /// Its agent is connected.
+    Agent,
+    /// Its agent announced itself by mDNS.
+    Mdns,
+    /// Its agent's UDP beacon was heard.
+    Beacon,
+    /// A confirmed entry of the kernel neighbour table.
+    Neighbour,
+    /// It answered the sweep's own ARP request.
+    Arp,
+    /// It accepted or refused a TCP connect.
+    Tcp,
+    /// It was identified over SSH (the fallback for robots without an agent).
+    Ssh,
+}
+
+impl SightingMethod {
+    const ALL: [SightingMethod; 7] = [
+        SightingMethod::Agent,
+        SightingMethod::Mdns,
+        SightingMethod::Beacon,
+        SightingMethod::Neighbour,
+        SightingMethod::Arp,
+        SightingMethod::Tcp,
+        SightingMethod::Ssh,
+    ];
+
+    /// The stored (and JSON) name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SightingMethod::Agent => "agent",
+            SightingMethod::Mdns => "mdns",
+            SightingMethod::Beacon => "beacon",
+            SightingMethod::Neighbour => "neighbour",
+            SightingMethod::Arp => "arp",
+            SightingMethod::Tcp => "tcp",
+            SightingMethod::Ssh => "ssh",
+        }
+    }
+
+    /// The method of a stored name; an error names anything else.
+    pub fn parse(s: &str) -> Result<SightingMethod, String> {
+        SightingMethod::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| format!("unknown discovery method {s:?}"))
+    }
+}
+
+/// What became of an address in a discovery round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SightingOutcome {
+    /// A robot, identified.
+    Identified,
+    /// A live host that is not (yet) identified as a robot.
+    Live,
+    /// The host's SSH key is not the one recorded: flagged, not trusted.
+    HostKeyChanged,
+    /// The host answered but could not be identified (the detail says why).
+    Failed,
+}
+
+impl SightingOutcome {
+    const ALL: [SightingOutcome; 4] = [
+        SightingOutcome::Identified,
+        SightingOutcome::Live,
+        SightingOutcome::HostKeyChanged,
+        SightingOutcome::Failed,
+    ];
+
+    /// The stored (and JSON) name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SightingOutcome::Identified => "identified",
+            SightingOutcome::Live => "live",
+            SightingOutcome::HostKeyChanged => "host_key_changed",
+            SightingOutcome::Failed => "failed",
+        }
+    }
+
+    /// The outcome of a stored name; an error names anything else.
+    pub fn parse(s: &str) -> Result<SightingOutcome, String> {
+        SightingOutcome::ALL
+            .into_iter()
+            .find(|o| o.as_str() == s)
+            .ok_or_else(|| format!("unknown discovery outcome {s:?}"))
+    }
+}
+
 /// What a discovery round found at one address by one method
 /// (`discovery_results`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,14 +185,11 @@ pub struct DiscoveryResult {
     pub ip_address: String,
     /// The robot, when the address was identified.
     pub robot_id: Option<RobotId>,
-    /// How: `agent`, `mdns`, `beacon`, `neighbour`, `arp`, `tcp`, `ssh`.
-    pub method: String,
+    pub method: SightingMethod,
     pub found_at: DateTime<Utc>,
     pub mac_address: Option<String>,
     pub robot_type: Option<String>,
-    /// What became of the address: `identified`, `live` (a host, no robot
-    /// identity), `host_key_changed` (flagged, not trusted), `failed`.
-    pub outcome: String,
+    pub outcome: SightingOutcome,
     /// Why, for an operator (e.g. the SSH error).
     pub detail: Option<String>,
 }

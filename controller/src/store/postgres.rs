@@ -85,7 +85,8 @@ use super::checks::{check_against_log, check_shape, records_of};
 use super::postgres_auth::PostgresAuthStore;
 use super::{
     Append, BreakerColumns, Committed, DiscoveryResult, DiscoverySession, EventStore, Fence,
-    History, PruneOutcome, Snapshot, StoreError, StoredBreaker, StoredReport,
+    History, PruneOutcome, SightingMethod, SightingOutcome, Snapshot, StoreError, StoredBreaker,
+    StoredReport,
 };
 use crate::domain::robot::LastReport;
 use crate::domain::{EventMetadata, EventRecord, Head, Health, LifecycleState, Robot, RobotEvent};
@@ -560,11 +561,11 @@ impl EventStore for PostgresStore {
                     .map(|x| x.robot_id.map(|id| id.0))
                     .collect::<Vec<_>>(),
             )
-            .bind(r.iter().map(|x| x.method.clone()).collect::<Vec<_>>())
+            .bind(r.iter().map(|x| x.method.as_str()).collect::<Vec<_>>())
             .bind(r.iter().map(|x| x.found_at).collect::<Vec<_>>())
             .bind(r.iter().map(|x| x.mac_address.clone()).collect::<Vec<_>>())
             .bind(r.iter().map(|x| x.robot_type.clone()).collect::<Vec<_>>())
-            .bind(r.iter().map(|x| x.outcome.clone()).collect::<Vec<_>>())
+            .bind(r.iter().map(|x| x.outcome.as_str()).collect::<Vec<_>>())
             .bind(r.iter().map(|x| x.detail.clone()).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await
@@ -615,11 +616,15 @@ impl EventStore for PostgresStore {
             session.results.push(DiscoveryResult {
                 ip_address: col(row, "ip_address").map_err(corrupt)?,
                 robot_id: robot_id.map(RobotId),
-                method: col(row, "method").map_err(corrupt)?,
+                method: col::<String>(row, "method")
+                    .and_then(|m| SightingMethod::parse(&m))
+                    .map_err(corrupt)?,
                 found_at: col(row, "found_at").map_err(corrupt)?,
                 mac_address: col(row, "mac_address").map_err(corrupt)?,
                 robot_type: col(row, "robot_type").map_err(corrupt)?,
-                outcome: col(row, "outcome").map_err(corrupt)?,
+                outcome: col::<String>(row, "outcome")
+                    .and_then(|o| SightingOutcome::parse(&o))
+                    .map_err(corrupt)?,
                 detail: col(row, "detail").map_err(corrupt)?,
             });
         }
@@ -1709,7 +1714,7 @@ impl ReportArrays {
         self.time.push(r.time);
         self.received_at.push(r.received_at);
         self.health.push(health.clone());
-        self.workload.push(r.workload.clone());
+        self.workload.push(r.workload.as_str().to_string());
         self.maintenance.push(r.maintenance);
         self.telemetry.push(r.telemetry.clone());
     }
@@ -2164,7 +2169,7 @@ fn report_fields(row: &PgRow) -> Result<StoredReport, String> {
         time: col(row, "time")?,
         received_at: col(row, "received_at")?,
         health: json_col(row, "health")?,
-        workload: col(row, "workload")?,
+        workload: crate::domain::Workload::parse(&col::<String>(row, "workload")?)?,
         maintenance: col(row, "maintenance")?,
         telemetry: col(row, "telemetry")?,
     })
@@ -2415,7 +2420,7 @@ mod tests {
                 status: HealthStatus::Degraded,
                 reasons: vec!["cpu at 81 °C".into()],
             },
-            workload: "running".into(),
+            workload: crate::domain::Workload::Running,
             maintenance: false,
             telemetry,
         }
@@ -3280,21 +3285,21 @@ mod tests {
                 DiscoveryResult {
                     ip_address: "10.88.0.2".into(),
                     robot_id: Some(robot_id(2)),
-                    method: "ssh".into(),
+                    method: crate::store::SightingMethod::Ssh,
                     found_at: started_at,
                     mac_address: Some("02:88:00:00:00:02".into()),
                     robot_type: Some("xlerobot".into()),
-                    outcome: "identified".into(),
+                    outcome: crate::store::SightingOutcome::Identified,
                     detail: None,
                 },
                 DiscoveryResult {
                     ip_address: "10.88.0.3".into(),
                     robot_id: None,
-                    method: "ssh".into(),
+                    method: crate::store::SightingMethod::Ssh,
                     found_at: started_at,
                     mac_address: None,
                     robot_type: None,
-                    outcome: "host_key_changed".into(),
+                    outcome: crate::store::SightingOutcome::HostKeyChanged,
                     detail: Some("host key changed".into()),
                 },
             ],

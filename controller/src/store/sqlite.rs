@@ -35,7 +35,8 @@ use super::checks::{check_against_log, check_shape, records_of};
 use super::sqlite_auth::SqliteAuthStore;
 use super::{
     Append, BreakerColumns, Committed, DiscoveryResult, DiscoverySession, EventStore, Fence,
-    History, PruneOutcome, Snapshot, StoreError, StoredBreaker, StoredReport,
+    History, PruneOutcome, SightingMethod, SightingOutcome, Snapshot, StoreError, StoredBreaker,
+    StoredReport,
 };
 use crate::domain::robot::LastReport;
 use crate::domain::{EventMetadata, EventRecord, Health, LifecycleState, Robot, RobotEvent};
@@ -570,11 +571,11 @@ async fn record_discovery_in(
         .bind(ordinal as i64)
         .bind(&r.ip_address)
         .bind(r.robot_id.map(|id| id.to_string()))
-        .bind(&r.method)
+        .bind(r.method.as_str())
         .bind(timestamp(&r.found_at))
         .bind(&r.mac_address)
         .bind(&r.robot_type)
-        .bind(&r.outcome)
+        .bind(r.outcome.as_str())
         .bind(&r.detail)
         .execute(&mut *conn)
         .await
@@ -626,11 +627,15 @@ async fn load_discovery(
                 .map(|t| t.parse::<Uuid>().map(RobotId))
                 .transpose()
                 .map_err(|e| corrupt(format!("robot_id: {e}")))?,
-            method: col(row, "method").map_err(corrupt)?,
+            method: col::<String>(row, "method")
+                .and_then(|m| SightingMethod::parse(&m))
+                .map_err(corrupt)?,
             found_at: time_col(row, "found_at").map_err(corrupt)?,
             mac_address: col(row, "mac_address").map_err(corrupt)?,
             robot_type: col(row, "robot_type").map_err(corrupt)?,
-            outcome: col(row, "outcome").map_err(corrupt)?,
+            outcome: col::<String>(row, "outcome")
+                .and_then(|o| SightingOutcome::parse(&o))
+                .map_err(corrupt)?,
             detail: col(row, "detail").map_err(corrupt)?,
         });
     }
@@ -976,7 +981,7 @@ async fn insert_report(
     .bind(timestamp(&report.time))
     .bind(timestamp(&report.received_at))
     .bind(to_json(&report.health)?)
-    .bind(report.workload.clone())
+    .bind(report.workload.as_str())
     .bind(report.maintenance)
     .bind(report.telemetry.to_string())
     .execute(&mut *conn)
@@ -1073,7 +1078,7 @@ fn report_fields(row: &SqliteRow) -> Result<StoredReport, String> {
         time: time_col(row, "time")?,
         received_at: time_col(row, "received_at")?,
         health: json_col(row, "health")?,
-        workload: col(row, "workload")?,
+        workload: crate::domain::Workload::parse(&col::<String>(row, "workload")?)?,
         maintenance: col(row, "maintenance")?,
         telemetry: json_col(row, "telemetry")?,
     })
@@ -1293,7 +1298,7 @@ mod tests {
                 status: HealthStatus::Degraded,
                 reasons: vec!["cpu at 81 °C".into()],
             },
-            workload: "running".into(),
+            workload: crate::domain::Workload::Running,
             maintenance: false,
             telemetry,
         }
@@ -1306,7 +1311,7 @@ mod tests {
         append.robot.last_report = Some(LastReport {
             seq: report.seq,
             time: report.time,
-            workload: report.workload.clone(),
+            workload: report.workload,
             maintenance: report.maintenance,
             telemetry: report.telemetry.clone(),
         });
@@ -1841,11 +1846,11 @@ mod tests {
             results: vec![DiscoveryResult {
                 ip_address: "10.88.0.2".into(),
                 robot_id: Some(RobotId(Uuid::from_u128(2))),
-                method: "ssh".into(),
+                method: crate::store::SightingMethod::Ssh,
                 found_at: started_at,
                 mac_address: Some("02:88:00:00:00:02".into()),
                 robot_type: Some("lekiwi".into()),
-                outcome: "identified".into(),
+                outcome: crate::store::SightingOutcome::Identified,
                 detail: None,
             }],
         };
@@ -1854,11 +1859,11 @@ mod tests {
         session.results.push(DiscoveryResult {
             ip_address: "10.88.0.3".into(),
             robot_id: None,
-            method: "arp".into(),
+            method: crate::store::SightingMethod::Arp,
             found_at: started_at,
             mac_address: None,
             robot_type: None,
-            outcome: "live".into(),
+            outcome: crate::store::SightingOutcome::Live,
             detail: Some("no agent, SSH closed".into()),
         });
         store.record_discovery(&session, None).await.unwrap();
