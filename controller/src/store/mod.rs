@@ -11,10 +11,11 @@
 
 pub mod auth;
 mod checks;
+#[cfg(test)]
+pub(crate) mod conformance;
 pub mod postgres;
-pub mod postgres_auth;
+mod rows;
 pub mod sqlite;
-pub mod sqlite_auth;
 
 use crate::domain::breaker::BreakerState;
 use crate::domain::{EventRecord, Health, NewEvent, Robot};
@@ -406,64 +407,6 @@ pub trait EventStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// The security records kept in the same database.
     fn auth(&self) -> Arc<dyn AuthStore>;
-}
-
-/// Checks every backend runs against its own database.
-#[cfg(test)]
-pub(crate) mod conformance {
-    use super::*;
-    use chrono::TimeZone;
-
-    fn at(secs: i64) -> DateTime<Utc> {
-        // Microseconds: what PostgreSQL keeps.
-        Utc.timestamp_opt(1_800_000_000 + secs, 123_456_000)
-            .unwrap()
-    }
-
-    /// Saving a breaker replaces the robot's previous one; every state
-    /// reads back exactly, in robot order.
-    pub(crate) async fn breakers_round_trip(store: &dyn EventStore) {
-        let (a, b) = (RobotId(Uuid::from_u128(1)), RobotId(Uuid::from_u128(2)));
-        assert_eq!(store.breakers().await.unwrap(), []);
-        let saved = [
-            (a, BreakerState::Closed { failures: 4 }),
-            (b, BreakerState::Open { opened_at: at(1) }),
-            (
-                a,
-                BreakerState::HalfOpen {
-                    since: at(2),
-                    successes: 2,
-                },
-            ),
-        ];
-        for (i, (robot_id, state)) in saved.into_iter().enumerate() {
-            let stored = StoredBreaker {
-                robot_id,
-                state,
-                updated_at: at(i as i64),
-            };
-            store.save_breaker(&stored).await.unwrap();
-        }
-        let read = store.breakers().await.unwrap();
-        assert_eq!(
-            read,
-            [
-                StoredBreaker {
-                    robot_id: a,
-                    state: BreakerState::HalfOpen {
-                        since: at(2),
-                        successes: 2
-                    },
-                    updated_at: at(2),
-                },
-                StoredBreaker {
-                    robot_id: b,
-                    state: BreakerState::Open { opened_at: at(1) },
-                    updated_at: at(1),
-                },
-            ]
-        );
-    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! The auth store on the embedded SQLite database (see [`super::auth`]).
+//! The auth store on the embedded SQLite database (see [`crate::store::auth`]).
 //!
 //! **Writes** go through a pool of their own holding one connection,
 //! opened with the options of every connection of the store (WAL,
@@ -26,21 +26,17 @@
 //! **Reads** use the store's read pool; each is one statement, so it sees
 //! one committed state.
 
-use super::StoreError;
-use super::auth::{
+use super::rows::{read_error, timestamp, to_json, write_error};
+use crate::store::StoreError;
+use crate::store::auth::{
     ApiTokenRecord, AuthStore, CertificateRecord, EndedEnrollments, EnrollmentCursor,
     EnrollmentRecord, EnrollmentStatus, EnrollmentTokenRecord, NewEnrollment, Noted, PendingLimits,
-    Role, TokenUse, refused_move, uses,
+    TokenUse, refused_move,
 };
-use super::sqlite::{
-    col, json_col, key, opt_time_col, read_error, time_col, timestamp, to_json, uuid_col,
-    write_error,
-};
+use crate::store::rows as decode;
 use chrono::{DateTime, Utc};
 use kiwi_protocol::RobotId;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqlitePool, SqlitePoolOptions, SqliteRow,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePool, SqlitePoolOptions};
 use sqlx::{Sqlite, Transaction};
 use std::time::Duration;
 use uuid::Uuid;
@@ -49,14 +45,14 @@ use uuid::Uuid;
 /// auth writes queued before it, each bounded by the busy timeout.
 const WRITE_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The columns of `api_tokens`, as [`decode_api_token`] reads them.
+/// The columns of `api_tokens`, as [`decode::api_token`] reads them.
 macro_rules! api_token_columns {
     () => {
         "token_id, name, role, secret_hash, created_at, expires_at, revoked_at"
     };
 }
 
-/// The columns of `enrollment_tokens`, as [`decode_enrollment_token`] reads them.
+/// The columns of `enrollment_tokens`, as [`decode::enrollment_token`] reads them.
 macro_rules! enrollment_token_columns {
     () => {
         "token_id, secret_hash, created_at, expires_at, uses_total, uses_left, revoked_at, \
@@ -64,7 +60,7 @@ macro_rules! enrollment_token_columns {
     };
 }
 
-/// The columns of `enrollments`, as [`decode_enrollment`] reads them.
+/// The columns of `enrollments`, as [`decode::enrollment`] reads them.
 macro_rules! enrollment_columns {
     () => {
         "enrollment_id, robot_id, key_fingerprint, identity, source_addr, status, first_seen, \
@@ -72,14 +68,14 @@ macro_rules! enrollment_columns {
     };
 }
 
-/// The columns of `certificates`, as [`decode_certificate`] reads them.
+/// The columns of `certificates`, as [`decode::certificate`] reads them.
 macro_rules! certificate_columns {
     () => {
         "serial, robot_id, key_fingerprint, not_before, not_after, issued_at, revoked_at"
     };
 }
 
-/// The auth store of a [`super::sqlite::SqliteStore`]: its read pool, and
+/// The auth store of a [`super::SqliteStore`]: its read pool, and
 /// a write pool of one connection (see the module doc).
 #[derive(Debug)]
 pub struct SqliteAuthStore {
@@ -165,7 +161,7 @@ impl AuthStore for SqliteAuthStore {
         .await
         .map_err(read_error)?
         .as_ref()
-        .map(decode_api_token)
+        .map(decode::api_token)
         .transpose()
     }
 
@@ -179,7 +175,7 @@ impl AuthStore for SqliteAuthStore {
         .await
         .map_err(read_error)?
         .iter()
-        .map(decode_api_token)
+        .map(decode::api_token)
         .collect()
     }
 
@@ -232,7 +228,7 @@ impl AuthStore for SqliteAuthStore {
         .await
         .map_err(read_error)?
         .iter()
-        .map(decode_enrollment_token)
+        .map(decode::enrollment_token)
         .collect()
     }
 
@@ -268,7 +264,7 @@ impl AuthStore for SqliteAuthStore {
         .await
         .map_err(read_error)?
         .as_ref()
-        .map(decode_enrollment_token)
+        .map(decode::enrollment_token)
         .transpose()
     }
 
@@ -324,7 +320,7 @@ impl AuthStore for SqliteAuthStore {
         .await
         .map_err(read_error)?
         .iter()
-        .map(decode_enrollment)
+        .map(decode::enrollment)
         .collect()
     }
 
@@ -422,7 +418,7 @@ impl AuthStore for SqliteAuthStore {
         .await
         .map_err(read_error)?
         .iter()
-        .map(decode_certificate)
+        .map(decode::certificate)
         .collect()
     }
 
@@ -476,7 +472,7 @@ async fn use_token_in(
     else {
         return Ok(TokenUse::Unknown);
     };
-    let outcome = decode_enrollment_token(&row)?.judge_use(secret_hash, robot, now);
+    let outcome = decode::enrollment_token(&row)?.judge_use(secret_hash, robot, now);
     if let TokenUse::Accepted { uses_left } = outcome {
         sqlx::query("UPDATE enrollment_tokens SET uses_left = ? WHERE token_id = ?")
             .bind(i64::from(uses_left))
@@ -509,7 +505,7 @@ async fn note_in(
     .await
     .map_err(write_error)?
     .as_ref()
-    .map(decode_enrollment)
+    .map(decode::enrollment)
     .transpose()?;
     let status = existing
         .as_ref()
@@ -574,7 +570,7 @@ async fn note_in(
         }
     }
     .map_err(write_error)?;
-    decode_enrollment(&row).map(Noted::Recorded)
+    decode::enrollment(&row).map(Noted::Recorded)
 }
 
 /// Moves an enrollment, inside a write transaction.
@@ -608,7 +604,7 @@ async fn decide_in(
     .fetch_one(&mut *conn)
     .await
     .map_err(write_error)?;
-    decode_enrollment(&row).map(Some)
+    decode::enrollment(&row).map(Some)
 }
 
 async fn load_enrollment(
@@ -625,82 +621,9 @@ async fn load_enrollment(
     .await
     .map_err(read_error)?
     .as_ref()
-    .map(decode_enrollment)
+    .map(decode::enrollment)
     .transpose()
 }
 
 // ---------------------------------------------------------------------------
 // Decoding.
-
-fn decode_api_token(row: &SqliteRow) -> Result<ApiTokenRecord, StoreError> {
-    let fields = || -> Result<ApiTokenRecord, String> {
-        let role: String = col(row, "role")?;
-        Ok(ApiTokenRecord {
-            id: col(row, "token_id")?,
-            name: col(row, "name")?,
-            role: Role::parse(&role).ok_or_else(|| format!("column role: {role:?}"))?,
-            secret_hash: col(row, "secret_hash")?,
-            created_at: time_col(row, "created_at")?,
-            expires_at: opt_time_col(row, "expires_at")?,
-            revoked_at: opt_time_col(row, "revoked_at")?,
-        })
-    };
-    fields().map_err(|e| StoreError::Corrupt(format!("api token {}: {e}", key(row, "token_id"))))
-}
-
-fn decode_enrollment_token(row: &SqliteRow) -> Result<EnrollmentTokenRecord, StoreError> {
-    let fields = || -> Result<EnrollmentTokenRecord, String> {
-        Ok(EnrollmentTokenRecord {
-            id: col(row, "token_id")?,
-            secret_hash: col(row, "secret_hash")?,
-            created_at: time_col(row, "created_at")?,
-            expires_at: time_col(row, "expires_at")?,
-            uses_total: uses(col(row, "uses_total")?, "uses_total")?,
-            uses_left: uses(col(row, "uses_left")?, "uses_left")?,
-            revoked_at: opt_time_col(row, "revoked_at")?,
-            robot_id: col::<Option<String>>(row, "robot_id")?
-                .map(|t| Uuid::try_parse(&t).map(RobotId))
-                .transpose()
-                .map_err(|e| format!("column robot_id: {e}"))?,
-        })
-    };
-    fields()
-        .map_err(|e| StoreError::Corrupt(format!("enrollment token {}: {e}", key(row, "token_id"))))
-}
-
-fn decode_enrollment(row: &SqliteRow) -> Result<EnrollmentRecord, StoreError> {
-    let fields = || -> Result<EnrollmentRecord, String> {
-        let status: String = col(row, "status")?;
-        Ok(EnrollmentRecord {
-            id: uuid_col(row, "enrollment_id")?,
-            robot_id: RobotId(uuid_col(row, "robot_id")?),
-            key_fingerprint: col(row, "key_fingerprint")?,
-            identity: json_col(row, "identity")?,
-            source_addr: col(row, "source_addr")?,
-            status: EnrollmentStatus::parse(&status)
-                .ok_or_else(|| format!("column status: {status:?}"))?,
-            first_seen: time_col(row, "first_seen")?,
-            last_seen: time_col(row, "last_seen")?,
-            decided_at: opt_time_col(row, "decided_at")?,
-            decided_by: col(row, "decided_by")?,
-            reason: col(row, "reason")?,
-        })
-    };
-    fields()
-        .map_err(|e| StoreError::Corrupt(format!("enrollment {}: {e}", key(row, "enrollment_id"))))
-}
-
-fn decode_certificate(row: &SqliteRow) -> Result<CertificateRecord, StoreError> {
-    let fields = || -> Result<CertificateRecord, String> {
-        Ok(CertificateRecord {
-            serial: col(row, "serial")?,
-            robot_id: RobotId(uuid_col(row, "robot_id")?),
-            key_fingerprint: col(row, "key_fingerprint")?,
-            not_before: time_col(row, "not_before")?,
-            not_after: time_col(row, "not_after")?,
-            issued_at: time_col(row, "issued_at")?,
-            revoked_at: opt_time_col(row, "revoked_at")?,
-        })
-    };
-    fields().map_err(|e| StoreError::Corrupt(format!("certificate {}: {e}", key(row, "serial"))))
-}

@@ -1,37 +1,38 @@
-//! The auth store on PostgreSQL (see [`super::auth`]), shared by every
+//! The auth store on PostgreSQL (see [`crate::store::auth`]), shared by every
 //! controller on the database.
 //!
 //! It uses the store's pool (with its statement and idle-in-transaction
 //! timeouts) and never the log's advisory lock: auth records are not part
 //! of the log. A change that depends on what is stored (a token use, an
 //! enrollment's move) locks the row first (`SELECT ... FOR UPDATE`),
-//! decides with the rules of [`super::auth`] and writes in the same
+//! decides with the rules of [`crate::store::auth`] and writes in the same
 //! transaction: a concurrent one, from this controller or another, waits
 //! for the lock and then reads the committed row, so of two uses of a
 //! token's last use exactly one is accepted. Upserts and revocations are
 //! single statements. Times are `TIMESTAMPTZ` (microseconds).
 
-use super::StoreError;
-use super::auth::{
+use super::rows::{read_error, write_error};
+use crate::store::StoreError;
+use crate::store::auth::{
     ApiTokenRecord, AuthStore, CertificateRecord, EndedEnrollments, EnrollmentCursor,
     EnrollmentRecord, EnrollmentStatus, EnrollmentTokenRecord, NewEnrollment, Noted, PendingLimits,
-    Role, TokenUse, refused_move, uses,
+    TokenUse, refused_move,
 };
-use super::postgres::{col, read_error, write_error};
+use crate::store::rows as decode;
 use chrono::{DateTime, Utc};
 use kiwi_protocol::RobotId;
-use sqlx::postgres::{PgConnection, PgPool, PgRow};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::postgres::{PgConnection, PgPool};
+use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
-/// The columns of `api_tokens`, as [`decode_api_token`] reads them.
+/// The columns of `api_tokens`, as [`decode::api_token`] reads them.
 macro_rules! api_token_columns {
     () => {
         "token_id, name, role, secret_hash, created_at, expires_at, revoked_at"
     };
 }
 
-/// The columns of `enrollment_tokens`, as [`decode_enrollment_token`] reads them.
+/// The columns of `enrollment_tokens`, as [`decode::enrollment_token`] reads them.
 macro_rules! enrollment_token_columns {
     () => {
         "token_id, secret_hash, created_at, expires_at, uses_total, uses_left, revoked_at, \
@@ -39,7 +40,7 @@ macro_rules! enrollment_token_columns {
     };
 }
 
-/// The columns of `enrollments`, as [`decode_enrollment`] reads them.
+/// The columns of `enrollments`, as [`decode::enrollment`] reads them.
 macro_rules! enrollment_columns {
     () => {
         "enrollment_id, robot_id, key_fingerprint, identity, source_addr, status, first_seen, \
@@ -47,14 +48,14 @@ macro_rules! enrollment_columns {
     };
 }
 
-/// The columns of `certificates`, as [`decode_certificate`] reads them.
+/// The columns of `certificates`, as [`decode::certificate`] reads them.
 macro_rules! certificate_columns {
     () => {
         "serial, robot_id, key_fingerprint, not_before, not_after, issued_at, revoked_at"
     };
 }
 
-/// The auth store of a [`super::postgres::PostgresStore`], over its pool.
+/// The auth store of a [`super::PostgresStore`], over its pool.
 #[derive(Debug)]
 pub struct PostgresAuthStore {
     pool: PgPool,
@@ -122,7 +123,7 @@ impl AuthStore for PostgresAuthStore {
         .await
         .map_err(read_error)?
         .as_ref()
-        .map(decode_api_token)
+        .map(decode::api_token)
         .transpose()
     }
 
@@ -136,7 +137,7 @@ impl AuthStore for PostgresAuthStore {
         .await
         .map_err(read_error)?
         .iter()
-        .map(decode_api_token)
+        .map(decode::api_token)
         .collect()
     }
 
@@ -185,7 +186,7 @@ impl AuthStore for PostgresAuthStore {
         .await
         .map_err(read_error)?
         .iter()
-        .map(decode_enrollment_token)
+        .map(decode::enrollment_token)
         .collect()
     }
 
@@ -220,7 +221,7 @@ impl AuthStore for PostgresAuthStore {
         .await
         .map_err(read_error)?
         .as_ref()
-        .map(decode_enrollment_token)
+        .map(decode::enrollment_token)
         .transpose()
     }
 
@@ -258,7 +259,7 @@ impl AuthStore for PostgresAuthStore {
         .await
         .map_err(read_error)?
         .as_ref()
-        .map(decode_enrollment)
+        .map(decode::enrollment)
         .transpose()
     }
 
@@ -283,7 +284,7 @@ impl AuthStore for PostgresAuthStore {
         .await
         .map_err(read_error)?
         .iter()
-        .map(decode_enrollment)
+        .map(decode::enrollment)
         .collect()
     }
 
@@ -377,7 +378,7 @@ impl AuthStore for PostgresAuthStore {
         .await
         .map_err(read_error)?
         .iter()
-        .map(decode_certificate)
+        .map(decode::certificate)
         .collect()
     }
 
@@ -429,7 +430,7 @@ async fn use_token_in(
     else {
         return Ok(TokenUse::Unknown);
     };
-    let outcome = decode_enrollment_token(&row)?.judge_use(secret_hash, robot, now);
+    let outcome = decode::enrollment_token(&row)?.judge_use(secret_hash, robot, now);
     if let TokenUse::Accepted { uses_left } = outcome {
         sqlx::query("UPDATE enrollment_tokens SET uses_left = $2 WHERE token_id = $1")
             .bind(id)
@@ -470,7 +471,7 @@ async fn note_in(
     .await
     .map_err(write_error)?
     .as_ref()
-    .map(decode_enrollment)
+    .map(decode::enrollment)
     .transpose()?;
     let status = existing
         .as_ref()
@@ -532,7 +533,7 @@ async fn note_in(
         }
     }
     .map_err(write_error)?;
-    decode_enrollment(&row).map(Noted::Recorded)
+    decode::enrollment(&row).map(Noted::Recorded)
 }
 
 /// Moves an enrollment on its locked row, inside a transaction.
@@ -555,7 +556,7 @@ async fn decide_in(
     else {
         return Ok(None);
     };
-    let current = decode_enrollment(&row)?;
+    let current = decode::enrollment(&row)?;
     if !current.status.can_become(to) {
         return Err(refused_move(id, current.status, to));
     }
@@ -576,89 +577,8 @@ async fn decide_in(
     .fetch_one(&mut *conn)
     .await
     .map_err(write_error)?;
-    decode_enrollment(&row).map(Some)
+    decode::enrollment(&row).map(Some)
 }
 
 // ---------------------------------------------------------------------------
 // Decoding.
-
-/// A key column as text, for error messages about the row.
-fn key(row: &PgRow, name: &str) -> String {
-    if let Ok(text) = row.try_get::<String, _>(name) {
-        text
-    } else if let Ok(id) = row.try_get::<Uuid, _>(name) {
-        id.to_string()
-    } else {
-        format!("with an unreadable {name}")
-    }
-}
-
-fn decode_api_token(row: &PgRow) -> Result<ApiTokenRecord, StoreError> {
-    let fields = || -> Result<ApiTokenRecord, String> {
-        let role: String = col(row, "role")?;
-        Ok(ApiTokenRecord {
-            id: col(row, "token_id")?,
-            name: col(row, "name")?,
-            role: Role::parse(&role).ok_or_else(|| format!("column role: {role:?}"))?,
-            secret_hash: col(row, "secret_hash")?,
-            created_at: col(row, "created_at")?,
-            expires_at: col(row, "expires_at")?,
-            revoked_at: col(row, "revoked_at")?,
-        })
-    };
-    fields().map_err(|e| StoreError::Corrupt(format!("api token {}: {e}", key(row, "token_id"))))
-}
-
-fn decode_enrollment_token(row: &PgRow) -> Result<EnrollmentTokenRecord, StoreError> {
-    let fields = || -> Result<EnrollmentTokenRecord, String> {
-        Ok(EnrollmentTokenRecord {
-            id: col(row, "token_id")?,
-            secret_hash: col(row, "secret_hash")?,
-            created_at: col(row, "created_at")?,
-            expires_at: col(row, "expires_at")?,
-            uses_total: uses(col(row, "uses_total")?, "uses_total")?,
-            uses_left: uses(col(row, "uses_left")?, "uses_left")?,
-            revoked_at: col(row, "revoked_at")?,
-            robot_id: col::<Option<Uuid>>(row, "robot_id")?.map(RobotId),
-        })
-    };
-    fields()
-        .map_err(|e| StoreError::Corrupt(format!("enrollment token {}: {e}", key(row, "token_id"))))
-}
-
-fn decode_enrollment(row: &PgRow) -> Result<EnrollmentRecord, StoreError> {
-    let fields = || -> Result<EnrollmentRecord, String> {
-        let status: String = col(row, "status")?;
-        Ok(EnrollmentRecord {
-            id: col(row, "enrollment_id")?,
-            robot_id: RobotId(col(row, "robot_id")?),
-            key_fingerprint: col(row, "key_fingerprint")?,
-            identity: col(row, "identity")?,
-            source_addr: col(row, "source_addr")?,
-            status: EnrollmentStatus::parse(&status)
-                .ok_or_else(|| format!("column status: {status:?}"))?,
-            first_seen: col(row, "first_seen")?,
-            last_seen: col(row, "last_seen")?,
-            decided_at: col(row, "decided_at")?,
-            decided_by: col(row, "decided_by")?,
-            reason: col(row, "reason")?,
-        })
-    };
-    fields()
-        .map_err(|e| StoreError::Corrupt(format!("enrollment {}: {e}", key(row, "enrollment_id"))))
-}
-
-fn decode_certificate(row: &PgRow) -> Result<CertificateRecord, StoreError> {
-    let fields = || -> Result<CertificateRecord, String> {
-        Ok(CertificateRecord {
-            serial: col(row, "serial")?,
-            robot_id: RobotId(col(row, "robot_id")?),
-            key_fingerprint: col(row, "key_fingerprint")?,
-            not_before: col(row, "not_before")?,
-            not_after: col(row, "not_after")?,
-            issued_at: col(row, "issued_at")?,
-            revoked_at: col(row, "revoked_at")?,
-        })
-    };
-    fields().map_err(|e| StoreError::Corrupt(format!("certificate {}: {e}", key(row, "serial"))))
-}
