@@ -14,8 +14,8 @@ use crate::domain::{
     EventMetadata, EventRecord, Health, Input, LifecycleState, NewEvent, Policy, Recall, Refusal,
     Robot, RobotEvent, decide_recalling,
 };
-use crate::link::session::SessionRegistry;
 use crate::metrics::{Metrics, TransitionLabels};
+use crate::sessions::SessionRegistry;
 use crate::shared_cache::SharedCache;
 use crate::store::{Append, EventStore, StoreError, StoredReport};
 use chrono::{DateTime, TimeZone, Utc};
@@ -413,7 +413,7 @@ impl Fleet {
             // Stored with the time of this commit, so that replay (which
             // applies the latest report the same way) gives this very row.
             rep.received_at = now;
-            crate::replay::apply_report(&mut row, rep);
+            rep.apply_to(&mut row);
         }
         let started = Instant::now();
         let records = self

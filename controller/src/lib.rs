@@ -22,6 +22,7 @@ pub mod redis;
 pub mod replay;
 pub mod security;
 pub mod serve;
+pub mod sessions;
 pub mod shared_cache;
 pub mod store;
 #[cfg(feature = "testing")]

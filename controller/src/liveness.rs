@@ -29,7 +29,7 @@ use crate::domain::damping::{Damping, DampingSettings, NetworkChange};
 use crate::domain::detector::{DetectorSettings, Step};
 use crate::domain::{Input, LifecycleState};
 use crate::fleet::{Context, Fleet};
-use crate::link::session::{Session, now_ms};
+use crate::sessions::{Session, now_ms};
 use futures_util::StreamExt as _;
 use kiwi_protocol::RobotId;
 use kiwi_protocol::message::{Command, CommandKind};

@@ -2,7 +2,6 @@
 //! one place with its name and help text. Counters are registered without
 //! the `_total` suffix, which the text encoder appends.
 
-use crate::discovery::announce::AnnounceStats;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -72,6 +71,22 @@ pub struct StateLabels {
 }
 
 /// The controller's metrics. Cheap to share by reference (`Arc<Metrics>`).
+/// Counters of the passive side of discovery (beacons, answers, mDNS):
+/// registered here, counted by `discovery::announce`, read by tests.
+/// Clones share.
+#[derive(Debug, Default, Clone)]
+pub struct AnnounceStats {
+    pub beacons: Counter,
+    pub answers: Counter,
+    /// Answers not sent because the source was answered moments ago.
+    pub answers_throttled: Counter,
+    /// Datagrams on the beacon port that were not a beacon.
+    pub bad_datagrams: Counter,
+    pub mdns_resolved: Counter,
+    /// `_kiwi-agent._tcp` services whose record could not be used.
+    pub mdns_bad: Counter,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,

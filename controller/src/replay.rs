@@ -6,39 +6,11 @@
 //!
 //! Pure: no I/O; the store supplies the inputs.
 
-use crate::domain::robot::{ApplyError, LastReport};
+use crate::domain::robot::ApplyError;
 use crate::domain::{EventRecord, Robot};
-use crate::store::{History, Snapshot, StoredReport};
+use crate::store::{Snapshot, StoredReport};
 use kiwi_protocol::RobotId;
 use std::collections::BTreeMap;
-
-/// Puts a report's fields into a row: what `Fleet::report` stores with it.
-pub fn apply_report(robot: &mut Robot, report: &StoredReport) {
-    robot.last_report_seq = report.seq;
-    robot.last_heartbeat = Some(report.received_at);
-    robot.last_report = Some(LastReport {
-        seq: report.seq,
-        time: report.time,
-        workload: report.workload,
-        maintenance: report.maintenance,
-        telemetry: report.telemetry.clone(),
-    });
-    robot.updated_at = robot.updated_at.max(report.received_at);
-}
-
-/// One robot's row from its history (`None`: it did not exist yet).
-pub fn project(history: &History) -> Result<Option<Robot>, ApplyError> {
-    let mut robot = history.snapshot.as_ref().map(|s| s.robot.clone());
-    for e in &history.events {
-        robot = Some(Robot::apply(robot, e)?);
-    }
-    if let (Some(r), Some(rep)) = (robot.as_mut(), &history.last_report)
-        && rep.seq >= r.last_report_seq
-    {
-        apply_report(r, rep);
-    }
-    Ok(robot)
-}
 
 /// Incrementally rebuilds every row from snapshots, the whole log in
 /// position order, and each robot's latest report.
@@ -92,7 +64,7 @@ impl Rebuild {
             if let Some(r) = self.rows.get_mut(&rep.robot_id)
                 && rep.seq >= r.last_report_seq
             {
-                apply_report(r, rep);
+                rep.apply_to(r);
             }
         }
         self.rows

@@ -192,3 +192,222 @@ fn the_thin_check_catches_a_command_in_main() {
     let violation: String = (0..40).map(|n| format!("let x{n} = {n};\n")).collect();
     assert!(code_lines(&violation) > THIN);
 }
+
+// ---------------------------------------------------------------------------
+// Arrows point down: a module never imports one above it.
+
+/// The controller's modules from the bottom up, each with the modules it
+/// must never name (ARCHITECTURE.md, "Layers"). A module is a file
+/// (`fleet` is `fleet.rs`) or a folder (`store` is `store/`).
+const LAYERS: &[(&str, &[&str])] = &[
+    (
+        "domain",
+        &[
+            "store",
+            "fleet",
+            "link",
+            "api",
+            "serve",
+            "cache",
+            "sessions",
+            "metrics",
+            "discovery",
+            "security",
+            "replay",
+            "watch",
+            "liveness",
+            "recovery",
+            "breakers",
+            "config",
+            "ops",
+            "cli",
+            "listen",
+        ],
+    ),
+    (
+        "store",
+        &[
+            "fleet",
+            "link",
+            "api",
+            "serve",
+            "replay",
+            "discovery",
+            "security",
+            "watch",
+            "liveness",
+            "recovery",
+            "sessions",
+            "cache",
+            "cli",
+        ],
+    ),
+    (
+        "sessions",
+        &[
+            "fleet",
+            "link",
+            "api",
+            "serve",
+            "store",
+            "discovery",
+            "security",
+            "watch",
+            "liveness",
+            "recovery",
+            "cli",
+        ],
+    ),
+    (
+        "metrics",
+        &[
+            "discovery",
+            "link",
+            "fleet",
+            "api",
+            "serve",
+            "store",
+            "security",
+            "cli",
+        ],
+    ),
+    (
+        "replay",
+        &["fleet", "link", "api", "serve", "discovery", "security"],
+    ),
+    (
+        "fleet",
+        &[
+            "link",
+            "api",
+            "serve",
+            "discovery",
+            "security",
+            "liveness",
+            "recovery",
+            "cli",
+        ],
+    ),
+    ("security", &["link", "api", "serve", "discovery", "cli"]),
+];
+
+/// Where the shipped code of `text` names one of `forbidden` modules.
+fn upward_imports(text: &str, forbidden: &[&str]) -> Vec<String> {
+    shipped_code(text)
+        .flat_map(|(n, line)| {
+            forbidden
+                .iter()
+                .filter(move |m| {
+                    let path = format!("crate::{m}");
+                    line.match_indices(&path).any(|(at, _)| {
+                        !line[at + path.len()..]
+                            .starts_with(|c: char| c == '_' || c.is_alphanumeric())
+                    })
+                })
+                .map(move |m| format!("line {n}: crate::{m} in {:?}", line.trim()))
+        })
+        .collect()
+}
+
+/// Files that are test modules as a whole: declared `#[cfg(test)] mod x;`
+/// by their parent (`store/conformance.rs`, `store/sqlite/tests.rs`).
+fn test_only_files(files: &[(PathBuf, String)]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for (path, text) in files {
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default();
+        let dir = if matches!(name, "mod" | "lib" | "main") {
+            path.parent().expect("a directory").to_path_buf()
+        } else {
+            path.with_extension("")
+        };
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        for pair in lines.windows(2) {
+            let declared = pair[1]
+                .trim_start_matches("pub(crate) ")
+                .trim_start_matches("pub ")
+                .strip_prefix("mod ")
+                .and_then(|rest| rest.strip_suffix(';'));
+            if let (true, Some(module)) = (pair[0] == "#[cfg(test)]", declared) {
+                out.push(dir.join(format!("{module}.rs")));
+                out.push(dir.join(module).join("mod.rs"));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn no_module_imports_one_above_it() {
+    let root = src();
+    let files = rust_files(&root);
+    let tests = test_only_files(&files);
+    assert!(
+        tests.contains(&root.join("store/conformance.rs")),
+        "test modules are told apart: {tests:?}"
+    );
+    let mut found = Vec::new();
+    for (path, text) in files.iter().filter(|(p, _)| !tests.contains(p)) {
+        let rel = path
+            .strip_prefix(&root)
+            .expect("under src")
+            .to_string_lossy()
+            .to_string();
+        for (module, forbidden) in LAYERS {
+            if rel == format!("{module}.rs") || rel.starts_with(&format!("{module}/")) {
+                found.extend(
+                    upward_imports(text, forbidden)
+                        .into_iter()
+                        .map(|f| format!("{rel}: {f}")),
+                );
+            }
+        }
+    }
+    assert!(found.is_empty(), "upward arrows:\n{}", found.join("\n"));
+}
+
+#[test]
+fn the_layer_check_catches_the_store_calling_up() {
+    let violation =
+        "use crate::store::Append;\nfn f() { let _ = crate::replay::Rebuild::new(vec![]); }\n";
+    let found = upward_imports(violation, &["replay", "fleet"]);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].contains("crate::replay"));
+    // A module whose name begins like a forbidden one is not it.
+    assert!(upward_imports("use crate::replayed::X;\n", &["replay"]).is_empty());
+    // Test code is not shipped.
+    assert!(upward_imports("#[cfg(test)]\nuse crate::replay::X;\n", &["replay"]).is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// No source file a newcomer would dread.
+
+/// The most lines a file under `controller/src` may have.
+const LONGEST: usize = 1200;
+
+fn too_long(text: &str) -> bool {
+    text.lines().count() > LONGEST
+}
+
+#[test]
+fn no_source_file_is_over_1200_lines() {
+    let root = src();
+    let long: Vec<String> = rust_files(&root)
+        .into_iter()
+        .filter(|(_, text)| too_long(text))
+        .map(|(path, text)| format!("{}: {} lines", path.display(), text.lines().count()))
+        .collect();
+    assert!(
+        long.is_empty(),
+        "split these by concern:\n{}",
+        long.join("\n")
+    );
+}
+
+#[test]
+fn the_length_check_catches_a_long_file() {
+    assert!(too_long(&"fn f() {}\n".repeat(LONGEST + 1)));
+    assert!(!too_long(&"fn f() {}\n".repeat(LONGEST)));
+}

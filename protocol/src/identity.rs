@@ -135,6 +135,23 @@ pub const MAX_TEXT: usize = 256;
 pub const MAX_AGENT_VERSION: usize = 64;
 
 impl Identity {
+    /// What a controller checks of what an agent says about itself (in its
+    /// `Hello` and when it enrolls): its id must be the one its hardware
+    /// identity gives, and every field must be within its bound
+    /// ([`Identity::check_bounds`]).
+    pub fn check(&self) -> Result<(), String> {
+        self.check_bounds()?;
+        let expected = RobotId::from_hardware(&self.hardware_id);
+        if self.robot_id != expected {
+            return Err(format!(
+                "robot id {} does not match hardware identity {} (expected {expected})",
+                self.robot_id,
+                self.hardware_id.canonical()
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether every field is within its bound (the sizes above) and its
     /// strings are printable: what a controller accepts from a robot.
     pub fn check_bounds(&self) -> Result<(), String> {
@@ -653,7 +670,13 @@ mod tests {
             ip_addresses: vec![],
         };
         assert_eq!(identity.check_bounds(), Ok(()));
+        assert_eq!(identity.check(), Ok(()));
         assert_eq!(identity.hostname.len(), MAX_HOSTNAME);
+        let claimed = Identity {
+            robot_id: RobotId(uuid::Uuid::from_u128(7)),
+            ..identity.clone()
+        };
+        assert!(claimed.check().unwrap_err().contains("does not match"));
         let too_many = Identity {
             mac_addresses: vec![[2, 0, 0, 0, 0, 1]; MAX_MAC_ADDRESSES + 1],
             ..identity.clone()

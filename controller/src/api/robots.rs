@@ -265,7 +265,8 @@ async fn robot_at(s: &AppState, id: RobotId, at: &str) -> Result<Response, Probl
             snap.robot.updated_at.to_rfc3339()
         )));
     }
-    let robot = crate::replay::project(&history)
+    let robot = history
+        .project()
         .map_err(|e| {
             tracing::error!(robot_id = %id, error = %e, "history does not replay");
             Problem::internal("the robot's history does not replay; see the controller's log")

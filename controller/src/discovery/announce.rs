@@ -18,12 +18,12 @@
 //! starts unless [`AnnounceSettings`] switches it on.
 
 use super::{DiscoverySource, Sighting, SightingMethod};
+use crate::metrics::AnnounceStats;
 use chrono::{DateTime, Utc};
 use kiwi_protocol::beacon::{self, Answer, Beacon, ControllerTxt, Datagram};
 use kiwi_protocol::version::{self, ProtocolVersion};
 use kiwi_protocol::{RobotId, RobotType};
 use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent, ServiceInfo};
-use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -172,27 +172,6 @@ impl AgentSighting {
             key_fingerprint: b.key_fingerprint,
             seeking: b.seeking,
         }
-    }
-}
-
-/// Counters of the passive side: exported as metrics (the controller's
-/// `Metrics` registers these very counters), read by tests. Clones share.
-#[derive(Debug, Default, Clone)]
-pub struct AnnounceStats {
-    pub beacons: Counter,
-    pub answers: Counter,
-    /// Answers not sent because the source was answered moments ago.
-    pub answers_throttled: Counter,
-    /// Datagrams on the beacon port that were not a beacon.
-    pub bad_datagrams: Counter,
-    pub mdns_resolved: Counter,
-    /// `_kiwi-agent._tcp` services whose record could not be used.
-    pub mdns_bad: Counter,
-}
-
-impl AnnounceStats {
-    fn add(counter: &Counter) {
-        counter.inc();
     }
 }
 
@@ -485,12 +464,12 @@ async fn browse_agents(
                 let txt = |key: &str| service.get_property_val_str(key).map(str::to_string);
                 match sighting_from_service(&addresses, txt) {
                     Ok(s) => {
-                        AnnounceStats::add(&sightings.stats.mdns_resolved);
+                        sightings.stats.mdns_resolved.inc();
                         tracing::debug!(robot_id = %s.robot_id, ip = %s.ip, "agent resolved over mDNS");
                         sightings.record(s);
                     }
                     Err(e) => {
-                        AnnounceStats::add(&sightings.stats.mdns_bad);
+                        sightings.stats.mdns_bad.inc();
                         tracing::debug!(service = %service.fullname, reason = %e, "ignoring an agent service");
                     }
                 }
@@ -547,24 +526,24 @@ async fn listen_for_beacons(
         let b = match beacon::decode(&buf[..len]) {
             Ok(Datagram::Beacon(b)) => b,
             Ok(other) => {
-                AnnounceStats::add(&stats.bad_datagrams);
+                stats.bad_datagrams.inc();
                 tracing::debug!(%source, kind = other.kind(), "unexpected datagram on the beacon port");
                 continue;
             }
             Err(e) => {
-                AnnounceStats::add(&stats.bad_datagrams);
+                stats.bad_datagrams.inc();
                 tracing::debug!(%source, reason = e.kind(), error = %e, "bad datagram on the beacon port");
                 continue;
             }
         };
-        AnnounceStats::add(&stats.beacons);
+        stats.beacons.inc();
         let (seeking, seq) = (b.seeking, b.seq);
         sightings.record(AgentSighting::from_beacon(b, source.ip(), Method::Beacon));
         if !seeking {
             continue;
         }
         if !throttle.allow(source, Instant::now()) {
-            AnnounceStats::add(&stats.answers_throttled);
+            stats.answers_throttled.inc();
             continue;
         }
         let answer = Datagram::Answer(Answer {
@@ -574,7 +553,9 @@ async fn listen_for_beacons(
         });
         match beacon::encode(&answer) {
             Ok(bytes) => match socket.send_to(&bytes, source).await {
-                Ok(_) => AnnounceStats::add(&stats.answers),
+                Ok(_) => {
+                    stats.answers.inc();
+                }
                 Err(e) => tracing::debug!(%source, error = %e, "cannot answer a beacon"),
             },
             Err(e) => tracing::warn!(error = %e, "cannot encode the beacon answer"),

@@ -10,7 +10,6 @@
 //! count in `agent_frames_rejected_total`.
 
 pub mod quic;
-pub mod session;
 pub mod transport;
 pub mod websocket;
 
@@ -22,6 +21,7 @@ use crate::domain::event::IdentityFacts;
 use crate::fleet::{Context, Fleet, FleetError, storable};
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::security::{AgentAuth, Principal};
+use crate::sessions::{Session, now_ms};
 use governor::Quota;
 use kiwi_protocol::frame;
 use kiwi_protocol::identity::format_mac;
@@ -32,7 +32,6 @@ use kiwi_protocol::message::{
 use kiwi_protocol::version::{self, ProtocolVersion};
 use kiwi_protocol::{Identity, RobotId};
 use kiwi_security::verify::CertRefusal;
-use session::{Session, now_ms};
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -298,7 +297,7 @@ impl<T: AgentTransport> Connection<T> {
             .await;
             return None;
         }
-        if let Err(detail) = check_identity(&hello.identity) {
+        if let Err(detail) = hello.identity.check() {
             self.state.metrics.frame_rejected("bad_identity");
             tracing::warn!(peer = %self.peer, detail, "agent identity refused");
             self.reject(RejectReason::ProtocolViolation { detail }, None)
@@ -561,22 +560,6 @@ fn message_name(m: &AgentMessage) -> &'static str {
         AgentMessage::Goodbye(_) => "Goodbye",
         AgentMessage::RenewCertificate(_) => "RenewCertificate",
     }
-}
-
-/// Checks what an agent says about itself (in its `Hello` and when it
-/// enrolls): its id must be the one its hardware identity gives, and every
-/// field must be within its bound ([`Identity::check_bounds`]).
-pub(crate) fn check_identity(id: &Identity) -> Result<(), String> {
-    id.check_bounds()?;
-    let expected = RobotId::from_hardware(&id.hardware_id);
-    if id.robot_id != expected {
-        return Err(format!(
-            "robot id {} does not match hardware identity {} (expected {expected})",
-            id.robot_id,
-            id.hardware_id.canonical()
-        ));
-    }
-    Ok(())
 }
 
 fn facts(id: &Identity, peer: SocketAddr) -> IdentityFacts {

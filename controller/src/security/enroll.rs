@@ -224,7 +224,9 @@ impl Enroller {
                 format!("invalid enrollment request: {e}"),
             )
         })?;
-        crate::link::check_identity(&request.identity)
+        request
+            .identity
+            .check()
             .map_err(|d| EnrollError::new(BadRequest, "bad_identity", d))?;
         let csr = CertificateRequest::from_pem(&request.csr_pem)
             .map_err(|e| EnrollError::new(BadRequest, "invalid_csr", e.to_string()))?;

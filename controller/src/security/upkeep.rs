@@ -5,7 +5,7 @@
 //! enrollment requests nobody asked about for `pending_enrollment_ttl`.
 
 use super::{AbuseLimits, AgentAuth, ControllerPki};
-use crate::link::session::SessionRegistry;
+use crate::sessions::SessionRegistry;
 use crate::store::auth::AuthStore;
 use chrono::Utc;
 use std::sync::Arc;

@@ -11,7 +11,7 @@ use super::*;
 use crate::domain::event::IdentityFacts;
 use crate::domain::lifecycle::Transition;
 use crate::domain::{EventMetadata, LifecycleState, NewEvent, RobotEvent};
-use crate::replay::{Rebuild, apply_report, compare, project};
+use crate::replay::{Rebuild, compare};
 use chrono::TimeZone;
 use kiwi_protocol::message::HealthStatus;
 use serde_json::json;
@@ -176,7 +176,7 @@ pub(crate) fn report(id: RobotId, seq: i64, telemetry: serde_json::Value) -> Sto
 
 /// Adds a report and the row fields it changes, as the fleet does.
 pub(crate) fn with_report(mut append: Append, report: StoredReport) -> Append {
-    apply_report(&mut append.robot, &report);
+    report.apply_to(&mut append.robot);
     append.report = Some(report);
     append
 }
@@ -224,7 +224,7 @@ pub(crate) async fn assert_rows_are_their_history(store: &dyn EventStore) {
     for robot in store.robots().await.expect("rows") {
         let history = store.history(robot.robot_id, None).await.expect("history");
         assert_eq!(
-            project(&history).expect("the history replays"),
+            history.project().expect("the history replays"),
             Some(robot.clone()),
             "robot {}",
             robot.robot_id
@@ -353,7 +353,7 @@ pub(crate) async fn a_new_robot_reads_back_equal(store: &dyn EventStore) {
     // Replay gives the row but for what the caller set beside the events
     // (config, capabilities, metadata).
     assert_eq!(
-        project(&history).unwrap(),
+        history.project().unwrap(),
         Some(Robot {
             config: json!({}),
             capabilities: Vec::new(),

@@ -18,6 +18,7 @@ mod rows;
 pub mod sqlite;
 
 use crate::domain::breaker::BreakerState;
+use crate::domain::robot::{ApplyError, LastReport};
 use crate::domain::{EventRecord, Health, NewEvent, Robot};
 use auth::AuthStore;
 use chrono::{DateTime, Utc};
@@ -205,7 +206,7 @@ pub struct Snapshot {
 }
 
 /// One robot's history up to an instant: everything needed to rebuild its
-/// row as it was then (see [`crate::replay`]).
+/// row as it was then ([`History::project`]).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct History {
     /// The latest snapshot taken at or before the instant.
@@ -216,6 +217,41 @@ pub struct History {
     /// The report with the highest sequence number received at or before
     /// the instant.
     pub last_report: Option<StoredReport>,
+}
+
+impl History {
+    /// The robot's row as it was (`None`: it did not exist yet): its
+    /// snapshot, its events applied in order with [`Robot::apply`], then
+    /// its latest report.
+    pub fn project(&self) -> Result<Option<Robot>, ApplyError> {
+        let mut robot = self.snapshot.as_ref().map(|s| s.robot.clone());
+        for e in &self.events {
+            robot = Some(Robot::apply(robot, e)?);
+        }
+        if let (Some(r), Some(rep)) = (robot.as_mut(), &self.last_report)
+            && rep.seq >= r.last_report_seq
+        {
+            rep.apply_to(r);
+        }
+        Ok(robot)
+    }
+}
+
+impl StoredReport {
+    /// Puts the report's fields into a row: what `Fleet::report` stores
+    /// with it.
+    pub fn apply_to(&self, robot: &mut Robot) {
+        robot.last_report_seq = self.seq;
+        robot.last_heartbeat = Some(self.received_at);
+        robot.last_report = Some(LastReport {
+            seq: self.seq,
+            time: self.time,
+            workload: self.workload,
+            maintenance: self.maintenance,
+            telemetry: self.telemetry.clone(),
+        });
+        robot.updated_at = robot.updated_at.max(self.received_at);
+    }
 }
 
 /// One robot's circuit breaker as persisted (`circuit_breakers`).

@@ -884,7 +884,8 @@ async fn fold_into_snapshot(
         events,
         last_report: None,
     };
-    let robot = crate::replay::project(&history)
+    let robot = history
+        .project()
         .map_err(|e| StoreError::Corrupt(format!("robot {id}: its events do not replay: {e}")))?
         .ok_or_else(|| StoreError::Corrupt(format!("robot {id}: nothing to snapshot")))?;
     sqlx::query(

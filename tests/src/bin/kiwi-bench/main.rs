@@ -99,10 +99,10 @@ use kiwi_controller::domain::{
     RobotEvent, decide,
 };
 use kiwi_controller::fleet::{Context, Fleet, truncate_micros};
-use kiwi_controller::link::session::SessionRegistry;
 use kiwi_controller::metrics::Metrics;
 use kiwi_controller::serve::Components;
 use kiwi_controller::serve::redact;
+use kiwi_controller::sessions::SessionRegistry;
 use kiwi_controller::store::postgres::{ACQUIRE_TIMEOUT, PostgresStore};
 use kiwi_controller::store::{Append, EventStore};
 use kiwi_protocol::message::{
