@@ -10,8 +10,7 @@
 use crate::config::AgentConfig;
 use crate::decide::{self, Observed, ReportTracker};
 use crate::outbox::{Outbox, OutboxError};
-use crate::probe::{self, SysRoot, TelemetryProbe};
-use crate::simulate::FakeTelemetry;
+use crate::probe::{self, FakeTelemetry, SysRoot, TelemetryProbe};
 use crate::state::StateStore;
 use crate::workload::{Action, Workload};
 use anyhow::Context;

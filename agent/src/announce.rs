@@ -1029,13 +1029,35 @@ mod tests {
         task.await.unwrap();
     }
 
-    /// A transport that connects only to the endpoints listed as up.
-    struct FakeConnector {
-        endpoint: String,
+    /// One test's network: the endpoints it declares up, and every endpoint
+    /// its connectors tried, in order. Each test has its own, so tests
+    /// running at the same time cannot see each other's attempts.
+    #[derive(Default)]
+    struct FakeNet {
+        up: Mutex<Vec<String>>,
+        tried: Mutex<Vec<String>>,
     }
 
-    static UP: Mutex<Vec<String>> = Mutex::new(Vec::new());
-    static TRIED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    impl FakeNet {
+        /// What an [`AutoConnector`] makes its transports with: connectors
+        /// on this network.
+        fn connectors(
+            self: &Arc<Self>,
+        ) -> impl Fn(&ControllerUrl) -> FakeConnector + Send + Sync + 'static {
+            let net = Arc::clone(self);
+            move |url: &ControllerUrl| FakeConnector {
+                endpoint: url.endpoint(),
+                net: Arc::clone(&net),
+            }
+        }
+    }
+
+    /// A transport that connects only to the endpoints its network lists as
+    /// up, recording every attempt there.
+    struct FakeConnector {
+        endpoint: String,
+        net: Arc<FakeNet>,
+    }
 
     struct FakeConnection;
 
@@ -1055,8 +1077,8 @@ mod tests {
     impl Connector for FakeConnector {
         type Conn = FakeConnection;
         async fn connect(&self) -> Result<FakeConnection, TransportError> {
-            lock(&TRIED).push(self.endpoint.clone());
-            if lock(&UP).contains(&self.endpoint) {
+            lock(&self.net.tried).push(self.endpoint.clone());
+            if lock(&self.net.up).contains(&self.endpoint) {
                 Ok(FakeConnection)
             } else {
                 Err(TransportError::Connect {
@@ -1076,12 +1098,11 @@ mod tests {
         let old = parse_controller("wss://10.0.0.1:1").unwrap();
         let new = parse_controller("wss://10.0.0.2:2").unwrap();
         remember(dir.path(), &old).unwrap();
+        let net = Arc::new(FakeNet::default());
         let (found_tx, finds) = watch::channel(None);
-        let mut auto = AutoConnector::new(dir.path(), finds, |url: &ControllerUrl| FakeConnector {
-            endpoint: url.endpoint(),
-        });
+        let mut auto = AutoConnector::new(dir.path(), finds, net.connectors());
         auto.find_timeout = Duration::from_millis(50);
-        *lock(&UP) = vec![old.endpoint()];
+        *lock(&net.up) = vec![old.endpoint()];
 
         // The remembered controller answers: no discovery needed.
         auto.connect().await.unwrap();
@@ -1089,10 +1110,10 @@ mod tests {
         auto.welcomed().await;
 
         // It moved: the remembered address fails, nothing found yet.
-        *lock(&UP) = vec![new.endpoint()];
-        lock(&TRIED).clear();
+        *lock(&net.up) = vec![new.endpoint()];
+        lock(&net.tried).clear();
         assert!(auto.connect().await.is_err());
-        assert_eq!(*lock(&TRIED), vec![old.endpoint()]);
+        assert_eq!(*lock(&net.tried), vec![old.endpoint()]);
 
         // Discovery finds the new one: connected, then remembered.
         found_tx.send_replace(Some(Found {
@@ -1100,19 +1121,17 @@ mod tests {
             via: Via::Mdns,
             controller_id: None,
         }));
-        lock(&TRIED).clear();
+        lock(&net.tried).clear();
         auto.connect().await.unwrap();
-        assert_eq!(*lock(&TRIED), vec![new.endpoint()]);
+        assert_eq!(*lock(&net.tried), vec![new.endpoint()]);
         auto.welcomed().await;
         assert_eq!(read_remembered(dir.path()), Some(new.clone()));
 
         // A restart starts from the remembered address.
         let (_tx, finds) = watch::channel(None);
-        let again = AutoConnector::new(dir.path(), finds, |url: &ControllerUrl| FakeConnector {
-            endpoint: url.endpoint(),
-        });
-        lock(&TRIED).clear();
+        let again = AutoConnector::new(dir.path(), finds, net.connectors());
+        lock(&net.tried).clear();
         again.connect().await.unwrap();
-        assert_eq!(*lock(&TRIED), vec![new.endpoint()]);
+        assert_eq!(*lock(&net.tried), vec![new.endpoint()]);
     }
 }

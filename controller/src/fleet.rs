@@ -8,6 +8,7 @@
 //! different robots run concurrently and meet in the store's group commit.
 
 use crate::breakers::{Breakers, CircuitSettings, Outcome};
+use crate::cache::shared::SharedCache;
 use crate::cache::{Entry, RobotCache};
 use crate::domain::decide::CommandIntent;
 use crate::domain::{
@@ -16,7 +17,6 @@ use crate::domain::{
 };
 use crate::metrics::{Metrics, TransitionLabels};
 use crate::sessions::SessionRegistry;
-use crate::shared_cache::SharedCache;
 use crate::store::{Append, EventStore, StoreError, StoredReport};
 use chrono::{DateTime, TimeZone, Utc};
 use kiwi_protocol::RobotId;

@@ -18,12 +18,10 @@ pub mod liveness;
 pub mod metrics;
 pub mod ops;
 pub mod recovery;
-pub mod redis;
 pub mod replay;
 pub mod security;
 pub mod serve;
 pub mod sessions;
-pub mod shared_cache;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -5,6 +5,8 @@
 
 use crate::api::{self, AppState};
 use crate::cache::RobotCache;
+use crate::cache::redis::{CacheTtls, RedisCache};
+use crate::cache::shared::SharedCache;
 use crate::config::Config;
 use crate::discovery::announce::{self, AnnounceSettings, AnnouncedAgents, Sightings};
 use crate::discovery::lan::LanSweep;
@@ -16,10 +18,8 @@ use crate::fleet::Fleet;
 use crate::link::{self, LinkConfig, LinkState};
 use crate::liveness::{self, LivenessConfig};
 use crate::metrics::Metrics;
-use crate::redis::{CacheTtls, RedisCache};
 use crate::security::{AbuseLimits, AgentAuth, ControllerPki, ServerNames};
 use crate::sessions::SessionRegistry;
-use crate::shared_cache::SharedCache;
 use crate::store::EventStore;
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;

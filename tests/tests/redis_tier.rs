@@ -290,8 +290,8 @@ impl kiwi_controller::discovery::DiscoverySource for Slow {
 
 #[tokio::test]
 async fn only_the_lease_holder_records_a_discovery_round() {
+    use kiwi_controller::cache::redis::Leases;
     use kiwi_controller::discovery::{DISCOVERY_LEASE, Discovery, Round};
-    use kiwi_controller::redis::Leases;
     use kiwi_controller::store::{DiscoverySession, StoreError};
 
     let redis = RedisServer::start().await;

@@ -336,7 +336,7 @@ async fn check_discovery_lease(
     let mut sessions: Vec<Value> = Vec::new();
 
     // A holder that is neither controller (the lease key as documented in
-    // controller/src/redis.rs): both must refuse to run a round.
+    // controller/src/cache/redis.rs): both must refuse to run a round.
     let lease_key = keys.key("lease:discovery");
     let mut redis = keys.connect().await.expect("connect to Redis");
     let set: Option<String> = redis::cmd("SET")

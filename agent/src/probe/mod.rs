@@ -6,6 +6,9 @@
 //! [`kiwi_protocol::identity`], shared with the controller's SSH fallback;
 //! this module only gathers the clues. A missing or malformed file never
 //! fails a probe: it gives `None` or 0 and a debug log line.
+//!
+//! The telemetry of `kiwi-agent simulate`'s virtual agents is not probed
+//! but made up: [`FakeTelemetry`].
 
 pub mod health;
 pub mod identity;
@@ -13,7 +16,7 @@ pub mod telemetry;
 
 pub use health::evaluate as evaluate_health;
 pub use identity::{ProbedIdentity, probe_identity};
-pub use telemetry::TelemetryProbe;
+pub use telemetry::{FakeTelemetry, TelemetryProbe};
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -1,9 +1,14 @@
 //! Telemetry from `/proc` and `/sys`: load, memory, disk, temperature,
 //! uptime and network counters. The parsers are plain functions over text;
 //! [`TelemetryProbe`] reads the files under a system root.
+//!
+//! The virtual agents of `kiwi-agent simulate` read no files:
+//! [`FakeTelemetry`] makes up their figures.
 
 use super::SysRoot;
 use kiwi_protocol::message::{NetCounters, Telemetry};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
 
 /// Reads telemetry under a system root.
@@ -164,10 +169,94 @@ fn disk_space(path: &Path) -> Option<(u64, u64)> {
     }
 }
 
+/// Telemetry of a simulated robot: plausible Pi 5 figures that drift a
+/// little on every sample and stay healthy.
+#[derive(Debug)]
+pub struct FakeTelemetry {
+    rng: StdRng,
+    started: std::time::Instant,
+    base_uptime_s: u64,
+    current: Telemetry,
+}
+
+const GIB: u64 = 1 << 30;
+
+impl FakeTelemetry {
+    /// Deterministic per seed (the agent's index).
+    pub fn new(seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let memory_total_bytes = 8 * GIB;
+        let disk_total_bytes = 64 * GIB;
+        let current = Telemetry {
+            load_1m: rng.random_range(0.05..0.8),
+            load_5m: rng.random_range(0.05..0.6),
+            load_15m: rng.random_range(0.05..0.5),
+            memory_total_bytes,
+            memory_available_bytes: rng.random_range(4 * GIB..6 * GIB),
+            disk_total_bytes,
+            disk_available_bytes: rng.random_range(20 * GIB..40 * GIB),
+            temperature_c: Some(rng.random_range(42.0..58.0)),
+            uptime_s: 0,
+            network: vec![NetCounters {
+                interface: "wlan0".into(),
+                rx_bytes: rng.random_range(0..1_000_000),
+                tx_bytes: rng.random_range(0..1_000_000),
+            }],
+        };
+        Self {
+            base_uptime_s: rng.random_range(60..86_400),
+            rng,
+            started: std::time::Instant::now(),
+            current,
+        }
+    }
+
+    /// The next sample: every figure moves a little, within healthy bounds.
+    pub fn next_sample(&mut self) -> Telemetry {
+        let rng = &mut self.rng;
+        let t = &mut self.current;
+        let mut drift = |v: f32, step: f32, lo: f32, hi: f32| {
+            (v + rng.random_range(-step..=step)).clamp(lo, hi)
+        };
+        t.load_1m = drift(t.load_1m, 0.05, 0.0, 2.0);
+        t.load_5m = drift(t.load_5m, 0.02, 0.0, 2.0);
+        t.load_15m = drift(t.load_15m, 0.01, 0.0, 2.0);
+        t.temperature_c = t.temperature_c.map(|c| drift(c, 0.3, 40.0, 65.0));
+        let mem_step = (t.memory_total_bytes / 200) as i64;
+        t.memory_available_bytes = step_within(
+            rng,
+            t.memory_available_bytes,
+            mem_step,
+            t.memory_total_bytes / 4,
+            t.memory_total_bytes * 3 / 4,
+        );
+        t.disk_available_bytes = step_within(
+            rng,
+            t.disk_available_bytes,
+            1 << 20,
+            t.disk_total_bytes / 4,
+            t.disk_total_bytes * 3 / 4,
+        );
+        for n in &mut t.network {
+            n.rx_bytes = n.rx_bytes.wrapping_add(rng.random_range(100..20_000));
+            n.tx_bytes = n.tx_bytes.wrapping_add(rng.random_range(100..20_000));
+        }
+        t.uptime_s = self.base_uptime_s + self.started.elapsed().as_secs();
+        t.clone()
+    }
+}
+
+fn step_within(rng: &mut StdRng, value: u64, step: i64, lo: u64, hi: u64) -> u64 {
+    let delta = rng.random_range(-step..=step);
+    value.saturating_add_signed(delta).clamp(lo, hi)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::probe::evaluate_health;
     use crate::probe::testtree::write;
+    use kiwi_protocol::message::{HealthStatus, WorkloadState};
 
     const NET_DEV: &str = "Inter-|   Receive                                                |  Transmit\n \
         face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n    \
@@ -250,5 +339,24 @@ mod tests {
         // A root that does not exist measures the fallback's disk.
         let t = TelemetryProbe::new(SysRoot::new(r.join("missing")), r).sample();
         assert!(t.disk_total_bytes > 0);
+    }
+
+    #[test]
+    fn fake_telemetry_drifts_and_stays_healthy() {
+        let mut f = FakeTelemetry::new(7);
+        let first = f.next_sample();
+        let mut last = first.clone();
+        for _ in 0..2000 {
+            last = f.next_sample();
+            assert_eq!(
+                evaluate_health(&last, WorkloadState::Running).status,
+                HealthStatus::Healthy
+            );
+        }
+        assert_ne!(first.load_1m, last.load_1m);
+        assert!(last.network[0].rx_bytes > first.network[0].rx_bytes);
+        // Deterministic per seed, different across seeds.
+        assert_eq!(FakeTelemetry::new(7).next_sample().load_1m, first.load_1m);
+        assert_ne!(FakeTelemetry::new(8).next_sample().load_1m, first.load_1m);
     }
 }

@@ -13,11 +13,11 @@ pub mod neighbours;
 pub mod ssh;
 pub mod sweep;
 
+use crate::cache::redis::{Lease, Leases};
 use crate::domain::Input;
 use crate::domain::event::IdentityFacts;
 use crate::fleet::{Context, Fleet, truncate_micros};
 use crate::metrics::Metrics;
-use crate::redis::{Lease, Leases};
 use crate::store::{DiscoveryResult, DiscoverySession, Fence, StoreError};
 use chrono::Utc;
 use kiwi_protocol::RobotId;

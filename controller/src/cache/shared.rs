@@ -24,8 +24,8 @@
 //! write is forgotten.
 
 use crate::cache::RobotCache;
+use crate::cache::redis::{RedisCache, RedisError};
 use crate::domain::Robot;
-use crate::redis::{RedisCache, RedisError};
 use futures_util::StreamExt;
 use kiwi_protocol::RobotId;
 use kiwi_protocol::backoff::Backoff;

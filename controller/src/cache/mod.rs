@@ -4,6 +4,13 @@
 //! Coherence: an entry is replaced only by a row at least as new (by
 //! aggregate version, then report sequence), so a late writer can never put
 //! back an older row after a newer one was stored.
+//!
+//! The shared tier in front of the store, when Redis is configured, lives
+//! beside it: [`redis`] (rows, indexes and leases in Redis) and [`shared`]
+//! (the tier's health, which keeps Redis coherent across outages).
+
+pub mod redis;
+pub mod shared;
 
 use crate::domain::{LifecycleState, Robot};
 use crate::metrics::Metrics;
