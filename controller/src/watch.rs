@@ -288,6 +288,44 @@ mod tests {
         panic!("the subscription never followed the hub");
     }
 
+    /// The fleet puts its own commit in the cache; the projector, seeing
+    /// the same commit on the feed, leaves it (one write per commit), and
+    /// writes a commit it did not see made (another controller's).
+    #[tokio::test]
+    async fn the_projector_writes_only_commits_the_cache_does_not_hold() {
+        use crate::store::conformance::{append, discovered, provisioning_started, robot_id};
+        let dir = tempfile::tempdir().unwrap();
+        let store = empty_store(dir.path()).await;
+        let cache = Arc::new(RobotCache::new(Arc::new(crate::metrics::Metrics::new())));
+        let hub = Hub::new();
+        let mut feed = store.subscribe();
+        // The projector's step on the next commit of the feed.
+        let project_next = async |feed: &mut broadcast::Receiver<Arc<Committed>>| {
+            project(&cache, &hub, &feed.recv().await.expect("a commit"));
+        };
+
+        // This controller's commit: the fleet writes the cache itself.
+        let id = robot_id(1);
+        let mine = append(None, id, vec![discovered(1)]);
+        let row = Arc::new(mine.robot.clone());
+        store.append(mine).await.unwrap();
+        assert!(cache.put(row.clone()), "the fleet's write");
+        project_next(&mut feed).await;
+        let held = cache.peek(&id).expect("the row");
+        assert!(
+            Arc::ptr_eq(&held.robot, &row),
+            "the projector wrote the same commit again"
+        );
+
+        // Another controller's commit: only the projector writes it.
+        let theirs = append(Some(&row), id, vec![provisioning_started()]);
+        let newer = theirs.robot.clone();
+        store.append(theirs).await.unwrap();
+        project_next(&mut feed).await;
+        assert_eq!(*cache.peek(&id).expect("the row").robot, newer);
+        assert!(!cache.put(Arc::new(newer)), "already held");
+    }
+
     #[tokio::test]
     async fn a_client_that_does_not_keep_up_gets_its_queue_and_where_to_resume() {
         let dir = tempfile::tempdir().unwrap();

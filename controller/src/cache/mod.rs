@@ -96,14 +96,21 @@ impl RobotCache {
         self.read().get(id).cloned()
     }
 
-    /// Stores `robot` unless the cache already holds a newer row. Returns
-    /// whether it was stored.
+    /// Stores `robot` unless the cache already holds it or a newer row (by
+    /// version and report sequence). Returns whether it was stored. A commit
+    /// is written once: by the fleet when it made it, or by the projector
+    /// when another controller did (the projector finds this controller's
+    /// own commits already here, under a read lock).
     pub fn put(&self, robot: Arc<Robot>) -> bool {
         let entry = Entry::new(robot);
+        let held = |old: &Entry| old.freshness() >= entry.freshness();
+        if self.read().get(&entry.robot.robot_id).is_some_and(held) {
+            return false;
+        }
         let new_state = entry.robot.state;
         let mut map = self.entries.write().unwrap_or_else(|p| p.into_inner());
         let old_state = match map.get(&entry.robot.robot_id) {
-            Some(old) if old.freshness() > entry.freshness() => return false,
+            Some(old) if held(old) => return false,
             Some(old) => Some(old.robot.state),
             None => None,
         };
