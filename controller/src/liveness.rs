@@ -21,11 +21,13 @@
 //! have none once the grace period is over are recorded as lost. Heartbeats
 //! never reach the store: the sessions hold them in memory.
 //!
-//! The decisions are plain functions of `now` ([`is_silent`],
-//! [`crate::domain::detector::Watch::assess`]); [`run`] is the timer.
+//! The decisions are a pure step on the caller's clock ([`Sweep`]: a
+//! verdict per session, then the duties due; each session's own
+//! [`crate::domain::detector::Watch::assess`]); [`run`] is the timer task
+//! that asks it and does what it says.
 
 use crate::breakers::Outcome;
-use crate::domain::damping::{Damping, DampingSettings, NetworkChange};
+use crate::domain::damping::{Damping, DampingSettings, NetworkChange, NetworkState};
 use crate::domain::detector::{DetectorSettings, Step};
 use crate::domain::{Input, LifecycleState};
 use crate::fleet::{Context, Fleet};
@@ -79,7 +81,132 @@ impl LivenessConfig {
     }
 }
 
-/// What one session's assessment asks the sweep to record.
+// ---------------------------------------------------------------------------
+// The decisions: a pure step, on the caller's clock.
+
+/// What the sweep decided about one connected session.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Silent past the ceiling (`timeout`): close the connection.
+    Abandon { reason: String },
+    /// An unusual silence: record it suspect, probe it, check its host.
+    Suspect { reason: String },
+    /// Heard from again after being suspect: record it.
+    Cleared,
+    /// The probe went unanswered: count it, close the connection.
+    Lost { silent_ms: i64 },
+}
+
+/// What the sweep asks for once every session was seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Duties {
+    /// The network's state changed (log it, count it, publish it).
+    pub network: Option<NetworkChange>,
+    /// Time to look for robots offline longer than `offline_fail_after`
+    /// (at most once a second; never while the network is degraded).
+    pub fail_long_offline: bool,
+    /// The start-up grace just ended: robots that expect an agent and have
+    /// none are lost (once).
+    pub grace_over: bool,
+}
+
+/// The sweep's memory between ticks: outage damping, when the start-up
+/// grace ends, when long-offline robots are next looked for. Pure: every
+/// call takes `now` (milliseconds since the Unix epoch).
+#[derive(Debug)]
+pub struct Sweep {
+    config: LivenessConfig,
+    started_ms: i64,
+    grace_over: bool,
+    damping: Damping,
+    next_fail_check_ms: i64,
+}
+
+impl Sweep {
+    pub fn new(config: LivenessConfig, started_ms: i64) -> Sweep {
+        Sweep {
+            damping: Damping::new(config.damping),
+            config,
+            started_ms,
+            grace_over: false,
+            next_fail_check_ms: started_ms,
+        }
+    }
+
+    /// One connected session at `now_ms`, last heard from at
+    /// `last_seen_ms`. `assess` is its failure detector's step, asked only
+    /// when the session is not already past the ceiling.
+    pub fn session(
+        &mut self,
+        now_ms: i64,
+        robot_id: RobotId,
+        last_seen_ms: i64,
+        suspect: bool,
+        assess: impl FnOnce() -> Step,
+    ) -> Option<Verdict> {
+        if is_silent(last_seen_ms, now_ms, self.config.timeout) {
+            let silent_ms = now_ms.saturating_sub(last_seen_ms);
+            return Some(Verdict::Abandon {
+                reason: format!("no heartbeat for {:.1}s", silent_ms as f64 / 1000.0),
+            });
+        }
+        match assess() {
+            Step::Nothing => {
+                if !suspect {
+                    self.damping.heard_from(&robot_id);
+                }
+                None
+            }
+            Step::Suspect { phi, silent_ms } => {
+                self.damping.went_silent(robot_id, now_ms);
+                Some(Verdict::Suspect {
+                    reason: format!(
+                        "silent for {:.1}s (phi {phi:.1}); probing",
+                        silent_ms as f64 / 1000.0
+                    ),
+                })
+            }
+            Step::Cleared => {
+                self.damping.heard_from(&robot_id);
+                Some(Verdict::Cleared)
+            }
+            Step::Lost { silent_ms } => Some(Verdict::Lost { silent_ms }),
+        }
+    }
+
+    /// After every session was seen: what else is due at `now_ms`, with
+    /// `connected` sessions open.
+    pub fn duties(&mut self, now_ms: i64, connected: usize) -> Duties {
+        // The robots watched are the connected ones and those silent
+        // without a connection.
+        let watched = connected + self.damping.silent();
+        let network = self.damping.assess(now_ms, watched);
+        let fail_long_offline = now_ms >= self.next_fail_check_ms
+            && !self.config.offline_fail_after.is_zero()
+            && !self.damping.state().is_degraded();
+        if now_ms >= self.next_fail_check_ms {
+            self.next_fail_check_ms = now_ms + 1000;
+        }
+        let grace_over =
+            !self.grace_over && is_silent(self.started_ms, now_ms, self.config.startup_grace);
+        self.grace_over |= grace_over;
+        Duties {
+            network,
+            fail_long_offline,
+            grace_over,
+        }
+    }
+
+    /// The network as damping sees it now.
+    pub fn network(&self) -> NetworkState {
+        self.damping.state()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The effects: a timer task that asks the sweep and does what it says.
+
+/// What one session's verdict asks the sweep to record.
 enum Record {
     Suspect(Session, String),
     Cleared(Session),
@@ -87,13 +214,10 @@ enum Record {
 
 /// Runs the sweeps until `cancel`.
 pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken) {
-    let started = now_ms();
     let mut tick = tokio::time::interval(config.period());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let probe_timeout = config.probe_timeout();
-    let mut grace_over = false;
-    let mut damping = Damping::new(config.damping);
-    let mut next_fail_check = started;
+    let mut sweep = Sweep::new(config.clone(), now_ms());
     // Host checks of suspect agents, by robot.
     let mut host_checks: HashMap<RobotId, JoinHandle<bool>> = HashMap::new();
     loop {
@@ -108,32 +232,17 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
         // interval over the whole fleet.
         let mut due = Vec::new();
         fleet.sessions().for_each(|s| {
-            if is_silent(s.last_seen_ms(), now, config.timeout) {
-                due.push((s.clone(), None));
-                return;
-            }
-            match s.assess(now, &config.detector, probe_timeout) {
-                Step::Nothing => {
-                    if !s.is_suspect() {
-                        damping.heard_from(&s.robot_id);
-                    }
-                }
-                step => due.push((s.clone(), Some(step))),
+            let verdict = sweep.session(now, s.robot_id, s.last_seen_ms(), s.is_suspect(), || {
+                s.assess(now, &config.detector, probe_timeout)
+            });
+            if let Some(verdict) = verdict {
+                due.push((s.clone(), verdict));
             }
         });
-        for (s, step) in due {
-            let Some(step) = step else {
-                let silent_ms = now.saturating_sub(s.last_seen_ms());
-                s.abandon(format!(
-                    "no heartbeat for {:.1}s",
-                    silent_ms as f64 / 1000.0
-                ));
-                continue;
-            };
-            match step {
-                Step::Nothing => {}
-                Step::Suspect { phi, silent_ms } => {
-                    damping.went_silent(s.robot_id, now);
+        for (s, verdict) in due {
+            match verdict {
+                Verdict::Abandon { reason } => s.abandon(reason),
+                Verdict::Suspect { reason } => {
                     probe(&fleet, &s).await;
                     let host = SocketAddr::new(s.peer.ip(), config.host_port);
                     host_checks.insert(
@@ -141,25 +250,20 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
                         // Done before the probe's own timeout.
                         tokio::spawn(crate::recovery::host_answers(host, probe_timeout * 3 / 4)),
                     );
-                    let reason = format!(
-                        "silent for {:.1}s (phi {phi:.1}); probing",
-                        silent_ms as f64 / 1000.0
-                    );
                     tracing::info!(robot_id = %s.robot_id, reason, "agent suspect");
                     fleet.metrics().liveness_suspected.inc();
                     records.push(Record::Suspect(s, reason));
                 }
-                Step::Cleared => {
+                Verdict::Cleared => {
                     // The probe's own result (a command result) is what
                     // the circuit breaker counts as a success.
-                    damping.heard_from(&s.robot_id);
                     if let Some(check) = host_checks.remove(&s.robot_id) {
                         check.abort();
                     }
                     tracing::info!(robot_id = %s.robot_id, "suspect agent answered");
                     records.push(Record::Cleared(s));
                 }
-                Step::Lost { silent_ms } => {
+                Verdict::Lost { silent_ms } => {
                     fleet.metrics().liveness_confirmed.inc();
                     fleet
                         .breakers()
@@ -199,9 +303,11 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
         });
         record_all(&fleet, records).await;
         trial_probes(&fleet).await;
-        judge_network(&fleet, &mut damping, now);
-        if now >= next_fail_check {
-            next_fail_check = now + 1000;
+        let duties = sweep.duties(now, fleet.sessions().len());
+        if let Some(change) = duties.network {
+            publish_network(&fleet, change, sweep.network());
+        }
+        if duties.fail_long_offline {
             fail_long_offline(&fleet, &config, now).await;
         }
         for robot_id in fleet.sessions().take_overdue_absences(now) {
@@ -214,8 +320,7 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
                 .await;
             }
         }
-        if !grace_over && is_silent(started, now, config.startup_grace) {
-            grace_over = true;
+        if duties.grace_over {
             for robot in fleet.cache().all() {
                 let id = robot.robot_id;
                 if robot.state.expects_presence()
@@ -234,14 +339,12 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
     }
 }
 
-/// Outage damping: the robots watched are the connected ones and those
-/// silent without a connection; a change is logged, counted and published
-/// (the API's `GET /api/v2/network`, the `network_degraded` gauge).
-fn judge_network(fleet: &Fleet, damping: &mut Damping, now: i64) {
-    let sessions = fleet.sessions();
-    let watched = sessions.len() + damping.silent();
-    match damping.assess(now, watched) {
-        Some(NetworkChange::Degraded { silent, watched }) => {
+/// A change of the network's state (outage damping) is logged, counted
+/// and published (the API's `GET /api/v2/network`, the `network_degraded`
+/// gauge).
+fn publish_network(fleet: &Fleet, change: NetworkChange, state: NetworkState) {
+    match change {
+        NetworkChange::Degraded { silent, watched } => {
             tracing::warn!(
                 silent,
                 watched,
@@ -249,22 +352,18 @@ fn judge_network(fleet: &Fleet, damping: &mut Damping, now: i64) {
             );
             fleet.metrics().network_degraded.set(1);
         }
-        Some(NetworkChange::Recovered { silent, watched }) => {
+        NetworkChange::Recovered { silent, watched } => {
             tracing::info!(silent, watched, "network recovered");
             fleet.metrics().network_degraded.set(0);
         }
-        None => return,
     }
-    sessions.set_network(damping.state());
+    fleet.sessions().set_network(state);
 }
 
 /// Records `failed` the robots `offline` for longer than
 /// `offline_fail_after`, unless the network is degraded (then they wait:
 /// an access point rebooting does not fail the fleet).
 async fn fail_long_offline(fleet: &Fleet, config: &LivenessConfig, now: i64) {
-    if config.offline_fail_after.is_zero() || fleet.sessions().network().is_degraded() {
-        return;
-    }
     let limit = i64::try_from(config.offline_fail_after.as_millis()).unwrap_or(i64::MAX);
     for robot in fleet.cache().all() {
         let offline_ms = now - robot.last_state_change.timestamp_millis();
@@ -389,6 +488,122 @@ mod tests {
         assert_eq!(config(10).probe_timeout(), Duration::from_millis(500));
         assert_eq!(config(60_000).period(), Duration::from_secs(1));
         assert_eq!(config(60_000).probe_timeout(), Duration::from_secs(5));
+    }
+
+    fn id(n: u128) -> RobotId {
+        RobotId(uuid::Uuid::from_u128(n))
+    }
+
+    /// A session past the ceiling is abandoned without asking its
+    /// detector; the detector's steps become verdicts with their reasons.
+    #[test]
+    fn each_session_gets_the_verdict_its_silence_calls_for() {
+        let mut sweep = Sweep::new(config(250), 0);
+        let now = 100_000;
+        let not_asked = || -> Step { panic!("a session past the ceiling is not assessed") };
+        assert_eq!(
+            sweep.session(now, id(1), now - 5_001, false, not_asked),
+            Some(Verdict::Abandon {
+                reason: "no heartbeat for 5.0s".into()
+            })
+        );
+        assert_eq!(
+            sweep.session(now, id(2), now - 100, false, || Step::Nothing),
+            None
+        );
+        assert_eq!(
+            sweep.session(now, id(3), now - 900, false, || Step::Suspect {
+                phi: 9.25,
+                silent_ms: 900
+            }),
+            Some(Verdict::Suspect {
+                reason: "silent for 0.9s (phi 9.2); probing".into()
+            })
+        );
+        assert_eq!(
+            sweep.session(now, id(3), now - 10, true, || Step::Cleared),
+            Some(Verdict::Cleared)
+        );
+        assert_eq!(
+            sweep.session(now, id(4), now - 1_500, true, || Step::Lost {
+                silent_ms: 1_500
+            }),
+            Some(Verdict::Lost { silent_ms: 1_500 })
+        );
+    }
+
+    /// Most robots suspect at once degrade the network: robots offline too
+    /// long are not failed meanwhile; once they are heard from again it
+    /// recovers. Long-offline robots are looked for once a second, the end
+    /// of the start-up grace is announced once.
+    #[test]
+    fn duties_follow_the_clock_and_the_network() {
+        let c = config(250);
+        let grace = c.startup_grace.as_millis() as i64;
+        let mut sweep = Sweep::new(c, 0);
+        let period = 62;
+        let mut now = 0;
+        let first = sweep.duties(now, 10);
+        assert_eq!(
+            first,
+            Duties {
+                network: None,
+                fail_long_offline: true,
+                grace_over: false
+            }
+        );
+        now += period;
+        assert!(!sweep.duties(now, 10).fail_long_offline, "once a second");
+        now = 1_000;
+        assert!(sweep.duties(now, 10).fail_long_offline);
+
+        // Six of ten robots go silent in one sweep, and their probes go
+        // unanswered.
+        now = 2_000;
+        for n in 0..6 {
+            let verdict = sweep.session(now, id(n), now - 900, false, || Step::Suspect {
+                phi: 9.0,
+                silent_ms: 900,
+            });
+            assert!(matches!(verdict, Some(Verdict::Suspect { .. })));
+        }
+        // While their connections are open they count twice (connected
+        // and silent); once closed, six of ten watched are silent.
+        assert_eq!(sweep.duties(now, 10).network, None);
+        now += period;
+        let degraded = sweep.duties(now, 4);
+        assert_eq!(
+            degraded.network,
+            Some(NetworkChange::Degraded {
+                silent: 6,
+                watched: 10
+            })
+        );
+        assert!(!degraded.fail_long_offline, "held while degraded");
+        assert!(sweep.network().is_degraded());
+        now = 3_500;
+        assert!(!sweep.duties(now, 4).fail_long_offline);
+
+        // They answer again.
+        for n in 0..6 {
+            assert_eq!(
+                sweep.session(now, id(n), now - 10, true, || Step::Cleared),
+                Some(Verdict::Cleared)
+            );
+        }
+        let recovered = sweep.duties(now, 10);
+        assert!(
+            matches!(recovered.network, Some(NetworkChange::Recovered { .. })),
+            "{recovered:?}"
+        );
+        assert_eq!(sweep.network(), NetworkState::Normal);
+        assert!(!recovered.fail_long_offline, "looked at 3.5 s, held");
+        assert!(sweep.duties(4_500, 10).fail_long_offline, "a second later");
+
+        // The grace ends once.
+        assert!(!sweep.duties(grace, 10).grace_over);
+        assert!(sweep.duties(grace + 1, 10).grace_over);
+        assert!(!sweep.duties(grace + 2_000, 10).grace_over);
     }
 
     /// At 250 ms heartbeats a robot that stops is suspect, probed and lost
