@@ -262,15 +262,31 @@ fn judge_network(fleet: &Fleet, damping: &mut Damping, now: i64) {
 /// `offline_fail_after`, unless the network is degraded (then they wait:
 /// an access point rebooting does not fail the fleet).
 async fn fail_long_offline(fleet: &Fleet, config: &LivenessConfig, now: i64) {
-    if config.offline_fail_after.is_zero() || fleet.sessions().network().is_degraded() {
+    if config.offline_fail_after.is_zero() {
         return;
     }
     let limit = i64::try_from(config.offline_fail_after.as_millis()).unwrap_or(i64::MAX);
+    let overdue = |robot: &crate::domain::Robot| {
+        robot.state == LifecycleState::Offline
+            && now - robot.last_state_change.timestamp_millis() > limit
+    };
+    if fleet.sessions().network().is_degraded() {
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let held = fleet.cache().all().iter().filter(|r| overdue(r)).count();
+            if held > 0 {
+                tracing::debug!(
+                    held,
+                    "network degraded: robots offline longer than offline_fail_after are not failed"
+                );
+            }
+        }
+        return;
+    }
     for robot in fleet.cache().all() {
-        let offline_ms = now - robot.last_state_change.timestamp_millis();
-        if robot.state != LifecycleState::Offline || offline_ms <= limit {
+        if !overdue(&robot) {
             continue;
         }
+        let offline_ms = now - robot.last_state_change.timestamp_millis();
         let reason = format!(
             "offline for {:.0}s (offline_fail_after is {:?})",
             offline_ms as f64 / 1000.0,
