@@ -351,6 +351,18 @@ fn read_marks(path: &Path) -> io::Result<Marks> {
     }
 }
 
+/// The reports in the outbox log of `state_dir`, oldest first, read
+/// without changing anything (a torn tail, such as an append under way, is
+/// left out): what another process, a test, may look at while the agent
+/// runs. Acknowledged reports not yet compacted away are included.
+pub fn read_log(state_dir: &Path) -> io::Result<Vec<Report>> {
+    match std::fs::read(state_dir.join("outbox").join(LOG_FILE)) {
+        Ok(bytes) => Ok(scan_log(&bytes).reports),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
+
 struct Scan {
     reports: Vec<Report>,
     /// Bytes of whole, valid records from the start.
@@ -465,6 +477,29 @@ mod tests {
         let mut o = Outbox::open(dir.path(), 100).unwrap();
         assert!(o.is_empty());
         assert_eq!(o.push(report(0)).unwrap().seq, 6);
+    }
+
+    #[test]
+    fn the_log_is_read_without_being_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(read_log(dir.path()).unwrap().is_empty(), "no outbox yet");
+        let mut o = Outbox::open(dir.path(), 100).unwrap();
+        for t in 0..3 {
+            o.push(report(t)).unwrap();
+        }
+        o.ack(1).unwrap();
+        let log = dir.path().join("outbox").join(LOG_FILE);
+        let full = std::fs::read(&log).unwrap();
+        // An append under way: a torn record at the end.
+        std::fs::write(&log, &full[..full.len() - 3]).unwrap();
+        let read = read_log(dir.path()).unwrap();
+        assert_eq!(read.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(read[1].time_ms, 1);
+        assert_eq!(
+            std::fs::read(&log).unwrap(),
+            &full[..full.len() - 3],
+            "the torn tail is left as it is"
+        );
     }
 
     #[test]

@@ -103,8 +103,12 @@ pub struct Duties {
     /// The network's state changed (log it, count it, publish it).
     pub network: Option<NetworkChange>,
     /// Time to look for robots offline longer than `offline_fail_after`
-    /// (at most once a second; never while the network is degraded).
+    /// and fail them (at most once a second; never while the network is
+    /// degraded).
     pub fail_long_offline: bool,
+    /// It was time, but the network is degraded: they are held (and the
+    /// log says how many).
+    pub long_offline_held: bool,
     /// The start-up grace just ended: robots that expect an agent and have
     /// none are lost (once).
     pub grace_over: bool,
@@ -181,18 +185,18 @@ impl Sweep {
         // without a connection.
         let watched = connected + self.damping.silent();
         let network = self.damping.assess(now_ms, watched);
-        let fail_long_offline = now_ms >= self.next_fail_check_ms
-            && !self.config.offline_fail_after.is_zero()
-            && !self.damping.state().is_degraded();
+        let look = now_ms >= self.next_fail_check_ms && !self.config.offline_fail_after.is_zero();
         if now_ms >= self.next_fail_check_ms {
             self.next_fail_check_ms = now_ms + 1000;
         }
+        let held = self.damping.state().is_degraded();
         let grace_over =
             !self.grace_over && is_silent(self.started_ms, now_ms, self.config.startup_grace);
         self.grace_over |= grace_over;
         Duties {
             network,
-            fail_long_offline,
+            fail_long_offline: look && !held,
+            long_offline_held: look && held,
             grace_over,
         }
     }
@@ -310,6 +314,9 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
         if duties.fail_long_offline {
             fail_long_offline(&fleet, &config, now).await;
         }
+        if duties.long_offline_held {
+            log_long_offline_held(&fleet, &config, now);
+        }
         for robot_id in fleet.sessions().take_overdue_absences(now) {
             if !fleet.sessions().is_connected(&robot_id) {
                 lose(
@@ -365,11 +372,15 @@ fn publish_network(fleet: &Fleet, change: NetworkChange, state: NetworkState) {
 /// an access point rebooting does not fail the fleet).
 async fn fail_long_offline(fleet: &Fleet, config: &LivenessConfig, now: i64) {
     let limit = i64::try_from(config.offline_fail_after.as_millis()).unwrap_or(i64::MAX);
+    let overdue = |robot: &crate::domain::Robot| {
+        robot.state == LifecycleState::Offline
+            && now - robot.last_state_change.timestamp_millis() > limit
+    };
     for robot in fleet.cache().all() {
-        let offline_ms = now - robot.last_state_change.timestamp_millis();
-        if robot.state != LifecycleState::Offline || offline_ms <= limit {
+        if !overdue(&robot) {
             continue;
         }
+        let offline_ms = now - robot.last_state_change.timestamp_millis();
         let reason = format!(
             "offline for {:.0}s (offline_fail_after is {:?})",
             offline_ms as f64 / 1000.0,
@@ -380,6 +391,30 @@ async fn fail_long_offline(fleet: &Fleet, config: &LivenessConfig, now: i64) {
         if let Err(e) = Box::pin(fleet.apply(robot.robot_id, input, &ctx)).await {
             tracing::warn!(robot_id = %robot.robot_id, error = %e, "could not record a long-offline robot as failed");
         }
+    }
+}
+
+/// Says (debug) how many robots offline longer than `offline_fail_after`
+/// a degraded network holds from being failed.
+fn log_long_offline_held(fleet: &Fleet, config: &LivenessConfig, now: i64) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    let limit = i64::try_from(config.offline_fail_after.as_millis()).unwrap_or(i64::MAX);
+    let held = fleet
+        .cache()
+        .all()
+        .iter()
+        .filter(|r| {
+            r.state == LifecycleState::Offline
+                && now - r.last_state_change.timestamp_millis() > limit
+        })
+        .count();
+    if held > 0 {
+        tracing::debug!(
+            held,
+            "network degraded: robots offline longer than offline_fail_after are not failed"
+        );
     }
 }
 
@@ -549,6 +584,7 @@ mod tests {
             Duties {
                 network: None,
                 fail_long_offline: true,
+                long_offline_held: false,
                 grace_over: false
             }
         );
@@ -579,10 +615,11 @@ mod tests {
                 watched: 10
             })
         );
-        assert!(!degraded.fail_long_offline, "held while degraded");
         assert!(sweep.network().is_degraded());
         now = 3_500;
-        assert!(!sweep.duties(now, 4).fail_long_offline);
+        let held = sweep.duties(now, 4);
+        assert!(!held.fail_long_offline, "held while degraded");
+        assert!(held.long_offline_held);
 
         // They answer again.
         for n in 0..6 {

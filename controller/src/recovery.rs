@@ -89,13 +89,27 @@ pub async fn run(fleet: Fleet, settings: RecoverySettings, port: u16, cancel: Ca
             let Some(reachable) = answered else {
                 continue;
             };
-            if let Verdict::Fail { failures } = recovery.record(id, reachable, degraded) {
-                let reason =
-                    format!("{failures} recovery probes in a row found no host at {address}");
-                tracing::warn!(robot_id = %id, reason, "offline robot failed");
-                let input = Input::OfflineTooLong { reason };
-                if let Err(e) = Box::pin(fleet.apply(id, input, &Context::new("recovery"))).await {
-                    tracing::warn!(robot_id = %id, error = %e, "could not record an unreachable robot as failed");
+            match recovery.record(id, reachable, degraded) {
+                Verdict::Fail { failures } => {
+                    let reason =
+                        format!("{failures} recovery probes in a row found no host at {address}");
+                    tracing::warn!(robot_id = %id, reason, "offline robot failed");
+                    let input = Input::OfflineTooLong { reason };
+                    if let Err(e) =
+                        Box::pin(fleet.apply(id, input, &Context::new("recovery"))).await
+                    {
+                        tracing::warn!(robot_id = %id, error = %e, "could not record an unreachable robot as failed");
+                    }
+                }
+                Verdict::Nothing => {
+                    let failures = recovery.failures(&id);
+                    if degraded && settings.fail_after > 0 && failures >= settings.fail_after {
+                        tracing::debug!(
+                            robot_id = %id,
+                            failures,
+                            "network degraded: an offline robot whose recovery probes keep failing is not failed"
+                        );
+                    }
                 }
             }
         }

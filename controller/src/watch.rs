@@ -12,7 +12,7 @@ use crate::domain::EventRecord;
 use crate::store::{Committed, EventStore, StoreError};
 use bytes::Bytes;
 use std::sync::{Arc, OnceLock};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 /// One event ready to send: serialised once for every client.
@@ -46,6 +46,8 @@ enum HubMessage {
 #[derive(Debug, Clone)]
 pub struct Hub {
     tx: broadcast::Sender<HubMessage>,
+    /// How many subscriptions follow the hub live (see [`Hub::following`]).
+    following: Arc<watch::Sender<usize>>,
 }
 
 /// Events buffered per hub before a slow subscriber is made to catch up
@@ -65,11 +67,36 @@ impl Hub {
     pub fn new() -> Hub {
         Hub {
             tx: broadcast::channel(HUB_CAPACITY).0,
+            following: Arc::new(watch::channel(0).0),
         }
     }
 
     pub fn receivers(&self) -> usize {
         self.tx.receiver_count()
+    }
+
+    /// How many subscriptions follow the hub live: they know where they
+    /// start and have caught up with the log, so every event published from
+    /// then on reaches them. Lets a test publish only once a subscriber is
+    /// there, instead of guessing how long that takes.
+    pub fn following(&self) -> watch::Receiver<usize> {
+        self.following.subscribe()
+    }
+}
+
+/// Counts a subscription among those following the hub while it lives.
+struct Following<'a>(&'a Hub);
+
+impl<'a> Following<'a> {
+    fn enter(hub: &'a Hub) -> Self {
+        hub.following.send_modify(|n| *n += 1);
+        Following(hub)
+    }
+}
+
+impl Drop for Following<'_> {
+    fn drop(&mut self) {
+        self.0.following.send_modify(|n| *n -= 1);
     }
 }
 
@@ -206,6 +233,7 @@ async fn follow(
             return Ok(Stop::ClientGone);
         }
         // Follow the hub until it says we missed something.
+        let _following = Following::enter(&hub);
         loop {
             let msg = tokio::select! {
                 () = tx.closed() => return Ok(Stop::ClientGone),
@@ -277,15 +305,16 @@ mod tests {
         Arc::new(SqliteStore::open(&dir.join("kiwi.db")).await.unwrap())
     }
 
-    /// Waits until the subscription's task follows the hub.
+    /// Waits until `n` subscriptions follow the hub.
     async fn following(hub: &Hub, n: usize) {
-        for _ in 0..200 {
-            if hub.receivers() >= n {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-        panic!("the subscription never followed the hub");
+        let mut following = hub.following();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            following.wait_for(|f| *f >= n),
+        )
+        .await
+        .expect("the subscriptions follow the hub")
+        .expect("the hub is there");
     }
 
     /// The fleet puts its own commit in the cache; the projector, seeing

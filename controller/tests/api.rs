@@ -422,8 +422,9 @@ async fn watch_resumes_without_gaps_or_duplicates() {
     let mut all = watch::subscribe(store.clone(), &app.c.hub, Start::After(0), 64).events;
     let mut from_two = watch::subscribe(store.clone(), &app.c.hub, Start::After(2), 64).events;
     let mut now = watch::subscribe(store.clone(), &app.c.hub, Start::Now, 64).events;
-    // Let the `Now` subscriber read the head before new events arrive.
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // New events only once all three follow the hub (the `Now` one has
+    // read the head by then).
+    following(&app.c.hub, 3).await;
     app.input(
         1,
         Input::Operator(Action::Activate {
@@ -467,14 +468,25 @@ async fn watch_resumes_without_gaps_or_duplicates() {
     );
     assert_eq!(take(&mut from_two, 3).await, a[2..].to_vec());
     assert_eq!(take(&mut now, 2).await, a[3..].to_vec());
-    // Nothing more, in particular no duplicates.
+    // Nothing more, in particular no duplicates: the next event each one
+    // is given is the one stored next.
+    app.input(1, Input::Operator(Action::MaintenanceEnd)).await;
     for rx in [&mut all, &mut from_two, &mut now] {
-        assert!(
-            tokio::time::timeout(std::time::Duration::from_millis(200), rx.recv())
-                .await
-                .is_err()
-        );
+        assert_eq!(take(rx, 1).await, [(6, "robot_maintenance_end")]);
     }
+}
+
+/// Waits until `n` watch subscriptions follow `hub`: every event stored
+/// from then on reaches them.
+async fn following(hub: &watch::Hub, n: usize) {
+    let mut following = hub.following();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        following.wait_for(|f| *f >= n),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{n} watch subscriptions did not follow the hub"))
+    .expect("the hub is there");
 }
 
 /// A watch client that does not read falls behind; it is sent what was
@@ -489,12 +501,7 @@ async fn a_watch_client_that_falls_behind_is_told_where_to_resume() {
     let resp = app.c.api_router().oneshot(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     // Following the hub (the stream is not read yet).
-    for _ in 0..200 {
-        if app.c.hub.receivers() > 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    following(&app.c.hub, 1).await;
     for n in 1..=3 {
         app.ready_robot(n).await; // three events each
     }

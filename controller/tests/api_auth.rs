@@ -19,7 +19,9 @@ use kiwi_controller::security::ControllerPki;
 use kiwi_controller::security::tokens::create_api_token;
 use kiwi_controller::serve::Components;
 use kiwi_controller::sessions::Session;
-use kiwi_controller::store::auth::{CertificateRecord, NewEnrollment, Noted, PendingLimits, Role};
+use kiwi_controller::store::auth::{
+    ApiTokenRecord, CertificateRecord, NewEnrollment, Noted, PendingLimits, Role,
+};
 use kiwi_protocol::{HardwareId, RobotId};
 use kiwi_security::token::{ApiToken, EnrollmentToken};
 use serde_json::{Value, json};
@@ -247,15 +249,22 @@ async fn requests_without_a_good_token_are_refused_with_the_reason() {
         "wrong",
     );
 
-    let (short, _) = create_api_token(
-        store.as_ref(),
-        Role::Admin,
-        "short",
-        Some(Duration::from_millis(1)),
-    )
-    .await
-    .unwrap();
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    // A token that expired an hour ago, stored as `create_api_token`
+    // stores one.
+    let short = ApiToken::generate();
+    let now = Utc::now();
+    store
+        .insert_api_token(&ApiTokenRecord {
+            id: short.id.clone(),
+            name: "short".into(),
+            role: Role::Admin,
+            secret_hash: short.secret_hash(),
+            created_at: now - chrono::Duration::hours(2),
+            expires_at: Some(now - chrono::Duration::hours(1)),
+            revoked_at: None,
+        })
+        .await
+        .unwrap();
     assert_unauthorized(
         &app.get(robots, Some(&short.to_string())).await,
         "expired",

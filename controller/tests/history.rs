@@ -4,13 +4,13 @@
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use http_body_util::BodyExt;
 use kiwi_controller::config::Config;
 use kiwi_controller::domain::decide::CommandIntent;
 use kiwi_controller::domain::event::IdentityFacts;
 use kiwi_controller::domain::{Action, Input};
-use kiwi_controller::fleet::{Context, Fleet};
+use kiwi_controller::fleet::{Context, Fleet, truncate_micros};
 use kiwi_controller::ops;
 use kiwi_controller::security::tokens::create_api_token;
 use kiwi_controller::serve::Components;
@@ -104,6 +104,16 @@ async fn report(fleet: &Fleet, n: u32, seq: u64, degraded: bool) {
         .unwrap();
 }
 
+/// Returns once the time commits are recorded with (the wall clock, in
+/// whole microseconds) is past `t`: whatever is committed from then on is
+/// recorded after `t`. Waits at most a microsecond (or a step of the clock
+/// backwards).
+async fn past(t: DateTime<Utc>) {
+    while truncate_micros(Utc::now()) <= t {
+        tokio::task::yield_now().await;
+    }
+}
+
 /// A GET with a (new) viewer token.
 async fn get(c: &Components, uri: &str) -> (StatusCode, Value) {
     let (token, _) = create_api_token(c.store.auth().as_ref(), Role::Viewer, "history", None)
@@ -160,7 +170,7 @@ async fn replay_matches_the_live_read_model_and_prune_keeps_it() {
 
     // Everything up to now folds into snapshots; later changes go on top.
     let cut = Utc::now();
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    past(cut).await;
     apply(
         &c.fleet,
         1,
@@ -224,11 +234,11 @@ async fn state_at_an_instant() {
     let dir = tempfile::tempdir().unwrap();
     let c = components(dir.path()).await;
     let before_anything = Utc::now();
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    past(before_anything).await;
     make_ready(&c.fleet, 1).await;
     report(&c.fleet, 1, 1, false).await;
     let when_ready = Utc::now();
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    past(when_ready).await;
     apply(
         &c.fleet,
         1,

@@ -7,6 +7,7 @@ use kiwi_agent::transport::{Close, Connection, Connector, Incoming, QuicConnecto
 use kiwi_controller::config::Config;
 use kiwi_controller::link::quic::{self, QuicSettings};
 use kiwi_controller::serve::Components;
+use kiwi_controller::sessions::now_ms;
 use kiwi_controller::testing::messages::{hello, report};
 use kiwi_protocol::frame::{self, DEFAULT_MAX_FRAME};
 use kiwi_protocol::message::{Ack, AgentMessage, ControllerMessage, Goodbye, Reject, RejectReason};
@@ -183,7 +184,11 @@ async fn an_agent_is_welcomed_and_its_reports_acknowledged() {
     .await;
     assert!(alive.is_ok(), "no liveness marker from the controller");
     let before = ctl.c.sessions.last_seen_ms(&id).unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Arrivals are recorded in wall-clock milliseconds: one recorded from
+    // the next millisecond on is seen to move `last_seen`.
+    while now_ms() <= before {
+        tokio::task::yield_now().await;
+    }
     conn.keepalive().await.unwrap();
     let touched = tokio::time::timeout(Duration::from_secs(2), async {
         while ctl.c.sessions.last_seen_ms(&id).unwrap() <= before {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use kiwi_agent::credentials::{Credentials, load_or_create_key};
 pub use kiwi_agent::simulate::{AgentSummary, SimulationSummary};
+use kiwi_protocol::message::Report;
 use kiwi_protocol::{HardwareId, RobotId};
 use kiwi_security::pki::Validity;
 use tempfile::TempDir;
@@ -18,6 +19,22 @@ use crate::process::{self, Confinement, Proc, write_file};
 
 /// The environment prefix of agent settings.
 const ENV_PREFIX: &str = "KIWI_AGENT_";
+
+/// The reports in the outbox log of the agent with state directory
+/// `state_dir`.
+fn read_outbox(state_dir: &Path) -> anyhow::Result<Vec<Report>> {
+    kiwi_agent::outbox::read_log(state_dir)
+        .map_err(|e| anyhow::anyhow!("cannot read the outbox in {}: {e}", state_dir.display()))
+}
+
+/// How many of `reports` were made strictly between `after` and `before`
+/// (Unix ms).
+pub fn made_between(reports: &[Report], after: i64, before: i64) -> usize {
+    reports
+        .iter()
+        .filter(|r| r.time_ms > after && r.time_ms < before)
+        .count()
+}
 
 /// The robot id of a Raspberry Pi whose `/proc/cpuinfo` says `Serial: serial`:
 /// the serial lower-cased without leading zeros, as a `PiSerial` hardware id.
@@ -194,6 +211,13 @@ impl Agent {
     /// Everything the agent logged so far (all runs).
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The reports in the agent's outbox log, read while it runs (see
+    /// [`kiwi_agent::outbox::read_log`]): every report it made, whether or
+    /// not it could send it, until its log is compacted.
+    pub fn outbox(&self) -> anyhow::Result<Vec<Report>> {
+        read_outbox(&self.state_dir)
     }
 
     /// Kills the agent with SIGKILL: it cannot say goodbye.
@@ -399,6 +423,8 @@ pub struct Simulator {
     proc: Option<Proc>,
     log: PathBuf,
     summary: PathBuf,
+    /// The agents' state directory (the root of theirs).
+    state_dir: PathBuf,
     /// The agents' state on a tmpfs, if kept there.
     _memory: Option<TempDir>,
     dir: TempDir,
@@ -472,6 +498,7 @@ impl Simulator {
             proc: Some(proc),
             log,
             summary,
+            state_dir,
             _memory: memory,
             dir,
         }
@@ -494,6 +521,20 @@ impl Simulator {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The reports in each virtual agent's outbox log, in index order (see
+    /// [`Agent::outbox`]).
+    pub fn outboxes(&self) -> anyhow::Result<Vec<Vec<Report>>> {
+        (0..u32::try_from(self.count)?)
+            .map(|i| {
+                read_outbox(&kiwi_agent::agent::simulated_state_dir(
+                    &self.state_dir,
+                    &self.prefix,
+                    i,
+                ))
+            })
+            .collect()
     }
 
     /// Stops the simulator with SIGTERM within a deadline.

@@ -140,7 +140,10 @@ impl LanController {
             .arg(API_LISTEN)
             .arg("--agent-listen")
             .arg(AGENT_LISTEN)
-            .env("KIWI_LOG", "info,kiwi_controller::discovery=debug");
+            .env(
+                "KIWI_LOG",
+                "info,kiwi_controller::discovery=debug,kiwi_controller::recovery=debug",
+            );
         for (key, value) in settings {
             command.env(format!("KIWI_CONTROLLER_{key}"), value);
         }

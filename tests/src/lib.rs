@@ -49,7 +49,7 @@ use uuid::Uuid;
 
 pub use agent::{
     Agent, AgentOptions, AgentSummary, SimulationSummary, Simulator, SimulatorOptions,
-    robot_id_for_serial, simulated_robot_id, test_serial,
+    made_between, robot_id_for_serial, simulated_robot_id, test_serial,
 };
 pub use api::{Api, Event, Health, HealthStatus, Problem, Report, Robot, State};
 pub use controller::{Controller, ControllerOptions};

@@ -31,7 +31,7 @@ pub use kiwi_controller::testing::{
 
 use crate::api::Api;
 use crate::process::{self, Proc};
-use crate::{POLL_INTERVAL, free_port, now_ms, wait_readyz_code};
+use crate::{POLL_INTERVAL, free_port, now_ms, wait_readyz_code, wait_until_every};
 
 /// The Redis used when `REDIS_URL` is not set.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
@@ -517,10 +517,20 @@ impl PgCluster {
 
     /// An outage as the controller behind `api` sees it: stops the
     /// server, waits (up to 15 s) until `GET /readyz` answers 503, keeps it
-    /// down until `length` has passed since the stop, starts it again and
+    /// down until `over(down_at)` holds (polled every `every`, up to 60 s;
+    /// `down_at` is when the outage began, Unix ms), starts it again and
     /// waits (up to 30 s) until `/readyz` answers 200. Returns when it went
     /// down and when it was started again (Unix ms).
-    pub async fn outage_seen_by(&mut self, api: &Api, length: Duration) -> (i64, i64) {
+    pub async fn outage_until<F, Fut>(
+        &mut self,
+        api: &Api,
+        every: Duration,
+        mut over: F,
+    ) -> (i64, i64)
+    where
+        F: FnMut(i64) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>>,
+    {
         let down_at = now_ms();
         self.stop().await;
         wait_readyz_code(
@@ -529,9 +539,7 @@ impl PgCluster {
             Duration::from_secs(15),
         )
         .await;
-        // Not an assertion: the rest of the outage.
-        let elapsed = Duration::from_millis(u64::try_from(now_ms() - down_at).unwrap_or(0));
-        tokio::time::sleep(length.saturating_sub(elapsed)).await;
+        wait_until_every(Duration::from_secs(60), every, || over(down_at)).await;
         let up_at = now_ms();
         self.start_again().await;
         wait_readyz_code(api, StatusCode::OK, Duration::from_secs(30)).await;

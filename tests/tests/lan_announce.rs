@@ -14,7 +14,9 @@ use std::net::SocketAddr;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kiwi_controller::discovery::announce::{self, AnnounceSettings, Method, Sightings};
+use kiwi_controller::discovery::announce::{
+    self, AgentSighting, AnnounceSettings, Method, Sightings,
+};
 use kiwi_protocol::RobotId;
 use kiwi_tests::lan::{Lan, lan_tests_enabled};
 use kiwi_tests::lan_fleet::{AGENT_LISTEN, AGENT_URL, LanAgent, LanController};
@@ -103,14 +105,14 @@ fn wait_connected(
     })
 }
 
-/// Follows sightings until every robot in `ids` was seen by `method`;
-/// when each was first seen.
+/// Follows sightings (`events`, subscribed to `sightings`) until every
+/// robot in `ids` was seen by `method`; when each was first seen.
 async fn first_seen(
     sightings: &Sightings,
+    mut events: tokio::sync::broadcast::Receiver<AgentSighting>,
     ids: &[RobotId],
     method: Method,
 ) -> HashMap<RobotId, Instant> {
-    let mut events = sightings.subscribe();
     let mut seen: HashMap<RobotId, Instant> = HashMap::new();
     // Sightings recorded before subscribing (the time is then an upper
     // bound: the poll finds them at once).
@@ -172,17 +174,15 @@ async fn the_controller_sees_announcing_agents_by_beacon_and_mdns() {
     let mut robots: Vec<LanAgent> = (1..=N).map(LanAgent::new).collect();
     let ids: Vec<RobotId> = robots.iter().map(|r| RobotId(r.robot_id)).collect();
     let sightings = passive.sightings.clone();
+    // Both followers subscribe here, before the first agent starts.
     let beacons = {
-        let (s, ids) = (sightings.clone(), ids.clone());
-        tokio::spawn(async move { first_seen(&s, &ids, Method::Beacon).await })
+        let (s, events, ids) = (sightings.clone(), sightings.subscribe(), ids.clone());
+        tokio::spawn(async move { first_seen(&s, events, &ids, Method::Beacon).await })
     };
     let mdns = {
-        let (s, ids) = (sightings.clone(), ids.clone());
-        tokio::spawn(async move { first_seen(&s, &ids, Method::Mdns).await })
+        let (s, events, ids) = (sightings.clone(), sightings.subscribe(), ids.clone());
+        tokio::spawn(async move { first_seen(&s, events, &ids, Method::Mdns).await })
     };
-    // Let both followers subscribe before the first agent starts.
-    tokio::task::yield_now().await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
     // A fixed controller that is not there: announcing does not depend on
     // being connected.
     let mut env = AGENT_ENV.to_vec();

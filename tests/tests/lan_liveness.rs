@@ -120,6 +120,25 @@ async fn transitions(api: &kiwi_tests::Api, id: Uuid) -> Vec<String> {
         .collect()
 }
 
+/// The most failed recovery probes in a row after which `controller` said
+/// (in its debug log) that it held robot `id` rather than failing it,
+/// because the network was degraded.
+fn held_after_failures(controller: &LanController, id: Uuid) -> Option<u64> {
+    let id = id.to_string();
+    controller
+        .log_text()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|v| {
+            v["robot_id"] == id.as_str()
+                && v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("recovery probes keep failing is not failed"))
+        })
+        .filter_map(|v| v["failures"].as_u64())
+        .max()
+}
+
 /// `GET /api/v2/network`'s `state`.
 async fn network_state(api: &kiwi_tests::Api) -> anyhow::Result<String> {
     let network: serde_json::Value = api.get_json("/api/v2/network").await?;
@@ -185,8 +204,9 @@ async fn a_partition_of_half_the_robots_fails_none_and_all_return_but_a_robot_un
         set_link(&lan, i, false);
     }
     let cut = ids[..half].to_vec();
+    let waiting = cut.clone();
     controller.with_api(&lan, move |api| async move {
-        for &id in &cut {
+        for &id in &waiting {
             wait_for_state(&api, id, State::Offline, DEADLINE).await;
         }
         wait_until(DEADLINE, || async {
@@ -195,8 +215,21 @@ async fn a_partition_of_half_the_robots_fails_none_and_all_return_but_a_robot_un
             Ok(())
         })
         .await;
-        // Several probe intervals past the threshold: held, not failed.
-        tokio::time::sleep(Duration::from_secs(4)).await;
+    });
+    // The recovery probes of every cut robot failed past the threshold and
+    // the controller held it: not failed.
+    for &id in &cut {
+        wait_until(DEADLINE, || async {
+            let failures = held_after_failures(&controller, id);
+            anyhow::ensure!(
+                failures.is_some(),
+                "robot {id}: not yet held after its recovery probes failed"
+            );
+            Ok(())
+        })
+        .await;
+    }
+    controller.with_api(&lan, move |api| async move {
         let unreachable = api
             .metric("recovery_probes_total", &[("result", "unreachable")])
             .await

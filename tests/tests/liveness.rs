@@ -4,9 +4,10 @@
 
 use std::time::{Duration, Instant};
 
+use anyhow::ensure;
 use kiwi_tests::{
     Agent, Controller, ControllerOptions, Event, State, secs, test_serial, wait_for_state,
-    wait_ready_and_connected,
+    wait_ready_and_connected, wait_until,
 };
 use uuid::Uuid;
 
@@ -191,14 +192,33 @@ async fn a_hung_agent_is_suspected_probed_then_offline() {
 }
 
 /// A controller that fails robots offline for more than a second, with
-/// heartbeats every 250 ms.
+/// heartbeats every 250 ms; it logs (debug) when it holds such robots
+/// because the network is degraded.
 async fn failing_controller() -> Controller {
     ControllerOptions::new()
         .heartbeat_interval("250ms")
         .liveness_timeout("60s")
         .setting("offline_fail_after", "1s")
+        .raw_env("KIWI_LOG", "info,kiwi_controller::liveness=debug")
         .start()
         .await
+}
+
+/// The most robots `controller` has said (in its log) it held offline past
+/// `offline_fail_after` in one check, because the network was degraded.
+fn most_held(controller: &Controller) -> u64 {
+    std::fs::read_to_string(controller.log_path())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|v| {
+            v["message"].as_str().is_some_and(|m| {
+                m.contains("offline longer than offline_fail_after are not failed")
+            })
+        })
+        .filter_map(|v| v["held"].as_u64())
+        .max()
+        .unwrap_or(0)
 }
 
 /// Starts `n` agents (serials from `first`) and waits until each is ready.
@@ -291,8 +311,18 @@ async fn most_robots_silent_at_once_degrade_the_network_and_none_is_failed() {
         api.metric("network_degraded", &[]).await.expect("metric"),
         1.0
     );
-    // Three times offline_fail_after: nobody is failed while degraded.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The controller has checked the four silent robots once they were all
+    // offline longer than offline_fail_after, and held them: nobody is
+    // failed while degraded.
+    wait_until(secs(20), || async {
+        let held = most_held(&controller);
+        ensure!(
+            held >= 4,
+            "at most {held} robots held offline past offline_fail_after so far"
+        );
+        Ok(())
+    })
+    .await;
     for a in &agents {
         let r = api.robot_required(a.robot_id()).await.expect("robot");
         assert_ne!(

@@ -19,6 +19,7 @@ use kiwi_controller::store::auth::Role;
 use kiwi_protocol::{HardwareId, RobotId};
 use kiwi_tests::RedisServer;
 use serde_json::Value;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
@@ -273,17 +274,29 @@ async fn a_refill_completes_while_redis_keeps_stalling_writes() {
     );
 }
 
-/// A source that takes its time, so the lease can change hands meanwhile.
-#[derive(Debug)]
-struct Slow(Duration);
+/// A source that finds nothing; held, it says when a round has reached it
+/// and finishes only once let go, so the lease can change hands meanwhile.
+#[derive(Debug, Clone, Default)]
+struct Held {
+    gate: Option<Arc<Gate>>,
+}
+
+#[derive(Debug, Default)]
+struct Gate {
+    reached: tokio::sync::Notify,
+    go: tokio::sync::Notify,
+}
 
 #[async_trait::async_trait]
-impl kiwi_controller::discovery::DiscoverySource for Slow {
+impl kiwi_controller::discovery::DiscoverySource for Held {
     fn method(&self) -> &'static str {
-        "slow"
+        "held"
     }
     async fn discover(&self) -> Result<Vec<kiwi_controller::discovery::Sighting>, String> {
-        tokio::time::sleep(self.0).await;
+        if let Some(gate) = &self.gate {
+            gate.reached.notify_one();
+            gate.go.notified().await;
+        }
         Ok(Vec::new())
     }
 }
@@ -309,13 +322,9 @@ async fn only_the_lease_holder_records_a_discovery_round() {
     let leases = Leases::connect(&url, &prefix, c.metrics.clone())
         .await
         .unwrap();
-    let discovery = |delay| {
-        Discovery::new(
-            c.fleet.clone(),
-            c.metrics.clone(),
-            vec![Box::new(Slow(delay))],
-        )
-        .with_leases(leases.clone(), "this-controller".into())
+    let discovery = |source: Held| {
+        Discovery::new(c.fleet.clone(), c.metrics.clone(), vec![Box::new(source)])
+            .with_leases(leases.clone(), "this-controller".into())
     };
 
     // Another controller holds the lease: this one does not run the round.
@@ -325,20 +334,24 @@ async fn only_the_lease_holder_records_a_discovery_round() {
         .unwrap()
         .expect("free lease");
     assert!(matches!(
-        discovery(Duration::ZERO).round().await,
+        discovery(Held::default()).round().await,
         Ok(Round::HeldElsewhere)
     ));
     leases.release(other).await.unwrap();
     assert!(matches!(
-        discovery(Duration::ZERO).round().await,
+        discovery(Held::default()).round().await,
         Ok(Round::Done(_))
     ));
 
     // This controller's lease is lost mid-round and another controller
     // takes it and records: the late results are refused by the store.
-    let slow = discovery(Duration::from_millis(800));
-    let round = tokio::spawn(async move { slow.round().await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let gate = Arc::new(Gate::default());
+    let held = discovery(Held {
+        gate: Some(gate.clone()),
+    });
+    let round = tokio::spawn(async move { held.round().await });
+    // The round holds the lease and runs its source.
+    gate.reached.notified().await;
     let status = std::process::Command::new("redis-cli")
         .args([
             "-p",
@@ -369,6 +382,8 @@ async fn only_the_lease_holder_records_a_discovery_round() {
         .record_discovery(&session, Some(&thief.fence()))
         .await
         .unwrap();
+    // The source finishes now, late.
+    gate.go.notify_one();
     match round.await.unwrap() {
         Err(kiwi_controller::discovery::DiscoveryError::Store(StoreError::Fenced { .. }))
         | Err(kiwi_controller::discovery::DiscoveryError::LeaseLost) => {}

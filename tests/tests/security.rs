@@ -197,6 +197,19 @@ async fn a_decommissioned_robot_is_cut_off_and_refused_over_both_transports() {
     }
 }
 
+/// When the certificate `agent` holds now ends (Unix ms).
+fn certificate_end_ms(agent: &Agent) -> i64 {
+    let path = agent
+        .state_dir()
+        .join(kiwi_agent::credentials::TLS_DIR)
+        .join("robot.pem");
+    let pem = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("read the agent's certificate {}: {e}", path.display()));
+    let certs = kiwi_security::pki::certs_from_pem(&pem).expect("the agent's certificate");
+    let info = kiwi_security::pki::CertInfo::parse(&certs[0]).expect("a readable certificate");
+    kiwi_security::pki::unix_ms(info.not_after)
+}
+
 /// `kiwi-agent enroll` exits, refused, and its output says why.
 async fn refused_enrollment(controller: &Controller, serial: &str, token: &str, why: &str) {
     let mut agent = AgentOptions::new(serial)
@@ -234,9 +247,22 @@ async fn enrollment_tokens_are_used_once_expire_and_pin_the_controller() {
     refused_enrollment(&controller, &test_serial(2), &once, "already used").await;
     assert!(auth_failures(api, "enroll", "used_token").await >= 1.0);
 
-    // Expired.
+    // Expired: used once the controller lists it expired.
     let short = controller.create_token(&["--ttl", "1s"]);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let short_id = short.parse::<EnrollmentToken>().expect("a token").id;
+    wait_until(secs(10), || async {
+        let tokens: serde_json::Value = api.get_json("/api/v2/tokens").await?;
+        let status = tokens["enrollment_tokens"]
+            .as_array()
+            .and_then(|all| all.iter().find(|t| t["id"] == short_id.as_str()))
+            .map(|t| t["status"].clone());
+        anyhow::ensure!(
+            status.as_ref().is_some_and(|s| s == "expired"),
+            "enrollment token {short_id}: status {status:?}"
+        );
+        Ok(())
+    })
+    .await;
     refused_enrollment(&controller, &test_serial(3), &short, "expired").await;
     assert!(auth_failures(api, "enroll", "expired_token").await >= 1.0);
 
@@ -351,11 +377,15 @@ async fn certificates_are_renewed_over_the_link_before_they_expire() {
         .await;
     let api = controller.api();
     let mut agents: Vec<Agent> = Vec::new();
+    // When the certificate each agent enrolled with ends (or a later one,
+    // should it already be renewed).
+    let mut first_end_ms = Vec::new();
     for (n, transport) in [(1, "websocket"), (2, "quic")] {
         let agent = AgentOptions::new(&test_serial(n))
             .setting("transport", transport)
             .start(&controller);
         wait_ready_and_connected(api, agent.robot_id(), secs(30)).await;
+        first_end_ms.push(certificate_end_ms(&agent));
         wait_until(secs(20), || async {
             let log = agent.log_text();
             anyhow::ensure!(
@@ -368,12 +398,21 @@ async fn certificates_are_renewed_over_the_link_before_they_expire() {
         agents.push(agent);
     }
     assert_eq!(agents.len(), 2);
-    // Past the first certificates' end, both are still connected and never
-    // went offline.
-    tokio::time::sleep(secs(8)).await;
-    for (n, agent) in (1..).zip(&agents) {
+    // Past the first certificates' end, both are still connected (the
+    // controller hears from them after it) and never went offline.
+    for ((n, agent), end_ms) in (1..).zip(&agents).zip(&first_end_ms) {
         let id = kiwi_tests::robot_id_for_serial(&test_serial(n));
-        let robot = api.robot_required(id).await.expect("robot");
+        let robot = wait_until(secs(30), || async {
+            let robot = api.robot_required(id).await?;
+            let last_seen = kiwi_tests::api::timestamp_ms(robot.field("last_seen"));
+            anyhow::ensure!(
+                !robot.connected || last_seen.is_some_and(|t| t > *end_ms),
+                "robot {id}: last heard from at {last_seen:?}, the first certificate ends at \
+                 {end_ms} (Unix ms)"
+            );
+            Ok(robot)
+        })
+        .await;
         assert!(
             robot.connected && robot.state == State::Ready,
             "{robot:?}\nagent log:\n{}",

@@ -22,9 +22,9 @@ use kiwi_tests::api::RawResponse;
 use kiwi_tests::poller::{Polled, Poller};
 use kiwi_tests::services::run_controller_command;
 use kiwi_tests::{
-    Agent, AgentOptions, Api, Controller, ControllerOptions, Event, PgCluster, RedisKeys,
-    RedisServer, Resume, State, TestDatabase, Watch, now_ms, secs, test_serial, wait_for_robot,
-    wait_ready_and_connected, wait_readyz_status, wait_until,
+    Agent, AgentOptions, Api, Controller, ControllerOptions, Event, POLL_INTERVAL, PgCluster,
+    RedisKeys, RedisServer, Resume, State, TestDatabase, Watch, made_between, now_ms, secs,
+    test_serial, wait_for_robot, wait_ready_and_connected, wait_readyz_status, wait_until,
 };
 use reqwest::{Method, StatusCode, header};
 use serde_json::Value;
@@ -546,12 +546,9 @@ async fn check_reports_exactly_once(api: &Api, id: Uuid, down_at: i64, up_at: i6
         .collect()
 }
 
-/// How long PostgreSQL stays down.
-const PG_OUTAGE: Duration = Duration::from_secs(3);
-
-/// PostgreSQL stopped for a few seconds while agents report every 200 ms:
-/// the controller says so on `/readyz`, recovers by itself, and loses or
-/// duplicates no report.
+/// PostgreSQL stopped while agents report every 200 ms, until each has
+/// made three reports: the controller says so on `/readyz`, recovers by
+/// itself, and loses or duplicates no report.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_stopped_during_agent_traffic_loses_no_report() {
     let mut pg = PgCluster::start().await;
@@ -577,7 +574,25 @@ async fn postgres_stopped_during_agent_traffic_loses_no_report() {
     let (code, body) = api.readyz().await.expect("GET /readyz");
     assert_eq!(code, StatusCode::OK, "/readyz before the outage: {body}");
 
-    let (down_at, up_at) = pg.outage_seen_by(&api, PG_OUTAGE).await;
+    // Down until every agent has made three reports meanwhile (kept in its
+    // outbox: the controller cannot store them).
+    let (down_at, up_at) = pg
+        .outage_until(&api, POLL_INTERVAL, |down_at| {
+            let agents = &agents;
+            async move {
+                let now = now_ms();
+                for agent in agents {
+                    let made = made_between(&agent.outbox()?, down_at, now);
+                    ensure!(
+                        made >= 3,
+                        "robot {}: {made} reports made since PostgreSQL went down at {down_at}",
+                        agent.robot_id()
+                    );
+                }
+                Ok(())
+            }
+        })
+        .await;
     assert!(
         controller.is_running(),
         "the controller survives the outage"
@@ -589,12 +604,12 @@ async fn postgres_stopped_during_agent_traffic_loses_no_report() {
         during.push((id, seqs));
     }
     eprintln!("reports made during the outage {down_at}..{up_at} (Unix ms), by robot: {during:?}");
-    // 200 ms reports during a 3 s outage: about fifteen each; leave room
-    // for a slow machine.
+    // The outage lasted until each agent had made three reports: all of
+    // them were stored after it.
     assert!(
         during.iter().all(|(_, seqs)| seqs.len() >= 3),
         "reports made during the outage {down_at}..{up_at} (Unix ms) and stored, by robot: \
-         {during:?}; expected at least 3 each at a 200 ms report interval"
+         {during:?}; each agent had made at least 3"
     );
     assert!(controller.is_running(), "the controller was not restarted");
     drop(agents);

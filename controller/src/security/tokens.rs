@@ -207,6 +207,27 @@ pub struct Caller {
     pub role: Role,
 }
 
+/// Where [`ApiAuth`] reads the time: the monotonic clock for its reloads,
+/// the wall clock for expiries. Tests give it one they move themselves.
+trait Clock: Send + Sync + std::fmt::Debug {
+    fn instant(&self) -> Instant;
+    fn utc(&self) -> DateTime<Utc>;
+}
+
+/// The system's clocks.
+#[derive(Debug)]
+struct SystemClock;
+
+impl Clock for SystemClock {
+    fn instant(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn utc(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
 /// The tokens known to this controller, and when they were last read in
 /// full.
 #[derive(Debug, Default)]
@@ -224,6 +245,7 @@ pub struct ApiAuth {
     known: RwLock<Known>,
     /// Held by the one request that reloads the table.
     reloading: tokio::sync::Mutex<()>,
+    clock: Arc<dyn Clock>,
 }
 
 impl ApiAuth {
@@ -236,12 +258,22 @@ impl ApiAuth {
         limits: Arc<AbuseLimits>,
         refresh: Duration,
     ) -> Self {
+        ApiAuth::with_clock(store, limits, refresh, Arc::new(SystemClock))
+    }
+
+    fn with_clock(
+        store: Arc<dyn AuthStore>,
+        limits: Arc<AbuseLimits>,
+        refresh: Duration,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         ApiAuth {
             store,
             limits,
             refresh,
             known: RwLock::default(),
             reloading: tokio::sync::Mutex::default(),
+            clock,
         }
     }
 
@@ -279,7 +311,7 @@ impl ApiAuth {
             Err(ApiRefusal::WrongSecret)
         } else if record.revoked_at.is_some() {
             Err(ApiRefusal::Revoked)
-        } else if record.expires_at.is_some_and(|e| e <= Utc::now()) {
+        } else if record.expires_at.is_some_and(|e| e <= self.clock.utc()) {
             Err(ApiRefusal::Expired)
         } else {
             Ok(Caller {
@@ -329,7 +361,11 @@ impl ApiAuth {
     /// refresh period. One request does it; the others meanwhile go on
     /// with what is known.
     async fn reload_if_due(&self) {
-        let due = |known: &Known| known.loaded.is_none_or(|t| t.elapsed() >= self.refresh);
+        let due = |known: &Known| {
+            known
+                .loaded
+                .is_none_or(|t| self.clock.instant().saturating_duration_since(t) >= self.refresh)
+        };
         if !due(&self.known.read().unwrap_or_else(|p| p.into_inner())) {
             return;
         }
@@ -343,7 +379,7 @@ impl ApiAuth {
             if !due(&known) {
                 return;
             }
-            known.loaded = Some(Instant::now());
+            known.loaded = Some(self.clock.instant());
         }
         match self.store.api_tokens().await {
             Ok(all) => {
@@ -410,9 +446,48 @@ mod tests {
 
     const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 88, 0, 7));
 
+    /// A clock that stands still until a test moves it.
+    #[derive(Debug)]
+    struct TestClock(std::sync::Mutex<(Instant, DateTime<Utc>)>);
+
+    impl TestClock {
+        fn new() -> Arc<TestClock> {
+            Arc::new(TestClock(std::sync::Mutex::new((
+                Instant::now(),
+                Utc::now(),
+            ))))
+        }
+
+        fn advance(&self, by: Duration) {
+            let mut at = self.0.lock().unwrap();
+            at.0 += by;
+            at.1 += chrono::Duration::from_std(by).unwrap();
+        }
+
+        fn set_utc(&self, utc: DateTime<Utc>) {
+            self.0.lock().unwrap().1 = utc;
+        }
+    }
+
+    impl Clock for TestClock {
+        fn instant(&self) -> Instant {
+            self.0.lock().unwrap().0
+        }
+
+        fn utc(&self) -> DateTime<Utc> {
+            self.0.lock().unwrap().1
+        }
+    }
+
     async fn setup(
         failures: u32,
-    ) -> (tempfile::TempDir, Arc<dyn AuthStore>, ApiAuth, Arc<Metrics>) {
+    ) -> (
+        tempfile::TempDir,
+        Arc<dyn AuthStore>,
+        ApiAuth,
+        Arc<Metrics>,
+        Arc<TestClock>,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("kiwi.db"))
             .await
@@ -426,13 +501,14 @@ mod tests {
             },
             metrics.clone(),
         ));
-        let auth = ApiAuth::with_refresh(auth_store.clone(), limits, Duration::from_millis(50));
-        (dir, auth_store, auth, metrics)
+        let clock = TestClock::new();
+        let auth = ApiAuth::with_clock(auth_store.clone(), limits, REFRESH, clock.clone());
+        (dir, auth_store, auth, metrics, clock)
     }
 
     #[tokio::test]
     async fn tokens_are_checked_with_a_reason_for_each_refusal() {
-        let (_dir, store, auth, _) = setup(100).await;
+        let (_dir, store, auth, _, clock) = setup(100).await;
         let (admin, _) = create_api_token(store.as_ref(), Role::Admin, "ci", None)
             .await
             .unwrap();
@@ -463,18 +539,26 @@ mod tests {
             auth.verify(Some(&wrong), IP).await,
             Err(ApiRefusal::WrongSecret)
         );
-        let (short, _) = create_api_token(
+        let (short, record) = create_api_token(
             store.as_ref(),
             Role::Viewer,
             "",
-            Some(Duration::from_millis(1)),
+            Some(Duration::from_secs(3600)),
         )
         .await
         .unwrap();
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        let short = short.to_string();
+        let expires_at = record.expires_at.unwrap();
+        clock.set_utc(expires_at - chrono::Duration::microseconds(1));
+        assert!(
+            auth.verify(Some(&short), IP).await.is_ok(),
+            "valid until its expiry"
+        );
+        clock.set_utc(expires_at);
         assert_eq!(
-            auth.verify(Some(&short.to_string()), IP).await,
-            Err(ApiRefusal::Expired)
+            auth.verify(Some(&short), IP).await,
+            Err(ApiRefusal::Expired),
+            "refused from its expiry on"
         );
         auth.revoke(&admin.id).await.unwrap().unwrap();
         assert_eq!(
@@ -487,20 +571,25 @@ mod tests {
 
     #[tokio::test]
     async fn revocations_made_elsewhere_are_seen_after_a_reload() {
-        let (_dir, store, auth, _) = setup(100).await;
+        let (_dir, store, auth, _, clock) = setup(100).await;
         let (viewer, _) = create_api_token(store.as_ref(), Role::Viewer, "", None)
             .await
             .unwrap();
         let text = viewer.to_string();
         assert!(auth.verify(Some(&text), IP).await.is_ok());
         store.revoke_api_token(&viewer.id, now()).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(60)).await;
+        clock.advance(REFRESH - Duration::from_millis(1));
+        assert!(
+            auth.verify(Some(&text), IP).await.is_ok(),
+            "not read again before the refresh period is over"
+        );
+        clock.advance(Duration::from_millis(1));
         assert_eq!(auth.verify(Some(&text), IP).await, Err(ApiRefusal::Revoked));
     }
 
     #[tokio::test]
     async fn failures_block_bad_tokens_from_the_address_but_never_good_ones() {
-        let (_dir, store, auth, metrics) = setup(2).await;
+        let (_dir, store, auth, metrics, _) = setup(2).await;
         let unknown = ApiToken::generate().to_string();
         for _ in 0..2 {
             assert_eq!(
