@@ -383,11 +383,20 @@ async fn an_expired_lease_cannot_be_renewed_and_the_next_token_is_higher() {
     let keys = TestKeys::new();
     let (a, b) = (leases(&keys).await, leases(&keys).await);
     let old = a
-        .acquire("sweep", "ctl-a", Duration::from_millis(100))
+        .acquire("sweep", "ctl-a", Duration::from_secs(5))
         .await
         .unwrap()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    // It expires now: Redis expires a key whose expiry time has passed.
+    let _: i64 = {
+        let mut m = a.conn.manager.clone();
+        ::redis::cmd("PEXPIREAT")
+            .arg(a.conn.key("lease", "sweep"))
+            .arg(1)
+            .query_async(&mut m)
+            .await
+            .unwrap()
+    };
     assert!(!a.renew(&old).await.unwrap());
     let new = b
         .acquire("sweep", "ctl-b", Duration::from_secs(5))
@@ -448,8 +457,33 @@ async fn holding_renews_and_reports_a_lost_lease() {
     let lease = l.acquire("sweep", "ctl-a", ttl).await.unwrap().unwrap();
     let stop = CancellationToken::new();
     let lost = l.hold(&lease, &stop);
-    // Held well past its ttl thanks to renewal.
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    // Held past its ttl thanks to renewal: its time to live is put back up
+    // three times (each renewal is read as a time to live longer than the
+    // one read before), longer than the ttl alone would have lasted.
+    let pttl = async || -> i64 {
+        let mut m = l.conn.manager.clone();
+        ::redis::cmd("PTTL")
+            .arg(l.conn.key("lease", "sweep"))
+            .query_async(&mut m)
+            .await
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (mut renewals, mut last) = (0, pttl().await);
+    while renewals < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{renewals} renewals within 10 s"
+        );
+        let now = pttl().await;
+        assert!(now > 0, "the lease expired while held ({now})");
+        if now > last {
+            renewals += 1;
+        }
+        last = now;
+        // Polling pace (a renewal comes every third of the ttl).
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(!lost.is_cancelled());
     assert!(l.acquire("sweep", "ctl-b", ttl).await.unwrap().is_none());
     // Someone deletes it (as an expiry would): the holder learns it.
@@ -472,16 +506,16 @@ async fn holding_renews_and_reports_a_lost_lease() {
     let lease = l.acquire("sweep", "ctl-a", ttl).await.unwrap().unwrap();
     let key = l.conn.key("lease", "sweep");
     let mut m = l.conn.manager.clone();
-    let work = async move {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let _: i64 = ::redis::cmd("DEL")
-            .arg(key)
-            .query_async(&mut m)
-            .await
-            .unwrap();
-        std::future::pending::<()>().await
-    };
-    let err = l.run_holding(lease, work).await.unwrap_err();
+    // Gone before the work starts: the first renewal is refused.
+    let _: i64 = ::redis::cmd("DEL")
+        .arg(key)
+        .query_async(&mut m)
+        .await
+        .unwrap();
+    let err = l
+        .run_holding(lease, std::future::pending::<()>())
+        .await
+        .unwrap_err();
     assert!(matches!(err, RedisError::LeaseLost { .. }), "{err}");
 }
 

@@ -125,7 +125,29 @@ async fn migrations_apply_once_to_an_empty_database_and_again_change_nothing() {
         let result = a.migrate().await;
         (a, result)
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Wait until the migrator is seen blocked on that lock, then check
+    // that it has not finished.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let blocked: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+             WHERE l.locktype = 'advisory' AND NOT l.granted AND d.datname = current_database() \
+             AND ((l.classid::bigint << 32) | l.objid::bigint) = $1 AND l.objsubid = 1)",
+        )
+        .bind(migrator_lock_id(db.name()))
+        .fetch_one(&mut holder)
+        .await
+        .expect("the lock table");
+        if blocked {
+            break;
+        }
+        assert!(!waiting.is_finished(), "migrate ran without the lock");
+        assert!(
+            Instant::now() < deadline,
+            "the migrator never waited for its lock"
+        );
+        tokio::task::yield_now().await;
+    }
     assert!(!waiting.is_finished(), "migrate ran without the lock");
     sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(migrator_lock_id(db.name()))
