@@ -7,7 +7,7 @@
 //! Inputs for one robot are serialised by a per-robot lock; inputs for
 //! different robots run concurrently and meet in the store's group commit.
 
-use crate::breakers::{Breakers, CircuitSettings, Outcome};
+use crate::breakers::{Breakers, Outcome};
 use crate::cache::shared::SharedCache;
 use crate::cache::{Entry, RobotCache};
 use crate::domain::decide::CommandIntent;
@@ -78,8 +78,20 @@ struct Inner {
     /// Redis in front of the store, when configured; set once, after the
     /// read model is loaded (Redis is refilled from it).
     shared: std::sync::OnceLock<SharedCache>,
-    breakers: Breakers,
+    breakers: Arc<Breakers>,
     locks: Mutex<HashMap<RobotId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The fleet and the parts it works with, for the tasks that act on it
+/// beside the API and the link (liveness, recovery): made once by
+/// `serve::Components`, the same parts the fleet was built with.
+#[derive(Debug, Clone)]
+pub struct Parts {
+    pub fleet: Fleet,
+    pub sessions: Arc<SessionRegistry>,
+    pub cache: Arc<RobotCache>,
+    pub breakers: Arc<Breakers>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// A cheap, cloneable handle.
@@ -93,16 +105,20 @@ pub struct Fleet {
 const CONFLICT_RETRIES: usize = 3;
 
 impl Fleet {
+    /// A fleet over its parts, each made once by `serve::Components`
+    /// (which hands the same parts to the tasks that need them): the
+    /// store, the in-process read model, the connected agents, the
+    /// metrics and the circuit breakers (Redis in front of the store, when
+    /// configured, comes later: [`Fleet::set_shared_cache`]).
     pub fn new(
         store: Arc<dyn EventStore>,
         cache: Arc<RobotCache>,
         sessions: Arc<SessionRegistry>,
         metrics: Arc<Metrics>,
+        breakers: Arc<Breakers>,
         policy: Policy,
         report_interval: Duration,
-        circuit: CircuitSettings,
     ) -> Fleet {
-        let breakers = Breakers::new(circuit, store.clone(), metrics.clone());
         Fleet {
             inner: Arc::new(Inner {
                 store,
@@ -124,31 +140,6 @@ impl Fleet {
         if self.inner.shared.set(shared).is_err() {
             tracing::warn!("shared cache already set; keeping the first");
         }
-    }
-
-    pub fn shared_cache(&self) -> Option<&SharedCache> {
-        self.inner.shared.get()
-    }
-
-    pub fn store(&self) -> &Arc<dyn EventStore> {
-        &self.inner.store
-    }
-
-    pub fn cache(&self) -> &Arc<RobotCache> {
-        &self.inner.cache
-    }
-
-    /// Every robot's circuit breaker.
-    pub fn breakers(&self) -> &Breakers {
-        &self.inner.breakers
-    }
-
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.inner.metrics
-    }
-
-    pub fn sessions(&self) -> &Arc<SessionRegistry> {
-        &self.inner.sessions
     }
 
     /// Fills the cache from the store's read model and the circuit

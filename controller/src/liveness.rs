@@ -30,7 +30,7 @@ use crate::breakers::Outcome;
 use crate::domain::damping::{Damping, DampingSettings, NetworkChange, NetworkState};
 use crate::domain::detector::{DetectorSettings, Step};
 use crate::domain::{Input, LifecycleState};
-use crate::fleet::{Context, Fleet};
+use crate::fleet::{Context, Parts};
 use crate::sessions::{Session, now_ms};
 use futures_util::StreamExt as _;
 use kiwi_protocol::RobotId;
@@ -217,7 +217,8 @@ enum Record {
 }
 
 /// Runs the sweeps until `cancel`.
-pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken) {
+pub async fn run(p: Parts, config: LivenessConfig, cancel: CancellationToken) {
+    let p = &p;
     let mut tick = tokio::time::interval(config.period());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let probe_timeout = config.probe_timeout();
@@ -235,7 +236,7 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
         // something done (a few): the sweep runs four times per heartbeat
         // interval over the whole fleet.
         let mut due = Vec::new();
-        fleet.sessions().for_each(|s| {
+        p.sessions.for_each(|s| {
             let verdict = sweep.session(now, s.robot_id, s.last_seen_ms(), s.is_suspect(), || {
                 s.assess(now, &config.detector, probe_timeout)
             });
@@ -247,7 +248,7 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
             match verdict {
                 Verdict::Abandon { reason } => s.abandon(reason),
                 Verdict::Suspect { reason } => {
-                    probe(&fleet, &s).await;
+                    probe(p, &s).await;
                     let host = SocketAddr::new(s.peer.ip(), config.host_port);
                     host_checks.insert(
                         s.robot_id,
@@ -255,7 +256,7 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
                         tokio::spawn(crate::recovery::host_answers(host, probe_timeout * 3 / 4)),
                     );
                     tracing::info!(robot_id = %s.robot_id, reason, "agent suspect");
-                    fleet.metrics().liveness_suspected.inc();
+                    p.metrics.liveness_suspected.inc();
                     records.push(Record::Suspect(s, reason));
                 }
                 Verdict::Cleared => {
@@ -268,9 +269,8 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
                     records.push(Record::Cleared(s));
                 }
                 Verdict::Lost { silent_ms } => {
-                    fleet.metrics().liveness_confirmed.inc();
-                    fleet
-                        .breakers()
+                    p.metrics.liveness_confirmed.inc();
+                    p.breakers
                         .record(s.robot_id, Outcome::Failure, chrono::Utc::now())
                         .await;
                     let host = match host_checks.remove(&s.robot_id) {
@@ -299,43 +299,38 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
         }
         // Checks of robots no longer connected are dropped.
         host_checks.retain(|id, check| {
-            let keep = fleet.sessions().is_connected(id);
+            let keep = p.sessions.is_connected(id);
             if !keep {
                 check.abort();
             }
             keep
         });
-        record_all(&fleet, records).await;
-        trial_probes(&fleet).await;
-        let duties = sweep.duties(now, fleet.sessions().len());
+        record_all(p, records).await;
+        trial_probes(p).await;
+        let duties = sweep.duties(now, p.sessions.len());
         if let Some(change) = duties.network {
-            publish_network(&fleet, change, sweep.network());
+            publish_network(p, change, sweep.network());
         }
         if duties.fail_long_offline {
-            fail_long_offline(&fleet, &config, now).await;
+            fail_long_offline(p, &config, now).await;
         }
         if duties.long_offline_held {
-            log_long_offline_held(&fleet, &config, now);
+            log_long_offline_held(p, &config, now);
         }
-        for robot_id in fleet.sessions().take_overdue_absences(now) {
-            if !fleet.sessions().is_connected(&robot_id) {
-                lose(
-                    &fleet,
-                    robot_id,
-                    "did not return from planned downtime".into(),
-                )
-                .await;
+        for robot_id in p.sessions.take_overdue_absences(now) {
+            if !p.sessions.is_connected(&robot_id) {
+                lose(p, robot_id, "did not return from planned downtime".into()).await;
             }
         }
         if duties.grace_over {
-            for robot in fleet.cache().all() {
+            for robot in p.cache.all() {
                 let id = robot.robot_id;
                 if robot.state.expects_presence()
-                    && !fleet.sessions().is_connected(&id)
-                    && !fleet.sessions().is_planned_absent(&id)
+                    && !p.sessions.is_connected(&id)
+                    && !p.sessions.is_planned_absent(&id)
                 {
                     lose(
-                        &fleet,
+                        p,
                         id,
                         "no agent connection since the controller started".into(),
                     )
@@ -349,7 +344,7 @@ pub async fn run(fleet: Fleet, config: LivenessConfig, cancel: CancellationToken
 /// A change of the network's state (outage damping) is logged, counted
 /// and published (the API's `GET /api/v2/network`, the `network_degraded`
 /// gauge).
-fn publish_network(fleet: &Fleet, change: NetworkChange, state: NetworkState) {
+fn publish_network(p: &Parts, change: NetworkChange, state: NetworkState) {
     match change {
         NetworkChange::Degraded { silent, watched } => {
             tracing::warn!(
@@ -357,26 +352,26 @@ fn publish_network(fleet: &Fleet, change: NetworkChange, state: NetworkState) {
                 watched,
                 "network degraded: most robots went silent at once; holding automatic offline -> failed until they are back"
             );
-            fleet.metrics().network_degraded.set(1);
+            p.metrics.network_degraded.set(1);
         }
         NetworkChange::Recovered { silent, watched } => {
             tracing::info!(silent, watched, "network recovered");
-            fleet.metrics().network_degraded.set(0);
+            p.metrics.network_degraded.set(0);
         }
     }
-    fleet.sessions().set_network(state);
+    p.sessions.set_network(state);
 }
 
 /// Records `failed` the robots `offline` for longer than
 /// `offline_fail_after`, unless the network is degraded (then they wait:
-/// an access point rebooting does not fail the fleet).
-async fn fail_long_offline(fleet: &Fleet, config: &LivenessConfig, now: i64) {
+/// an access point rebooting does not fail the p).
+async fn fail_long_offline(p: &Parts, config: &LivenessConfig, now: i64) {
     let limit = i64::try_from(config.offline_fail_after.as_millis()).unwrap_or(i64::MAX);
     let overdue = |robot: &crate::domain::Robot| {
         robot.state == LifecycleState::Offline
             && now - robot.last_state_change.timestamp_millis() > limit
     };
-    for robot in fleet.cache().all() {
+    for robot in p.cache.all() {
         if !overdue(&robot) {
             continue;
         }
@@ -388,7 +383,7 @@ async fn fail_long_offline(fleet: &Fleet, config: &LivenessConfig, now: i64) {
         );
         let ctx = Context::new("liveness");
         let input = Input::OfflineTooLong { reason };
-        if let Err(e) = Box::pin(fleet.apply(robot.robot_id, input, &ctx)).await {
+        if let Err(e) = Box::pin(p.fleet.apply(robot.robot_id, input, &ctx)).await {
             tracing::warn!(robot_id = %robot.robot_id, error = %e, "could not record a long-offline robot as failed");
         }
     }
@@ -396,13 +391,13 @@ async fn fail_long_offline(fleet: &Fleet, config: &LivenessConfig, now: i64) {
 
 /// Says (debug) how many robots offline longer than `offline_fail_after`
 /// a degraded network holds from being failed.
-fn log_long_offline_held(fleet: &Fleet, config: &LivenessConfig, now: i64) {
+fn log_long_offline_held(p: &Parts, config: &LivenessConfig, now: i64) {
     if !tracing::enabled!(tracing::Level::DEBUG) {
         return;
     }
     let limit = i64::try_from(config.offline_fail_after.as_millis()).unwrap_or(i64::MAX);
-    let held = fleet
-        .cache()
+    let held = p
+        .cache
         .all()
         .iter()
         .filter(|r| {
@@ -421,12 +416,8 @@ fn log_long_offline_held(fleet: &Fleet, config: &LivenessConfig, now: i64) {
 /// Sends a suspect session's agent a `Ping`: any answer (the result, a
 /// heartbeat, a report) clears the suspicion. Not sent while the robot's
 /// circuit is open (the probe's timeout then decides).
-async fn probe(fleet: &Fleet, session: &Session) {
-    if let Err(refused) = fleet
-        .breakers()
-        .allow(session.robot_id, chrono::Utc::now())
-        .await
-    {
+async fn probe(p: &Parts, session: &Session) {
+    if let Err(refused) = p.breakers.allow(session.robot_id, chrono::Utc::now()).await {
         tracing::debug!(robot_id = %session.robot_id, retry_at = %refused.retry_at, "circuit open; probe not sent");
         return;
     }
@@ -439,27 +430,27 @@ async fn probe(fleet: &Fleet, session: &Session) {
         // decides.
         tracing::debug!(robot_id = %session.robot_id, error = e, "probe not sent");
     }
-    fleet.metrics().liveness_probes.inc();
+    p.metrics.liveness_probes.inc();
 }
 
 /// Robots whose circuit is open but whose agent is connected (it came
 /// back, or its commands failed) are probed once the open timeout has
 /// passed: one `Ping` at a time, each answer a success of the half-open
 /// breaker, until enough close it.
-async fn trial_probes(fleet: &Fleet) {
-    for id in fleet.breakers().tripped().into_keys() {
-        let Some(session) = fleet.sessions().get(&id) else {
+async fn trial_probes(p: &Parts) {
+    for id in p.breakers.tripped().into_keys() {
+        let Some(session) = p.sessions.get(&id) else {
             continue;
         };
         if !session.is_suspect() && !session.awaits(crate::domain::decide::CommandIntent::Ping) {
-            probe(fleet, &session).await;
+            probe(p, &session).await;
         }
     }
 }
 
 /// Records the sweep's suspicions and clearings, a bounded number at once
 /// (an outage can make hundreds of robots suspect in one sweep).
-async fn record_all(fleet: &Fleet, records: Vec<Record>) {
+async fn record_all(p: &Parts, records: Vec<Record>) {
     futures_util::stream::iter(records)
         .for_each_concurrent(SWEEP_WRITES, |record| async move {
             let (session, input) = match record {
@@ -471,16 +462,16 @@ async fn record_all(fleet: &Fleet, records: Vec<Record>) {
                 correlation_id: Some(session.session_id),
                 causation_id: None,
             };
-            if let Err(e) = Box::pin(fleet.apply(session.robot_id, input, &ctx)).await {
+            if let Err(e) = Box::pin(p.fleet.apply(session.robot_id, input, &ctx)).await {
                 tracing::warn!(robot_id = %session.robot_id, error = %e, "could not record the agent's liveness");
             }
         })
         .await;
 }
 
-async fn lose(fleet: &Fleet, robot_id: kiwi_protocol::RobotId, reason: String) {
+async fn lose(p: &Parts, robot_id: kiwi_protocol::RobotId, reason: String) {
     let ctx = Context::new("liveness");
-    if let Err(e) = fleet.lose_if_absent(robot_id, reason, &ctx).await {
+    if let Err(e) = p.fleet.lose_if_absent(robot_id, reason, &ctx).await {
         tracing::error!(%robot_id, error = %e, "could not record a silent robot");
     }
 }

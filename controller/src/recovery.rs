@@ -12,7 +12,7 @@
 use crate::breakers::Outcome;
 use crate::domain::recovery::{Recovery, RecoverySettings, Verdict};
 use crate::domain::{Input, LifecycleState};
-use crate::fleet::{Context, Fleet};
+use crate::fleet::{Context, Parts};
 use crate::metrics::ResultLabels;
 use crate::sessions::now_ms;
 use futures_util::StreamExt as _;
@@ -40,7 +40,7 @@ pub async fn host_answers(address: SocketAddr, timeout: Duration) -> bool {
 }
 
 /// Runs the probes until `cancel`.
-pub async fn run(fleet: Fleet, settings: RecoverySettings, port: u16, cancel: CancellationToken) {
+pub async fn run(p: Parts, settings: RecoverySettings, port: u16, cancel: CancellationToken) {
     if settings.interval.is_zero() {
         return;
     }
@@ -55,8 +55,8 @@ pub async fn run(fleet: Fleet, settings: RecoverySettings, port: u16, cancel: Ca
             () = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let offline: Vec<(RobotId, Option<IpAddr>)> = fleet
-            .cache()
+        let offline: Vec<(RobotId, Option<IpAddr>)> = p
+            .cache
             .all()
             .iter()
             .filter(|r| r.state == LifecycleState::Offline)
@@ -78,13 +78,13 @@ pub async fn run(fleet: Fleet, settings: RecoverySettings, port: u16, cancel: Ca
             .collect();
         let results: Vec<(RobotId, SocketAddr, Option<bool>)> = futures_util::stream::iter(targets)
             .map(|(id, address)| {
-                let fleet = &fleet;
-                async move { (id, address, probe(fleet, id, address, timeout).await) }
+                let p = &p;
+                async move { (id, address, probe(p, id, address, timeout).await) }
             })
             .buffer_unordered(CONCURRENT_PROBES)
             .collect()
             .await;
-        let degraded = fleet.sessions().network().is_degraded();
+        let degraded = p.sessions.network().is_degraded();
         for (id, address, answered) in results {
             let Some(reachable) = answered else {
                 continue;
@@ -96,7 +96,7 @@ pub async fn run(fleet: Fleet, settings: RecoverySettings, port: u16, cancel: Ca
                     tracing::warn!(robot_id = %id, reason, "offline robot failed");
                     let input = Input::OfflineTooLong { reason };
                     if let Err(e) =
-                        Box::pin(fleet.apply(id, input, &Context::new("recovery"))).await
+                        Box::pin(p.fleet.apply(id, input, &Context::new("recovery"))).await
                     {
                         tracing::warn!(robot_id = %id, error = %e, "could not record an unreachable robot as failed");
                     }
@@ -118,12 +118,11 @@ pub async fn run(fleet: Fleet, settings: RecoverySettings, port: u16, cancel: Ca
 
 /// One probe through the robot's circuit breaker: `None` when the breaker
 /// refused it, else whether the host answered.
-async fn probe(fleet: &Fleet, id: RobotId, address: SocketAddr, timeout: Duration) -> Option<bool> {
+async fn probe(p: &Parts, id: RobotId, address: SocketAddr, timeout: Duration) -> Option<bool> {
     let outcome = |o: &'static str| ResultLabels { result: o };
-    if let Err(refused) = fleet.breakers().allow(id, chrono::Utc::now()).await {
+    if let Err(refused) = p.breakers.allow(id, chrono::Utc::now()).await {
         tracing::debug!(robot_id = %id, retry_at = %refused.retry_at, "circuit open; recovery probe not sent");
-        fleet
-            .metrics()
+        p.metrics
             .recovery_probes
             .get_or_create(&outcome("skipped"))
             .inc();
@@ -135,15 +134,11 @@ async fn probe(fleet: &Fleet, id: RobotId, address: SocketAddr, timeout: Duratio
     } else {
         ("unreachable", Outcome::Failure)
     };
-    fleet
-        .metrics()
+    p.metrics
         .recovery_probes
         .get_or_create(&outcome(label))
         .inc();
-    fleet
-        .breakers()
-        .record(id, result, chrono::Utc::now())
-        .await;
+    p.breakers.record(id, result, chrono::Utc::now()).await;
     tracing::debug!(robot_id = %id, %address, reachable, "recovery probe");
     Some(reachable)
 }

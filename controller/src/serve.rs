@@ -4,6 +4,7 @@
 //! together.
 
 use crate::api::{self, AppState};
+use crate::breakers::Breakers;
 use crate::cache::RobotCache;
 use crate::cache::redis::{CacheTtls, RedisCache};
 use crate::cache::shared::SharedCache;
@@ -14,7 +15,7 @@ use crate::discovery::ssh::{self, SshProbe, SshSettings};
 use crate::discovery::sweep::SweepSettings;
 use crate::discovery::{ConnectedAgents, Discovery, DiscoverySource};
 use crate::domain::Policy;
-use crate::fleet::Fleet;
+use crate::fleet::{Fleet, Parts};
 use crate::link::{self, LinkConfig, LinkState};
 use crate::liveness::{self, LivenessConfig};
 use crate::metrics::Metrics;
@@ -98,6 +99,9 @@ pub struct Components {
     pub metrics: Arc<Metrics>,
     pub cache: Arc<RobotCache>,
     pub sessions: Arc<SessionRegistry>,
+    pub breakers: Arc<Breakers>,
+    /// Redis in front of the store, when configured.
+    pub shared_cache: Option<SharedCache>,
     pub fleet: Fleet,
     pub hub: Hub,
     pub discovery: Discovery,
@@ -132,21 +136,14 @@ impl Components {
         let agent_auth = Arc::new(AgentAuth::new(pki.clone(), limits.clone(), metrics.clone()));
         let cache = Arc::new(RobotCache::new(metrics.clone()));
         let sessions = Arc::new(SessionRegistry::default());
-        let fleet = Fleet::new(
-            store.clone(),
-            cache.clone(),
-            sessions.clone(),
-            metrics.clone(),
-            Policy {
-                auto_provision: config.auto_provision,
-            },
-            config.report_interval,
+        let breakers = Arc::new(Breakers::new(
             config.circuit,
-        );
-        let robots = fleet.load().await.context("cannot load the read model")?;
-        tracing::info!(robots, "read model loaded");
+            store.clone(),
+            metrics.clone(),
+        ));
         // Redis, when configured, holds the discovery leases; it also caches
-        // rows unless `enable_cache` is off.
+        // rows unless `enable_cache` is off (refilled from the read model
+        // once it is loaded).
         let redis = match &config.redis_url {
             Some(url) => Some(
                 RedisCache::connect_lazy(
@@ -162,14 +159,32 @@ impl Components {
             ),
             None => None,
         };
-        if let (Some(redis), true) = (&redis, config.enable_cache) {
-            tracing::info!(prefix = %config.redis_prefix, "shared cache: Redis");
-            fleet.set_shared_cache(SharedCache::new(redis.clone(), cache.clone()));
-        }
+        let fleet = Fleet::new(
+            store.clone(),
+            cache.clone(),
+            sessions.clone(),
+            metrics.clone(),
+            breakers.clone(),
+            Policy {
+                auto_provision: config.auto_provision,
+            },
+            config.report_interval,
+        );
+        let robots = fleet.load().await.context("cannot load the read model")?;
+        tracing::info!(robots, "read model loaded");
+        let shared_cache = match (&redis, config.enable_cache) {
+            (Some(redis), true) => {
+                tracing::info!(prefix = %config.redis_prefix, "shared cache: Redis");
+                let shared = SharedCache::new(redis.clone(), cache.clone());
+                fleet.set_shared_cache(shared.clone());
+                Some(shared)
+            }
+            _ => None,
+        };
         let mut sources: Vec<Box<dyn DiscoverySource>> = Vec::new();
         if config.discovery.enable_websocket_discovery {
             sources.push(Box::new(ConnectedAgents {
-                fleet: fleet.clone(),
+                sessions: sessions.clone(),
             }));
         }
         let sightings = Sightings::with_stats(metrics.announce.clone());
@@ -218,11 +233,17 @@ impl Components {
             sources.push(Box::new(LanSweep {
                 settings,
                 ssh,
-                fleet: fleet.clone(),
+                sessions: sessions.clone(),
                 metrics: metrics.clone(),
             }));
         }
-        let mut discovery = Discovery::new(fleet.clone(), metrics.clone(), sources);
+        let mut discovery = Discovery::new(
+            fleet.clone(),
+            store.clone(),
+            cache.clone(),
+            metrics.clone(),
+            sources,
+        );
         if let Some(redis) = &redis {
             // Unique per process: a restarted controller is a new holder.
             let holder = format!("controller-{}", uuid::Uuid::new_v4().simple());
@@ -234,6 +255,8 @@ impl Components {
             metrics,
             cache,
             sessions,
+            breakers,
+            shared_cache,
             fleet,
             hub: Hub::new(),
             discovery,
@@ -250,6 +273,11 @@ impl Components {
     pub fn api_router(&self) -> axum::Router {
         api::router(AppState {
             fleet: self.fleet.clone(),
+            store: self.store.clone(),
+            cache: self.cache.clone(),
+            sessions: self.sessions.clone(),
+            breakers: self.breakers.clone(),
+            shared_cache: self.shared_cache.clone(),
             metrics: self.metrics.clone(),
             hub: self.hub.clone(),
             discovery: self.discovery.clone(),
@@ -305,10 +333,24 @@ impl Components {
         }
     }
 
+    /// The fleet and its parts, for the tasks that act on it beside the
+    /// API and the link.
+    pub fn parts(&self) -> Parts {
+        Parts {
+            fleet: self.fleet.clone(),
+            sessions: self.sessions.clone(),
+            cache: self.cache.clone(),
+            breakers: self.breakers.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
     /// The agent endpoint's shared state.
     pub fn link_state(&self) -> Arc<LinkState> {
         Arc::new(LinkState {
             fleet: self.fleet.clone(),
+            sessions: self.sessions.clone(),
+            breakers: self.breakers.clone(),
             auth: self.agent_auth.clone(),
             enroller: Arc::new(crate::security::Enroller {
                 store: self.store.auth(),
@@ -317,6 +359,7 @@ impl Components {
                 metrics: self.metrics.clone(),
                 agent_auth: self.agent_auth.clone(),
                 fleet: self.fleet.clone(),
+                sessions: self.sessions.clone(),
                 cert_ttl: self.config.security.client_cert_ttl,
                 pending: self.config.security.pending_limits(),
             }),
@@ -345,13 +388,13 @@ impl Components {
             self.shutdown.clone(),
         ));
         tasks.spawn(crate::recovery::run(
-            self.fleet.clone(),
+            self.parts(),
             self.config.recovery,
             self.config.recovery_probe_port,
             self.shutdown.clone(),
         ));
         tasks.spawn(liveness::run(
-            self.fleet.clone(),
+            self.parts(),
             LivenessConfig {
                 timeout: self.config.liveness_timeout,
                 startup_grace: self.config.startup_grace,

@@ -119,7 +119,10 @@ async fn redis_outage_costs_no_error_and_never_serves_stale_rows() {
     .await;
     let uri = format!("/api/v2/robots/{id}");
 
-    wait_for("Redis up", async || c.fleet.shared_cache().unwrap().is_up()).await;
+    wait_for("Redis up", async || {
+        c.shared_cache.as_ref().unwrap().is_up()
+    })
+    .await;
     let hits = metric(&c, "cache_hits_total");
     let (status, body) = get(&c, &uri).await;
     assert_eq!(
@@ -154,7 +157,7 @@ async fn redis_outage_costs_no_error_and_never_serves_stale_rows() {
     // refilled before it is read again.
     redis.resume();
     wait_for("Redis refilled", async || {
-        c.fleet.shared_cache().unwrap().is_up()
+        c.shared_cache.as_ref().unwrap().is_up()
     })
     .await;
     let hits = metric(&c, "cache_hits_total");
@@ -170,7 +173,7 @@ async fn redis_outage_costs_no_error_and_never_serves_stale_rows() {
     assert_eq!(status, StatusCode::OK);
     redis.start_again().await;
     wait_for("Redis refilled after a restart", async || {
-        c.fleet.shared_cache().unwrap().is_up()
+        c.shared_cache.as_ref().unwrap().is_up()
     })
     .await;
     let (_, body) = get(&c, &uri).await;
@@ -195,7 +198,7 @@ async fn a_refill_completes_while_redis_keeps_stalling_writes() {
     let mut redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let c = with_redis(&redis, dir.path()).await;
-    let shared = c.fleet.shared_cache().unwrap().clone();
+    let shared = c.shared_cache.as_ref().unwrap().clone();
     for i in 0..STALLED_REFILL_ROBOTS {
         let hardware_id = format!("stalled-{i}");
         let id = RobotId::from_hardware(&HardwareId::Configured(hardware_id.clone()));
@@ -323,8 +326,14 @@ async fn only_the_lease_holder_records_a_discovery_round() {
         .await
         .unwrap();
     let discovery = |source: Held| {
-        Discovery::new(c.fleet.clone(), c.metrics.clone(), vec![Box::new(source)])
-            .with_leases(leases.clone(), "this-controller".into())
+        Discovery::new(
+            c.fleet.clone(),
+            c.store.clone(),
+            c.cache.clone(),
+            c.metrics.clone(),
+            vec![Box::new(source)],
+        )
+        .with_leases(leases.clone(), "this-controller".into())
     };
 
     // Another controller holds the lease: this one does not run the round.

@@ -17,10 +17,15 @@ mod robots;
 pub mod server;
 mod watch;
 
+use crate::breakers::Breakers;
+use crate::cache::RobotCache;
+use crate::cache::shared::SharedCache;
 use crate::discovery::Discovery;
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::security::{AgentAuth, ApiAuth, ControllerPki};
+use crate::sessions::SessionRegistry;
+use crate::store::EventStore;
 use crate::store::auth::Role;
 use crate::watch::Hub;
 use auth::{Access, RouteSpec, Routes};
@@ -37,6 +42,13 @@ use std::time::Instant;
 #[derive(Debug, Clone)]
 pub struct AppState {
     pub fleet: Fleet,
+    /// The parts of the fleet the API reads directly (lists, history,
+    /// liveness, circuits, readiness), the same ones the fleet holds.
+    pub store: Arc<dyn EventStore>,
+    pub cache: Arc<RobotCache>,
+    pub sessions: Arc<SessionRegistry>,
+    pub breakers: Arc<Breakers>,
+    pub shared_cache: Option<SharedCache>,
     pub metrics: Arc<Metrics>,
     pub hub: Hub,
     pub discovery: Discovery,
@@ -180,12 +192,11 @@ async fn healthz() -> impl IntoResponse {
 /// Ready when the store answers. With Redis configured and not up, still
 /// ready (reads fall back to the store) but `degraded`.
 async fn readyz(State(s): State<AppState>) -> Result<impl IntoResponse, Problem> {
-    s.fleet
-        .store()
+    s.store
         .ping()
         .await
         .map_err(|e| Problem::unavailable(format!("store not ready: {e}")))?;
-    let body = match s.fleet.shared_cache() {
+    let body = match s.shared_cache.as_ref() {
         Some(c) if !c.is_up() => {
             serde_json::json!({"status": "degraded", "store": "up", "redis": c.status()})
         }

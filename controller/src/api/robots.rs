@@ -11,7 +11,7 @@ use crate::cache::{Entry, Filter};
 use crate::domain::damping::NetworkState;
 use crate::domain::robot::health_status;
 use crate::domain::{Action, Input, LifecycleState, Refusal, Robot};
-use crate::fleet::{Applied, Context, Fleet, FleetError};
+use crate::fleet::{Applied, Context, FleetError};
 use crate::security::Caller;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -63,8 +63,8 @@ fn write_live_fields(out: &mut impl BufMut, entry: &Entry, live: Option<i64>, ci
 }
 
 /// The state of `id`'s circuit breaker, by name.
-fn circuit_state(fleet: &Fleet, id: &RobotId) -> &'static str {
-    fleet.breakers().state(id).as_str()
+fn circuit_state(s: &AppState, id: &RobotId) -> &'static str {
+    s.breakers.state(id).as_str()
 }
 
 /// The members of the cached JSON (an object) and its closing brace:
@@ -94,14 +94,14 @@ fn write_rfc3339_millis(out: &mut impl BufMut, t: chrono::DateTime<Utc>) {
     out.put_slice(&buf);
 }
 
-fn robot_response(entry: &Entry, fleet: &Fleet) -> Response {
+fn robot_response(entry: &Entry, s: &AppState) -> Response {
     let id = &entry.robot.robot_id;
     let mut out = Vec::with_capacity(entry.json.len() + 96);
     write_robot(
         &mut out,
         entry,
-        fleet.sessions().last_seen_ms(id),
-        circuit_state(fleet, id),
+        s.sessions.last_seen_ms(id),
+        circuit_state(s, id),
     );
     json_response(out)
 }
@@ -110,14 +110,14 @@ fn robot_response(entry: &Entry, fleet: &Fleet) -> Response {
 fn write_robots<'a>(
     out: &mut ChunkedJson,
     entries: impl IntoIterator<Item = &'a Entry> + Clone,
-    fleet: &Fleet,
+    s: &AppState,
 ) {
-    let live = fleet
-        .sessions()
+    let live = s
+        .sessions
         .last_seen_many(entries.clone().into_iter().map(|e| &e.robot.robot_id));
     // Few circuits are ever not closed: one pass over those, not a lock
     // per robot.
-    let tripped = fleet.breakers().tripped();
+    let tripped = s.breakers.tripped();
     out.extend(b"[");
     for (i, (e, live)) in entries.into_iter().zip(live).enumerate() {
         let buf = out.buf();
@@ -187,10 +187,10 @@ pub async fn list(
         .map(|c| c.parse::<RobotId>())
         .transpose()
         .map_err(|e| Problem::bad_request(format!("invalid cursor: {e}")))?;
-    let (page, next) = s.fleet.cache().list(&filter, cursor, limit);
+    let (page, next) = s.cache.list(&filter, cursor, limit);
     let mut out = ChunkedJson::new();
     out.extend(b"{\"robots\":");
-    write_robots(&mut out, &page, &s.fleet);
+    write_robots(&mut out, &page, &s);
     out.extend(b",\"next_cursor\":");
     match next {
         Some(c) => out.extend(format!("\"{c}\"").as_bytes()),
@@ -223,14 +223,14 @@ pub async fn get_one(
     // The robot with its circuit breaker spliced in front.
     let mut out = Vec::with_capacity(entry.json.len() + 192);
     out.extend_from_slice(b"{\"circuit\":");
-    let _ = serde_json::to_writer(&mut out, &s.fleet.breakers().view(&id));
+    let _ = serde_json::to_writer(&mut out, &s.breakers.view(&id));
     out.push(b',');
     let mut row = Vec::with_capacity(entry.json.len() + 96);
     write_robot(
         &mut row,
         &entry,
-        s.fleet.sessions().last_seen_ms(&id),
-        circuit_state(&s.fleet, &id),
+        s.sessions.last_seen_ms(&id),
+        circuit_state(&s, &id),
     );
     out.extend_from_slice(&row[1..]);
     Ok(json_response(out))
@@ -244,7 +244,7 @@ pub async fn circuit_reset(
     RobotPath(id): RobotPath,
 ) -> Result<Response, Problem> {
     require_robot(&s, id).await?;
-    let breakers = s.fleet.breakers();
+    let breakers = s.breakers;
     let before = breakers.view(&id);
     breakers.reset(id, Utc::now()).await?;
     tracing::info!(robot_id = %id, was = before.state, "circuit breaker reset by an operator");
@@ -256,7 +256,7 @@ async fn robot_at(s: &AppState, id: RobotId, at: &str) -> Result<Response, Probl
     let at = chrono::DateTime::parse_from_rfc3339(at)
         .map_err(|e| Problem::bad_request(format!("at must be an RFC 3339 time: {e}")))?
         .with_timezone(&Utc);
-    let history = s.fleet.store().history(id, Some(at)).await?;
+    let history = s.store.history(id, Some(at)).await?;
     if let Some(snap) = &history.snapshot
         && at < snap.robot.updated_at
     {
@@ -287,14 +287,10 @@ fn is_healthy(r: &Robot) -> bool {
 }
 
 pub async fn healthy(State(s): State<AppState>) -> Response {
-    let (all, _) = s.fleet.cache().list(&Filter::default(), None, usize::MAX);
+    let (all, _) = s.cache.list(&Filter::default(), None, usize::MAX);
     let mut out = ChunkedJson::new();
     out.extend(b"{\"robots\":");
-    write_robots(
-        &mut out,
-        all.iter().filter(|e| is_healthy(&e.robot)),
-        &s.fleet,
-    );
+    write_robots(&mut out, all.iter().filter(|e| is_healthy(&e.robot)), &s);
     out.extend(b"}");
     out.into_response()
 }
@@ -342,15 +338,15 @@ pub fn exclusion_reasons(r: &Robot, connected: bool, circuit: &CircuitView) -> V
 }
 
 pub async fn deployable(State(s): State<AppState>) -> Response {
-    let sessions = s.fleet.sessions();
-    let (all, _) = s.fleet.cache().list(&Filter::default(), None, usize::MAX);
+    let sessions = &s.sessions;
+    let (all, _) = s.cache.list(&Filter::default(), None, usize::MAX);
     let mut deployable = Vec::new();
     let mut excluded = Vec::new();
     for e in &all {
         let reasons = exclusion_reasons(
             &e.robot,
             sessions.is_connected(&e.robot.robot_id),
-            &s.fleet.breakers().view(&e.robot.robot_id),
+            &s.breakers.view(&e.robot.robot_id),
         );
         if reasons.is_empty() {
             deployable.push(e);
@@ -365,7 +361,7 @@ pub async fn deployable(State(s): State<AppState>) -> Response {
     }
     let mut out = ChunkedJson::new();
     out.extend(b"{\"robots\":");
-    write_robots(&mut out, deployable.iter().copied(), &s.fleet);
+    write_robots(&mut out, deployable.iter().copied(), &s);
     out.extend(b",\"excluded\":");
     let _ = serde_json::to_writer(out.buf().writer(), &excluded);
     out.extend(b"}");
@@ -412,8 +408,7 @@ pub async fn events(
     let limit = q.limit()?;
     require_robot(&s, id).await?;
     let events = s
-        .fleet
-        .store()
+        .store
         .robot_events(id, q.after_version.unwrap_or(0), limit)
         .await?;
     Ok(axum::Json(json!({ "events": events })).into_response())
@@ -431,11 +426,7 @@ pub async fn reports(
     }
     let limit = q.limit()?;
     require_robot(&s, id).await?;
-    let reports = s
-        .fleet
-        .store()
-        .reports(id, q.after_seq.unwrap_or(0), limit)
-        .await?;
+    let reports = s.store.reports(id, q.after_seq.unwrap_or(0), limit).await?;
     Ok(axum::Json(json!({ "reports": reports })).into_response())
 }
 
@@ -504,7 +495,7 @@ async fn act(
 ) -> Result<Response, Problem> {
     let action = body.into_action(name)?;
     let applied = operate(&s, id, action, request).await?;
-    Ok(robot_response(&applied.robot, &s.fleet))
+    Ok(robot_response(&applied.robot, &s))
 }
 
 /// Applies an operator's action (the one path of every action route and
@@ -562,7 +553,7 @@ pub async fn decommission(
         .robot(id)
         .await?
         .ok_or_else(|| Problem::not_found(format!("no robot {id}")))?;
-    let auth = s.fleet.store().auth();
+    let auth = s.store.auth();
     let serials: Vec<String> = auth
         .certificates(id)
         .await?
@@ -575,7 +566,7 @@ pub async fn decommission(
         .await?;
     let revoked = auth.revoke_certificates(id, now).await?;
     s.agent_auth.add_revoked(serials);
-    if let Some(session) = s.fleet.sessions().get(&id) {
+    if let Some(session) = s.sessions.get(&id) {
         session.close("robot decommissioned: certificate revoked");
     }
     s.metrics.certificates_revoked.inc_by(revoked);
@@ -611,8 +602,8 @@ pub async fn decommission(
     write_robot(
         &mut out,
         &entry,
-        s.fleet.sessions().last_seen_ms(&id),
-        circuit_state(&s.fleet, &id),
+        s.sessions.last_seen_ms(&id),
+        circuit_state(&s, &id),
     );
     out.extend_from_slice(
         format!(
@@ -664,7 +655,7 @@ pub async fn discovery(
         };
         return Ok(axum::Json(body).into_response());
     }
-    match s.fleet.store().discovery(id).await? {
+    match s.store.discovery(id).await? {
         Some(session) => Ok(axum::Json(json!({
             "session_id": id,
             "status": "done",
@@ -676,7 +667,7 @@ pub async fn discovery(
 }
 
 pub async fn system_metrics(State(s): State<AppState>) -> Result<Response, Problem> {
-    let robots = s.fleet.cache().all();
+    let robots = s.cache.all();
     let mut by_state: BTreeMap<&str, usize> = LifecycleState::ALL
         .iter()
         .map(|st| (st.as_str(), 0))
@@ -689,14 +680,14 @@ pub async fn system_metrics(State(s): State<AppState>) -> Result<Response, Probl
         *by_health.entry(r.health.status.as_str()).or_default() += 1;
         *by_type.entry(r.robot_type.clone()).or_default() += 1;
     }
-    let head = s.fleet.store().head().await?;
+    let head = s.store.head().await?;
     Ok(axum::Json(json!({
         "robots_total": robots.len(),
         "by_state": by_state,
         "by_health": by_health,
         "by_type": by_type,
-        "connected_agents": s.fleet.sessions().len(),
-        "network": network_json(s.fleet.sessions().network()),
+        "connected_agents": s.sessions.len(),
+        "network": network_json(s.sessions.network()),
         "watch_clients": s.hub.receivers(),
         "event_log_head": head,
         "uptime_seconds": s.started.elapsed().as_secs(),
@@ -708,7 +699,7 @@ pub async fn system_metrics(State(s): State<AppState>) -> Result<Response, Probl
 /// `normal`, or `degraded` (most robots went silent at once; automatic
 /// `offline → failed` is held) with since when and how many robots.
 pub async fn network(State(s): State<AppState>) -> Response {
-    axum::Json(network_json(s.fleet.sessions().network())).into_response()
+    axum::Json(network_json(s.sessions.network())).into_response()
 }
 
 fn network_json(state: NetworkState) -> serde_json::Value {

@@ -58,7 +58,7 @@ pub async fn watch(
         Some(p) => {
             // A position the log has not reached would be waited for in
             // silence (and its events skipped once they come): refused.
-            let head = s.fleet.store().head().await?;
+            let head = s.store.head().await?;
             if p > head {
                 return Err(Problem::bad_request(format!(
                     "position {p} is beyond the head of the event log ({head}): resume after a \
@@ -70,7 +70,7 @@ pub async fn watch(
         }
         None => Start::Now,
     };
-    let subscription = subscribe(s.fleet.store().clone(), &s.hub, start, s.watch_queue);
+    let subscription = subscribe(s.store.clone(), &s.hub, start, s.watch_queue);
     s.metrics.watch_clients.inc();
     let guard = Watching(s.metrics.clone());
     let (events, lagged) = subscription.split();

@@ -18,8 +18,8 @@ use super::neighbours::format_mac;
 use super::ssh::{SshError, SshProbe};
 use super::sweep::{LiveHost, SweepSettings, sweep};
 use super::{DiscoverySource, Outcome, Sighting};
-use crate::fleet::Fleet;
 use crate::metrics::Metrics;
+use crate::sessions::SessionRegistry;
 use futures_util::StreamExt;
 use kiwi_protocol::RobotId;
 use std::collections::HashMap;
@@ -34,7 +34,7 @@ pub struct LanSweep {
     pub settings: SweepSettings,
     /// `None`: the SSH fallback is off.
     pub ssh: Option<Arc<SshProbe>>,
-    pub fleet: Fleet,
+    pub sessions: Arc<SessionRegistry>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -55,8 +55,7 @@ impl DiscoverySource for LanSweep {
             "sweep done"
         );
         let connected: HashMap<IpAddr, RobotId> = self
-            .fleet
-            .sessions()
+            .sessions
             .snapshot()
             .into_iter()
             .map(|s| (s.peer.ip(), s.robot_id))

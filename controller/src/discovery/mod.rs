@@ -13,12 +13,14 @@ pub mod neighbours;
 pub mod ssh;
 pub mod sweep;
 
+use crate::cache::RobotCache;
 use crate::cache::redis::{Lease, Leases};
 use crate::domain::Input;
 use crate::domain::event::IdentityFacts;
 use crate::fleet::{Context, Fleet, truncate_micros};
 use crate::metrics::Metrics;
-use crate::store::{DiscoveryResult, DiscoverySession, Fence, StoreError};
+use crate::sessions::SessionRegistry;
+use crate::store::{DiscoveryResult, DiscoverySession, EventStore, Fence, StoreError};
 use chrono::Utc;
 use kiwi_protocol::RobotId;
 use std::collections::BTreeSet;
@@ -76,7 +78,7 @@ pub trait DiscoverySource: Send + Sync + std::fmt::Debug {
 /// Robots whose agent is connected right now.
 #[derive(Debug)]
 pub struct ConnectedAgents {
-    pub fleet: Fleet,
+    pub sessions: Arc<SessionRegistry>,
 }
 
 #[async_trait::async_trait]
@@ -87,8 +89,7 @@ impl DiscoverySource for ConnectedAgents {
 
     async fn discover(&self) -> Result<Vec<Sighting>, String> {
         Ok(self
-            .fleet
-            .sessions()
+            .sessions
             .snapshot()
             .into_iter()
             .map(|s| Sighting::robot(s.peer.ip().to_string(), s.robot_id, SightingMethod::Agent))
@@ -147,6 +148,8 @@ const FAILED_ROUNDS_KEPT: usize = 64;
 #[derive(Debug, Clone)]
 pub struct Discovery {
     fleet: Fleet,
+    store: Arc<dyn EventStore>,
+    cache: Arc<RobotCache>,
     metrics: Arc<Metrics>,
     sources: Arc<Vec<Box<dyn DiscoverySource>>>,
     /// One round at a time in this process.
@@ -168,11 +171,15 @@ struct Pending {
 impl Discovery {
     pub fn new(
         fleet: Fleet,
+        store: Arc<dyn EventStore>,
+        cache: Arc<RobotCache>,
         metrics: Arc<Metrics>,
         sources: Vec<Box<dyn DiscoverySource>>,
     ) -> Self {
         Discovery {
             fleet,
+            store,
+            cache,
             metrics,
             sources: Arc::new(sources),
             running: Arc::default(),
@@ -364,8 +371,7 @@ impl Discovery {
         let new_robots = found
             .iter()
             .filter(|id| {
-                self.fleet
-                    .cache()
+                self.cache
                     .peek(id)
                     .is_some_and(|e| e.robot.discovered_at >= started_at)
             })
@@ -384,7 +390,7 @@ impl Discovery {
             new_robots: new_robots as i64,
             results,
         };
-        self.fleet.store().record_discovery(&session, fence).await?;
+        self.store.record_discovery(&session, fence).await?;
         Ok(session)
     }
 

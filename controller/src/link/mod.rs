@@ -15,13 +15,13 @@ pub mod websocket;
 
 pub use websocket::serve;
 
-use crate::breakers::Outcome;
+use crate::breakers::{Breakers, Outcome};
 use crate::domain::Input;
 use crate::domain::event::IdentityFacts;
 use crate::fleet::{Context, Fleet, FleetError, storable};
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::security::{AgentAuth, Principal};
-use crate::sessions::{Session, now_ms};
+use crate::sessions::{Session, SessionRegistry, now_ms};
 use governor::Quota;
 use kiwi_protocol::frame;
 use kiwi_protocol::identity::format_mac;
@@ -60,6 +60,9 @@ pub struct LinkConfig {
 #[derive(Debug)]
 pub struct LinkState {
     pub fleet: Fleet,
+    /// The connected agents (the same registry the fleet holds).
+    pub sessions: Arc<SessionRegistry>,
+    pub breakers: Arc<Breakers>,
     /// Admits agents by their client certificates (every transport).
     pub auth: Arc<AgentAuth>,
     /// Issues certificates: `POST /enroll`, and renewals over the link.
@@ -155,7 +158,7 @@ impl<T: AgentTransport> Connection<T> {
             self.state.config.heartbeat_interval,
         )
         .with_cert_serial(self.principal.serial.clone());
-        let sessions = self.state.fleet.sessions().clone();
+        let sessions = self.state.sessions.clone();
         if let Some(old) = sessions.register(session.clone()) {
             old.close("replaced by a new connection from the same robot");
         }
@@ -304,7 +307,7 @@ impl<T: AgentTransport> Connection<T> {
                 .await;
             return None;
         }
-        if self.state.fleet.sessions().len() >= self.state.config.max_agents {
+        if self.state.sessions.len() >= self.state.config.max_agents {
             self.state
                 .metrics
                 .agent_connections_refused
@@ -491,8 +494,7 @@ impl<T: AgentTransport> Connection<T> {
                     Outcome::Success
                 };
                 self.state
-                    .fleet
-                    .breakers()
+                    .breakers
                     .record(robot_id, outcome, chrono::Utc::now())
                     .await;
                 match session.answered(result.command_id) {

@@ -34,6 +34,7 @@ use super::pki::ControllerPki;
 use crate::domain::{EnrolledVia, Enrollment, Input, Refusal};
 use crate::fleet::{Context, Fleet, FleetError};
 use crate::metrics::{Metrics, ResultLabels};
+use crate::sessions::SessionRegistry;
 use crate::store::auth::{
     AuthStore, CertificateRecord, EnrollmentRecord, EnrollmentStatus, NewEnrollment, Noted,
     PendingCap, PendingLimits, TokenUse,
@@ -104,8 +105,10 @@ pub struct Enroller {
     pub metrics: Arc<Metrics>,
     /// Told about certificates a new enrollment replaces.
     pub agent_auth: Arc<AgentAuth>,
-    /// Records `robot_enrolled`; its sessions end those replaced.
+    /// Records `robot_enrolled`.
     pub fleet: Fleet,
+    /// The connected agents: the sessions of replaced certificates end.
+    pub sessions: Arc<SessionRegistry>,
     /// Validity of a robot's certificate.
     pub cert_ttl: Duration,
     /// Caps on requests waiting for an operator.
@@ -481,7 +484,7 @@ impl Enroller {
             .await
             .map_err(EnrollError::store)?;
         self.agent_auth.add_revoked(serials.iter().cloned());
-        super::upkeep::end_revoked_sessions(self.fleet.sessions(), &serials);
+        super::upkeep::end_revoked_sessions(&self.sessions, &serials);
         self.metrics.certificates_revoked.inc_by(revoked);
         tracing::info!(%robot_id, revoked, "the robot's previous certificates are revoked: a new enrollment replaces them");
         Ok(revoked)

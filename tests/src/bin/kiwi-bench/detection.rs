@@ -47,7 +47,7 @@ use kiwi_controller::config::Config;
 use kiwi_controller::domain::LifecycleState;
 use kiwi_controller::domain::damping::DampingSettings;
 use kiwi_controller::domain::detector::{DetectorSettings, Step, Watch};
-use kiwi_controller::fleet::Fleet;
+use kiwi_controller::fleet::Parts;
 use kiwi_controller::link;
 use kiwi_controller::liveness::LivenessConfig;
 use kiwi_controller::security::tokens;
@@ -550,7 +550,7 @@ fn measure(plan: &Plan, case: Case) -> Result<Measured> {
         .collect::<Result<Vec<DelayGuard>>>()?;
 
     // 1. Sustained: nobody unplugged.
-    let metrics = fleet.metrics().clone();
+    let metrics = fleet.metrics.clone();
     let suspected_before = metrics.liveness_suspected.get();
     let from = now_ms();
     std::thread::sleep(plan.sustained);
@@ -605,21 +605,21 @@ fn measure(plan: &Plan, case: Case) -> Result<Measured> {
     analyse(plan, case, &recorded)
 }
 
-fn state(fleet: &Fleet, id: &RobotId) -> Option<LifecycleState> {
-    fleet.cache().peek(id).map(|e| e.robot.state)
+fn state(fleet: &Parts, id: &RobotId) -> Option<LifecycleState> {
+    fleet.cache.peek(id).map(|e| e.robot.state)
 }
 
-fn ready(fleet: &Fleet, id: &RobotId) -> bool {
-    state(fleet, id) == Some(LifecycleState::Ready) && fleet.sessions().is_connected(id)
+fn ready(fleet: &Parts, id: &RobotId) -> bool {
+    state(fleet, id) == Some(LifecycleState::Ready) && fleet.sessions.is_connected(id)
 }
 
 /// Waits until `done` holds for every robot of `ids`, at most `within`.
 fn wait_for(
-    fleet: &Fleet,
+    fleet: &Parts,
     ids: &[RobotId],
     within: Duration,
     what: &str,
-    done: impl Fn(&Fleet, &RobotId) -> bool,
+    done: impl Fn(&Parts, &RobotId) -> bool,
 ) -> Result<()> {
     let deadline = Instant::now() + within;
     loop {
@@ -649,7 +649,7 @@ fn wait_for(
 struct NamespacedController {
     /// `None` once stopped.
     runtime: Option<tokio::runtime::Runtime>,
-    fleet: Fleet,
+    fleet: Parts,
     /// An enrollment token for the run's agents.
     enroll_token: String,
     shutdown: CancellationToken,
@@ -657,7 +657,7 @@ struct NamespacedController {
 }
 
 /// What the controller's start hands back.
-type Started = (Fleet, String, CancellationToken, TaskTracker);
+type Started = (Parts, String, CancellationToken, TaskTracker);
 
 impl NamespacedController {
     fn start(lan: &Lan, config: Config) -> Result<NamespacedController> {
@@ -690,7 +690,7 @@ impl NamespacedController {
         let Some(runtime) = self.runtime.take() else {
             return;
         };
-        self.fleet.sessions().close_all("benchmark over");
+        self.fleet.sessions.close_all("benchmark over");
         self.shutdown.cancel();
         self.tasks.close();
         let tasks = self.tasks.clone();
@@ -743,7 +743,7 @@ async fn serve_agents(config: Config) -> Result<Started> {
     )
     .await
     .context("cannot create an enrollment token")?;
-    Ok((c.fleet.clone(), token.to_string(), shutdown, tasks))
+    Ok((c.parts(), token.to_string(), shutdown, tasks))
 }
 
 // ---------------------------------------------------------- recording
@@ -777,7 +777,7 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn start(fleet: Fleet, ids: Vec<RobotId>, limit: Duration) -> Recorder {
+    fn start(fleet: Parts, ids: Vec<RobotId>, limit: Duration) -> Recorder {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let thread = std::thread::spawn(move || {
@@ -787,7 +787,7 @@ impl Recorder {
             while !stopped.load(Ordering::Relaxed) && Instant::now() < deadline {
                 for (k, id) in ids.iter().enumerate() {
                     let trace = &mut traces[k];
-                    if let Some(session) = fleet.sessions().get(id) {
+                    if let Some(session) = fleet.sessions.get(id) {
                         let last = session.last_seen_ms();
                         match trace.sessions.last_mut() {
                             Some(s) if s.id == session.session_id => {

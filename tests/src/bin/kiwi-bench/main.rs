@@ -89,6 +89,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use futures_util::StreamExt as _;
 use http_body_util::BodyExt as _;
+use kiwi_controller::breakers::Breakers;
 use kiwi_controller::cache::RobotCache;
 use kiwi_controller::config::Config;
 use kiwi_controller::discovery::announce::{self, AnnounceSettings, Method, Sightings};
@@ -870,6 +871,8 @@ async fn agent_start(sizes: &Sizes, dir: &Path) -> Result<Row> {
 #[derive(Debug)]
 struct InProcess {
     fleet: Fleet,
+    cache: Arc<RobotCache>,
+    shared_cache: Option<kiwi_controller::cache::shared::SharedCache>,
     router: Router,
     /// `Bearer <admin API token>`: every API request carries it, so the
     /// figures include checking it, as for an operator.
@@ -905,6 +908,8 @@ impl InProcess {
         .await?;
         Ok(InProcess {
             fleet: c.fleet.clone(),
+            cache: c.cache.clone(),
+            shared_cache: c.shared_cache.clone(),
             router: c.api_router(),
             bearer: format!("Bearer {token}"),
             metrics: c.metrics.clone(),
@@ -1281,7 +1286,7 @@ async fn list_all(sizes: &Sizes, ctl: &InProcess) -> Result<Row> {
     ensure!(listed == count, "{uri} listed {listed} robots, not {count}");
     let body_len = body.len();
 
-    let rows_arc = ctl.fleet.cache().all();
+    let rows_arc = ctl.cache.all();
     let rows: Vec<&Robot> = rows_arc.iter().map(|r| r.as_ref()).collect();
     ensure!(rows.len() == count, "the cache holds {} robots", rows.len());
 
@@ -1829,16 +1834,21 @@ async fn storage(
     );
     let metrics = Arc::new(Metrics::new());
     let dyn_store: Arc<dyn EventStore> = store.clone();
+    let breakers = Arc::new(Breakers::new(
+        Config::default().circuit,
+        dyn_store.clone(),
+        metrics.clone(),
+    ));
     let fleet = Fleet::new(
         dyn_store,
         Arc::new(RobotCache::new(metrics.clone())),
         Arc::new(SessionRegistry::default()),
         metrics.clone(),
+        breakers,
         Policy {
             auto_provision: true,
         },
         Config::default().report_interval,
-        Config::default().circuit,
     );
     let mut rows = Vec::new();
     progress("5/7 durable single append (PostgreSQL)");
@@ -2164,8 +2174,8 @@ async fn cached_get(
     pool: &PgPool,
 ) -> Result<Row> {
     let shared = ctl
-        .fleet
-        .shared_cache()
+        .shared_cache
+        .as_ref()
         .ok_or_else(|| anyhow!("the controller has no Redis tier"))?
         .clone();
     let waited = Instant::now();
