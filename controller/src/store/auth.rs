@@ -1,7 +1,7 @@
 //! The auth store: security records kept in the event store's database
 //! (API tokens, enrollment tokens, enrollment requests, issued client
 //! certificates), behind one trait with one backend per database
-//! ([`super::sqlite_auth`], [`super::postgres_auth`]); reached through
+//! ([`super::sqlite::auth`], [`super::postgres::auth`]); reached through
 //! [`super::EventStore::auth`].
 //!
 //! Secrets are never stored: a token's `secret_hash` is the lower-case hex

@@ -3,6 +3,11 @@
 //! backend per database.
 //!
 //! - [`sqlite`]: the embedded default, a file in the state directory.
+//! - [`postgres`]: production, shared by several controllers.
+//!
+//! Rows are decoded once for both (`rows`, over each backend's column
+//! readers); what every backend must do is one suite run against each
+//! (`conformance`, in tests).
 //!
 //! Every backend group-commits: appends arriving together are written in one
 //! transaction, and each caller is answered only after that commit. Each
