@@ -29,7 +29,7 @@
 use crate::breakers::Outcome;
 use crate::domain::damping::{Damping, DampingSettings, NetworkChange, NetworkState};
 use crate::domain::detector::{DetectorSettings, Step};
-use crate::domain::{Input, LifecycleState};
+use crate::domain::{Input, LifecycleState, Robot};
 use crate::fleet::{Context, Parts};
 use crate::sessions::{Session, now_ms};
 use futures_util::StreamExt as _;
@@ -44,6 +44,14 @@ use tokio_util::sync::CancellationToken;
 /// Whether a session last heard from at `last_seen_ms` is overdue at `now_ms`.
 pub fn is_silent(last_seen_ms: i64, now_ms: i64, timeout: Duration) -> bool {
     now_ms.saturating_sub(last_seen_ms) > i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// How long `robot` has been `offline` at `now_ms`, when that is longer
+/// than `after` (the `offline_fail_after` setting).
+pub fn long_offline_ms(robot: &Robot, after: Duration, now_ms: i64) -> Option<i64> {
+    let offline_ms = now_ms - robot.last_state_change.timestamp_millis();
+    let limit = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
+    (robot.state == LifecycleState::Offline && offline_ms > limit).then_some(offline_ms)
 }
 
 /// Records written at once by one sweep (suspicions, clearings).
@@ -364,18 +372,12 @@ fn publish_network(p: &Parts, change: NetworkChange, state: NetworkState) {
 
 /// Records `failed` the robots `offline` for longer than
 /// `offline_fail_after`, unless the network is degraded (then they wait:
-/// an access point rebooting does not fail the p).
+/// an access point rebooting does not fail the fleet).
 async fn fail_long_offline(p: &Parts, config: &LivenessConfig, now: i64) {
-    let limit = i64::try_from(config.offline_fail_after.as_millis()).unwrap_or(i64::MAX);
-    let overdue = |robot: &crate::domain::Robot| {
-        robot.state == LifecycleState::Offline
-            && now - robot.last_state_change.timestamp_millis() > limit
-    };
     for robot in p.cache.all() {
-        if !overdue(&robot) {
+        let Some(offline_ms) = long_offline_ms(&robot, config.offline_fail_after, now) else {
             continue;
-        }
-        let offline_ms = now - robot.last_state_change.timestamp_millis();
+        };
         let reason = format!(
             "offline for {:.0}s (offline_fail_after is {:?})",
             offline_ms as f64 / 1000.0,
@@ -395,15 +397,11 @@ fn log_long_offline_held(p: &Parts, config: &LivenessConfig, now: i64) {
     if !tracing::enabled!(tracing::Level::DEBUG) {
         return;
     }
-    let limit = i64::try_from(config.offline_fail_after.as_millis()).unwrap_or(i64::MAX);
     let held = p
         .cache
         .all()
         .iter()
-        .filter(|r| {
-            r.state == LifecycleState::Offline
-                && now - r.last_state_change.timestamp_millis() > limit
-        })
+        .filter(|r| long_offline_ms(r, config.offline_fail_after, now).is_some())
         .count();
     if held > 0 {
         tracing::debug!(
@@ -514,6 +512,24 @@ mod tests {
         assert_eq!(config(10).probe_timeout(), Duration::from_millis(500));
         assert_eq!(config(60_000).period(), Duration::from_secs(1));
         assert_eq!(config(60_000).probe_timeout(), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn only_robots_offline_longer_than_the_setting_are_long_offline() {
+        use crate::store::conformance::{append, discovered};
+        use chrono::{TimeZone, Utc};
+        let mut robot = append(None, id(1), vec![discovered(1)]).robot;
+        robot.last_state_change = Utc.timestamp_millis_opt(10_000).unwrap();
+        let after = Duration::from_secs(600);
+        let limit = 10_000 + 600_000;
+        assert_eq!(
+            long_offline_ms(&robot, after, limit + 1),
+            None,
+            "not offline"
+        );
+        robot.state = LifecycleState::Offline;
+        assert_eq!(long_offline_ms(&robot, after, limit), None);
+        assert_eq!(long_offline_ms(&robot, after, limit + 1), Some(600_001));
     }
 
     fn id(n: u128) -> RobotId {

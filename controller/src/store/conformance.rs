@@ -754,40 +754,17 @@ macro_rules! conformance_tests {
             use super::*;
             use crate::store::conformance as check;
 
-            #[tokio::test]
-            async fn a_new_robot_reads_back_equal() {
-                let (_guard, store) = $open.await;
-                check::a_new_robot_reads_back_equal(&store).await;
-                store.close().await;
-            }
-
-            #[tokio::test]
-            async fn reports_are_deduplicated_and_paged() {
-                let (_guard, store) = $open.await;
-                check::reports_are_deduplicated_and_paged(&store).await;
-                store.close().await;
-            }
-
-            #[tokio::test]
-            async fn of_two_appends_at_one_version_one_wins() {
-                let (_guard, store) = $open.await;
-                check::of_two_appends_at_one_version_one_wins(&store).await;
-                store.close().await;
-            }
-
-            #[tokio::test]
-            async fn invalid_appends_are_refused_and_change_nothing() {
-                let (_guard, store) = $open.await;
-                check::invalid_appends_are_refused_and_change_nothing(&store).await;
-                store.close().await;
-            }
-
-            #[tokio::test]
-            async fn the_feed_carries_every_commit_in_order_with_its_row() {
-                let (_guard, store) = $open.await;
-                check::the_feed_carries_every_commit_in_order_with_its_row(&store).await;
-                store.close().await;
-            }
+            crate::store::conformance::conformance_checks!(
+                $open;
+                a_new_robot_reads_back_equal,
+                reports_are_deduplicated_and_paged,
+                of_two_appends_at_one_version_one_wins,
+                invalid_appends_are_refused_and_change_nothing,
+                the_feed_carries_every_commit_in_order_with_its_row,
+                breakers_round_trip,
+                discovery_sessions_are_recorded_once_per_id,
+                pruning_keeps_replay_equal_to_the_live_rows,
+            );
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn concurrent_appends_lose_and_duplicate_nothing() {
@@ -796,28 +773,23 @@ macro_rules! conformance_tests {
                 check::concurrent_appends_lose_and_duplicate_nothing(store.clone()).await;
                 store.close().await;
             }
-
-            #[tokio::test]
-            async fn breakers_round_trip() {
-                let (_guard, store) = $open.await;
-                check::breakers_round_trip(&store).await;
-                store.close().await;
-            }
-
-            #[tokio::test]
-            async fn discovery_sessions_are_recorded_once_per_id() {
-                let (_guard, store) = $open.await;
-                check::discovery_sessions_are_recorded_once_per_id(&store).await;
-                store.close().await;
-            }
-
-            #[tokio::test]
-            async fn pruning_keeps_replay_equal_to_the_live_rows() {
-                let (_guard, store) = $open.await;
-                check::pruning_keeps_replay_equal_to_the_live_rows(&store).await;
-                store.close().await;
-            }
         }
     };
 }
+
+/// One `#[tokio::test]` per check that takes the store by reference,
+/// named as the check.
+macro_rules! conformance_checks {
+    ($open:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let (_guard, store) = $open.await;
+                check::$name(&store).await;
+                store.close().await;
+            }
+        )*
+    };
+}
+pub(crate) use conformance_checks;
 pub(crate) use conformance_tests;
